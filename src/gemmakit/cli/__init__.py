@@ -1,0 +1,24 @@
+"""The gemmakit command line: one file per command, each a thin call into the library."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from ..errors import GemmaError
+from . import info, run
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Run Google's Gemma models locally. Without -m, commands use the embedded Gemma 3 270M.")
+app.command("run")(run.run)
+app.command("info")(info.info)
+
+
+def main() -> None:
+    try:
+        app()
+    except GemmaError as e:  # bad input: one clear line, no traceback
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,67 @@
+"""gemmakit info: what a model file is, without loading its weights."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..config import GemmaConfig
+from ..loader import sniff
+from ..weights.gguf import config_from_gguf, read_gguf, tokenizer_from_gguf
+from ..weights.hf import read_hf_config
+
+
+def info(model: Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or HF folder")] = None) -> None:
+    """Print architecture, sizes, quantization types, context and tokenizer facts.
+
+    Example:  gemmakit info -m gemma-3-270m-q4_k_m.gguf
+    """
+    if model is None:
+        from ..embedded import embedded_path
+
+        path = embedded_path()
+    else:
+        path = Path(model).expanduser()
+    fmt = sniff(path)
+    rows: list[tuple[str, str]] = [("file", str(path)), ("format", fmt)]
+    if fmt == "gguf":
+        g = read_gguf(path)
+        cfg = config_from_gguf(g)
+        types = Counter(t.qtype.name for t in g.tensors.values())
+        size = sum(t.n_bytes for t in g.tensors.values())
+        rows += [("tensor types", ", ".join(f"{k} x{v}" for k, v in types.most_common())),
+                 ("weights on disk", f"{size / 2**20:.1f} MiB")]
+        tok = tokenizer_from_gguf(g)
+        rows += [("tokenizer", f"SentencePiece BPE, {tok.vocab_size} pieces, bos={tok.bos_id} eos={tok.eos_id}, "
+                               "byte fallback, no dummy prefix")]
+    elif fmt == "hf":
+        cfg = read_hf_config(path)
+    else:
+        raise typer.BadParameter("info reads GGUF files and HF folders; a .ckpt carries no config")
+    Console().print(_table(cfg, rows))
+
+
+def _table(cfg: GemmaConfig, rows: list[tuple[str, str]]) -> Table:
+    t = Table(show_header=False, box=None)
+    sliding = sum(1 for x in cfg.layer_types if x == "sliding_attention")
+    arch = [
+        ("architecture", f"{cfg.family} ({cfg.name})"),
+        ("parameters", f"{cfg.num_params() / 1e6:.1f} M"),
+        ("layers", f"{cfg.num_hidden_layers} ({sliding} sliding-window, {cfg.num_hidden_layers - sliding} global)"),
+        ("hidden / ffn", f"{cfg.hidden_size} / {cfg.intermediate_size}"),
+        ("heads (q / kv) x dim", f"{cfg.num_attention_heads} / {cfg.num_key_value_heads} x {cfg.head_dim}"),
+        ("context", str(cfg.max_position_embeddings)),
+        ("sliding window", str(cfg.sliding_window or "-")),
+        ("rope base (global / local)", f"{cfg.rope_theta:g} / {cfg.rope_local_base_freq:g}"
+                                       + (f", linear x{cfg.rope_scaling_factor:g}" if cfg.rope_scaling_factor != 1 else "")),
+        ("soft-caps (attn / final)", f"{cfg.attn_logit_softcapping or '-'} / {cfg.final_logit_softcapping or '-'}"),
+        ("vocab", str(cfg.vocab_size)),
+    ]
+    for k, v in rows[:2] + arch + rows[2:]:
+        t.add_row(f"[bold]{k}[/]", v)
+    return t

@@ -1,0 +1,50 @@
+"""gemmakit run "PROMPT": stream a continuation."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..loader import load
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or .ckpt (default: embedded)")]
+
+
+def run(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="> 1 discourages repeats.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
+    variant: Annotated[str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    stats: Annotated[bool, typer.Option(help="Print tokens/s to stderr at the end.")] = True,
+) -> None:
+    """Stream a continuation of PROMPT.
+
+    Examples:  gemmakit run "The capital of France is"
+               gemmakit run -m gemma-2b.gguf "Once upon a time" -t 0.8 --top-p 0.95 --seed 1
+    """
+    err = Console(stderr=True)
+    m = load(model, device=device, variant=variant)
+    t0 = time.perf_counter()
+    sys.stdout.write(prompt)
+    for piece in m.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    dt = time.perf_counter() - t0
+    result = m.last_result
+    if stats and result is not None:
+        n = len(result.token_ids)
+        err.print(f"[dim]{n} tokens in {dt:.2f} s ({n / dt:.1f} tok/s), finish: {result.finish_reason}[/]")

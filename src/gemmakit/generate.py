@@ -1,0 +1,179 @@
+"""Generation: prefill, one decode step, and the generate_step() generator that chat, server, eval and bench share.
+
+Batches are left-padded: padding gets position -1, which the attention mask hides (model.py), so every row sees
+exactly its own tokens and a batched greedy run gives the same tokens as single runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import GemmaError
+from .model import Gemma, KVCache
+from .sampling import SamplingParams, make_sampler
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+def check_prompt(ids: Sequence[int], context: int, vocab: int) -> None:
+    if len(ids) == 0:
+        raise GemmaError("the prompt is empty; give at least one token of text")
+    if len(ids) >= context:
+        raise GemmaError(f"the prompt has {len(ids)} tokens but the model's context is {context}; "
+                         "shorten the prompt (or trim the conversation history)")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise GemmaError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """ids (B, T) and positions (B, T) with -1 on padding."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    pos = torch.full((len(prompts), width), -1, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        pos[b, width - len(p):] = torch.arange(len(p))
+    return ids.to(device), pos.to(device)
+
+
+@torch.inference_mode()
+def generate_step(model: Gemma, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int,
+                  ) -> Iterator[Tensor]:
+    """Yield the next token of every row, (B,), up to max_new_tokens times; the caller stops early when done.
+
+    One prefill of the (left-padded) prompts computes logits only at the last position; each later step feeds
+    the sampled tokens back through the KV cache.
+    """
+    device = model.head_weight.device
+    ids, pos = left_pad(prompts, model.config.pad_token_id, device)
+    cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, dtype=model.head_weight.dtype,
+                    device=device)
+    sample = make_sampler(params, device)
+    seen = None
+    if params.repetition_penalty not in (None, 1.0):
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, True)
+    logits = model(ids, pos, cache, last_only=True)[:, -1]
+    next_pos = pos[:, -1:] + 1
+    for step in range(max_new_tokens):
+        token = sample(logits, seen)
+        yield token
+        if step + 1 == max_new_tokens:
+            return
+        if seen is not None:
+            seen[torch.arange(len(prompts)), token] = True
+        logits = model(token[:, None], next_pos, cache)[:, -1]
+        next_pos = next_pos + 1
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated tokens, without the prompt and without a final EOS / end-of-turn
+    finish_reason: str  # "stop" (EOS, end of turn or a stop string) or "length" (max_new_tokens or the context)
+    prompt_tokens: int = 0
+
+
+@dataclass
+class _Row:
+    """One sequence's text state: incremental detokenizing, stop strings, and what may already be streamed."""
+
+    decoder: StreamDecoder
+    stop: tuple[str, ...]
+    text: str = ""
+    emitted: int = 0
+    ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def push(self, token: int, stop_ids: set[int]) -> str:
+        if token in stop_ids:
+            self.finish_reason = "stop"
+            return self._release(final=True)
+        self.ids.append(token)
+        self.text += self.decoder.push(token)
+        return self._release(final=False)
+
+    def finish(self, reason: str) -> str:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.text += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        """Text safe to emit: cut at a stop string; hold back a tail that may still become one."""
+        for s in self.stop:
+            i = self.text.find(s, max(0, self.emitted - len(s) + 1))
+            if i >= 0:
+                self.text, self.finish_reason, final = self.text[:i], "stop", True
+        end = len(self.text)
+        if not final:
+            for s in self.stop:
+                for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:n]):
+                        end = min(end, len(self.text) - n)
+                        break
+        out, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
+        return out
+
+
+class Generation:
+    """A batch being generated: iterate for per-step (new text, finish reason or None) per row; then results().
+
+    Validates everything up front, so bad input fails before any compute.
+    """
+
+    def __init__(self, model: Gemma, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]], *,
+                 max_new_tokens: int, params: SamplingParams, stop: Sequence[str] = (),
+                 ignore_eos: bool = False) -> None:
+        cfg = model.config
+        if not prompts:
+            raise GemmaError("no prompts given")
+        for p in prompts:
+            check_prompt(p, cfg.max_position_embeddings, cfg.vocab_size)
+        if max_new_tokens < 1:
+            raise GemmaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if tokenizer is None:
+            raise GemmaError("this model was loaded without a tokenizer; put tokenizer.model next to the weights")
+        self.model, self.prompts, self.params = model, prompts, params
+        # Generation also ends at the context length, reported as "length".
+        self.budget = min(max_new_tokens, cfg.max_position_embeddings - max(len(p) for p in prompts))
+        self.stop_ids = set() if ignore_eos else {cfg.eos_token_id, cfg.end_of_turn_id}
+        self.rows = [_Row(StreamDecoder(tokenizer), tuple(s for s in stop if s)) for _ in prompts]
+        self.texts = [""] * len(prompts)
+        self._started = False
+
+    def __iter__(self) -> Iterator[list[tuple[str, str | None]]]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated only once")
+        self._started = True
+        steps = generate_step(self.model, self.prompts, self.params, self.budget)
+        try:
+            for step, tokens in enumerate(steps):
+                out: list[tuple[str, str | None]] = []
+                for i, (row, t) in enumerate(zip(self.rows, tokens.tolist())):
+                    if row.finish_reason is not None:
+                        out.append(("", None))
+                        continue
+                    piece = row.push(t, self.stop_ids)
+                    if row.finish_reason is None and step + 1 == self.budget:
+                        piece += row.finish("length")
+                    elif row.finish_reason is not None:
+                        piece += row.finish(row.finish_reason)
+                    self.texts[i] += piece
+                    out.append((piece, row.finish_reason))
+                yield out
+                if all(r.finish_reason is not None for r in self.rows):
+                    break
+        finally:
+            steps.close()
+
+    def results(self) -> list[GenerationResult]:
+        if not self._started:
+            for _ in self:
+                pass
+        return [GenerationResult(self.texts[i], row.ids, row.finish_reason or "length", len(p))
+                for i, (row, p) in enumerate(zip(self.rows, self.prompts))]

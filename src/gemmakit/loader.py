@@ -1,0 +1,159 @@
+"""load(source) -> Model: sniff the format from the path itself, read config + weights + tokenizer, load strictly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from .api import Model
+from .config import GemmaConfig, preset
+from .errors import GemmaError
+from .model import Gemma
+from .tokenizer import Tokenizer
+from .weights.ckpt import read_ckpt
+from .weights.gguf import config_from_gguf, read_gguf, state_dict_from_gguf, tokenizer_from_gguf
+from .weights.hf import read_hf_config, read_hf_state_dict
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GemmaError("device='cuda' was asked for but PyTorch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on CPU and bfloat16 on CUDA by default; never float16 (Gemma activations overflow it, spec §3)."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype in (torch.float16, "float16", "fp16", "half"):
+        raise GemmaError("Gemma overflows in float16 (activations exceed its range); use dtype='bfloat16' or "
+                         "'float32'")
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise GemmaError(f"unknown dtype {dtype!r}; use 'float32' or 'bfloat16'")
+
+
+def sniff(path: Path) -> str:
+    """'gguf', 'hf' or 'ckpt', decided by the file's content and layout, never by its name alone."""
+    if not path.exists():
+        raise GemmaError(f"{path} does not exist; pass a .gguf file, a Hugging Face model folder or a "
+                         "gemma_pytorch .ckpt")
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return "hf"
+        if (path / "pytorch_model.bin.index.json").exists():
+            return "ckpt"
+        raise GemmaError(f"{path} is a folder without config.json; a Hugging Face model folder needs "
+                         "config.json and *.safetensors")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head == b"GGUF":
+        return "gguf"
+    if head[:2] == b"PK" or path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return "ckpt"
+    if path.suffix == ".safetensors" or path.name == "config.json":
+        raise GemmaError(f"{path} is one file of a Hugging Face model; pass the folder that holds it instead")
+    raise GemmaError(f"{path} is not a model file gemmakit knows: expected a GGUF file, a Hugging Face folder "
+                     "(config.json + *.safetensors) or a gemma_pytorch .ckpt")
+
+
+def _with_progress(label: str, enabled: bool) -> tuple[Progress, Callable[[int, int], None]]:
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), disable=not enabled, transient=True)
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+def _strict_load(module: Gemma, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Every expected tensor present with the right shape, nothing unexpected; names the key and the fix."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        raise GemmaError(f"{source} lacks {len(missing)} tensor(s) the config needs, e.g. {missing[0]}; "
+                         "the file is incomplete or its config does not match its weights")
+    if extra:
+        raise GemmaError(f"{source} has {len(extra)} unexpected tensor(s), e.g. {extra[0]}; it is not a plain "
+                         "Gemma text decoder of this config (wrong variant?)")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise GemmaError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config expects "
+                             f"{shape}; wrong variant for these weights?")
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def _tokenizer_near(folder: Path) -> Tokenizer | None:
+    if (folder / "tokenizer.model").exists():
+        return Tokenizer.from_file(folder / "tokenizer.model")
+    if (folder / "tokenizer.json").exists():
+        return Tokenizer.from_hf_json(folder / "tokenizer.json")
+    return None
+
+
+def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = "auto",
+         device: str | torch.device = "auto", quant: str | None = None, variant: str | GemmaConfig | None = None,
+         tokenizer: str | Path | None = None, progress: bool = True) -> Model:
+    """Load a Gemma text model for inference.
+
+    source: None for the embedded Gemma 3 270M, a GGUF file, a Hugging Face folder, or a gemma_pytorch .ckpt
+    (which carries no config: name its `variant`, e.g. "gemma-2b" (gemmakit.PRESETS), or pass a GemmaConfig).
+    dtype: "auto" = float32 on CPU, bfloat16 on CUDA. quant=None dequantizes everything to `dtype`, the exact
+    reference path. tokenizer: a tokenizer.model/tokenizer.json to use instead of the one found with the weights.
+    """
+    if quant is not None:
+        raise GemmaError(f"quant={quant!r} is not available yet; use quant=None (weights dequantized to dtype)")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if source is None:
+        from .embedded import NAME, embedded_path
+
+        path, label = embedded_path(progress=progress), NAME
+    else:
+        path = Path(source).expanduser()
+        label = str(path)
+    fmt = sniff(path)
+    tok: Tokenizer | None = None
+    if fmt == "gguf":
+        g = read_gguf(path)
+        cfg = config_from_gguf(g)
+        bar, update = _with_progress("loading weights", progress)
+        with bar:
+            state = state_dict_from_gguf(g, cfg.family, on_tensor=update)
+        tok = tokenizer_from_gguf(g)
+    elif fmt == "hf":
+        cfg = read_hf_config(path)
+        state = read_hf_state_dict(path, cfg)
+        tok = _tokenizer_near(path)
+    else:
+        if variant is None:
+            raise GemmaError(f"{path} is a gemma_pytorch checkpoint, which carries no config; pass variant= "
+                             "(e.g. 'gemma-2b', 'gemma-7b', 'gemma-2-2b', 'gemma-3-1b')")
+        cfg = variant if isinstance(variant, GemmaConfig) else preset(variant)
+        state = read_ckpt(path, cfg)
+        tok = _tokenizer_near(path if path.is_dir() else path.parent)
+    if tokenizer is not None:
+        tpath = Path(tokenizer)
+        tok = Tokenizer.from_hf_json(tpath) if tpath.suffix == ".json" else Tokenizer.from_file(tpath)
+    return Model(build(cfg, state, path, dtype=dt, device=dev), tok, label, fmt)
+
+
+def build(cfg: GemmaConfig, state: dict[str, torch.Tensor], source: Path | str = "<state dict>", *,
+          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Gemma:
+    """A Gemma module from a config and HF-named tensors, without ever allocating random weights."""
+    with torch.device("meta"):
+        module = Gemma(cfg)
+    _strict_load(module, state, Path(source))
+    return module.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,282 @@
+"""The one Gemma 1/2/3 text decoder, driven by GemmaConfig, with Hugging Face parameter names.
+
+Read top to bottom: RMSNorm(1+w) -> RoPE -> attention (GQA, sliding window, soft-cap, QK-norm) -> GeGLU MLP -> block
+-> model, then the KV cache. Numerics follow shared/docs/gemma-spec.md §1 and §3; comments cite the sections.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SLIDING, GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm: computed in fp32, scaled by (1 + w), one rounding at the end (spec §1.3).
+
+    The stored weight is zero-centred as in HF; GGUF files carry 1 + w and the loader subtracts the 1 (spec §4.4).
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, base: float, scale: float, device: torch.device | None = None) -> Tensor:
+    """inv_freq[i] = 1 / base^(2i/H), divided by the linear scaling factor (spec §1.4; HF rope utils)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (base**exponent) / scale
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (B, 1, T, H) for positions (B, T); half-split ("NeoX") layout, cast to the model dtype."""
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, H/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, H)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    return torch.tanh(x / cap) * cap
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.sliding = cfg.layer_types[layer] == SLIDING
+        self.window = cfg.sliding_window if self.sliding else None
+        self.scaling = cfg.scaling  # query_pre_attn_scalar ** -0.5, applied to q·k like HF (spec §1.5)
+        self.softcap = cfg.attn_logit_softcapping
+        d, h = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * h, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * h, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * h, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * h, d, bias=False)
+        if cfg.qk_norm:  # Gemma 3: per-head RMSNorm after projection, before RoPE
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, H)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, H)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            keys, values, kpos = k, v, qpos
+        else:
+            keys, values, kpos = cache.update(k, v, qpos)
+        # A key is visible iff it is real (pos >= 0), not in the future, and, on sliding layers, 0 <= i - j < W.
+        diff = qpos[:, :, None] - kpos[:, None, :]  # (B, T, S)
+        allowed = (kpos[:, None, :] >= 0) & (diff >= 0)
+        if self.window is not None:
+            allowed &= diff < self.window
+        allowed |= (qpos < 0)[:, :, None]  # padding queries see everything: their outputs are discarded, never NaN
+        out = self._attend(q, keys, values, allowed[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling,
+                                                  enable_gqa=self.n_kv != self.n_heads)
+        # Gemma 2: scale -> soft-cap 50 -> mask -> fp32 softmax -> cast back (spec §1.5, HF eager order).
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = softcap((q @ k.transpose(-1, -2)) * self.scaling, self.softcap)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return probs @ v
+
+
+class MLP(nn.Module):
+    """GeGLU with tanh-approximated GELU (spec §1.6; exact-erf GELU is wrong even where configs say "gelu")."""
+
+    def __init__(self, cfg: GemmaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer: int) -> None:
+        super().__init__()
+        self.post_norms = cfg.post_norms
+        eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        # Gemma 1: "post_attention_layernorm" is the pre-MLP norm; Gemma 2/3: a true post-attention norm (spec §1.1).
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        if self.post_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, qpos, cache)
+        if not self.post_norms:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma(nn.Module):
+    """Gemma decoder + tied LM head. forward(ids, positions, cache) -> fp32 logits.
+
+    Parameter names equal transformers' (`model.layers.0.self_attn.q_proj.weight`), so HF safetensors load by
+    identity and PEFT adapters line up.
+    """
+
+    def __init__(self, cfg: GemmaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._inv_freq: dict[tuple[float, float, str], Tensor] = {}
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def _rope(self, layer: int, positions: Tensor, dtype: torch.dtype, memo: dict) -> tuple[Tensor, Tensor]:
+        """cos/sin for this layer's RoPE base/scale, computed once per forward per distinct (base, scale)."""
+        key = (self.config.rope_base(layer), self.config.rope_scale(layer))
+        if key not in memo:
+            inv_key = (*key, str(positions.device))
+            if inv_key not in self._inv_freq:
+                self._inv_freq[inv_key] = rope_inv_freq(self.config.head_dim, *key, device=positions.device)
+            memo[key] = rope_cos_sin(positions.clamp(min=0), self._inv_freq[inv_key], dtype)
+        return memo[key]
+
+    def hidden_states(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Final-normed hidden states (B, T, D). positions: (B, T), -1 marks (left) padding."""
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        x = self.model.embed_tokens(ids)
+        # sqrt(D) rounded to the model dtype before the multiply: 25.25 not 25.298 in bf16 (spec §1.2).
+        x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype, device=x.device)
+        memo: dict = {}
+        if cache is not None:
+            cache.prepare(ids.shape[1])
+        for i, block in enumerate(self.model.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        return self.model.norm(x)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Tied LM head in the model dtype, returned as fp32; Gemma 2's final soft-cap 30 (spec §1.1)."""
+        logits = h @ self.head_weight.T
+        if self.config.final_logit_softcapping is not None:
+            logits = softcap(logits, self.config.final_logit_softcapping)
+        return logits.float()
+
+    def forward(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> Tensor:
+        h = self.hidden_states(ids, positions, cache)
+        return self.head(h[:, -1:] if last_only else h)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache. Global layers keep every position; sliding layers keep a ring of W (+ slack) slots, so memory stays
+# bounded on long generations. Each slot remembers its position (-1 = empty), and masks are computed from positions,
+# which makes left-padded batches, chunked prefill and multi-token verification (speculative decoding) one code path.
+
+
+@dataclass
+class LayerCache:
+    k: Tensor  # (B, K, S, H)
+    v: Tensor
+    slot_pos: Tensor  # (B, S) position held by each slot, -1 if empty
+    ring: bool  # sliding layer whose capacity is below the sequence capacity: slots wrap around
+    start: int = 0  # column of the first new token in the current forward, set by KVCache
+
+    def update(self, k: Tensor, v: Tensor, qpos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store the new keys/values (columns start..start+T) and return what attention should see."""
+        T, S = k.shape[2], self.k.shape[2]
+        cols = torch.arange(self.start, self.start + T, device=k.device)
+        if not self.ring:
+            self.k[:, :, cols] = k
+            self.v[:, :, cols] = v
+            self.slot_pos[:, cols] = qpos
+            end = self.start + T
+            return self.k[:, :, :end], self.v[:, :, :end], self.slot_pos[:, :end]
+        if T == 1:  # decode: overwrite the oldest slot, then attend over the ring
+            slot = self.start % S
+            self.k[:, :, slot] = k[:, :, 0]
+            self.v[:, :, slot] = v[:, :, 0]
+            self.slot_pos[:, slot] = qpos[:, 0]
+            return self.k, self.v, self.slot_pos
+        # Several new tokens: earlier ones may need slots that later ones overwrite, so attend over old + new first.
+        keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        kpos = torch.cat([self.slot_pos, qpos], dim=1)
+        keep = min(T, S)
+        slots = cols[-keep:] % S
+        self.k[:, :, slots] = k[:, :, -keep:]
+        self.v[:, :, slots] = v[:, :, -keep:]
+        self.slot_pos[:, slots] = qpos[:, -keep:]
+        return keys, values, kpos
+
+
+class KVCache:
+    """Per-layer caches for `capacity` columns (prompt + new tokens) of a batch of B rows."""
+
+    def __init__(self, cfg: GemmaConfig, batch: int, capacity: int, *, dtype: torch.dtype,
+                 device: torch.device | str, slack: int = 0) -> None:
+        self.capacity, self.length = capacity, 0
+        window = (cfg.sliding_window or capacity) + slack
+        self.layers: list[LayerCache] = []
+        for t in cfg.layer_types:
+            size = min(window, capacity) if t == SLIDING else capacity
+            shape = (batch, cfg.num_key_value_heads, size, cfg.head_dim)
+            self.layers.append(LayerCache(torch.zeros(shape, dtype=dtype, device=device),
+                                          torch.zeros(shape, dtype=dtype, device=device),
+                                          torch.full((batch, size), -1, dtype=torch.long, device=device),
+                                          ring=size < capacity))
+
+    def prepare(self, n_new: int) -> None:
+        if self.length + n_new > self.capacity:
+            raise RuntimeError(f"KV cache full: {self.length} + {n_new} > capacity {self.capacity}")
+        for layer in self.layers:
+            layer.start = self.length
+
+    def advance(self, n_new: int) -> None:
+        self.length += n_new
+
+    def rollback(self, length: int) -> None:
+        """Forget columns >= length (rejected speculative tokens); ring slack must cover the rolled-back span."""
+        for layer in self.layers:
+            size = layer.slot_pos.shape[1]
+            cols = torch.arange(length, self.length, device=layer.slot_pos.device)
+            layer.slot_pos[:, cols % size if layer.ring else cols] = -1
+        self.length = length
