@@ -40,6 +40,8 @@ class Model:
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise GemmaError("the prompt is empty; give some text (or the ids [2] for an unconditional start)")
             if self.tokenizer is None:
                 raise GemmaError("this model was loaded without a tokenizer; pass token ids instead of text")
             return self.tokenizer.encode(prompt, bos=True)

