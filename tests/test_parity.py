@@ -95,3 +95,30 @@ def test_left_pad_positions():
     ids, pos = left_pad([[5, 6, 7], [8]], 0, torch.device("cpu"))
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert pos.tolist() == [[0, 1, 2], [-1, -1, 0]]
+
+
+def test_rows_join_at_different_times(pair):
+    """Continuous batching: a sequence prefilled into a free cache row mid-way decodes exactly as alone."""
+    _, model, _ = pair
+    m, cfg = model.module, model.config
+    a, b = [2, 5, 9, 100, 7, 8, 9, 10, 11], [2, 300, 301]
+    alone = {tuple(p): [int(t) for t in generate_step(m, [p], SamplingParams(), 14)] for p in (a, b)}
+    cache = KVCache(cfg, 2, 40, dtype=torch.float32, device="cpu")
+    out = {0: [], 1: []}
+    with torch.no_grad():
+        nxt = m(torch.tensor([a]), cache=cache, rows=[0], last_only=True)[:, -1].argmax(-1)
+        out[0].append(int(nxt))
+        for _ in range(5):  # row 0 decodes alone
+            pos = torch.tensor([[len(a) + len(out[0]) - 1]])
+            nxt = m(nxt[:, None], pos, cache, rows=[0])[:, -1].argmax(-1)
+            out[0].append(int(nxt))
+        nb = m(torch.tensor([b]), cache=cache, rows=[1], last_only=True)[:, -1].argmax(-1)
+        out[1].append(int(nb))
+        for _ in range(8):  # both decode together, each at its own column and position
+            toks = torch.tensor([[out[0][-1]], [out[1][-1]]])
+            pos = torch.tensor([[len(a) + len(out[0]) - 1], [len(b) + len(out[1]) - 1]])
+            nxt = m(toks, pos, cache)[:, -1].argmax(-1)
+            out[0].append(int(nxt[0]))
+            out[1].append(int(nxt[1]))
+    assert out[0] == alone[tuple(a)][:14]
+    assert out[1] == alone[tuple(b)][:9]

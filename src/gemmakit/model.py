@@ -177,8 +177,12 @@ class Gemma(nn.Module):
             memo[key] = rope_cos_sin(positions.clamp(min=0), self._inv_freq[inv_key], dtype)
         return memo[key]
 
-    def hidden_states(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """Final-normed hidden states (B, T, D). positions: (B, T), -1 marks (left) padding."""
+    def hidden_states(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
+                      rows: list[int] | None = None) -> Tensor:
+        """Final-normed hidden states (B, T, D). positions: (B, T), -1 marks padding.
+
+        With a cache, `rows` selects which cache rows these B sequences are (default: all rows, in order).
+        """
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         x = self.model.embed_tokens(ids)
@@ -186,12 +190,12 @@ class Gemma(nn.Module):
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype, device=x.device)
         memo: dict = {}
         if cache is not None:
-            cache.prepare(ids.shape[1])
+            cache.prepare(ids.shape[1], rows)
         for i, block in enumerate(self.model.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache)
         if cache is not None:
-            cache.advance(ids.shape[1])
+            cache.advance()
         return self.model.norm(x)
 
     def head(self, h: Tensor) -> Tensor:
@@ -202,15 +206,16 @@ class Gemma(nn.Module):
         return logits.float()
 
     def forward(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> Tensor:
-        h = self.hidden_states(ids, positions, cache)
+                last_only: bool = False, rows: list[int] | None = None) -> Tensor:
+        h = self.hidden_states(ids, positions, cache, rows)
         return self.head(h[:, -1:] if last_only else h)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # KV cache. Global layers keep every position; sliding layers keep a ring of W (+ slack) slots, so memory stays
-# bounded on long generations. Each slot remembers its position (-1 = empty), and masks are computed from positions,
+# bounded on long generations. Each slot remembers its position (-1 = empty) and masks are computed from positions,
 # which makes left-padded batches, chunked prefill and multi-token verification (speculative decoding) one code path.
+# Every row has its own length, so a server can prefill a new request into a free row while others decode.
 
 
 @dataclass
@@ -219,41 +224,45 @@ class LayerCache:
     v: Tensor
     slot_pos: Tensor  # (B, S) position held by each slot, -1 if empty
     ring: bool  # sliding layer whose capacity is below the sequence capacity: slots wrap around
-    start: int = 0  # column of the first new token in the current forward, set by KVCache
+    rows: Tensor | None = None  # rows written by the current forward (None = all), set by KVCache.prepare
+    starts: Tensor | None = None  # (R,) first column each of those rows writes
+    end: int = 0  # max column written + 1 over those rows: how far attention must look
+
+    def _view(self, t: Tensor) -> Tensor:
+        return t if self.rows is None else t[self.rows]
 
     def update(self, k: Tensor, v: Tensor, qpos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store the new keys/values (columns start..start+T) and return what attention should see."""
+        """Store the new keys/values (R, K, T, H) and return (keys, values, key positions) attention should see."""
         T, S = k.shape[2], self.k.shape[2]
-        cols = torch.arange(self.start, self.start + T, device=k.device)
-        if not self.ring:
-            self.k[:, :, cols] = k
-            self.v[:, :, cols] = v
-            self.slot_pos[:, cols] = qpos
-            end = self.start + T
-            return self.k[:, :, :end], self.v[:, :, :end], self.slot_pos[:, :end]
-        if T == 1:  # decode: overwrite the oldest slot, then attend over the ring
-            slot = self.start % S
-            self.k[:, :, slot] = k[:, :, 0]
-            self.v[:, :, slot] = v[:, :, 0]
-            self.slot_pos[:, slot] = qpos[:, 0]
-            return self.k, self.v, self.slot_pos
-        # Several new tokens: earlier ones may need slots that later ones overwrite, so attend over old + new first.
-        keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        kpos = torch.cat([self.slot_pos, qpos], dim=1)
-        keep = min(T, S)
-        slots = cols[-keep:] % S
-        self.k[:, :, slots] = k[:, :, -keep:]
-        self.v[:, :, slots] = v[:, :, -keep:]
-        self.slot_pos[:, slots] = qpos[:, -keep:]
-        return keys, values, kpos
+        rows = self.rows if self.rows is not None else torch.arange(k.shape[0], device=k.device)
+        cols = self.starts[:, None] + torch.arange(T, device=k.device)  # (R, T)
+        if self.ring and T > 1:
+            # Earlier new tokens may need slots that later ones overwrite: attend over old + new, then store.
+            keys = torch.cat([self._view(self.k), k], dim=2)
+            values = torch.cat([self._view(self.v), v], dim=2)
+            kpos = torch.cat([self._view(self.slot_pos), qpos], dim=1)
+            keep = min(T, S)
+            self._store(rows, cols[:, -keep:] % S, k[:, :, -keep:], v[:, :, -keep:], qpos[:, -keep:])
+            return keys, values, kpos
+        self._store(rows, cols % S if self.ring else cols, k, v, qpos)
+        end = S if self.ring else self.end
+        return (self._view(self.k)[:, :, :end], self._view(self.v)[:, :, :end],
+                self._view(self.slot_pos)[:, :end])
+
+    def _store(self, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor, qpos: Tensor) -> None:
+        r = rows[:, None]  # (R, 1) against slots (R, T): advanced indexing gives (R, T, K, H)
+        self.k[r, :, slots] = k.transpose(1, 2)
+        self.v[r, :, slots] = v.transpose(1, 2)
+        self.slot_pos[r, slots] = qpos
 
 
 class KVCache:
-    """Per-layer caches for `capacity` columns (prompt + new tokens) of a batch of B rows."""
+    """Per-layer caches for up to `capacity` columns per row, for a batch of B rows."""
 
     def __init__(self, cfg: GemmaConfig, batch: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str, slack: int = 0) -> None:
-        self.capacity, self.length = capacity, 0
+        self.capacity = capacity
+        self.lengths = [0] * batch  # columns used per row
         window = (cfg.sliding_window or capacity) + slack
         self.layers: list[LayerCache] = []
         for t in cfg.layer_types:
@@ -264,19 +273,36 @@ class KVCache:
                                           torch.full((batch, size), -1, dtype=torch.long, device=device),
                                           ring=size < capacity))
 
-    def prepare(self, n_new: int) -> None:
-        if self.length + n_new > self.capacity:
-            raise RuntimeError(f"KV cache full: {self.length} + {n_new} > capacity {self.capacity}")
+    @property
+    def length(self) -> int:
+        return max(self.lengths)
+
+    def prepare(self, n_new: int, rows: list[int] | None = None) -> None:
+        """Point every layer at the columns the next forward of n_new tokens per row will write."""
+        idx = rows if rows is not None else list(range(len(self.lengths)))
+        starts = [self.lengths[r] for r in idx]
+        if max(starts) + n_new > self.capacity:
+            raise RuntimeError(f"KV cache full: {max(starts)} + {n_new} > capacity {self.capacity}")
+        device = self.layers[0].k.device
+        rows_t = None if rows is None else torch.tensor(rows, device=device)
+        starts_t = torch.tensor(starts, device=device)
         for layer in self.layers:
-            layer.start = self.length
+            layer.rows, layer.starts, layer.end = rows_t, starts_t, max(starts) + n_new
+        self._pending = (idx, n_new)
 
-    def advance(self, n_new: int) -> None:
-        self.length += n_new
+    def advance(self) -> None:
+        idx, n_new = self._pending
+        for r in idx:
+            self.lengths[r] += n_new
 
-    def rollback(self, length: int) -> None:
-        """Forget columns >= length (rejected speculative tokens); ring slack must cover the rolled-back span."""
+    def rollback(self, row: int, length: int) -> None:
+        """Forget a row's columns >= length (rejected speculative tokens); ring slack must cover the span."""
         for layer in self.layers:
             size = layer.slot_pos.shape[1]
-            cols = torch.arange(length, self.length, device=layer.slot_pos.device)
-            layer.slot_pos[:, cols % size if layer.ring else cols] = -1
-        self.length = length
+            cols = torch.arange(length, self.lengths[row], device=layer.slot_pos.device)
+            layer.slot_pos[row, cols % size if layer.ring else cols] = -1
+        self.lengths[row] = length
+
+    def reset(self, row: int) -> None:
+        """Free a row for a new sequence."""
+        self.rollback(row, 0)

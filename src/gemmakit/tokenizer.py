@@ -38,19 +38,9 @@ _SPECIAL_LOOKING = re.compile(
     r"|image_soft_token|unused\d+)>|\[@BOS@\]|<\|.*\|>"
 )
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
-_GGUF_SCALAR = {
-    0: "u1",
-    1: "i1",
-    2: "u2",
-    3: "i2",
-    4: "u4",
-    5: "i4",
-    6: "f4",
-    7: "?",
-    10: "u8",
-    11: "i8",
-    12: "f8",
-}
+# GGUF value type -> numpy dtype code (gguf-py constants.GGUFValueType); 8 is string, 9 array.
+_GGUF_SCALAR = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8"}
+_GGUF_SCALAR[12] = "f8"
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
@@ -73,7 +63,7 @@ class Tokenizer:
         try:
             self._sp.LoadFromSerializedProto(proto.SerializeToString())
         except RuntimeError as e:
-            raise GemmaError(f"the SentencePiece model is invalid ({e}); re-export the tokenizer") from None
+            raise GemmaError(f"invalid SentencePiece model ({e}); re-export the tokenizer") from None
         self.vocab_size: int = self._sp.get_piece_size()
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()
@@ -103,10 +93,7 @@ class Tokenizer:
         """Rebuild the SentencePiece model from GGUF ``tokenizer.ggml.{tokens,scores,token_type}`` (spec §5.5)."""
         n = len(tokens)
         if len(scores) != n or len(types) != n:
-            raise GemmaError(
-                f"GGUF tokenizer fields disagree: {n} tokens, {len(scores)} scores, {len(types)} token types; "
-                "the file is damaged, re-download it"
-            )
+            raise GemmaError(f"GGUF has {n} tokens, {len(scores)} scores, {len(types)} types; re-download it")
         scores = np.asarray(scores, dtype=np.float64).tolist()
         types = np.asarray(types).tolist()
         first_byte = next((i for i, t in enumerate(types) if t == BYTE), n)
@@ -125,55 +112,47 @@ class Tokenizer:
             else:  # USER_DEFINED, or an older GGUF's NORMAL piece before the byte block (spec §5.5 notes).
                 # llama.cpp spells user-defined space runs with " "; SentencePiece uses U+2581 (spec §5.4).
                 pieces.append((tok.replace(" ", "\u2581"), 0.0, USER_DEFINED))
-        return cls(
-            _build_proto(pieces, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, pad_id=pad_id, source="GGUF")
-        )
+        special = {"bos_id": bos_id, "eos_id": eos_id, "unk_id": unk_id, "pad_id": pad_id}
+        return cls(_build_proto(pieces, **special, source="GGUF"))
 
     @classmethod
     def from_gguf(cls, source: gguf.GGUFReader | str | os.PathLike[str]) -> Tokenizer:
         """Read the ``tokenizer.ggml.*`` fields of a GGUF, given an open ``gguf.GGUFReader`` or a path.
 
-        A path is parsed directly (header only, ~0.2 s), which avoids GGUFReader's slow field build.
+        A path is read directly (header only, ~0.2 s): opening a GGUFReader on a 262k vocab takes ~10 s.
         """
         if isinstance(source, (str, os.PathLike)):
             path = _existing_file(source, "a .gguf model file")
             fields = _read_gguf_path(path)
             name = str(path)
-        elif hasattr(source, "fields") and hasattr(source, "data"):
-            name = str(getattr(source.data, "filename", None) or "GGUF")
-            fields = _read_gguf_reader(source, name)
+        elif getattr(getattr(source, "data", None), "filename", None):
+            # GGUFReader's field.contents() walks 262k numpy parts per array (seconds); re-reading the
+            # header from its file in one pass takes ~0.2 s.
+            name = source.data.filename
+            fields = _read_gguf_path(Path(name))
         else:
             raise GemmaError(f"from_gguf() takes a gguf.GGUFReader or a path, got {type(source).__name__}")
         model = fields.get("tokenizer.ggml.model")
         if model is None:
-            raise GemmaError(
-                f"{name}: no tokenizer.ggml.model field; load the tokenizer from its tokenizer.model"
-            )
+            raise GemmaError(f"{name}: no tokenizer.ggml.model field; load a tokenizer.model instead")
         if model != "llama":
             raise GemmaError(
-                f"{name}: tokenizer.ggml.model is {model!r}, not 'llama' (SentencePiece); "
-                "gemmakit reads Gemma 1/2/3 tokenizers only"
+                f"{name}: tokenizer.ggml.model is {model!r}, not 'llama'; not a Gemma 1/2/3 GGUF"
             )
         missing = [k for k in ("tokens", "scores", "token_type") if f"tokenizer.ggml.{k}" not in fields]
         if missing:
             raise GemmaError(
-                f"{name}: missing tokenizer.ggml.{', '.join(missing)}; re-convert it with llama.cpp"
+                f"{name}: missing tokenizer.ggml.{', '.join(missing)}; re-convert with llama.cpp"
             )
-        ids = {
-            key: int(fields.get(f"tokenizer.ggml.{field}", default))
-            for key, field, default in (
-                ("bos_id", "bos_token_id", 2),
-                ("eos_id", "eos_token_id", 1),
-                ("unk_id", "unknown_token_id", 3),
-                ("pad_id", "padding_token_id", 0),
-            )
+        keys = {
+            "bos_id": ("bos", 2),
+            "eos_id": ("eos", 1),
+            "unk_id": ("unknown", 3),
+            "pad_id": ("padding", 0),
         }
-        return cls.from_gguf_fields(
-            fields["tokenizer.ggml.tokens"],
-            fields["tokenizer.ggml.scores"],
-            fields["tokenizer.ggml.token_type"],
-            **ids,
-        )
+        ids = {k: int(fields.get(f"tokenizer.ggml.{f}_token_id", d)) for k, (f, d) in keys.items()}
+        tokens, scores, types = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
+        return cls.from_gguf_fields(tokens, scores, types, **ids)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -189,7 +168,7 @@ class Tokenizer:
             proto.Clear()
         if len(proto.pieces) == 0:
             raise GemmaError(
-                f"{path}: not a SentencePiece model; pass the tokenizer.model that ships with the weights"
+                f"{path}: not a SentencePiece model; pass the tokenizer.model shipped with the weights"
             )
         try:
             return cls(proto)
@@ -211,12 +190,10 @@ class Tokenizer:
             added = {int(t["id"]): t for t in data.get("added_tokens", [])}
         except (ValueError, KeyError, TypeError) as e:
             raise GemmaError(
-                f"{path}: not an HF tokenizer.json ({e!r}); pass the tokenizer.json of a Gemma repo"
+                f"{path}: not an HF tokenizer.json ({e!r}); pass a Gemma repo's tokenizer.json"
             ) from None
         if model.get("type") != "BPE" or not isinstance(vocab, dict):
-            raise GemmaError(
-                f"{path}: model type is {model.get('type')!r}, not BPE; this is not a Gemma tokenizer"
-            )
+            raise GemmaError(f"{path}: model type is {model.get('type')!r}, not BPE; not a Gemma tokenizer")
         n = max([*vocab.values(), *added]) + 1
         by_id = [""] * n
         for piece, i in vocab.items():
@@ -225,22 +202,16 @@ class Tokenizer:
             by_id[i] = t["content"]
         if "" in by_id:
             raise GemmaError(
-                f"{path}: token id {by_id.index('')} is missing from the vocabulary; the file is damaged"
+                f"{path}: token id {by_id.index('')} is missing from the vocabulary; file damaged"
             )
         # G1/G2 tokenizer.json renames byte piece <0x09> to "\t" (spec §5.2); put the byte back.
         tab = vocab.get("\t")
         if "<0x09>" not in vocab and tab is not None and vocab.get("<0x08>") == tab - 1:
             by_id[tab] = "<0x09>"
-        ids = {}
-        for key, piece in (
-            ("bos_id", "<bos>"),
-            ("eos_id", "<eos>"),
-            ("pad_id", "<pad>"),
-            ("unk_id", "<unk>"),
-        ):
-            if piece not in vocab:
-                raise GemmaError(f"{path}: no {piece} token; this is not a Gemma tokenizer.json")
-            ids[key] = vocab[piece]
+        names = {"bos_id": "<bos>", "eos_id": "<eos>", "pad_id": "<pad>", "unk_id": "<unk>"}
+        if missing := [p for p in names.values() if p not in vocab]:
+            raise GemmaError(f"{path}: no {missing[0]} token; this is not a Gemma tokenizer.json")
+        ids = {key: vocab[p] for key, p in names.items()}
         first_byte = next((i for i, p in enumerate(by_id) if _BYTE_PIECE.fullmatch(p)), n)
         pieces: list[tuple[str, float, int]] = []
         for i, piece in enumerate(by_id):
@@ -377,10 +348,8 @@ class StreamDecoder:
             held = len(self._utf8.getstate()[0])  # bytes of a still-incomplete character
             if held == len(self._pending):
                 return ""
-            ready, self._pending = (
-                self._pending[: len(self._pending) - held],
-                self._pending[len(self._pending) - held :],
-            )
+            cut = len(self._pending) - held
+            ready, self._pending = self._pending[:cut], self._pending[cut:]
             return tok.decode(ready, special=self._special)
         if id in tok.special_ids and not self._special:
             tok._checked([id])
@@ -406,15 +375,11 @@ def _build_proto(
     n = len(pieces)
     for key, i in (("bos", bos_id), ("eos", eos_id), ("unk", unk_id), ("pad", pad_id)):
         if not 0 <= i < n:
-            raise GemmaError(
-                f"{source}: {key} token id {i} is outside the vocabulary of {n}; the file is damaged"
-            )
-    seen: set[str] = set()
+            raise GemmaError(f"{source}: {key} token id {i} is outside the vocabulary of {n}; file damaged")
+    if len({text for text, _, _ in pieces}) < n:
+        raise GemmaError(f"{source}: the vocabulary lists a piece twice; the tokenizer file is damaged")
     m = pb.ModelProto()
     for text, score, kind in pieces:
-        if text in seen:
-            raise GemmaError(f"{source}: the vocabulary lists {text!r} twice; the tokenizer file is damaged")
-        seen.add(text)
         p = m.pieces.add()
         p.piece, p.score, p.type = text, score, kind
     ts = m.trainer_spec
@@ -425,12 +390,8 @@ def _build_proto(
     ts.unk_piece, ts.bos_piece = pieces[unk_id][0], pieces[bos_id][0]
     ts.eos_piece, ts.pad_piece = pieces[eos_id][0], pieces[pad_id][0]
     ns = m.normalizer_spec
-    ns.name, ns.add_dummy_prefix, ns.remove_extra_whitespaces, ns.escape_whitespaces = (
-        "identity",
-        False,
-        False,
-        True,
-    )
+    ns.name, ns.escape_whitespaces = "identity", True
+    ns.add_dummy_prefix = ns.remove_extra_whitespaces = False
     return m
 
 
@@ -473,48 +434,24 @@ def _gguf_value(buf: memoryview, pos: int, vtype: int, order: str, keep: bool) -
 def _read_gguf_path(path: Path) -> dict[str, Any]:
     """The ``tokenizer.ggml.*`` metadata of a GGUF file, read straight from its header."""
     try:
-        return _read_gguf_header(memoryview(np.memmap(path, mode="r", dtype=np.uint8)))
+        buf = memoryview(np.memmap(path, mode="r", dtype=np.uint8))
+        if bytes(buf[:4]) != b"GGUF":
+            raise GemmaError("not a GGUF file (no GGUF magic); pass a .gguf model file")
+        order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # big-endian reads as 0xXX0000
+        (version,) = struct.unpack_from(order + "I", buf, 4)
+        if version not in (2, 3):
+            raise GemmaError(f"GGUF version {version} is not supported (2 or 3); re-convert with llama.cpp")
+        (kv_count,) = struct.unpack_from(order + "Q", buf, 16)
+        pos, fields = 24, {}
+        for _ in range(kv_count):
+            key, pos = _gguf_value(buf, pos, _GGUF_STRING, order, True)
+            (vtype,) = struct.unpack_from(order + "I", buf, pos)
+            keep = key.startswith("tokenizer.ggml.")
+            value, pos = _gguf_value(buf, pos + 4, vtype, order, keep)
+            if keep:
+                fields[key] = value
+        return fields
     except GemmaError as e:
         raise GemmaError(f"{path}: {e}") from None
     except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
-        raise GemmaError(
-            f"{path}: not a readable GGUF file ({e}); the file is truncated or not GGUF"
-        ) from None
-
-
-def _read_gguf_header(buf: memoryview) -> dict[str, Any]:
-    if bytes(buf[:4]) != b"GGUF":
-        raise GemmaError("not a GGUF file (no GGUF magic); pass a .gguf model file")
-    order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # big-endian files read as 0xXX0000
-    (version,) = struct.unpack_from(order + "I", buf, 4)
-    if version not in (2, 3):
-        raise GemmaError(f"GGUF version {version} is not supported (2 or 3); re-convert it with llama.cpp")
-    (kv_count,) = struct.unpack_from(order + "Q", buf, 16)
-    pos, fields = 24, {}
-    for _ in range(kv_count):
-        key, pos = _gguf_value(buf, pos, _GGUF_STRING, order, True)
-        (vtype,) = struct.unpack_from(order + "I", buf, pos)
-        keep = key.startswith("tokenizer.ggml.")
-        value, pos = _gguf_value(buf, pos + 4, vtype, order, keep)
-        if keep:
-            fields[key] = value
-    return fields
-
-
-def _read_gguf_reader(reader: gguf.GGUFReader, name: str) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` fields of an open GGUFReader, re-read from its memmap in bulk.
-
-    ``field.contents()`` walks 262k numpy parts per array (seconds); one pass over the bytes takes ~0.2 s.
-    """
-    order = ">" if getattr(reader, "endianess", None) is not None and reader.endianess.name == "BIG" else "<"
-    buf = memoryview(reader.data)
-    fields = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml."):
-            try:
-                _, pos = _gguf_value(buf, field.offset, _GGUF_STRING, order, True)
-                (vtype,) = struct.unpack_from(order + "I", buf, pos)
-                fields[key], _ = _gguf_value(buf, pos + 4, vtype, order, True)
-            except (struct.error, UnicodeDecodeError, ValueError) as e:
-                raise GemmaError(f"{name}: field {key} is unreadable ({e}); the file is damaged") from None
-    return fields
+        raise GemmaError(f"{path}: not a readable GGUF file ({e}); it is truncated or not GGUF") from None
