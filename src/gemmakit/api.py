@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import chat as chat_template
 from .config import GemmaConfig
 from .errors import GemmaError
 from .generate import Generation, GenerationResult
@@ -16,6 +18,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+Messages = Sequence[chat_template.Message]
 
 
 @dataclass
@@ -123,3 +126,21 @@ class Model:
             if piece:
                 yield piece
         self.last_result = gen.results()[0]
+
+    def chat_ids(self, messages: Messages) -> list[int]:
+        """The prompt ids of a conversation in Gemma's turn format (chat.py), ending with the model's turn."""
+        if self.tokenizer is None:
+            raise GemmaError("this model was loaded without a tokenizer; chat needs one")
+        return chat_template.encode(self.tokenizer, messages)
+
+    def chat(self, messages: Messages, max_new_tokens: int = 256, **sampling: Any) -> GenerationResult:
+        """The assistant's reply to a conversation [{"role": "system"|"user"|"assistant", "content": ...}].
+
+        Takes generate()'s sampling options; the reply ends at <end_of_turn>. A system message is folded into
+        the first user turn (Gemma has no system role).
+        """
+        return self.generate(self.chat_ids(messages), max_new_tokens, **sampling)
+
+    def chat_stream(self, messages: Messages, max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
+        """Like chat(), yielding the reply's text pieces as they are produced; last_result holds the result."""
+        return self.stream(self.chat_ids(messages), max_new_tokens, **sampling)
