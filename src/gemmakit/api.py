@@ -35,11 +35,11 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.module.head_weight.device
+        return self.module.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.module.head_weight.dtype
+        return self.module.dtype
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -48,9 +48,9 @@ def generate_step(model: Gemma, prompts: Sequence[Sequence[int]], params: Sampli
     One prefill of the (left-padded) prompts computes logits only at the last position; each later step feeds
     the sampled tokens back through the KV cache.
     """
-    device = model.head_weight.device
+    device = model.device
     ids, pos = left_pad(prompts, model.config.pad_token_id, device)
-    cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, dtype=model.head_weight.dtype,
+    cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, dtype=model.dtype,
                     device=device)
     sample = make_sampler(params, device)
     seen = None

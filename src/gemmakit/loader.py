@@ -11,9 +11,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from .api import Model
 from .config import GemmaConfig, preset
 from .errors import GemmaError
+from .fast import is_quantized, load_gguf_q8
 from .model import Gemma
 from .tokenizer import Tokenizer
 from .weights.ckpt import read_ckpt
+from .quant.q8 import quantize_q8, swap_in_q8
 from .weights.gguf import config_from_gguf, read_gguf, state_dict_from_gguf, tokenizer_from_gguf
 from .weights.hf import read_hf_config, read_hf_state_dict
 
@@ -104,17 +106,26 @@ def _tokenizer_near(folder: Path) -> Tokenizer | None:
 
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = "auto",
-         device: str | torch.device = "auto", quant: str | None = None, variant: str | GemmaConfig | None = None,
-         tokenizer: str | Path | None = None, progress: bool = True) -> Model:
+         device: str | torch.device = "auto", quant: str | None = "auto", variant: str | GemmaConfig | None = None,
+         tokenizer: str | Path | None = None, progress: bool = True, adapter: str | Path | None = None) -> Model:
     """Load a Gemma text model for inference.
 
     source: None for the embedded Gemma 3 270M, a GGUF file, a Hugging Face folder, or a gemma_pytorch .ckpt
     (which carries no config: name its `variant`, e.g. "gemma-2b" (gemmakit.PRESETS), or pass a GemmaConfig).
-    dtype: "auto" = float32 on CPU, bfloat16 on CUDA. quant=None dequantizes everything to `dtype`, the exact
-    reference path. tokenizer: a tokenizer.model/tokenizer.json to use instead of the one found with the weights.
+    dtype: "auto" = float32 on CPU, bfloat16 on CUDA.
+    quant: "auto" keeps a quantized GGUF quantized on the CPU (the fast path: Q8_0 weight-only layers, native
+    kernels); None dequantizes everything to `dtype`, the exact reference path; "q8" quantizes any source. tokenizer: a tokenizer.model/tokenizer.json to use instead of the one found with the weights.
+    adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to attach.
     """
-    if quant is not None:
-        raise GemmaError(f"quant={quant!r} is not available yet; use quant=None (weights dequantized to dtype)")
+    if adapter is not None:  # a LoRA adapter folder (PEFT format), injected into the float linears
+        from .lora.adapter import load_adapter
+
+        model = load(source, dtype=dtype, device=device, quant=None if quant == "auto" else quant, variant=variant,
+                     tokenizer=tokenizer, progress=progress)
+        load_adapter(model.module, adapter)
+        return model
+    if quant not in (None, "auto", "q8"):
+        raise GemmaError(f"unknown quant={quant!r}; use 'auto', 'q8' or None (weights dequantized to dtype)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if source is None:
@@ -129,10 +140,12 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     if fmt == "gguf":
         g = read_gguf(path)
         cfg = config_from_gguf(g)
+        tok = tokenizer_from_gguf(g)
+        if dev.type == "cpu" and (quant == "q8" or (quant == "auto" and is_quantized(g))):
+            return Model(load_gguf_q8(g, cfg, dtype=dt, progress=progress), tok, label, fmt)
         bar, update = _with_progress("loading weights", progress)
         with bar:
             state = state_dict_from_gguf(g, cfg.family, on_tensor=update)
-        tok = tokenizer_from_gguf(g)
     elif fmt == "hf":
         cfg = read_hf_config(path)
         state = read_hf_state_dict(path, cfg)
@@ -147,7 +160,13 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     if tokenizer is not None:
         tpath = Path(tokenizer)
         tok = Tokenizer.from_hf_json(tpath) if tpath.suffix == ".json" else Tokenizer.from_file(tpath)
-    return Model(build(cfg, state, path, dtype=dt, device=dev), tok, label, fmt)
+    module = build(cfg, state, path, dtype=dt, device=dev)
+    if quant == "q8":
+        if dev.type != "cpu":
+            raise GemmaError("quant='q8' is a CPU path; on CUDA use quant=None (bfloat16)")
+        swap_in_q8(module, {k: torch.from_numpy(quantize_q8(v.float())) for k, v in module.state_dict().items()
+                            if k.endswith("proj.weight") or k == "model.embed_tokens.weight"})
+    return Model(module, tok, label, fmt)
 
 
 def build(cfg: GemmaConfig, state: dict[str, torch.Tensor], source: Path | str = "<state dict>", *,

@@ -28,9 +28,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        # One fused op: x * rsqrt(mean(x^2) + eps) * (1 + w), all in fp32, rounded once.
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float() + 1.0, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, base: float, scale: float, device: torch.device | None = None) -> Tensor:
@@ -56,6 +55,17 @@ def softcap(x: Tensor, cap: float) -> Tensor:
     return torch.tanh(x / cap) * cap
 
 
+def visible(qpos: Tensor, kpos: Tensor, window: int | None) -> Tensor:
+    """(B, 1, T, S) bool: key j is visible from query i iff it is real (pos >= 0), not in the future, and, on
+    sliding layers, 0 <= i - j < W (spec §1.5). Padding queries (pos -1) see everything: outputs discarded, no NaN."""
+    diff = qpos[:, :, None] - kpos[:, None, :]  # (B, T, S)
+    allowed = (kpos[:, None, :] >= 0) & (diff >= 0)
+    if window is not None:
+        allowed &= diff < window
+    allowed |= (qpos < 0)[:, :, None]
+    return allowed[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int) -> None:
         super().__init__()
@@ -75,7 +85,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None,
+                masks: dict) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, H)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, H)
@@ -87,13 +98,10 @@ class Attention(nn.Module):
             keys, values, kpos = k, v, qpos
         else:
             keys, values, kpos = cache.update(k, v, qpos)
-        # A key is visible iff it is real (pos >= 0), not in the future, and, on sliding layers, 0 <= i - j < W.
-        diff = qpos[:, :, None] - kpos[:, None, :]  # (B, T, S)
-        allowed = (kpos[:, None, :] >= 0) & (diff >= 0)
-        if self.window is not None:
-            allowed &= diff < self.window
-        allowed |= (qpos < 0)[:, :, None]  # padding queries see everything: their outputs are discarded, never NaN
-        out = self._attend(q, keys, values, allowed[:, None])
+        key = (self.window, kpos.shape[1], cache is not None and cache.ring)  # same for all layers of a kind
+        if key not in masks:
+            masks[key] = visible(qpos, kpos, self.window)
+        out = self._attend(q, keys, values, masks[key])
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
@@ -136,8 +144,9 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, qpos, cache)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None,
+                masks: dict) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, qpos, cache, masks)
         if not self.post_norms:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -167,6 +176,15 @@ class Gemma(nn.Module):
     def head_weight(self) -> Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation dtype (the final norm's weight is always kept in it, also when linears are quantized)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     def _rope(self, layer: int, positions: Tensor, dtype: torch.dtype, memo: dict) -> tuple[Tensor, Tensor]:
         """cos/sin for this layer's RoPE base/scale, computed once per forward per distinct (base, scale)."""
         key = (self.config.rope_base(layer), self.config.rope_scale(layer))
@@ -189,18 +207,25 @@ class Gemma(nn.Module):
         # sqrt(D) rounded to the model dtype before the multiply: 25.25 not 25.298 in bf16 (spec §1.2).
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype, device=x.device)
         memo: dict = {}
+        masks: dict = {}
         if cache is not None:
             cache.prepare(ids.shape[1], rows)
         for i, block in enumerate(self.model.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache)
+            x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache, masks)
         if cache is not None:
             cache.advance()
         return self.model.norm(x)
 
     def head(self, h: Tensor) -> Tensor:
         """Tied LM head in the model dtype, returned as fp32; Gemma 2's final soft-cap 30 (spec §1.1)."""
-        logits = h @ self.head_weight.T
+        emb = self.model.embed_tokens
+        if self.config.tie_word_embeddings and hasattr(emb, "attend"):
+            logits = emb.attend(h)  # a quantized tied embedding computes its own head (quant/q8.py)
+        elif self.config.tie_word_embeddings:
+            logits = h @ emb.weight.T
+        else:
+            logits = self.lm_head(h)
         if self.config.final_logit_softcapping is not None:
             logits = softcap(logits, self.config.final_logit_softcapping)
         return logits.float()
@@ -227,6 +252,7 @@ class LayerCache:
     rows: Tensor | None = None  # rows written by the current forward (None = all), set by KVCache.prepare
     starts: Tensor | None = None  # (R,) first column each of those rows writes
     end: int = 0  # max column written + 1 over those rows: how far attention must look
+    start: int | None = None  # the common first column when every row is written from the same column
 
     def _view(self, t: Tensor) -> Tensor:
         return t if self.rows is None else t[self.rows]
@@ -234,6 +260,13 @@ class LayerCache:
     def update(self, k: Tensor, v: Tensor, qpos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Store the new keys/values (R, K, T, H) and return (keys, values, key positions) attention should see."""
         T, S = k.shape[2], self.k.shape[2]
+        if T == 1 and self.rows is None and self.start is not None:  # plain decode step: one slot, every row
+            slot = self.start % S if self.ring else self.start
+            self.k[:, :, slot] = k[:, :, 0]
+            self.v[:, :, slot] = v[:, :, 0]
+            self.slot_pos[:, slot] = qpos[:, 0]
+            end = S if self.ring else self.end
+            return self.k[:, :, :end], self.v[:, :, :end], self.slot_pos[:, :end]
         rows = self.rows if self.rows is not None else torch.arange(k.shape[0], device=k.device)
         cols = self.starts[:, None] + torch.arange(T, device=k.device)  # (R, T)
         if self.ring and T > 1:
@@ -286,8 +319,9 @@ class KVCache:
         device = self.layers[0].k.device
         rows_t = None if rows is None else torch.tensor(rows, device=device)
         starts_t = torch.tensor(starts, device=device)
+        common = starts[0] if rows is None and len(set(starts)) == 1 else None
         for layer in self.layers:
-            layer.rows, layer.starts, layer.end = rows_t, starts_t, max(starts) + n_new
+            layer.rows, layer.starts, layer.end, layer.start = rows_t, starts_t, max(starts) + n_new, common
         self._pending = (idx, n_new)
 
     def advance(self) -> None:

@@ -8,12 +8,15 @@ import typer
 from rich.console import Console
 
 from ..errors import GemmaError
-from . import info, run
+from . import convert, finetune, info, merge, run
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Run Google's Gemma models locally. Without -m, commands use the embedded Gemma 3 270M.")
 app.command("run")(run.run)
 app.command("info")(info.info)
+app.command("finetune")(finetune.finetune)
+app.command("merge")(merge.merge)
+app.command("convert")(convert.convert)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: F401  (re-exported)
 from gguf.quants import dequantize
 
 from ..config import FAMILIES, GemmaConfig
@@ -126,7 +126,7 @@ class _Cursor:
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's header and tensor table; fail with one clear line on anything wrong."""
     path = Path(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: tensors may wrap it, the file never changes
     if len(data) < 4 or bytes(data[:4]) != MAGIC:
         raise GemmaError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
     cur = _Cursor(memoryview(data), path)

@@ -1,0 +1,179 @@
+"""gemmakit chat: an interactive, streaming, multi-turn chat in the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .. import chat as chat_template
+from ..api import Model
+from ..errors import GemmaError
+from ..loader import load
+from .run import ModelOpt
+
+HELP = ("/reset clears the conversation · /system TEXT sets the system prompt (/system alone clears it) · "
+        "/save FILE writes the conversation as JSON · /load FILE reads one · /exit quits · "
+        "Ctrl-C stops a reply · Ctrl-D quits")
+
+
+class Session:
+    """The conversation and the settings it is generated with; one reply per `reply()` call."""
+
+    def __init__(self, model: Model, *, context: int, max_new_tokens: int, sampling: dict[str, Any],
+                 system: str | None = None) -> None:
+        self.model, self.context, self.max_new_tokens, self.sampling = model, context, max_new_tokens, sampling
+        self.system = system
+        self.history: list[dict[str, str]] = []  # user/assistant turns, alternating
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def fit(self) -> int:
+        """Drop the oldest exchanges until the prompt leaves room for a reply; -> exchanges dropped."""
+        budget = self.context - min(self.max_new_tokens, self.context // 2)
+        kept, dropped = chat_template.fit(self.messages(), lambda m: len(self.model.chat_ids(m)), budget)
+        self.history = kept[1:] if self.system else kept
+        return dropped
+
+    def reply(self, text: str, out: Any) -> tuple[str, bool]:
+        """Stream the reply to `text` into out.write; Ctrl-C stops it early. -> (reply, interrupted).
+
+        The (possibly partial) reply joins the history, so the turns keep alternating.
+        """
+        self.history.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        interrupted = False
+        try:
+            ids = self.model.chat_ids(self.messages())
+            budget = min(self.max_new_tokens, self.context - len(ids))
+            for piece in self.model.stream(ids, budget, **self.sampling):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            interrupted = True
+        except GemmaError:
+            self.history.pop()
+            raise
+        answer = "".join(pieces)
+        self.history.append({"role": "assistant", "content": answer})
+        return answer, interrupted
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"messages": self.messages()}, ensure_ascii=False, indent=2) + "\n")
+
+    def load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise GemmaError(f"{path}: cannot read a saved conversation ({e})") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise GemmaError(f"{path}: expected {{\"messages\": [...]}} as written by /save")
+        chat_template.turns(messages + [{"role": "assistant", "content": ""}] if messages[-1].get("role") == "user"
+                            else messages + [{"role": "user", "content": ""}])  # validates roles and contents
+        system = messages[0]["content"] if messages[0]["role"] in chat_template.SYSTEM_ROLES else None
+        history = messages[1:] if system is not None else messages
+        if history and history[-1]["role"] == "user":
+            history = history[:-1]  # a question without its answer: drop it, the turns must end with a reply
+        self.system, self.history = system, list(history)
+
+
+def chat(
+    model: ModelOpt = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Longest reply in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.7,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = 64,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="> 1 discourages repeats.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same replies.")] = None,
+    ctx_size: Annotated[int | None, typer.Option(help="Context for the conversation in tokens (default: the "
+                                                      "model's); older turns are dropped to fit.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Chat with a model in the terminal: streaming replies, multi-turn history, /reset /system /save /load.
+
+    The embedded model is a base model, not chat-tuned: it follows the turn format but answers loosely; use an
+    instruction-tuned Gemma (e.g. -m gemma-3-1b-it) for real conversations.
+
+    Examples:  gemmakit chat
+               gemmakit chat -m gemma-2-2b-it.Q8_0.gguf --system "Answer in French." -t 0.3
+    """
+    err = Console(stderr=True, highlight=False)
+    m = load(model, device=device)
+    context = min(ctx_size or m.config.max_position_embeddings, m.config.max_position_embeddings)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed)
+    session = Session(m, context=context, max_new_tokens=max_new_tokens, sampling=sampling, system=system)
+    err.print(f"[bold]gemmakit chat[/] · {m.source} · context {context} tokens\n[dim]{HELP}[/]")
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input("\n> ")
+        except EOFError:
+            err.print()
+            return
+        except KeyboardInterrupt:
+            err.print("\n[dim](Ctrl-D or /exit quits)[/]")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            if text.startswith("/") and _command(session, text, err):
+                return
+            if text.startswith("/"):
+                continue
+            session.history.append({"role": "user", "content": text})
+            dropped = session.fit()
+            session.history.pop()
+            if dropped:
+                err.print(f"[yellow](history trimmed: dropped the {dropped} oldest exchange(s) to fit the "
+                          f"{context}-token context)[/]")
+            sys.stdout.write("\n")
+            _, interrupted = session.reply(text, sys.stdout)
+            sys.stdout.write("\n")
+            if interrupted:
+                err.print("[dim][stopped][/]")
+        except GemmaError as e:
+            err.print(f"[bold red]error:[/] {e}")
+
+
+def _command(session: Session, text: str, err: Console) -> bool:
+    """Run a /command; -> True to quit."""
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return True
+    if name == "/reset":
+        session.history = []
+        err.print("[dim](conversation cleared)[/]")
+    elif name == "/system":
+        session.system = arg or None
+        err.print(f"[dim](system prompt {'set' if arg else 'cleared'})[/]")
+    elif name in ("/save", "/load"):
+        if not arg:
+            raise GemmaError(f"{name} needs a file name, e.g. {name} chat.json")
+        path = Path(arg).expanduser()
+        if name == "/save":
+            session.save(path)
+            err.print(f"[dim](saved {len(session.messages())} messages to {path})[/]")
+        else:
+            session.load(path)
+            err.print(f"[dim](loaded {len(session.messages())} messages from {path})[/]")
+    elif name == "/help":
+        err.print(f"[dim]{HELP}[/]")
+    else:
+        err.print(f"[red]unknown command {name}[/] [dim]{HELP}[/]")
+    return False

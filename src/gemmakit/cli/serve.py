@@ -1,0 +1,77 @@
+"""gemmakit serve: an OpenAI-compatible HTTP server (chat, completions, models) with continuous batching."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..errors import GemmaError
+from ..loader import load
+
+EMBEDDED_NAME = "gemma-3-270m"
+
+
+def parse_models(specs: list[str] | None) -> list[tuple[str, str | None]]:
+    """-m values -> (served name, source); NAME=PATH names a model, a bare PATH is named after its file."""
+    if not specs:
+        return [(EMBEDDED_NAME, None)]
+    out: list[tuple[str, str | None]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name.removesuffix(".gguf"), spec
+        if not name or not path:
+            raise GemmaError(f"-m {spec!r}: expected NAME=PATH or PATH")
+        if any(name == n for n, _ in out):
+            raise GemmaError(f"two models are named {name!r}; name them apart with -m NAME=PATH")
+        out.append((name, path))
+    return out
+
+
+def serve(
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="NAME=PATH or PATH of a GGUF file, "
+                                                    "HF folder or .ckpt; repeat to serve several (default: the "
+                                                    f"embedded model, as {EMBEDDED_NAME!r}).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="GEMMAKIT_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together per model (KV cache rows).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Sequences allowed to wait; beyond, requests get 429.")] = 64,
+    ctx_size: Annotated[int, typer.Option(help="Context per sequence in tokens (capped at the model's).")] = 4096,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve models over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    Examples:  gemmakit serve
+               gemmakit serve -m gemma2=gemma-2-2b-it.Q8_0.gguf -m small=gemma-3-1b-it --port 8080 --api-key s3cret
+               curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+                 -d '{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
+    """
+    from ..serve import serve as run_server
+
+    err = Console(stderr=True)
+    specs = parse_models(model)
+    models = {}
+    for name, path in specs:
+        models[name] = load(path, device=device, progress=True)
+        err.print(f"[dim]loaded {name}: {models[name].source}[/]", highlight=False)
+    if api_key is None and not _is_loopback(host):
+        err.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach this "
+                  "machine can use it", highlight=False)
+    run_server(models, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+               context=ctx_size, log_level=log_level)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

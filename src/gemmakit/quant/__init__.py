@@ -1,0 +1,1 @@
+"""Weight-only quantization: module swaps applied after construction."""

@@ -1,0 +1,473 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one continuous-batching Engine per served model.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health. Every error is
+OpenAI's JSON shape {"error": {"message", "type", "param", "code"}} with a 4xx status for bad requests; internal
+failures are logged and answered with a generic 500, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .. import chat as chat_template
+from ..api import Model
+from ..errors import GemmaError
+from ..sampling import SamplingParams
+from . import schemas
+from .engine import Engine, Event, Job, QueueFull, TokenLogprob
+
+log = logging.getLogger("gemmakit.serve")
+FINGERPRINT = f"gemmakit-{__version__}"
+MAX_BODY = 16 * 2**20
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def create_app(models: Mapping[str, Model], *, api_key: str | None = None, max_batch: int = 8,
+               max_queue: int = 64, context: int | None = None) -> FastAPI:
+    """An app serving each model under its name; engines start and stop with the app's lifespan."""
+    if not models:
+        raise GemmaError("give at least one model to serve")
+    engines = {name: Engine(m, max_batch=max_batch, max_queue=max_queue, context=context)
+               for name, m in models.items()}
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for e in engines.values():
+            e.start()
+        try:
+            yield
+        finally:
+            for e in engines.values():
+                e.stop()
+
+    app = FastAPI(title="gemmakit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engines = engines
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(GemmaError)
+    async def _bad_input(request: Request, exc: GemmaError) -> JSONResponse:
+        param = exc.param if isinstance(exc, schemas.ParamError) else None
+        code = exc.code if isinstance(exc, schemas.ParamError) else None
+        return ApiError(400, str(exc), param=param, code=code).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"Unknown URL: {request.method} {request.url.path}",
+                   405: f"Method {request.method} is not allowed for {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
+                        headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return ApiError(400, str(exc)).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return ApiError(500, "internal server error", type="server_error").response()
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def engine_for(name: str) -> Engine:
+        if name not in engines:
+            raise ApiError(404, f"The model `{name}` does not exist. Served: {', '.join(engines)}.",
+                           param="model", code="model_not_found")
+        return engines[name]
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "gemmakit",
+                "max_model_len": engines[name].context}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": {name: {"active": e.active, "waiting": e.queued, "context": e.context,
+                                                  "max_batch": e.max_batch} for name, e in engines.items()}}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [model_card(name) for name in engines]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request) -> dict:
+        authorize(request)
+        engine_for(name)
+        return model_card(name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        authorize(request)
+        body = await parse(request, schemas.ChatRequest)
+        body.check()
+        engine = engine_for(body.model)
+        try:
+            prompt = chat_template.encode(engine.model.tokenizer, body.messages)
+        except GemmaError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_new = token_budget(engine, len(prompt), body.requested_tokens(), param, "messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        run = Run(engine, make_jobs(body, engine, [prompt], max_new, logprobs))
+        meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model, len(prompt))
+        if body.stream:
+            return sse_response(stream_chat(run, body, meta, engine))
+        choices = await run.collect(request)
+        return JSONResponse({"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                             "logprobs": chat_logprobs(engine, c.tokens) if body.logprobs else None,
+                             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+                "usage": usage(meta.prompt_tokens, choices)})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        authorize(request)
+        body = await parse(request, schemas.CompletionRequest)
+        body.check()
+        engine = engine_for(body.model)
+        tok = engine.model.tokenizer
+        prompts = []
+        for p in body.prompts():
+            if isinstance(p, str):
+                if not p:
+                    raise ApiError(400, "prompt must not be empty", param="prompt")
+                # Like vLLM and llama.cpp, a raw prompt may spell control tokens (hand-made turns); <bos> once.
+                ids = tok.encode(p, bos=True, special=True)
+                prompts.append(ids[1:] if ids[1:2] == [tok.bos_id] else ids)
+            else:
+                if not p or not all(0 <= t < engine.vocab_size for t in p):
+                    raise ApiError(400, f"token prompts must be non-empty lists of ids in 0..{engine.vocab_size - 1}",
+                                   param="prompt")
+                prompts.append(list(p))
+        max_new = min(token_budget(engine, len(p), body.max_tokens, "max_tokens", "prompt") for p in prompts)
+        run = Run(engine, make_jobs(body, engine, prompts, max_new, body.logprobs))
+        echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
+        meta = Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model, sum(len(p) for p in prompts))
+        if body.stream:
+            return sse_response(stream_completion(run, body, meta, engine, echo))
+        choices = await run.collect(request)
+        return JSONResponse({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason,
+                             "logprobs": completion_logprobs(engine, c.tokens, len(echo[i]))
+                             if body.logprobs is not None else None} for i, c in enumerate(choices)],
+                "usage": usage(meta.prompt_tokens, choices)})
+
+    return app
+
+
+async def parse(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"the request body is larger than {MAX_BODY // 2**20} MiB")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"We could not parse the JSON body of your request ({e}). The API expects a JSON "
+                            "object, e.g. {\"model\": ..., \"messages\": [...]}.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x in _TYPE_NAMES))]
+        param = ".".join(loc) or None
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"Unrecognized request argument supplied: {param}", param=param) from None
+        if err["type"] == "missing":
+            raise ApiError(400, f"Missing required parameter: '{param}'.", param=param) from None
+        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}.", param=param) from None
+    except schemas.ParamError as e:
+        raise ApiError(400, str(e), param=e.param, code=e.code) from None
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def token_budget(engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
+    """Tokens a request may generate: as asked, or up to the end of the context; refuse what cannot fit."""
+    ctx = engine.context
+    if prompt_len >= ctx:
+        raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, your {prompt_param} "
+                            f"resulted in {prompt_len} tokens. Please reduce the length of the {prompt_param}.",
+                       param=prompt_param, code="context_length_exceeded")
+    room = ctx - prompt_len
+    if requested is None:
+        return room
+    if requested > room:
+        raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                            f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_param}, {requested} in "
+                            f"the completion). Please reduce the length of the {prompt_param} or {param}.",
+                       param=param, code="context_length_exceeded")
+    return requested
+
+
+def make_jobs(body: schemas.Sampling, engine: Engine, prompts: Sequence[list[int]], max_new: int,
+              logprobs: int | None) -> list[Job]:
+    """n jobs per prompt; with a seed, choice j uses seed + j so the choices differ yet repeat exactly."""
+    stop, bias, json_object = body.stops(), body.bias(engine.vocab_size), body.json_object()
+    jobs = []
+    for prompt in prompts:
+        for j in range(body.n):
+            try:
+                params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
+                                        top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+                                        repetition_penalty=body.repetition_penalty,
+                                        seed=None if body.seed is None else body.seed + j)
+            except GemmaError as e:
+                raise ApiError(400, str(e)) from None
+            jobs.append(Job(prompt, max_new, sink=_unset_sink, params=params, stop=stop, ignore_eos=body.ignore_eos,
+                            logprobs=logprobs, logit_bias=bias, frequency_penalty=body.frequency_penalty,
+                            presence_penalty=body.presence_penalty, json_object=json_object))
+    return jobs
+
+
+def _unset_sink(event: Event) -> None:
+    raise RuntimeError("job submitted without a sink")
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class Meta:
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+
+
+class Run:
+    """A request's jobs in the engine, their events delivered to this event loop; cancel() frees their rows."""
+
+    def __init__(self, engine: Engine, jobs: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.jobs = jobs
+        self.choices = [Choice() for _ in jobs]
+        for i, job in enumerate(jobs):
+            job.sink = lambda ev, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+        try:
+            engine.submit(jobs)
+        except QueueFull as e:
+            raise ApiError(429, f"The server is busy ({e}); retry in a moment.", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except GemmaError as e:
+            raise ApiError(400, str(e)) from None
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        left = len(self.jobs)
+        while left:
+            i, ev = await self.queue.get()
+            c = self.choices[i]
+            c.text += ev.text
+            c.tokens += ev.tokens
+            c.completion_tokens = ev.completion_tokens
+            if ev.error is not None:
+                raise ApiError(500, ev.error, type="server_error")
+            if ev.finish_reason is not None:
+                c.finish_reason = ev.finish_reason
+                left -= 1
+            yield i, ev
+
+    async def collect(self, request: Request) -> list[Choice]:
+        """Wait for every choice; if the client disconnects meanwhile, stop generating."""
+        events = self.events()
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(events))
+                while not step.done():
+                    await asyncio.wait([step], timeout=0.5)
+                    if not step.done() and await request.is_disconnected():
+                        step.cancel()
+                        raise ApiError(499, "the client closed the connection")
+                try:
+                    step.result()
+                except StopAsyncIteration:
+                    return self.choices
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancelled = True
+
+
+def usage(prompt_tokens: int, choices: Sequence[Choice]) -> dict:
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def sse_response(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def stream_chat(run: Run, body: schemas.ChatRequest, meta: Meta, engine: Engine) -> AsyncIterator[str]:
+    """OpenAI's chunk sequence per choice: the role, content deltas, an empty delta with the finish reason;
+    then the usage chunk when asked for (stream_options.include_usage), then [DONE]."""
+    opts = body.stream_options or schemas.StreamOptions()
+    base = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
+            "system_fingerprint": FINGERPRINT}
+
+    def chunk(index: int, delta: dict, logprobs: Any = None, finish: str | None = None) -> str:
+        out = {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        if opts.include_usage:
+            out["usage"] = usage(meta.prompt_tokens, run.choices) if opts.continuous_usage_stats else None
+        return sse(out)
+
+    try:
+        for i in range(len(run.jobs)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        try:
+            async for i, ev in run.events():
+                if ev.text or ev.tokens:
+                    lp = chat_logprobs(engine, ev.tokens) if body.logprobs else None
+                    yield chunk(i, {"content": ev.text}, lp)
+                if ev.finish_reason is not None:
+                    yield chunk(i, {}, None, ev.finish_reason)
+        except ApiError as e:
+            yield sse(e.body())
+            yield "data: [DONE]\n\n"
+            return
+        if opts.include_usage:
+            yield sse({**base, "choices": [], "usage": usage(meta.prompt_tokens, run.choices)})
+        yield "data: [DONE]\n\n"
+    finally:
+        run.cancel()
+
+
+async def stream_completion(run: Run, body: schemas.CompletionRequest, meta: Meta, engine: Engine,
+                            echo: list[str]) -> AsyncIterator[str]:
+    """Legacy completions chunks: text pieces per choice, the finish reason on a last (empty) piece, [DONE]."""
+    opts = body.stream_options or schemas.StreamOptions()
+    base = {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+            "system_fingerprint": FINGERPRINT}
+    offsets = [len(e) for e in echo]
+
+    def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> str:
+        out = {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        if opts.include_usage:
+            out["usage"] = usage(meta.prompt_tokens, run.choices) if opts.continuous_usage_stats else None
+        return sse(out)
+
+    try:
+        for i, e in enumerate(echo):
+            if e:
+                yield chunk(i, e)
+        try:
+            async for i, ev in run.events():
+                if ev.text or ev.tokens:
+                    lp = completion_logprobs(engine, ev.tokens, offsets[i]) if body.logprobs is not None else None
+                    offsets[i] += len(ev.text)
+                    yield chunk(i, ev.text, lp)
+                if ev.finish_reason is not None:
+                    yield chunk(i, "", None, ev.finish_reason)
+        except ApiError as e:
+            yield sse(e.body())
+            yield "data: [DONE]\n\n"
+            return
+        if opts.include_usage:
+            yield sse({**base, "choices": [], "usage": usage(meta.prompt_tokens, run.choices)})
+        yield "data: [DONE]\n\n"
+    finally:
+        run.cancel()
+
+
+def token_text(engine: Engine, token: int) -> tuple[str, list[int]]:
+    """A token as OpenAI shows it: its text and its UTF-8 bytes (a lone byte of a character as "bytes:\\xNN")."""
+    tok = engine.model.tokenizer
+    if token >= tok.vocab_size:
+        return f"<{token}>", []
+    if tok.is_byte(token):
+        value = int(tok.piece(token)[3:5], 16)
+        return (chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"), [value]
+    text = tok.piece(token).replace("\u2581", " ")
+    return text, list(text.encode("utf-8"))
+
+
+def chat_logprobs(engine: Engine, tokens: Sequence[TokenLogprob]) -> dict:
+    content = []
+    for t in tokens:
+        text, raw = token_text(engine, t.id)
+        top = []
+        for i, lp in t.top:
+            ttext, traw = token_text(engine, i)
+            top.append({"token": ttext, "logprob": lp, "bytes": traw})
+        content.append({"token": text, "logprob": t.logprob, "bytes": raw, "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(engine: Engine, tokens: Sequence[TokenLogprob], offset: int) -> dict:
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in tokens:
+        text = token_text(engine, t.id)[0]
+        top = {token_text(engine, i)[0]: lp for i, lp in t.top}
+        top.setdefault(text, t.logprob)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(t.logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def serve(models: Mapping[str, Model], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8, max_queue: int = 64, context: int | None = None, log_level: str = "info") -> None:
+    """Run the server until interrupted."""
+    app = create_app(models, api_key=api_key, max_batch=max_batch, max_queue=max_queue, context=context)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,311 @@
+"""Continuous batching: one thread owns a model and its KV cache and runs every request's sequences together.
+
+Each cache row holds one sequence. Between two decode steps, waiting sequences are prefilled into free rows
+(`module(ids, cache=..., rows=[r])`), then one forward decodes every row at its own position. Free rows ride
+along with a dummy token at position -1, which attention masks out (model.py); they are reset after each step so
+they hold nothing. A finished or cancelled sequence frees its row at once, so a new request joins the running
+batch without waiting for the others to end. Sampling is per row: every request has its own parameters and its
+own seeded generator, so a seeded request gives the same text as `Model.generate` with that seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..api import Model
+from ..errors import GemmaError
+from ..generate import _Row, check_prompt
+from ..model import KVCache
+from ..sampling import SamplingParams, make_sampler, process_logits
+from ..tokenizer import StreamDecoder
+from .json_mode import JsonConstraint, Vocab
+
+log = logging.getLogger("gemmakit.serve")
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is full; the client should retry later."""
+
+
+@dataclass
+class TokenLogprob:
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens and their log-probabilities, best first
+
+
+@dataclass
+class Event:
+    """What one sequence produced in one step, sent to its job's sink."""
+
+    text: str  # new text, safe to show (stop strings cut, a possible stop prefix held back)
+    tokens: list[TokenLogprob]  # the token sampled in this step with its logprobs, when asked for (else empty)
+    finish_reason: str | None  # "stop" or "length" once finished
+    completion_tokens: int  # tokens sampled so far (including a final end-of-turn / EOS)
+    error: str | None = None  # an internal failure; the sequence is over
+
+
+@dataclass
+class Job:
+    """One sequence to generate: one choice of one request."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sink: Callable[[Event], None]  # called from the engine thread; must not block
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob and the top k
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    json_object: bool = False
+    cancelled: bool = False  # set by the server (e.g. the client went away); the engine frees the row
+
+
+@dataclass
+class _Seq:
+    """A job placed in a cache row."""
+
+    job: Job
+    row: _Row
+    sample: Callable[[Tensor, Tensor | None], Tensor]
+    generator: torch.Generator | None
+    seen: Tensor | None  # (1, V) bool for the repetition penalty
+    counts: Tensor | None  # (1, V) generated-token counts for frequency/presence penalties
+    bias: tuple[Tensor, Tensor] | None  # (ids, values) of the logit bias
+    json: JsonConstraint | None
+    last: int = 0
+    position: int = 0
+    generated: int = 0
+
+
+class Engine:
+    """Owns `model` on a background thread; `submit()` jobs from any thread, results arrive through their sinks."""
+
+    def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None) -> None:
+        if model.tokenizer is None:
+            raise GemmaError(f"{model.source}: serving needs a tokenizer; put tokenizer.model next to the weights")
+        if max_batch < 1 or max_queue < 1:
+            raise GemmaError("max_batch and max_queue must be >= 1")
+        cfg = model.config
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.vocab_size = cfg.vocab_size
+        self.cache = KVCache(cfg, max_batch, self.context, dtype=model.dtype, device=model.device)
+        self.rows: list[_Seq | None] = [None] * max_batch
+        self.waiting: deque[Job] = deque()
+        self.stop_ids = {cfg.eos_token_id, cfg.end_of_turn_id}
+        self.tokens_generated = 0
+        self.requests_done = 0
+        self._vocab: Vocab | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"gemmakit-engine-{model.source}", daemon=True)
+
+    # ---- public, any thread -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue jobs together (all or none); QueueFull when more than max_queue would be waiting."""
+        for job in jobs:
+            check_prompt(job.prompt, self.context, self.vocab_size)
+            if job.max_new_tokens < 1:
+                raise GemmaError(f"max_new_tokens must be >= 1, got {job.max_new_tokens}")
+            if len(job.prompt) + job.max_new_tokens > self.context:
+                raise GemmaError(f"the prompt ({len(job.prompt)} tokens) plus max_new_tokens "
+                                 f"({job.max_new_tokens}) exceed the context of {self.context} tokens")
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} sequences are already waiting (limit {self.max_queue})")
+            self.waiting.extend(jobs)
+            self._cond.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    # ---- the engine thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self.waiting and self.active == 0:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admitted = []
+                for r in range(self.max_batch):
+                    if self.rows[r] is None and self.waiting:
+                        admitted.append((r, self.waiting.popleft()))
+            try:
+                for r, job in admitted:
+                    if not job.cancelled:
+                        self._prefill(r, job)
+                for r, seq in enumerate(self.rows):
+                    if seq is not None and seq.job.cancelled:
+                        self._release(r)
+                if self.active:
+                    self._decode()
+            except Exception as e:  # one failure must not take the server down: fail the batch, carry on
+                log.exception("engine step failed")
+                self._fail_all(f"internal error while generating: {type(e).__name__}")
+        self._fail_all("the server is shutting down")
+        with self._cond:
+            for job in self.waiting:
+                _send(job, Event("", [], None, 0, error="the server is shutting down"))
+            self.waiting.clear()
+
+    @torch.inference_mode()
+    def _prefill(self, r: int, job: Job) -> None:
+        device = self.model.device
+        self.cache.reset(r)
+        seq = self._new_seq(job)
+        ids = torch.tensor([job.prompt], device=device)
+        pos = torch.arange(len(job.prompt), device=device)[None]
+        logits = self.model.module(ids, pos, self.cache, rows=[r], last_only=True)[:, -1]
+        seq.position = len(job.prompt)
+        self.rows[r] = seq
+        self._emit(r, seq, logits)
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        device = self.model.device
+        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
+        pos = torch.full((self.max_batch, 1), -1, dtype=torch.long)
+        live = [(r, s) for r, s in enumerate(self.rows) if s is not None]
+        for r, seq in live:
+            tokens[r, 0], pos[r, 0] = seq.last, seq.position
+        logits = self.model.module(tokens.to(device), pos.to(device), self.cache)[:, -1]  # (B, V)
+        for r, seq in enumerate(self.rows):
+            if seq is None:
+                self.cache.reset(r)  # drop the dummy column: free rows stay empty
+        for r, seq in live:
+            seq.position += 1
+            self._emit(r, seq, logits[r : r + 1])
+
+    def _new_seq(self, job: Job) -> _Seq:
+        device, V = self.model.device, self.vocab_size
+        p = job.params
+        sample = make_sampler(p, device)
+        generator = None
+        if job.json_object and not p.greedy:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(p.seed) if p.seed is not None else generator.seed()
+        seen = None
+        if p.repetition_penalty not in (None, 1.0):
+            seen = torch.zeros(1, V, dtype=torch.bool, device=device)
+            seen[0, torch.tensor(job.prompt, device=device)] = True
+        counts = None
+        if job.frequency_penalty or job.presence_penalty:
+            counts = torch.zeros(1, V, device=device)
+        bias = None
+        if job.logit_bias:
+            ids = torch.tensor(list(job.logit_bias), device=device)
+            bias = (ids, torch.tensor(list(job.logit_bias.values()), device=device))
+        json = None
+        if job.json_object:
+            if self._vocab is None:
+                self._vocab = Vocab.build(self.model.tokenizer, V)
+            json = JsonConstraint(self._vocab, sorted(self.stop_ids))
+        row = _Row(StreamDecoder(self.model.tokenizer), tuple(s for s in job.stop if s))
+        return _Seq(job, row, sample, generator, seen, counts, bias, json)
+
+    def _emit(self, r: int, seq: _Seq, logits: Tensor) -> None:
+        """Sample this row's next token from its logits (1, V), stream the text, finish if it is over."""
+        job = seq.job
+        token = self._choose(seq, logits)
+        info = []
+        if job.logprobs is not None and token not in self.stop_ids:
+            lp = torch.log_softmax(logits.float(), dim=-1)[0]  # the model's distribution, before any processing
+            top = torch.topk(lp, job.logprobs) if job.logprobs else None
+            tops = list(zip(top.indices.tolist(), top.values.tolist(), strict=False)) if top is not None else []
+            info.append(TokenLogprob(token, float(lp[token]), tops))
+        seq.generated += 1
+        self.tokens_generated += 1
+        if seq.seen is not None:
+            seq.seen[0, token] = True
+        if seq.counts is not None:
+            seq.counts[0, token] += 1
+        if seq.json is not None:
+            seq.json.accept(token)
+        stops = set() if job.ignore_eos and seq.json is None else self.stop_ids
+        text = seq.row.push(token, stops)
+        if seq.row.finish_reason is None and (seq.generated >= job.max_new_tokens or seq.position >= self.context):
+            text += seq.row.finish("length")
+        elif seq.row.finish_reason is not None:
+            text += seq.row.finish(seq.row.finish_reason)
+        seq.last = token
+        _send(job, Event(text, info, seq.row.finish_reason, seq.generated))
+        if seq.row.finish_reason is not None:
+            self._release(r)
+            self.requests_done += 1
+
+    def _choose(self, seq: _Seq, logits: Tensor) -> int:
+        job = seq.job
+        scores = logits.float()
+        if seq.bias is not None:
+            scores = scores.index_add(1, seq.bias[0], seq.bias[1][None])
+        if seq.counts is not None:  # OpenAI's penalties on tokens generated so far
+            scores = scores - seq.counts * job.frequency_penalty - (seq.counts > 0).float() * job.presence_penalty
+        if seq.json is None:
+            return int(seq.sample(scores, seq.seen)[0])
+        p = job.params
+        unrestricted = process_logits(scores, SamplingParams(temperature=p.temperature, repetition_penalty=p.repetition_penalty), seq.seen)[0]
+        restricted = process_logits(scores, p, seq.seen)[0]
+        if not p.greedy:  # Gumbel-max: argmax of scores + Gumbel noise is a draw from softmax(scores)
+            u = torch.rand(scores.shape[-1], generator=seq.generator, device=scores.device)
+            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+            restricted, unrestricted = restricted + gumbel, unrestricted + gumbel
+        return seq.json.pick(restricted, unrestricted)
+
+    def _release(self, r: int) -> None:
+        self.rows[r] = None
+        self.cache.reset(r)
+
+    def _fail_all(self, message: str) -> None:
+        for r, seq in enumerate(self.rows):
+            if seq is not None:
+                _send(seq.job, Event("", [], None, seq.generated, error=message))
+                self.rows[r] = None
+        for r in range(self.max_batch):
+            self.cache.reset(r)
+
+
+def _send(job: Job, event: Event) -> None:
+    try:
+        job.sink(event)
+    except Exception:  # the receiver is gone (its event loop closed): nobody is waiting for this job any more
+        job.cancelled = True
+
+
+def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
+    """Block until the engine has no running or waiting sequence (for tests and shutdown)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if engine.active == 0 and engine.queued == 0:
+            return True
+        time.sleep(0.01)
+    return False

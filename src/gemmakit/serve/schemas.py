@@ -1,0 +1,156 @@
+"""OpenAI request bodies, validated strictly: wrong types, out-of-range values and unknown fields are 400s.
+
+Fields follow OpenAI's API reference. Those that change nothing for a local text model (`user`, `metadata`,
+`store`, ...) are accepted and ignored; those gemmakit cannot honour (tools, audio, logprobs with echo, ...) are
+refused when set to anything but their default, so a client never gets silently different behaviour. `top_k`,
+`min_p`, `repetition_penalty` and `ignore_eos` are extensions, as in vLLM and llama.cpp.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import GemmaError
+
+MAX_N = 16
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage on every chunk
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class Sampling(Strict):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    # extensions (vLLM / llama.cpp names)
+    top_k: int | None = Field(None, ge=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 16:
+            raise ParamError("stop", "at most 16 stop sequences are supported")
+        return tuple(s for s in stops if s)
+
+    def bias(self, vocab_size: int) -> dict[int, float]:
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+                raise ParamError("logit_bias", f"logit_bias keys must be token ids in 0..{vocab_size - 1}, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ParamError("logit_bias", f"logit_bias values must lie in [-100, 100], got {value}")
+            out[int(key)] = float(value)
+        return out
+
+    def json_object(self) -> bool:
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            raise ParamError("response_format", "response_format type 'json_schema' is not supported; use "
+                             "'json_object' (any valid JSON object) or 'text'")
+        return fmt is not None and fmt.type == "json_object"
+
+
+class ChatRequest(Sampling):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # accepted and ignored: nothing to do for them locally
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # refused unless left at their defaults
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        """Refuse what this server cannot honour (run after validation: raises ParamError, a 400)."""
+        if self.tools or self.functions:
+            raise ParamError("tools", "tool and function calling are not supported by this server")
+        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
+            raise ParamError("tool_choice", "tool_choice must be 'none': tools are not supported")
+        if self.modalities not in (None, ["text"]):
+            raise ParamError("modalities", "only the 'text' modality is supported")
+        for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
+            if getattr(self, name) is not None:
+                raise ParamError(name, f"'{name}' is not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    def check(self) -> None:
+        """Refuse what this server cannot honour (run after validation: raises ParamError, a 400)."""
+        if self.suffix:
+            raise ParamError("suffix", "suffix (fill-in-the-middle) is not supported by this server")
+        if self.best_of not in (None, self.n):
+            raise ParamError("best_of", "best_of must equal n: ranking candidates is not supported")
+        if self.echo and self.logprobs is not None:
+            raise ParamError("echo", "echo together with logprobs (prompt logprobs) is not supported")
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ParamError("prompt", "prompt must not be empty")
+        if isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ParamError(GemmaError):
+    """A request field with a bad value: becomes a 400 naming the field."""
+
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code

@@ -1,0 +1,1 @@
+"""Fine-tuning: JSONL data with loss masks, LoRA/QLoRA training on one process or many (torchrun), benchmarks."""

@@ -1,0 +1,223 @@
+"""Writers: a Hugging Face folder (config.json + model.safetensors + tokenizer.model) and a GGUF file.
+
+Both take HF-named tensors (a Gemma module's state dict) and write atomically: to a temp file beside the target,
+then os.replace, so an interrupted write never leaves a half file under the real name. The GGUF writer applies
+llama.cpp's converter conventions in reverse of our reader (spec §4.3-4.5, §5.4): names via `hf_to_gguf`, +1 on
+norm weights stored as F32, no embedding scaling, tokenizer as SentencePiece ("llama") fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf.quants import quantize
+from safetensors.torch import save_file
+from sentencepiece import sentencepiece_model_pb2 as pb
+
+from ..config import SLIDING, GemmaConfig
+from ..errors import GemmaError
+from ..tokenizer import Tokenizer
+from .names import hf_to_gguf
+
+GGUF_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
+_FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+_HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """Call write(tmp_path) on a temp file beside `path`, fsync it, then os.replace: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _float_state(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, torch.Tensor]:
+    """The plain HF-named float tensors: no tied head, no LoRA or quantized layers left over."""
+    odd = [k for k in state if not k.endswith(".weight") or ".lora_" in k or ".base_layer." in k]
+    if odd:
+        raise GemmaError(f"cannot write {odd[0]}: merge LoRA adapters and dequantize the model before writing")
+    out = {k: v.detach() for k, v in state.items()}
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def write_hf(folder: str | Path, state: dict[str, torch.Tensor], cfg: GemmaConfig, tokenizer: Tokenizer | None,
+             *, dtype: str = "float32") -> Path:
+    """A transformers-loadable folder: config.json, model.safetensors and (when known) tokenizer.model."""
+    if dtype not in _HF_DTYPES:
+        raise GemmaError(f"unknown dtype {dtype!r} for a Hugging Face folder; use {' or '.join(_HF_DTYPES)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(_HF_DTYPES[dtype]).cpu().contiguous() for k, v in _float_state(state, cfg).items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    hf_cfg = {**cfg.to_hf(), "torch_dtype": dtype}
+    if cfg.name:
+        hf_cfg["_name_or_path"] = cfg.name
+    text = json.dumps(hf_cfg, indent=2) + "\n"
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    if tokenizer is not None:
+        tokenizer.save(folder / "tokenizer.model")
+    return folder
+
+
+def check_gguf_representable(cfg: GemmaConfig) -> None:
+    """GGUF does not store the query scale or the local RoPE base; refuse configs readers would get wrong."""
+    big = (cfg.family, cfg.num_hidden_layers) in (("gemma2", 46), ("gemma3", 62))
+    inferred = float(cfg.hidden_size // cfg.num_attention_heads if big else cfg.head_dim)
+    if cfg.family != "gemma" and cfg.query_pre_attn_scalar != inferred:
+        raise GemmaError(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} cannot be written to GGUF: llama.cpp "
+                         f"and gemmakit infer {inferred} from the layer count (spec §4.5); write a Hugging Face "
+                         "folder instead")
+    if cfg.family == "gemma3" and cfg.layer_types != tuple(
+            SLIDING if i % 6 != 5 else "full_attention" for i in range(cfg.num_hidden_layers)):
+        raise GemmaError("this Gemma 3 config has a non-standard sliding/global layer pattern, which GGUF readers "
+                         "assume to be 5:1; write a Hugging Face folder instead")
+
+
+def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: GemmaConfig, tokenizer: Tokenizer, *,
+               qtype: str = "f16", on_tensor: Callable[[int, int], None] | None = None) -> Path:
+    """A GGUF file llama.cpp and gemmakit read: f32, f16 or q8_0 matrices (norms always f32)."""
+    if qtype not in GGUF_TYPES:
+        raise GemmaError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if tokenizer is None:
+        raise GemmaError("a GGUF file must carry its tokenizer; this model was loaded without one (pass tokenizer=)")
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise GemmaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model {cfg.vocab_size} rows")
+    check_gguf_representable(cfg)
+    path = Path(path)
+    tensors = _float_state(state, cfg)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = GGUFWriter(tmp, cfg.family)
+        _write_metadata(writer, cfg, qtype)
+        _write_tokenizer(writer, tokenizer)
+        for i, (name, t) in enumerate(tensors.items()):
+            if on_tensor is not None:
+                on_tensor(i, len(tensors))
+            data = t.float().cpu().numpy()
+            if name.endswith("norm.weight"):  # llama.cpp stores 1 + w and multiplies by it (spec §4.4)
+                data = data + np.float32(1.0)
+            _add_tensor(writer, hf_to_gguf(name, cfg.family), data, qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, qtype: str) -> None:
+    """1-D tensors stay F32 (as llama.cpp writes norms); matrices get the requested type."""
+    kind = GGUF_TYPES[qtype] if data.ndim > 1 else GGMLQuantizationType.F32
+    if kind == GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+        kind = GGMLQuantizationType.F16  # Q8_0 needs rows in blocks of 32 (llama.cpp falls back the same way)
+    if kind == GGMLQuantizationType.F32:
+        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+    elif kind == GGMLQuantizationType.F16:
+        writer.add_tensor(name, np.ascontiguousarray(data.astype(np.float16)))
+    else:
+        writer.add_tensor(name, quantize(np.ascontiguousarray(data, dtype=np.float32), kind), raw_dtype=kind)
+
+
+def _write_metadata(w: GGUFWriter, cfg: GemmaConfig, qtype: str) -> None:
+    """Keys and values as llama.cpp's Gemma converters write them (spec §4.5)."""
+    w.add_name(cfg.name or cfg.family)
+    w.add_file_type(_FILE_TYPES[qtype])
+    w.add_quantization_version(2)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    if cfg.family == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping or 0.0)
+    if cfg.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if cfg.sliding_window is not None:
+        w.add_sliding_window(cfg.sliding_window)
+    if cfg.family == "gemma3" or cfg.rope_theta != 10_000.0:
+        w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.family == "gemma3" and cfg.rope_local_base_freq != 10_000.0:
+        w.add_rope_freq_base_swa(cfg.rope_local_base_freq)
+    if cfg.rope_scaling_factor != 1.0:
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling_factor)
+
+
+def _write_tokenizer(w: GGUFWriter, tokenizer: Tokenizer) -> None:
+    """SentencePiece fields (spec §5.4): pieces, scores (added tokens -1000), token types, special ids."""
+    proto = _proto(tokenizer)
+    sp = pb.ModelProto.SentencePiece
+    tokens, scores, types = [], [], []
+    for i, p in enumerate(proto.pieces):
+        if i in tokenizer.special_ids or p.type in (sp.CONTROL, sp.UNKNOWN):
+            tokens.append(p.piece)
+            scores.append(-1000.0)
+            types.append(TokenType.CONTROL)
+        elif p.type == sp.BYTE:
+            tokens.append(p.piece)
+            scores.append(0.0)
+            types.append(TokenType.BYTE)
+        elif p.type == sp.USER_DEFINED:  # llama.cpp re-spells user-defined space runs with " "
+            tokens.append(p.piece.replace("\u2581", " "))
+            scores.append(-1000.0)
+            types.append(TokenType.USER_DEFINED)
+        elif p.type == sp.UNUSED:
+            tokens.append(p.piece)
+            scores.append(p.score)
+            types.append(TokenType.UNUSED)
+        else:
+            tokens.append(p.piece)
+            scores.append(p.score)
+            types.append(TokenType.NORMAL)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    w.add_unk_token_id(tokenizer.unk_id)
+    w.add_pad_token_id(tokenizer.pad_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_sep_token(False)
+    w.add_add_space_prefix(False)
+
+
+def _proto(tokenizer: Tokenizer) -> pb.ModelProto:
+    """The tokenizer's ModelProto, through its public save() (a temp file), so no private state is touched."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(Path(d) / "tokenizer.model")
+        proto = pb.ModelProto()
+        proto.ParseFromString((Path(d) / "tokenizer.model").read_bytes())
+    return proto

@@ -1,0 +1,79 @@
+"""The fast CPU path: Q8_0 kernels equal their PyTorch reference; the fast model stays within the quality budget."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import texts
+
+from gemmakit.embedded import embedded_path
+from gemmakit.quant import kernels, q8
+from gemmakit.quant.q8 import Q8Embedding, Q8Linear, dequantize_q8, quantize_q8
+from gemmakit.weights.gguf import read_gguf
+
+needs_native = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels not built")
+
+
+def test_quantize_q8_matches_ggml_bytes():
+    """Re-quantizing the GGUF's own Q8_0 values reproduces its bytes: our quantizer is ggml's."""
+    g = read_gguf(embedded_path(progress=False))
+    name = next(n for n, t in g.tensors.items() if t.qtype.name == "Q8_0" and n.startswith("blk."))
+    raw = g.raw(name).reshape(g.tensors[name].shape[0], -1)
+    assert np.array_equal(quantize_q8(g.dequantize(name)), raw)
+    assert torch.equal(dequantize_q8(torch.from_numpy(raw.copy()), g.tensors[name].shape[1]),
+                       torch.from_numpy(g.dequantize(name)))
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 40])
+def test_native_matmul_equals_reference(rows):
+    torch.manual_seed(rows)
+    w = torch.randn(260, 320)
+    lin = Q8Linear(torch.from_numpy(quantize_q8(w)), 320, 260)
+    x = torch.randn(rows, 320)
+    expected = x @ dequantize_q8(lin.blocks, 320).T
+    got = lin(x)
+    tol = 1e-4 if rows <= q8.GEMV_ROWS else 0.05 * expected.abs().max().item()  # long inputs may run in bf16
+    assert (got - expected).abs().max().item() <= tol
+
+
+@needs_native
+def test_embedding_rows_and_head():
+    w = torch.randn(64, 96)
+    emb = Q8Embedding(torch.from_numpy(quantize_q8(w)), 64, 96)
+    ref = dequantize_q8(emb.head.blocks, 96)
+    ids = torch.tensor([[3, 0, 63], [5, 5, 1]])
+    assert torch.equal(emb(ids), ref[ids])
+    h = torch.randn(2, 96)
+    assert torch.allclose(emb.attend(h), h @ ref.T, atol=1e-4)
+
+
+def test_pure_pytorch_fallback(monkeypatch):
+    w = torch.randn(32, 64)
+    lin = Q8Linear(torch.from_numpy(quantize_q8(w)), 64, 32)
+    x = torch.randn(2, 64)
+    native = lin(x)
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    assert torch.allclose(lin(x), native, atol=1e-4)
+
+
+def perplexity(model, text: str) -> float:
+    ids = model.tokenizer.encode(text)
+    logits = model.logits(ids)[:-1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+    return math.exp(nll.item())
+
+
+def test_fast_path_perplexity_within_one_percent(fast_model, embedded_model):
+    """The issue's quality budget: perplexity of the fast path within +1% of the fp32 dequantized model."""
+    for label in ("prose", "code", "multilingual"):
+        fast, ref = perplexity(fast_model, texts()[label]), perplexity(embedded_model, texts()[label])
+        assert fast <= ref * 1.01, (label, fast, ref)
+
+
+def test_fast_path_greedy_agrees_with_reference(fast_model, embedded_model):
+    prompt = "The history of the printing press is"
+    assert fast_model.generate(prompt, 12).text == embedded_model.generate(prompt, 12).text
