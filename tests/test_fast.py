@@ -77,3 +77,16 @@ def test_fast_path_perplexity_within_one_percent(fast_model, embedded_model):
 def test_fast_path_greedy_agrees_with_reference(fast_model, embedded_model):
     prompt = "The history of the printing press is"
     assert fast_model.generate(prompt, 12).text == embedded_model.generate(prompt, 12).text
+
+
+def test_prompt_lookup_is_identical_to_greedy(fast_model):
+    """Speculative prompt lookup on a copy-heavy prompt: same tokens as plain greedy, fewer forwards."""
+    import gemmakit.generate as G
+
+    prompt = texts()["code"] + "\n\n# The same code again, unchanged:\n"
+    plain = fast_model.generate(prompt, 48, ignore_eos=True)
+    spec = fast_model.generate(prompt, 48, ignore_eos=True, lookup=8)
+    assert spec.token_ids == plain.token_ids and spec.text == plain.text
+    assert "".join(fast_model.stream(prompt, 48, ignore_eos=True, lookup=8)) == plain.text
+    index = G.NgramIndex([5, 6, 7, 8, 5, 6])
+    assert index.draft(3) == [7, 8, 5]

@@ -83,20 +83,20 @@ class Model:
     def _generation(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int, temperature: float,
                     top_k: int | None, top_p: float | None, min_p: float | None,
                     repetition_penalty: float | None, seed: int | None, stop: str | Sequence[str] | None,
-                    ignore_eos: bool) -> tuple[Generation, bool]:
+                    ignore_eos: bool, lookup: int = 0) -> tuple[Generation, bool]:
         batched = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
         prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         gen = Generation(self.module, self.tokenizer, prompts, max_new_tokens=max_new_tokens, params=params,
-                         stop=stops, ignore_eos=ignore_eos)
+                         stop=stops, ignore_eos=ignore_eos, lookup=lookup)
         return gen, batched
 
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 128, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
                  ) -> GenerationResult | list[GenerationResult]:
         """Continue a prompt (text or token ids); a list of prompts is generated as one batch -> list of results.
 
@@ -106,19 +106,19 @@ class Model:
         gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                                        ignore_eos=ignore_eos)
+                                        ignore_eos=ignore_eos, lookup=lookup)
         results = gen.results()
         return results if batched else results[0]
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, *, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                repetition_penalty: float | None = None, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[str]:
+               stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0) -> Iterator[str]:
         """Like generate() for one prompt, yielding text pieces as they are produced (never a split character)."""
         gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                                        ignore_eos=ignore_eos)
+                                        ignore_eos=ignore_eos, lookup=lookup)
         if batched:
             raise GemmaError("stream() takes one prompt; use generate() for a batch")
         for step in gen:

@@ -70,6 +70,71 @@ def generate_step(model: Gemma, prompts: Sequence[Sequence[int]], params: Sampli
         next_pos = next_pos + 1
 
 
+class NgramIndex:
+    """Where each recent 1..3-gram last occurred, for prompt-lookup drafting (HF's prompt_lookup_num_tokens idea):
+    the tokens that followed the latest earlier occurrence of the current suffix are proposed as the draft."""
+
+    def __init__(self, ids: Sequence[int], max_n: int = 3) -> None:
+        self.ids: list[int] = []
+        self.max_n = max_n
+        self.last: dict[tuple[int, ...], int] = {}  # n-gram -> index just past its latest occurrence
+        for t in ids:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        # Record the n-grams that end just before this token: their continuation is now known.
+        for n in range(1, self.max_n + 1):
+            if len(self.ids) >= n:
+                self.last[tuple(self.ids[-n:])] = len(self.ids)
+        self.ids.append(token)
+
+    def draft(self, k: int) -> list[int]:
+        for n in range(min(self.max_n, len(self.ids)), 0, -1):
+            at = self.last.get(tuple(self.ids[-n:]))
+            if at is not None:
+                return self.ids[at:at + k]
+        return []
+
+
+@torch.inference_mode()
+def lookup_step(model: Gemma, prompt: Sequence[int], max_new_tokens: int, k: int) -> Iterator[Tensor]:
+    """Greedy decoding with prompt-lookup speculation: draft up to k tokens from n-gram matches in the text so far,
+    verify them in one forward, keep the longest agreeing prefix plus the model's own next token.
+
+    Yields the same tokens as greedy generate_step, one at a time. Pays off when the output copies spans of the
+    input (summaries, edits, code changes): each accepted draft token saves a full pass over the weights.
+    """
+    device = model.device
+    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens + k + 1, dtype=model.dtype, device=device,
+                    slack=k + 1)
+    index = NgramIndex(prompt)
+    logits = model(torch.tensor([list(prompt)], device=device), cache=cache, last_only=True)[0, -1]
+    token, produced = int(logits.argmax()), 0
+    k_now = min(k, 4)  # draft length adapts to acceptance: +2 after a fully accepted draft, -1 otherwise
+    while True:
+        yield torch.tensor([token])
+        produced += 1
+        if produced == max_new_tokens:
+            return
+        index.append(token)
+        draft = index.draft(min(k_now, max_new_tokens - produced - 1))
+        start = len(index.ids) - 1  # position of `token`, not yet in the cache
+        inp = torch.tensor([[token, *draft]], device=device)
+        pos = torch.arange(start, start + inp.shape[1], device=device)[None]
+        preds = model(inp, pos, cache)[0].argmax(-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and preds[accepted] == draft[accepted]:
+            accepted += 1
+        cache.rollback(0, start + 1 + accepted)  # keep `token` and the accepted drafts
+        if draft:
+            k_now = min(k, k_now + 2) if accepted == len(draft) else max(1, k_now - 1)
+        for t in draft[:accepted]:
+            yield torch.tensor([t])
+            produced += 1
+            index.append(t)
+        token = preds[accepted]
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -128,7 +193,7 @@ class Generation:
 
     def __init__(self, model: Gemma, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int, params: SamplingParams, stop: Sequence[str] = (),
-                 ignore_eos: bool = False) -> None:
+                 ignore_eos: bool = False, lookup: int = 0) -> None:
         cfg = model.config
         if not prompts:
             raise GemmaError("no prompts given")
@@ -145,12 +210,18 @@ class Generation:
         self.rows = [_Row(StreamDecoder(tokenizer), tuple(s for s in stop if s)) for _ in prompts]
         self.texts = [""] * len(prompts)
         self._started = False
+        # Speculation only where it cannot change the result: greedy, one sequence, no penalty.
+        self.lookup = lookup if (lookup > 0 and params.greedy and len(prompts) == 1
+                                 and params.repetition_penalty in (None, 1.0)) else 0
 
     def __iter__(self) -> Iterator[list[tuple[str, str | None]]]:
         if self._started:
             raise RuntimeError("a Generation can be iterated only once")
         self._started = True
-        steps = generate_step(self.model, self.prompts, self.params, self.budget)
+        if self.lookup:
+            steps = lookup_step(self.model, self.prompts[0], self.budget, self.lookup)
+        else:
+            steps = generate_step(self.model, self.prompts, self.params, self.budget)
         try:
             for step, tokens in enumerate(steps):
                 out: list[tuple[str, str | None]] = []

@@ -90,24 +90,57 @@ static void dot_1x4(const block_q8 *w, long nb, const float *x, float *out) {
 #endif
 }
 
-/* Y[M,N] = X[M,K] @ W[N,K]^T with W in Q8_0 blocks. */
+/* Four activation rows against four weight rows (draft verification, short prefill): each weight block is
+ * converted once and used for the four rows. Per (m, r) the floating-point operations are exactly those of
+ * dot_1x4, in the same order, so results are bit-identical to single-row calls. */
+static void dot_4x4(const block_q8 *w, long nb, const float *x, long ldx, float *out, long ldo) {
+#if defined(__AVX512F__)
+    __m512 acc[4][4];
+    for (int m = 0; m < 4; m++)
+        for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();
+    for (long b = 0; b < nb; b++) {
+        __m512 w0[4], w1[4], d[4];
+        for (int r = 0; r < 4; r++) {
+            const block_q8 *blk = w + r * nb + b;
+            w0[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)blk->q)));
+            w1[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk->q + 16))));
+            d[r] = _mm512_set1_ps(fp16_to_fp32(blk->d));
+        }
+        for (int m = 0; m < 4; m++) {
+            const __m512 x0 = _mm512_loadu_ps(x + m * ldx + b * QK), x1 = _mm512_loadu_ps(x + m * ldx + b * QK + 16);
+            for (int r = 0; r < 4; r++)
+                acc[m][r] = _mm512_fmadd_ps(_mm512_fmadd_ps(w0[r], x0, _mm512_mul_ps(w1[r], x1)), d[r], acc[m][r]);
+        }
+    }
+    for (int m = 0; m < 4; m++)
+        for (int r = 0; r < 4; r++) out[m * ldo + r] = _mm512_reduce_add_ps(acc[m][r]);
+#else
+    for (int m = 0; m < 4; m++) {
+        float o[4];
+        dot_1x4(w, nb, x + m * ldx, o);
+        for (int r = 0; r < 4; r++) out[m * ldo + r] = o[r];
+    }
+#endif
+}
+
+/* Y[M,N] = X[M,K] @ W[N,K]^T with W in Q8_0 blocks. Every (m, n) is summed in the same order whatever M is, so
+ * verifying k draft tokens in one call gives bit-identical logits to k single decode steps. */
 void q8_matmul(const void *wq, const float *x, float *y, long M, long N, long K, int threads) {
     const block_q8 *w = (const block_q8 *)wq;
     const long nb = K / QK;
-    if (M == 1 && N % 4 == 0) {
+    const long n4 = N / 4 * 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (long n = 0; n < N; n += 4) dot_1x4(w + n * nb, nb, x, y + n);
-        return;
-    }
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (long n = 0; n < N; n++) {
-        float out[MR];
-        for (long m0 = 0; m0 < M; m0 += MR) {
-            const int mr = (int)(M - m0 < MR ? M - m0 : MR);
-            row_dot(w + n * nb, x + m0 * K, K, mr, K, out);
-            for (int m = 0; m < mr; m++) y[(m0 + m) * N + n] = out[m];
+    for (long n = 0; n < n4; n += 4) {
+        float out[4];
+        long m = 0;
+        for (; m + 4 <= M; m += 4) dot_4x4(w + n * nb, nb, x + m * K, K, y + m * N + n, N);
+        for (; m < M; m++) {  /* the 4 weight rows stay in L1 across m */
+            dot_1x4(w + n * nb, nb, x + m * K, out);
+            for (int r = 0; r < 4; r++) y[m * N + n + r] = out[r];
         }
     }
+    for (long n = n4; n < N; n++)
+        for (long m = 0; m < M; m++) row_dot(w + n * nb, x + m * K, K, 1, K, y + m * N + n);
 }
 
 /* Dequantize rows of a Q8_0 matrix to fp32 (embedding lookups, and whole matrices for long prefill). */
