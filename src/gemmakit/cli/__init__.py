@@ -8,15 +8,18 @@ import typer
 from rich.console import Console
 
 from ..errors import GemmaError
-from . import convert, finetune, info, merge, run
+from . import bench, chat, convert, finetune, info, merge, run, serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Run Google's Gemma models locally. Without -m, commands use the embedded Gemma 3 270M.")
 app.command("run")(run.run)
 app.command("info")(info.info)
+app.command("chat")(chat.chat)
+app.command("serve")(serve.serve)
 app.command("finetune")(finetune.finetune)
 app.command("merge")(merge.merge)
 app.command("convert")(convert.convert)
+app.command("bench")(bench.bench)
 
 
 def main() -> None:

@@ -1,0 +1,64 @@
+"""gemmakit bench: side-by-side speed against llama-cpp-python and transformers (and server / fine-tune loads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from .. import bench as inference_bench
+
+
+def bench(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="GGUF file (default: embedded)")] = None,
+    repeats: Annotated[int, typer.Option(help="Alternating runs per engine; medians are reported.")] = 3,
+    threads: Annotated[int | None, typer.Option(help="Threads for every engine (default: all cores).")] = None,
+    engines: Annotated[str, typer.Option(help="Comma-separated subset of gemmakit,llama.cpp,transformers.")] = (
+        "gemmakit,llama.cpp,transformers"),
+    server: Annotated[bool, typer.Option("--server", help="Instead: aggregate tok/s of 1, 4, 8 server clients.")] = False,
+    finetune: Annotated[bool, typer.Option("--finetune", help="Instead: LoRA training vs transformers+PEFT.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON and markdown results.")] = Path("benchmarks/results"),
+) -> None:
+    """Measure decode/prefill tok/s, first-token latency, load time and peak RSS, each engine in its own process.
+
+    Examples:  gemmakit bench                      # gemmakit vs llama.cpp vs transformers on the embedded GGUF
+               gemmakit bench --engines gemmakit,llama.cpp --repeats 5
+               gemmakit bench --server             # OpenAI server with 1, 4 and 8 concurrent clients
+    """
+    console = Console()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("starting")
+
+        def step(label: str) -> None:
+            bar.update(task, description=label)
+
+        if server:
+            from ..serve.loadtest import run_load_test
+
+            step("server load test (1, 4, 8 clients)")
+            result = run_load_test(model)
+            name = "server"
+        elif finetune:
+            from ..train.bench import run_finetune_bench
+
+            step("fine-tuning: gemmakit vs transformers + PEFT")
+            result = run_finetune_bench(model)
+            name = "finetune"
+        else:
+            result = inference_bench.run(model, engines=[e.strip() for e in engines.split(",") if e.strip()],
+                                         repeats=repeats, threads=threads, on_step=lambda s: step(f"running {s}"))
+            path = inference_bench.save(result, out)
+            console.print(Markdown(inference_bench.markdown(result)))
+            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{inference_bench.machine_slug()}.json"
+    path.write_text(json.dumps(result, indent=1))
+    console.print_json(data=result)
+    console.print(f"[dim]wrote {path}[/]")
