@@ -7,21 +7,36 @@ import json
 from pathlib import Path
 
 import torch
-from helpers import hf_model, tiny_config
 
 from gemmakit.tokenizer import Tokenizer
+from helpers import hf_model, tiny_config
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
 
 def tiny_tokenizer(vocab: int = 512) -> Tokenizer:
     """A SentencePiece BPE vocabulary of `vocab` pieces with Gemma's special ids and turn markers."""
-    pieces = [("<pad>", CONTROL), ("<eos>", CONTROL), ("<bos>", CONTROL), ("<unk>", UNKNOWN), ("<mask>", CONTROL),
-              ("<start_of_turn>", CONTROL), ("<end_of_turn>", CONTROL), ("\n", USER_DEFINED)]
+    pieces = [
+        ("<pad>", CONTROL),
+        ("<eos>", CONTROL),
+        ("<bos>", CONTROL),
+        ("<unk>", UNKNOWN),
+        ("<mask>", CONTROL),
+        ("<start_of_turn>", CONTROL),
+        ("<end_of_turn>", CONTROL),
+        ("\n", USER_DEFINED),
+    ]
     pieces += [(f"<0x{b:02X}>", BYTE) for b in range(256)]
     chars = "\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-:"
-    normal = list(dict.fromkeys([*chars, *("".join(p) for p in itertools.product("\u2581etaoinsrh", "etaoinsrhl")),
-                                 *("".join(p) for p in itertools.product("\u2581tshbcdm", "eaoiu", "nrstl"))]))
+    normal = list(
+        dict.fromkeys(
+            [
+                *chars,
+                *("".join(p) for p in itertools.product("\u2581etaoinsrh", "etaoinsrhl")),
+                *("".join(p) for p in itertools.product("\u2581tshbcdm", "eaoiu", "nrstl")),
+            ]
+        )
+    )
     pieces += [(p, NORMAL) for p in normal[: vocab - len(pieces)]]
     tokens = [p for p, _ in pieces]
     types = [t for _, t in pieces]
@@ -44,10 +59,21 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 CHAT = [
-    {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello, friend!"}]},
-    {"messages": [{"role": "system", "content": "be short"}, {"role": "user", "content": "what is it?"},
-                  {"role": "assistant", "content": "a tiny test"}, {"role": "user", "content": "and then?"},
-                  {"role": "assistant", "content": "nothing else"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "hi there"},
+            {"role": "assistant", "content": "hello, friend!"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "be short"},
+            {"role": "user", "content": "what is it?"},
+            {"role": "assistant", "content": "a tiny test"},
+            {"role": "user", "content": "and then?"},
+            {"role": "assistant", "content": "nothing else"},
+        ]
+    },
     {"prompt": "the sea is ", "completion": "blue and deep"},
     {"text": "one two three four five six seven"},
 ]

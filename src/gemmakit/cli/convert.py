@@ -17,11 +17,19 @@ from ..weights.writers import GGUF_TYPES, write_gguf, write_hf
 
 def convert(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .gguf file (or folder with --to hf).")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="GGUF, HF folder or .ckpt (default: embedded)")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="GGUF, HF folder or .ckpt (default: embedded)")
+    ] = None,
     to: Annotated[str, typer.Option(help="gguf or hf.")] = "gguf",
-    qtype: Annotated[str, typer.Option("--type", "-t", help=f"GGUF tensor type: {', '.join(GGUF_TYPES)}.")] = "f16",
-    adapter: Annotated[Path | None, typer.Option("--adapter", "-a", help="Merge this LoRA adapter first.")] = None,
-    variant: Annotated[str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")] = None,
+    qtype: Annotated[
+        str, typer.Option("--type", "-t", help=f"GGUF tensor type: {', '.join(GGUF_TYPES)}.")
+    ] = "f16",
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", "-a", help="Merge this LoRA adapter first.")
+    ] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")
+    ] = None,
 ) -> None:
     """Convert a model to GGUF (f32, f16 or q8_0; llama.cpp reads it) or to a Hugging Face folder.
 
@@ -38,10 +46,21 @@ def convert(
     if to == "hf":
         write_hf(out, state, m.config, m.tokenizer)
     else:
-        bar = Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(), transient=True,
-                       console=Console(stderr=True))
+        bar = Progress(
+            TextColumn("writing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            transient=True,
+            console=Console(stderr=True),
+        )
         task = bar.add_task("write", total=None)
         with bar:
-            write_gguf(out, state, m.config, m.tokenizer, qtype=qtype,
-                       on_tensor=lambda i, n: bar.update(task, completed=i + 1, total=n))
+            write_gguf(
+                out,
+                state,
+                m.config,
+                m.tokenizer,
+                qtype=qtype,
+                on_tensor=lambda i, n: bar.update(task, completed=i + 1, total=n),
+            )
     Console(stderr=True).print(f"wrote {out}")

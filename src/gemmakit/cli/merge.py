@@ -15,10 +15,16 @@ from ..weights.writers import write_hf
 
 def merge(
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="LoRA adapter folder (PEFT format).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write config.json + model.safetensors to.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Base: GGUF, HF folder or .ckpt (default: embedded)")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder to write config.json + model.safetensors to.")
+    ],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base: GGUF, HF folder or .ckpt (default: embedded)")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16 tensors in the output.")] = "float32",
-    variant: Annotated[str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")
+    ] = None,
 ) -> None:
     """Merge ADAPTER into the base model and write a Hugging Face folder (transformers and gemmakit load it).
 

@@ -13,5 +13,15 @@ from .adapter import (
 )
 from .linear import LoRALinear
 
-__all__ = ["TARGETS", "LoRAConfig", "LoRALinear", "adapter_state_dict", "inject", "load_adapter", "merge",
-           "read_adapter", "save_adapter", "unload"]
+__all__ = [
+    "TARGETS",
+    "LoRAConfig",
+    "LoRALinear",
+    "adapter_state_dict",
+    "inject",
+    "load_adapter",
+    "merge",
+    "read_adapter",
+    "save_adapter",
+    "unload",
+]

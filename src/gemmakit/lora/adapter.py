@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,9 @@ from .linear import LoRALinear
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+EXTRA_NAME = (
+    "gemmakit_adapter.json"  # facts PEFT has no field for (the base's quantization), beside its files
+)
 
 
 @dataclass(frozen=True)
@@ -35,21 +38,36 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     base_model: str = ""  # where the base came from, recorded in adapter_config.json
-    extra: dict[str, Any] = field(default_factory=dict)  # gemmakit facts PEFT ignores (base quantization)
+    extra: dict[str, Any] = field(default_factory=dict)  # gemmakit facts (base quantization), in EXTRA_NAME
 
     def __post_init__(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
-            raise GemmaError(f"unknown LoRA target(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TARGETS)}")
+            raise GemmaError(
+                f"unknown LoRA target(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TARGETS)}"
+            )
 
     def to_peft(self) -> dict[str, Any]:
         """adapter_config.json contents: the fields PEFT's LoraConfig needs for a plain LoRA."""
         alpha = int(self.alpha) if float(self.alpha).is_integer() else self.alpha
-        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": alpha,
-                "lora_dropout": self.dropout, "target_modules": sorted(self.targets), "bias": "none",
-                "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-                "modules_to_save": None, "layers_to_transform": None, "inference_mode": True,
-                "base_model_name_or_path": self.base_model or None, "revision": None, "gemmakit": self.extra}
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": sorted(self.targets),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "inference_mode": True,
+            "base_model_name_or_path": self.base_model or None,
+            "revision": None,
+        }
 
     @classmethod
     def from_peft(cls, raw: dict[str, Any], source: Path) -> LoRAConfig:
@@ -65,10 +83,16 @@ class LoRAConfig:
             raise GemmaError(f"{source}: adapter options {unsupported} are not supported; use a plain LoRA")
         targets = raw.get("target_modules")
         if isinstance(targets, str):
-            raise GemmaError(f"{source}: target_modules is a regex ({targets!r}); list the module names instead")
-        return cls(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
-                   targets=tuple(targets or ()), base_model=raw.get("base_model_name_or_path") or "",
-                   extra=raw.get("gemmakit") or {})
+            raise GemmaError(
+                f"{source}: target_modules is a regex ({targets!r}); list the module names instead"
+            )
+        return cls(
+            r=int(raw["r"]),
+            alpha=float(raw["lora_alpha"]),
+            dropout=float(raw.get("lora_dropout", 0.0)),
+            targets=tuple(targets or ()),
+            base_model=raw.get("base_model_name_or_path") or "",
+        )
 
 
 def inject(module: nn.Module, cfg: LoRAConfig) -> list[str]:
@@ -79,8 +103,8 @@ def inject(module: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name, child in list(module.named_modules()):
         if name.rpartition(".")[2] in cfg.targets and not isinstance(child, LoRALinear):
             parent, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent), attr,
-                    LoRALinear.from_base(child, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout))
+            lora = LoRALinear.from_base(child, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+            setattr(module.get_submodule(parent), attr, lora.train(child.training))  # eval model: no dropout
             wrapped.append(name)
     if not wrapped:
         raise GemmaError(f"no module named {', '.join(cfg.targets)} found to attach LoRA to")
@@ -114,6 +138,9 @@ def save_adapter(module: nn.Module, folder: str | Path, cfg: LoRAConfig | None =
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(cfg.to_peft(), indent=2, sort_keys=True) + "\n"
     atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    if cfg.extra:
+        extra = json.dumps(cfg.extra, indent=2, sort_keys=True) + "\n"
+        atomic_write(folder / EXTRA_NAME, lambda tmp: Path(tmp).write_text(extra))
     return folder
 
 
@@ -123,7 +150,9 @@ def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor
     if not cfg_path.exists():
         raise GemmaError(f"{folder} is not a LoRA adapter folder: it has no {CONFIG_NAME}")
     if not weights.exists():
-        raise GemmaError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter was not saved completely")
+        raise GemmaError(
+            f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter was not saved completely"
+        )
     try:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -132,7 +161,10 @@ def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
         raise GemmaError(f"{weights} cannot be read ({e}); the file is truncated or corrupt") from None
-    return LoRAConfig.from_peft(raw, cfg_path), state
+    cfg = LoRAConfig.from_peft(raw, cfg_path)
+    if (folder / EXTRA_NAME).exists():
+        cfg = replace(cfg, extra=json.loads((folder / EXTRA_NAME).read_text()))
+    return cfg, state
 
 
 def load_adapter(module: nn.Module, folder: str | Path) -> LoRAConfig:
@@ -153,13 +185,17 @@ def load_adapter_weights(module: nn.Module, state: dict[str, torch.Tensor], sour
     missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or extra:
         what = f"lacks {missing[0]}" if missing else f"has unexpected {extra[0]}"
-        raise GemmaError(f"{source}: the adapter {what} ({len(missing)} missing, {len(extra)} unexpected); "
-                         "it was trained for another model or other target modules")
+        raise GemmaError(
+            f"{source}: the adapter {what} ({len(missing)} missing, {len(extra)} unexpected); "
+            "it was trained for another model or other target modules"
+        )
     with torch.no_grad():
         for k, p in params.items():
             if tuple(state[k].shape) != tuple(p.shape):
-                raise GemmaError(f"{source}: {k} has shape {tuple(state[k].shape)}, the model needs "
-                                 f"{tuple(p.shape)}; the adapter belongs to another model size")
+                raise GemmaError(
+                    f"{source}: {k} has shape {tuple(state[k].shape)}, the model needs "
+                    f"{tuple(p.shape)}; the adapter belongs to another model size"
+                )
             p.copy_(state[k])
 
 

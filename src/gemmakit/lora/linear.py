@@ -41,7 +41,9 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
 
     @classmethod
-    def from_base(cls, base: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> LoRALinear:
+    def from_base(
+        cls, base: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0
+    ) -> LoRALinear:
         """Wrap `base` (nn.Linear, Int8Linear or Int4Linear) with a fresh adapter whose output is zero."""
         if not isinstance(base, nn.Linear | Int8Linear | Int4Linear):
             raise GemmaError(f"LoRA wraps linear layers, not {type(base).__name__}")

@@ -23,10 +23,14 @@ DEFAULT_GROUP_SIZE = 32  # int4 scale group along the input dimension (llama.cpp
 class Int8Linear(nn.Module):
     """y = x @ (q * s[:, None]).T with q int8 [out, in] and one fp32 scale per output row (absmax / 127)."""
 
-    def __init__(self, in_features: int, out_features: int, *, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
 
     @classmethod
@@ -58,16 +62,27 @@ class Int4Linear(nn.Module):
     Two values per byte: column 2j in the low nibble, 2j + 1 in the high nibble, stored as q + 8.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, group_size: int = DEFAULT_GROUP_SIZE,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if in_features % group_size or group_size % 2:
-            raise GemmaError(f"int4 needs in_features ({in_features}) divisible by an even group_size "
-                             f"({group_size}); pick a group size that divides it")
+            raise GemmaError(
+                f"int4 needs in_features ({in_features}) divisible by an even group_size "
+                f"({group_size}); pick a group size that divides it"
+            )
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.ones(out_features, in_features // group_size, dtype=torch.float32,
-                                                 device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer(
+            "scale", torch.ones(out_features, in_features // group_size, dtype=torch.float32, device=device)
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
@@ -75,7 +90,10 @@ class Int4Linear(nn.Module):
         out = cls(linear.in_features, linear.out_features, group_size=group_size, device=linear.weight.device)
         w = linear.weight.detach().float().reshape(linear.out_features, -1, group_size)  # (out, groups, g)
         scale = w.abs().amax(dim=2).clamp(min=1e-12) / 7.0
-        q = torch.round(w / scale[..., None]).clamp(-8, 7).to(torch.int16).reshape(linear.out_features, -1) + 8
+        q = (
+            torch.round(w / scale[..., None]).clamp(-8, 7).to(torch.int16).reshape(linear.out_features, -1)
+            + 8
+        )
         out.qweight.copy_((q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
         out.scale.copy_(scale)
         return out
@@ -91,8 +109,10 @@ class Int4Linear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 "
-                f"group_size={self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int4 "
+            f"group_size={self.group_size}"
+        )
 
 
 QuantLinear = Int8Linear | Int4Linear
@@ -113,8 +133,13 @@ def quantize_linear(linear: nn.Linear, mode: str, *, group_size: int = DEFAULT_G
     raise GemmaError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
 
 
-def quantize_model(module: nn.Module, mode: str, *, group_size: int = DEFAULT_GROUP_SIZE,
-                   skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+def quantize_model(
+    module: nn.Module,
+    mode: str,
+    *,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    skip: tuple[str, ...] = ("lm_head",),
+) -> nn.Module:
     """Swap every nn.Linear in `module` (in place) for its weight-only quantized twin; returns `module`.
 
     Embeddings are left alone (the tied head reads the embedding table); names in `skip` (module-name suffixes)

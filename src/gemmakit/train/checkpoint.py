@@ -50,8 +50,9 @@ def list_checkpoints(out: Path) -> list[Path]:
     root = checkpoint_dir(out)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and (p / STATE_NAME).exists())
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_NAME).exists()
+    )
 
 
 def latest_checkpoint(out: Path) -> Path:
@@ -65,5 +66,7 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     try:
         return torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
-        raise GemmaError(f"{ckpt / STATE_NAME} cannot be read ({e}); delete that checkpoint folder to resume "
-                         "from the one before") from None
+        raise GemmaError(
+            f"{ckpt / STATE_NAME} cannot be read ({e}); delete that checkpoint folder to resume "
+            "from the one before"
+        ) from None

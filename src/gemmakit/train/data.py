@@ -5,7 +5,7 @@ One JSON object per line:
   {"prompt": "...", "completion": "..."}                                      loss on the completion (+ <eos>)
   {"text": "..."}                                                             loss on every token (+ <eos>)
 
-Chat rendering follows the Gemma chat templates exactly (spec §5.7): `<bos>`, then per turn
+Chat rendering follows the Gemma chat templates exactly (spec §5.7; turns from chat.py): `<bos>`, then per turn
 `<start_of_turn>{user|model}\\n{content.strip()}<end_of_turn>\\n`, a Gemma 3 system prompt folded into the first user
 turn as `{system}\\n\\n`, Gemma 1/2 refusing system turns. Turn markers are inserted as ids and the text between them
 is encoded as plain text, so a dataset cannot forge control tokens. The loss covers an assistant turn's content and
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..chat import SYSTEM_ROLES, turns
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
 
@@ -60,40 +61,33 @@ class ChatFormat:
         self.tok, self.family = tokenizer, family
         start, end = tokenizer.token_id("<start_of_turn>"), tokenizer.token_id("<end_of_turn>")
         if start is None or end is None:
-            raise GemmaError("this tokenizer has no <start_of_turn>/<end_of_turn> tokens, so chat data cannot be "
-                             "rendered; use {\"prompt\", \"completion\"} or {\"text\"} lines")
+            raise GemmaError(
+                "this tokenizer has no <start_of_turn>/<end_of_turn> tokens, so chat data cannot be "
+                'rendered; use {"prompt", "completion"} or {"text"} lines'
+            )
         self.start, self.end = start, end
 
     def render(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]:
-        """(ids, train flags) for a conversation; raises ValueError with what is wrong."""
-        msgs = list(messages)
-        prefix = ""
-        if msgs and msgs[0].get("role") == "system":
-            if self.family != "gemma3":
-                raise ValueError("Gemma 1/2 chat templates have no system role; fold it into the first user turn")
-            prefix = _content(msgs[0]) + "\n\n"  # untrimmed, as the template does
-            msgs = msgs[1:]
-        if not msgs:
-            raise ValueError("no user/assistant messages")
+        """(ids, train flags) for a conversation; turn validation and text are chat.turns' (the one template)."""
+        if (
+            messages
+            and isinstance(messages[0], dict)
+            and messages[0].get("role") in SYSTEM_ROLES
+            and self.family != "gemma3"
+        ):
+            raise ValueError("Gemma 1/2 chat templates have no system role; fold it into the first user turn")
         ids, train = [self.tok.bos_id], [False]
-        for i, m in enumerate(msgs):
-            role = m.get("role")
-            expected = "user" if i % 2 == 0 else "assistant"
-            if role != expected:
-                raise ValueError(f"message {i + 1} has role {role!r}; roles must alternate user/assistant/... "
-                                 "(after an optional first system message)")
-            text = _content(m).strip()
+        nl = self.tok.encode("\n", bos=False)
+        for role, text in turns(messages):
             if role == "user":
-                part = [self.start, *self.tok.encode(f"user\n{prefix if i == 0 else ''}{text}", bos=False),
-                        self.end]
+                part = [self.start, *self.tok.encode(f"user\n{text}", bos=False), self.end]
                 ids += part
                 train += [False] * len(part)
-            else:
+            else:  # loss on the answer and its <end_of_turn>, not on the "model\n" header
                 head = [self.start, *self.tok.encode("model\n", bos=False)]
                 body = [*self.tok.encode(text, bos=False), self.end]
                 ids += head + body
                 train += [False] * len(head) + [True] * len(body)
-            nl = self.tok.encode("\n", bos=False)
             ids += nl
             train += [False] * len(nl)
         if not any(train):
@@ -101,21 +95,16 @@ class ChatFormat:
         return ids, train
 
 
-def _content(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(c, dict) and c.get("type") == "text" for c in content):
-        return "".join(c.get("text", "") for c in content)  # Gemma 3 content parts, text only
-    raise ValueError(f"message content must be a string (or a list of text parts), got {type(content).__name__}")
-
-
-def encode_record(record: Any, tokenizer: Tokenizer, chat: ChatFormat | None) -> tuple[str, list[int], list[bool]]:
+def encode_record(
+    record: Any, tokenizer: Tokenizer, chat: ChatFormat | None
+) -> tuple[str, list[int], list[bool]]:
     """(shape, ids, train flags) for one parsed JSONL record; ValueError says what is wrong with it."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        if not isinstance(record["messages"], list) or not all(isinstance(m, dict) for m in record["messages"]):
+        if not isinstance(record["messages"], list) or not all(
+            isinstance(m, dict) for m in record["messages"]
+        ):
             raise ValueError('"messages" must be a list of {"role", "content"} objects')
         if chat is None:
             raise ValueError("chat data needs a tokenizer with turn markers")
@@ -132,11 +121,15 @@ def encode_record(record: Any, tokenizer: Tokenizer, chat: ChatFormat | None) ->
             raise ValueError('"text" must be a non-empty string')
         ids = [tokenizer.bos_id, *tokenizer.encode(record["text"], bos=False), tokenizer.eos_id]
         return "text", ids, [False] + [True] * (len(ids) - 1)
-    raise ValueError(f'unknown record shape with keys {sorted(record)}; expected "messages", '
-                     '"prompt"+"completion" or "text"')
+    raise ValueError(
+        f'unknown record shape with keys {sorted(record)}; expected "messages", '
+        '"prompt"+"completion" or "text"'
+    )
 
 
-def load_jsonl(path: str | Path, tokenizer: Tokenizer, family: str, *, max_len: int) -> tuple[list[Example], DataStats]:
+def load_jsonl(
+    path: str | Path, tokenizer: Tokenizer, family: str, *, max_len: int
+) -> tuple[list[Example], DataStats]:
     """Read, validate and tokenize a JSONL file; examples longer than max_len tokens are cut (and counted)."""
     path = Path(path)
     if not path.is_file():
@@ -155,7 +148,7 @@ def load_jsonl(path: str | Path, tokenizer: Tokenizer, family: str, *, max_len: 
                 raise GemmaError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             try:
                 shape, ids, train = encode_record(record, tokenizer, chat)
-            except ValueError as e:
+            except (ValueError, GemmaError) as e:
                 raise GemmaError(f"{path}:{lineno}: {e}") from None
             stats.examples += 1
             stats.shapes[shape] = stats.shapes.get(shape, 0) + 1
@@ -171,8 +164,10 @@ def load_jsonl(path: str | Path, tokenizer: Tokenizer, family: str, *, max_len: 
             stats.targets += ex.n_targets
             out.append(ex)
     if not out:
-        raise GemmaError(f"{path} has no usable examples ({stats.examples} read, {stats.dropped} with nothing left "
-                         "to learn after truncation); check the file or raise --seq-len")
+        raise GemmaError(
+            f"{path} has no usable examples ({stats.examples} read, {stats.dropped} with nothing left "
+            "to learn after truncation); check the file or raise --seq-len"
+        )
     return out, stats
 
 
@@ -229,7 +224,9 @@ class Batch:
         return int((self.positions >= 0).sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.ids.to(device), self.positions.to(device), self.targets.to(device), self.mask.to(device))
+        return Batch(
+            self.ids.to(device), self.positions.to(device), self.targets.to(device), self.mask.to(device)
+        )
 
 
 def collate(rows: Sequence[Example], pad_id: int = 0) -> Batch:
@@ -262,5 +259,5 @@ def step_rows(n: int, step: int, per_step: int, seed: int) -> list[int]:
     while len(out) < per_step:
         epoch, offset = divmod(start + len(out), n)
         order = epoch_order(n, seed, epoch)
-        out += order[offset:offset + per_step - len(out)]
+        out += order[offset : offset + per_step - len(out)]
     return out

@@ -89,7 +89,7 @@ def average_grads(world: World, params: list[nn.Parameter]) -> None:
     flat /= world.size
     i = 0
     for g in grads:
-        g.copy_(flat[i:i + g.numel()].view_as(g))
+        g.copy_(flat[i : i + g.numel()].view_as(g))
         i += g.numel()
 
 
@@ -101,7 +101,9 @@ def wrap_ddp(world: World, module: nn.Module) -> nn.Module:
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
-def shard_frozen(world: World, root: nn.Module, blocks: list[nn.Module], trainable: list[nn.Parameter]) -> None:
+def shard_frozen(
+    world: World, root: nn.Module, blocks: list[nn.Module], trainable: list[nn.Parameter]
+) -> None:
     """FSDP2 (`fully_shard`) over every block and the root: each rank keeps 1/N of the frozen base weights and
     all-gathers a block's weights just for its forward. The adapters are left out (`ignored_params`): they stay
     whole on every rank, trained like DDP with `average_grads`, so checkpoints and the optimizer are unchanged."""

@@ -23,13 +23,21 @@ def chunk_rows(vocab: int, elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int, cap: float | None,
-                need_h: bool, need_w: bool) -> Tensor:
+    def forward(
+        ctx,
+        h: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        chunk: int,
+        cap: float | None,
+        need_h: bool,
+        need_w: bool,
+    ) -> Tensor:
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
             logits = (hc @ weight.T).float()  # (c, V): the head in the model dtype, like Gemma.head
             t = None
             if cap is not None:
@@ -43,7 +51,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 if t is not None:
                     g.mul_(1.0 - t * t)
                 if need_h:
-                    grad_h[s:s + chunk] = (g.to(h.dtype) @ weight).to(h.dtype)
+                    grad_h[s : s + chunk] = (g.to(h.dtype) @ weight).to(h.dtype)
                 if need_w:
                     grad_w += g.T @ hc.float()
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
@@ -59,8 +67,15 @@ class _FusedLinearCE(torch.autograd.Function):
         return gh, gw, None, None, None, None, None
 
 
-def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, *,
-                          softcap: float | None = None, chunk: int | None = None) -> Tensor:
+def chunked_cross_entropy(
+    h: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    softcap: float | None = None,
+    chunk: int | None = None,
+) -> Tensor:
     """Sum over masked positions of -log softmax(h @ W.T)[target]: (sum loss, fp32 scalar).
 
     h: (..., D) hidden states, weight: (V, D) head, targets/mask: (...) next-token ids and which count. Only
@@ -71,5 +86,12 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, mask: Tens
     if rows.shape[0] == 0:
         return h.sum() * 0.0
     grad = torch.is_grad_enabled()
-    return _FusedLinearCE.apply(rows, weight, tgt, chunk or chunk_rows(weight.shape[0]), softcap,
-                                grad and rows.requires_grad, grad and weight.requires_grad)
+    return _FusedLinearCE.apply(
+        rows,
+        weight,
+        tgt,
+        chunk or chunk_rows(weight.shape[0]),
+        softcap,
+        grad and rows.requires_grad,
+        grad and weight.requires_grad,
+    )

@@ -9,7 +9,9 @@ from typing import Any
 from ..errors import GemmaError
 
 
-def plot_loss(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "fine-tuning loss") -> Path:
+def plot_loss(
+    history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "fine-tuning loss"
+) -> Path:
     """Training loss per step (and validation loss where measured), written atomically as a PNG."""
     try:
         import matplotlib
@@ -25,7 +27,9 @@ def plot_loss(history: Sequence[dict[str, Any]], path: str | Path, *, title: str
     ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1.2, label="train")
     val = [r for r in history if "val_loss" in r]
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, lw=1.2, label="validation")
+        ax.plot(
+            [r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, lw=1.2, label="validation"
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title)

@@ -86,8 +86,9 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, ids: Tensor, positions: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
         h = self.model.hidden_states(ids, positions)
-        return chunked_cross_entropy(h, self.model.head_weight, targets, mask,
-                                     softcap=self.model.config.final_logit_softcapping)
+        return chunked_cross_entropy(
+            h, self.model.head_weight, targets, mask, softcap=self.model.config.final_logit_softcapping
+        )
 
 
 def enable_grad_checkpointing(model: Gemma) -> None:
@@ -129,9 +130,19 @@ def prepare_model(model: Gemma, cfg: TrainConfig, *, adapter: Path | None = None
     return params
 
 
-def finetune(model: Gemma, tokenizer, data: str | Path, out: str | Path, cfg: TrainConfig, *,
-             world: D.World | None = None, resume: bool = False, val_data: str | Path | None = None,
-             progress: Callable[[dict[str, Any]], None] | None = None, base_name: str = "") -> TrainResult:
+def finetune(
+    model: Gemma,
+    tokenizer,
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    world: D.World | None = None,
+    resume: bool = False,
+    val_data: str | Path | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    base_name: str = "",
+) -> TrainResult:
     """Train LoRA adapters on `model` (a Gemma module, modified in place) from a JSONL file; write them to `out`.
 
     `progress` is called on the main rank after every step with the step record (the CLI draws its bar from it).
@@ -159,17 +170,21 @@ def finetune(model: Gemma, tokenizer, data: str | Path, out: str | Path, cfg: Tr
     elif world.distributed:
         loss_mod = D.wrap_ddp(world, loss_mod)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
+    sched = lr_lambda(
+        cfg.warmup_steps, total, cfg.min_lr_ratio
+    )  # a pure function of the step: resumes exactly
     history: list[dict[str, Any]] = []
     start = 0
     torch.manual_seed(cfg.seed + 1 + world.rank)  # dropout streams differ per rank, reproducibly
     if resume:
-        start, history = _restore(out, model, opt, sched, world)
+        start, history = _restore(out, model, opt, world)
     stop = _StopFlag()
     step = start
     with stop:
         while step < total:
-            rec = _train_step(loss_mod, model, params, opt, sched, train_ex, step, cfg, world, tokenizer.pad_id)
+            rec = _train_step(
+                loss_mod, model, params, opt, sched, train_ex, step, cfg, world, tokenizer.pad_id
+            )
             step += 1
             rec["step"], rec["total"] = step, total
             if val_ex and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
@@ -181,15 +196,22 @@ def finetune(model: Gemma, tokenizer, data: str | Path, out: str | Path, cfg: Tr
             if D.any_rank(world, stop.requested):
                 break
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                _save(out, step, model, opt, sched, history, cfg, world)
+                _save(out, step, model, opt, history, cfg, world)
     interrupted = step < total
     if step > start:
-        _save(out, step, model, opt, sched, history, cfg, world)
+        _save(out, step, model, opt, history, cfg, world)
     if world.main:
         save_adapter(model, out)
-        summary = {"steps": step, "total_steps": total, "interrupted": interrupted, "config": cfg.to_json(),
-                   "data": asdict(stats), "train_rows": len(train_ex), "val_examples": len(val_ex),
-                   "world_size": world.size}
+        summary = {
+            "steps": step,
+            "total_steps": total,
+            "interrupted": interrupted,
+            "config": cfg.to_json(),
+            "data": asdict(stats),
+            "train_rows": len(train_ex),
+            "val_examples": len(val_ex),
+            "world_size": world.size,
+        }
         (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         with (out / "log.jsonl").open("w") as f:
             f.writelines(json.dumps(r) + "\n" for r in history)
@@ -197,13 +219,22 @@ def finetune(model: Gemma, tokenizer, data: str | Path, out: str | Path, cfg: Tr
     return TrainResult(out, step, history, stats, interrupted)
 
 
-def _train_step(loss_mod: nn.Module, model: Gemma, params: list[nn.Parameter], opt: torch.optim.Optimizer,
-                sched: Any, rows: list[Example], step: int, cfg: TrainConfig, world: D.World,
-                pad_id: int) -> dict[str, Any]:
+def _train_step(
+    loss_mod: nn.Module,
+    model: Gemma,
+    params: list[nn.Parameter],
+    opt: torch.optim.Optimizer,
+    sched: Callable[[int], float],
+    rows: list[Example],
+    step: int,
+    cfg: TrainConfig,
+    world: D.World,
+    pad_id: int,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     idx = step_rows(len(rows), step, cfg.batch_size * cfg.grad_accum * world.size, cfg.seed)
-    micro = [idx[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum * world.size)]
-    mine = [collate([rows[i] for i in mb], pad_id) for mb in micro[world.rank::world.size]]
+    micro = [idx[m * cfg.batch_size : (m + 1) * cfg.batch_size] for m in range(cfg.grad_accum * world.size)]
+    mine = [collate([rows[i] for i in mb], pad_id) for mb in micro[world.rank :: world.size]]
     n_targets, n_tokens = D.all_sum(world, [sum(b.n_targets for b in mine), sum(b.n_tokens for b in mine)])
     # DDP averages gradients over ranks; scaling by world / N makes the result sum(grad) / N over everything.
     scale = world.size / max(n_targets, 1.0)
@@ -220,13 +251,20 @@ def _train_step(loss_mod: nn.Module, model: Gemma, params: list[nn.Parameter], o
     if world.distributed and not ddp:
         D.average_grads(world, params)  # FSDP path: the adapters are replicated, not sharded
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-    lr = opt.param_groups[0]["lr"]
+    lr = cfg.lr * sched(step)
+    for group in opt.param_groups:
+        group["lr"] = lr
     opt.step()
-    sched.step()
     (loss_total,) = D.all_sum(world, [loss_sum])
     dt = time.perf_counter() - t0
-    rec = {"loss": loss_total / max(n_targets, 1.0), "lr": lr, "tokens": int(n_tokens), "targets": int(n_targets),
-           "seconds": dt, "tok_s": n_tokens / dt}
+    rec = {
+        "loss": loss_total / max(n_targets, 1.0),
+        "lr": lr,
+        "tokens": int(n_tokens),
+        "targets": int(n_targets),
+        "seconds": dt,
+        "tok_s": n_tokens / dt,
+    }
     if norm is not None:
         rec["grad_norm"] = float(norm)
     return rec
@@ -236,37 +274,49 @@ def _train_step(loss_mod: nn.Module, model: Gemma, params: list[nn.Parameter], o
 def evaluate(loss_mod: nn.Module, rows: list[Example], batch_size: int, world: D.World, pad_id: int) -> float:
     """Mean loss per target token over `rows` (split across ranks), dropout off."""
     loss_mod.eval()
-    mine = rows[world.rank::world.size]
+    mine = rows[world.rank :: world.size]
     total = count = 0.0
     for i in range(0, len(mine), batch_size):
-        b: Batch = collate(mine[i:i + batch_size], pad_id).to(world.device)
+        b: Batch = collate(mine[i : i + batch_size], pad_id).to(world.device)
         total += loss_mod(b.ids, b.positions, b.targets, b.mask).item()
         count += b.n_targets
     total, count = D.all_sum(world, [total, count])
     return total / max(count, 1.0)
 
 
-def _save(out: Path, step: int, model: Gemma, opt: Any, sched: Any, history: list[dict[str, Any]],
-          cfg: TrainConfig, world: D.World) -> None:
+def _save(
+    out: Path,
+    step: int,
+    model: Gemma,
+    opt: Any,
+    history: list[dict[str, Any]],
+    cfg: TrainConfig,
+    world: D.World,
+) -> None:
     rng = D.gather_objects(world, _rng_state())
     if world.main:
-        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
-                 "history": history, "config": cfg.to_json()}
+        state = {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "rng": rng,
+            "history": history,
+            "config": cfg.to_json(),
+        }
         save_checkpoint(out, step, model, state, cfg.keep_checkpoints)
     D.barrier(world)
 
 
-def _restore(out: Path, model: Gemma, opt: Any, sched: Any, world: D.World) -> tuple[int, list[dict[str, Any]]]:
+def _restore(out: Path, model: Gemma, opt: Any, world: D.World) -> tuple[int, list[dict[str, Any]]]:
     ckpt = latest_checkpoint(out)
     state = load_state(ckpt)
     _, weights = read_adapter(ckpt)
     load_adapter_weights(model, weights, ckpt)
     opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
     rng = state["rng"]
     if len(rng) != world.size:
-        raise GemmaError(f"{ckpt} was written by {len(rng)} process(es); resume it with the same number "
-                         f"(now {world.size})")
+        raise GemmaError(
+            f"{ckpt} was written by {len(rng)} process(es); resume it with the same number (now {world.size})"
+        )
     _set_rng_state(rng[world.rank])
     return int(state["step"]), list(state["history"])
 

@@ -27,8 +27,16 @@ from ..errors import GemmaError
 from ..tokenizer import Tokenizer
 from .names import hf_to_gguf
 
-GGUF_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
-_FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+GGUF_TYPES = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "q8_0": GGMLQuantizationType.Q8_0,
+}
+_FILE_TYPES = {
+    "f32": LlamaFileType.ALL_F32,
+    "f16": LlamaFileType.MOSTLY_F16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+}
 _HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -51,15 +59,23 @@ def _float_state(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, 
     """The plain HF-named float tensors: no tied head, no LoRA or quantized layers left over."""
     odd = [k for k in state if not k.endswith(".weight") or ".lora_" in k or ".base_layer." in k]
     if odd:
-        raise GemmaError(f"cannot write {odd[0]}: merge LoRA adapters and dequantize the model before writing")
+        raise GemmaError(
+            f"cannot write {odd[0]}: merge LoRA adapters and dequantize the model before writing"
+        )
     out = {k: v.detach() for k, v in state.items()}
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
 
 
-def write_hf(folder: str | Path, state: dict[str, torch.Tensor], cfg: GemmaConfig, tokenizer: Tokenizer | None,
-             *, dtype: str = "float32") -> Path:
+def write_hf(
+    folder: str | Path,
+    state: dict[str, torch.Tensor],
+    cfg: GemmaConfig,
+    tokenizer: Tokenizer | None,
+    *,
+    dtype: str = "float32",
+) -> Path:
     """A transformers-loadable folder: config.json, model.safetensors and (when known) tokenizer.model."""
     if dtype not in _HF_DTYPES:
         raise GemmaError(f"unknown dtype {dtype!r} for a Hugging Face folder; use {' or '.join(_HF_DTYPES)}")
@@ -82,24 +98,40 @@ def check_gguf_representable(cfg: GemmaConfig) -> None:
     big = (cfg.family, cfg.num_hidden_layers) in (("gemma2", 46), ("gemma3", 62))
     inferred = float(cfg.hidden_size // cfg.num_attention_heads if big else cfg.head_dim)
     if cfg.family != "gemma" and cfg.query_pre_attn_scalar != inferred:
-        raise GemmaError(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} cannot be written to GGUF: llama.cpp "
-                         f"and gemmakit infer {inferred} from the layer count (spec §4.5); write a Hugging Face "
-                         "folder instead")
+        raise GemmaError(
+            f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} cannot be written to GGUF: llama.cpp "
+            f"and gemmakit infer {inferred} from the layer count (spec §4.5); write a Hugging Face "
+            "folder instead"
+        )
     if cfg.family == "gemma3" and cfg.layer_types != tuple(
-            SLIDING if i % 6 != 5 else "full_attention" for i in range(cfg.num_hidden_layers)):
-        raise GemmaError("this Gemma 3 config has a non-standard sliding/global layer pattern, which GGUF readers "
-                         "assume to be 5:1; write a Hugging Face folder instead")
+        SLIDING if i % 6 != 5 else "full_attention" for i in range(cfg.num_hidden_layers)
+    ):
+        raise GemmaError(
+            "this Gemma 3 config has a non-standard sliding/global layer pattern, which GGUF readers "
+            "assume to be 5:1; write a Hugging Face folder instead"
+        )
 
 
-def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: GemmaConfig, tokenizer: Tokenizer, *,
-               qtype: str = "f16", on_tensor: Callable[[int, int], None] | None = None) -> Path:
+def write_gguf(
+    path: str | Path,
+    state: dict[str, torch.Tensor],
+    cfg: GemmaConfig,
+    tokenizer: Tokenizer,
+    *,
+    qtype: str = "f16",
+    on_tensor: Callable[[int, int], None] | None = None,
+) -> Path:
     """A GGUF file llama.cpp and gemmakit read: f32, f16 or q8_0 matrices (norms always f32)."""
     if qtype not in GGUF_TYPES:
         raise GemmaError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(GGUF_TYPES)}")
     if tokenizer is None:
-        raise GemmaError("a GGUF file must carry its tokenizer; this model was loaded without one (pass tokenizer=)")
+        raise GemmaError(
+            "a GGUF file must carry its tokenizer; this model was loaded without one (pass tokenizer=)"
+        )
     if tokenizer.vocab_size != cfg.vocab_size:
-        raise GemmaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model {cfg.vocab_size} rows")
+        raise GemmaError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model {cfg.vocab_size} rows"
+        )
     check_gguf_representable(cfg)
     path = Path(path)
     tensors = _float_state(state, cfg)
