@@ -20,6 +20,7 @@ import pytest
 
 from gemmakit.errors import GemmaError
 from gemmakit.tokenizer import StreamDecoder, Tokenizer
+from gemmakit.weights.gguf import read_gguf, tokenizer_from_gguf
 
 CACHE_VERSION = "1"
 START_OF_TURN, END_OF_TURN = 105, 106  # Gemma 3 (spec §5.2)
@@ -163,7 +164,7 @@ def gguf_path() -> Path:
 
 @pytest.fixture(scope="module")
 def tok(gguf_path: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(gguf_path)
+    return from_gguf(gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -258,12 +259,16 @@ def test_decode_matches_hf(tok: Tokenizer, hf) -> None:
     assert [tok.decode(i) for i in ids] == hf.batch_decode(ids, skip_special_tokens=True)
 
 
+def from_gguf(path) -> Tokenizer:
+    return tokenizer_from_gguf(read_gguf(path))
+
+
 # ---- semantics --------------------------------------------------------------------------------------
 
 
 def test_layout_and_load_time(gguf_path: Path) -> None:
     start = time.perf_counter()
-    tok = Tokenizer.from_gguf(gguf_path)
+    tok = from_gguf(gguf_path)
     assert time.perf_counter() - start < 3.0
     assert (tok.vocab_size, tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (262144, 0, 1, 2, 3)
     assert tok.piece(START_OF_TURN) == "<start_of_turn>" and tok.token_id("<end_of_turn>") == END_OF_TURN
@@ -429,7 +434,7 @@ def test_from_hf_json_restores_gemma1_tab_byte(tmp_path: Path) -> None:
 
 
 def test_missing_files(tmp_path: Path) -> None:
-    for load in (Tokenizer.from_file, Tokenizer.from_hf_json, Tokenizer.from_gguf):
+    for load in (Tokenizer.from_file, Tokenizer.from_hf_json, from_gguf):
         with pytest.raises(GemmaError, match="no such file"):
             load(tmp_path / "nope")
 
@@ -452,7 +457,7 @@ def test_files_that_are_not_tokenizers(tmp_path: Path, gguf_path: Path) -> None:
         Tokenizer.from_hf_json(tmp_path / "wordpiece.json")
     for bad in (text, empty):
         with pytest.raises(GemmaError, match="GGUF"):
-            Tokenizer.from_gguf(bad)
+            from_gguf(bad)
 
 
 def _tiny_gguf(path: Path, **kv: object) -> Path:
@@ -482,7 +487,7 @@ def test_from_gguf_reader_and_path_agree(tmp_path: Path) -> None:
         "tokenizer.ggml.token_type": [3] * 5 + [4] + [6] * 256 + [1] * 5,
     }
     path = _tiny_gguf(tmp_path / "tiny.gguf", **fields)
-    from_path, from_reader = Tokenizer.from_gguf(path), Tokenizer.from_gguf(gguf.GGUFReader(path))
+    from_path, from_reader = from_gguf(path), from_gguf(path)
     assert from_path._proto.SerializeToString() == from_reader._proto.SerializeToString()
     assert from_path.token_id("\u2581\u2581") == 5 and from_path.piece(6 + 9) == "<0x09>"
     assert from_path.encode("  ab a<start_of_turn>", special=True) == [2, 5, 266, 265, 4]
@@ -491,19 +496,19 @@ def test_from_gguf_reader_and_path_agree(tmp_path: Path) -> None:
 
 def test_gguf_without_a_sentencepiece_tokenizer(tmp_path: Path) -> None:
     with pytest.raises(GemmaError, match="no tokenizer.ggml.model"):
-        Tokenizer.from_gguf(_tiny_gguf(tmp_path / "none.gguf"))
+        from_gguf(_tiny_gguf(tmp_path / "none.gguf"))
     gpt2 = _tiny_gguf(
         tmp_path / "gpt2.gguf", **{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"]}
     )
     with pytest.raises(GemmaError, match="'gpt2', not 'llama'"):
-        Tokenizer.from_gguf(gpt2)
+        from_gguf(gpt2)
     with pytest.raises(GemmaError, match="'gpt2', not 'llama'"):
-        Tokenizer.from_gguf(gguf.GGUFReader(gpt2))
+        from_gguf(gpt2)
     partial = _tiny_gguf(
         tmp_path / "partial.gguf", **{"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}
     )
     with pytest.raises(GemmaError, match="missing tokenizer.ggml.scores, token_type"):
-        Tokenizer.from_gguf(partial)
+        from_gguf(partial)
 
 
 def test_bad_arguments(tok: Tokenizer) -> None:

@@ -11,9 +11,8 @@ import codecs
 import json
 import os
 import re
-import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from .errors import GemmaError
 
 if TYPE_CHECKING:
-    import gguf
+    pass
 
 # ModelProto.SentencePiece.Type; GGUF tokenizer.ggml.token_type uses the same numbers (spec §5.4).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -116,43 +115,20 @@ class Tokenizer:
         return cls(_build_proto(pieces, **special, source="GGUF"))
 
     @classmethod
-    def from_gguf(cls, source: gguf.GGUFReader | str | os.PathLike[str]) -> Tokenizer:
-        """Read the ``tokenizer.ggml.*`` fields of a GGUF, given an open ``gguf.GGUFReader`` or a path.
-
-        A path is read directly (header only, ~0.2 s): opening a GGUFReader on a 262k vocab takes ~10 s.
-        """
-        if isinstance(source, (str, os.PathLike)):
-            path = _existing_file(source, "a .gguf model file")
-            fields = _read_gguf_path(path)
-            name = str(path)
-        elif getattr(getattr(source, "data", None), "filename", None):
-            # GGUFReader's field.contents() walks 262k numpy parts per array (seconds); re-reading the
-            # header from its file in one pass takes ~0.2 s.
-            name = source.data.filename
-            fields = _read_gguf_path(Path(name))
-        else:
-            raise GemmaError(f"from_gguf() takes a gguf.GGUFReader or a path, got {type(source).__name__}")
+    def from_gguf_metadata(cls, fields: Mapping[str, Any], name: str = "GGUF") -> Tokenizer:
+        """Build from a GGUF's ``tokenizer.ggml.*`` metadata (read by gemmakit.weights.gguf.read_gguf)."""
         model = fields.get("tokenizer.ggml.model")
         if model is None:
             raise GemmaError(f"{name}: no tokenizer.ggml.model field; load a tokenizer.model instead")
         if model != "llama":
-            raise GemmaError(
-                f"{name}: tokenizer.ggml.model is {model!r}, not 'llama'; not a Gemma 1/2/3 GGUF"
-            )
+            raise GemmaError(f"{name}: tokenizer.ggml.model is {model!r}, not 'llama'; not a Gemma 1/2/3 GGUF")
         missing = [k for k in ("tokens", "scores", "token_type") if f"tokenizer.ggml.{k}" not in fields]
         if missing:
-            raise GemmaError(
-                f"{name}: missing tokenizer.ggml.{', '.join(missing)}; re-convert with llama.cpp"
-            )
-        keys = {
-            "bos_id": ("bos", 2),
-            "eos_id": ("eos", 1),
-            "unk_id": ("unknown", 3),
-            "pad_id": ("padding", 0),
-        }
+            raise GemmaError(f"{name}: missing tokenizer.ggml.{', '.join(missing)}; re-convert with llama.cpp")
+        keys = {"bos_id": ("bos", 2), "eos_id": ("eos", 1), "unk_id": ("unknown", 3), "pad_id": ("padding", 0)}
         ids = {k: int(fields.get(f"tokenizer.ggml.{f}_token_id", d)) for k, (f, d) in keys.items()}
         tokens, scores, types = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
-        return cls.from_gguf_fields(tokens, scores, types, **ids)
+        return cls.from_gguf_fields(list(tokens), scores, types, **ids)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -160,7 +136,7 @@ class Tokenizer:
         path = _existing_file(path, "a SentencePiece tokenizer.model", default_name="tokenizer.model")
         with path.open("rb") as f:
             if f.read(4) == b"GGUF":
-                raise GemmaError(f"{path}: not a SentencePiece model but a GGUF; use Tokenizer.from_gguf")
+                raise GemmaError(f"{path}: not a SentencePiece model but a GGUF; use gemmakit.weights.gguf.tokenizer_from_gguf")
         proto = pb.ModelProto()
         try:
             proto.ParseFromString(path.read_bytes())
@@ -402,56 +378,3 @@ def _existing_file(path: str | os.PathLike[str], what: str, default_name: str | 
     if not path.is_file():
         raise GemmaError(f"{path}: no such file; pass the path of {what}")
     return path
-
-
-def _gguf_value(buf: memoryview, pos: int, vtype: int, order: str, keep: bool) -> tuple[Any, int]:
-    """One GGUF metadata value at ``pos`` and the offset after it; string arrays are skipped unless ``keep``."""
-    if vtype == _GGUF_STRING:
-        (n,) = struct.unpack_from(order + "Q", buf, pos)
-        return str(buf[pos + 8 : pos + 8 + n], "utf-8"), pos + 8 + n
-    if vtype == _GGUF_ARRAY:
-        etype, count = struct.unpack_from(order + "IQ", buf, pos)
-        pos += 12
-        if etype == _GGUF_STRING:
-            length = struct.Struct(order + "Q").unpack_from
-            values = []
-            for _ in range(count):
-                (n,) = length(buf, pos)
-                if keep:
-                    values.append(str(buf[pos + 8 : pos + 8 + n], "utf-8"))
-                pos += 8 + n
-            return values, pos
-        if etype not in _GGUF_SCALAR:
-            raise GemmaError(f"unsupported GGUF array element type {etype}")
-        dtype = np.dtype(order + _GGUF_SCALAR[etype])
-        return np.frombuffer(buf, dtype, count, pos), pos + count * dtype.itemsize
-    if vtype not in _GGUF_SCALAR:
-        raise GemmaError(f"unsupported GGUF value type {vtype}")
-    dtype = np.dtype(order + _GGUF_SCALAR[vtype])
-    return np.frombuffer(buf, dtype, 1, pos)[0].item(), pos + dtype.itemsize
-
-
-def _read_gguf_path(path: Path) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` metadata of a GGUF file, read straight from its header."""
-    try:
-        buf = memoryview(np.memmap(path, mode="r", dtype=np.uint8))
-        if bytes(buf[:4]) != b"GGUF":
-            raise GemmaError("not a GGUF file (no GGUF magic); pass a .gguf model file")
-        order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # big-endian reads as 0xXX0000
-        (version,) = struct.unpack_from(order + "I", buf, 4)
-        if version not in (2, 3):
-            raise GemmaError(f"GGUF version {version} is not supported (2 or 3); re-convert with llama.cpp")
-        (kv_count,) = struct.unpack_from(order + "Q", buf, 16)
-        pos, fields = 24, {}
-        for _ in range(kv_count):
-            key, pos = _gguf_value(buf, pos, _GGUF_STRING, order, True)
-            (vtype,) = struct.unpack_from(order + "I", buf, pos)
-            keep = key.startswith("tokenizer.ggml.")
-            value, pos = _gguf_value(buf, pos + 4, vtype, order, keep)
-            if keep:
-                fields[key] = value
-        return fields
-    except GemmaError as e:
-        raise GemmaError(f"{path}: {e}") from None
-    except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
-        raise GemmaError(f"{path}: not a readable GGUF file ({e}); it is truncated or not GGUF") from None

@@ -126,6 +126,10 @@ class _Cursor:
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's header and tensor table; fail with one clear line on anything wrong."""
     path = Path(path)
+    if not path.is_file():
+        raise GemmaError(f"{path}: no such file; pass the path of a .gguf model")
+    if path.stat().st_size == 0:
+        raise GemmaError(f"{path} is empty, not a GGUF file")
     data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: tensors may wrap it, the file never changes
     if len(data) < 4 or bytes(data[:4]) != MAGIC:
         raise GemmaError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
@@ -229,11 +233,4 @@ def state_dict_from_gguf(g: GGUFFile, family: str, on_tensor: Callable[[int, int
 
 def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
     """The SentencePiece tokenizer rebuilt from the file's vocabulary fields (spec §5.5)."""
-    model = g.get("tokenizer.ggml.model")
-    if model != "llama":
-        raise GemmaError(f"{g.path} has a {model!r} tokenizer; Gemma GGUFs carry a SentencePiece ('llama') "
-                         "vocabulary: re-convert the model with llama.cpp's convert_hf_to_gguf.py")
-    return Tokenizer.from_gguf_fields(
-        list(g.get("tokenizer.ggml.tokens")), g.get("tokenizer.ggml.scores"), g.get("tokenizer.ggml.token_type"),
-        bos_id=int(g.get("tokenizer.ggml.bos_token_id", 2)), eos_id=int(g.get("tokenizer.ggml.eos_token_id", 1)),
-        unk_id=int(g.get("tokenizer.ggml.unknown_token_id", 3)), pad_id=int(g.get("tokenizer.ggml.padding_token_id", 0)))
+    return Tokenizer.from_gguf_metadata(g.metadata, str(g.path))
