@@ -16,17 +16,31 @@ from ..errors import GemmaError
 from ..loader import load
 from .run import ModelOpt
 
-HELP = ("/reset clears the conversation · /system TEXT sets the system prompt (/system alone clears it) · "
-        "/save FILE writes the conversation as JSON · /load FILE reads one · /exit quits · "
-        "Ctrl-C stops a reply · Ctrl-D quits")
+HELP = (
+    "/reset clears the conversation · /system TEXT sets the system prompt (/system alone clears it) · "
+    "/save FILE writes the conversation as JSON · /load FILE reads one · /exit quits · "
+    "Ctrl-C stops a reply · Ctrl-D quits"
+)
 
 
 class Session:
     """The conversation and the settings it is generated with; one reply per `reply()` call."""
 
-    def __init__(self, model: Model, *, context: int, max_new_tokens: int, sampling: dict[str, Any],
-                 system: str | None = None) -> None:
-        self.model, self.context, self.max_new_tokens, self.sampling = model, context, max_new_tokens, sampling
+    def __init__(
+        self,
+        model: Model,
+        *,
+        context: int,
+        max_new_tokens: int,
+        sampling: dict[str, Any],
+        system: str | None = None,
+    ) -> None:
+        self.model, self.context, self.max_new_tokens, self.sampling = (
+            model,
+            context,
+            max_new_tokens,
+            sampling,
+        )
         self.system = system
         self.history: list[dict[str, str]] = []  # user/assistant turns, alternating
 
@@ -34,33 +48,34 @@ class Session:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history
 
-    def fit(self) -> int:
-        """Drop the oldest exchanges until the prompt leaves room for a reply; -> exchanges dropped."""
+    def ask(self, text: str) -> int:
+        """Add a user message, dropping the oldest exchanges until the prompt leaves room for a reply.
+
+        -> exchanges dropped; GemmaError (and no change) if even this message does not fit.
+        """
         budget = self.context - min(self.max_new_tokens, self.context // 2)
-        kept, dropped = chat_template.fit(self.messages(), lambda m: len(self.model.chat_ids(m)), budget)
-        self.history = kept[1:] if self.system else kept
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        messages = [*self.messages(), {"role": "user", "content": text}]
+        kept, dropped = chat_template.fit(messages, lambda m: len(self.model.chat_ids(m)), budget)
+        self.history = kept[len(head) :]
         return dropped
 
-    def reply(self, text: str, out: Any) -> tuple[str, bool]:
-        """Stream the reply to `text` into out.write; Ctrl-C stops it early. -> (reply, interrupted).
+    def reply(self, out: Any) -> tuple[str, bool]:
+        """Stream the reply to the last user message into out.write; Ctrl-C stops it early.
 
-        The (possibly partial) reply joins the history, so the turns keep alternating.
+        -> (reply, interrupted). The (possibly partial) reply joins the history, so the turns keep alternating.
         """
-        self.history.append({"role": "user", "content": text})
         pieces: list[str] = []
         interrupted = False
+        ids = self.model.chat_ids(self.messages())
+        budget = min(self.max_new_tokens, self.context - len(ids))
         try:
-            ids = self.model.chat_ids(self.messages())
-            budget = min(self.max_new_tokens, self.context - len(ids))
             for piece in self.model.stream(ids, budget, **self.sampling):
                 pieces.append(piece)
                 out.write(piece)
                 out.flush()
         except KeyboardInterrupt:
             interrupted = True
-        except GemmaError:
-            self.history.pop()
-            raise
         answer = "".join(pieces)
         self.history.append({"role": "assistant", "content": answer})
         return answer, interrupted
@@ -75,9 +90,8 @@ class Session:
             raise GemmaError(f"{path}: cannot read a saved conversation ({e})") from None
         messages = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(messages, list) or not messages:
-            raise GemmaError(f"{path}: expected {{\"messages\": [...]}} as written by /save")
-        chat_template.turns(messages + [{"role": "assistant", "content": ""}] if messages[-1].get("role") == "user"
-                            else messages + [{"role": "user", "content": ""}])  # validates roles and contents
+            raise GemmaError(f'{path}: expected {{"messages": [...]}} as written by /save')
+        chat_template.turns(messages)  # validates roles, alternation and contents
         system = messages[0]["content"] if messages[0]["role"] in chat_template.SYSTEM_ROLES else None
         history = messages[1:] if system is not None else messages
         if history and history[-1]["role"] == "user":
@@ -88,15 +102,24 @@ class Session:
 def chat(
     model: ModelOpt = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Longest reply in tokens.")] = 512,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", help="Longest reply in tokens.")
+    ] = 512,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.7,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = 64,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = 0.95,
-    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
+    min_p: Annotated[
+        float | None, typer.Option(help="Drop tokens below min_p x the top probability.")
+    ] = None,
     repetition_penalty: Annotated[float | None, typer.Option(help="> 1 discourages repeats.")] = None,
     seed: Annotated[int | None, typer.Option(help="Same seed, same replies.")] = None,
-    ctx_size: Annotated[int | None, typer.Option(help="Context for the conversation in tokens (default: the "
-                                                      "model's); older turns are dropped to fit.")] = None,
+    ctx_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Context for the conversation in tokens (default: the "
+            "model's); older turns are dropped to fit."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Chat with a model in the terminal: streaming replies, multi-turn history, /reset /system /save /load.
@@ -110,8 +133,14 @@ def chat(
     err = Console(stderr=True, highlight=False)
     m = load(model, device=device)
     context = min(ctx_size or m.config.max_position_embeddings, m.config.max_position_embeddings)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    repetition_penalty=repetition_penalty, seed=seed)
+    sampling = dict(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     session = Session(m, context=context, max_new_tokens=max_new_tokens, sampling=sampling, system=system)
     err.print(f"[bold]gemmakit chat[/] · {m.source} · context {context} tokens\n[dim]{HELP}[/]")
     try:
@@ -135,17 +164,17 @@ def chat(
                 return
             if text.startswith("/"):
                 continue
-            session.history.append({"role": "user", "content": text})
-            dropped = session.fit()
-            session.history.pop()
+            dropped = session.ask(text)
             if dropped:
-                err.print(f"[yellow](history trimmed: dropped the {dropped} oldest exchange(s) to fit the "
-                          f"{context}-token context)[/]")
+                err.print(
+                    f"[yellow](history trimmed: dropped the {dropped} oldest exchange(s) to fit the "
+                    f"{context}-token context)[/]"
+                )
             sys.stdout.write("\n")
-            _, interrupted = session.reply(text, sys.stdout)
+            _, interrupted = session.reply(sys.stdout)
             sys.stdout.write("\n")
             if interrupted:
-                err.print("[dim][stopped][/]")
+                err.print("[dim]\\[stopped][/]")
         except GemmaError as e:
             err.print(f"[bold red]error:[/] {e}")
 

@@ -33,16 +33,29 @@ def parse_models(specs: list[str] | None) -> list[tuple[str, str | None]]:
 
 
 def serve(
-    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="NAME=PATH or PATH of a GGUF file, "
-                                                    "HF folder or .ckpt; repeat to serve several (default: the "
-                                                    f"embedded model, as {EMBEDDED_NAME!r}).")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="NAME=PATH or PATH of a GGUF file, "
+            "HF folder or .ckpt; repeat to serve several (default: the "
+            f"embedded model, as {EMBEDDED_NAME!r}).",
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[str | None, typer.Option(envvar="GEMMAKIT_API_KEY",
-                                                help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="GEMMAKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together per model (KV cache rows).")] = 8,
     max_queue: Annotated[int, typer.Option(help="Sequences allowed to wait; beyond, requests get 429.")] = 64,
-    ctx_size: Annotated[int, typer.Option(help="Context per sequence in tokens (capped at the model's).")] = 4096,
+    ctx_size: Annotated[
+        int, typer.Option(help="Context per sequence in tokens (capped at the model's).")
+    ] = 4096,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -62,10 +75,21 @@ def serve(
         models[name] = load(path, device=device, progress=True)
         err.print(f"[dim]loaded {name}: {models[name].source}[/]", highlight=False)
     if api_key is None and not _is_loopback(host):
-        err.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach this "
-                  "machine can use it", highlight=False)
-    run_server(models, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-               context=ctx_size, log_level=log_level)
+        err.print(
+            f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach this "
+            "machine can use it",
+            highlight=False,
+        )
+    run_server(
+        models,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        context=ctx_size,
+        log_level=log_level,
+    )
 
 
 def _is_loopback(host: str) -> bool:

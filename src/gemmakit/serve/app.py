@@ -42,8 +42,16 @@ RETRY_AFTER_S = 1
 class ApiError(Exception):
     """An error answered as OpenAI's error JSON."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -55,13 +63,21 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def create_app(models: Mapping[str, Model], *, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, context: int | None = None) -> FastAPI:
+def create_app(
+    models: Mapping[str, Model],
+    *,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    context: int | None = None,
+) -> FastAPI:
     """An app serving each model under its name; engines start and stop with the app's lifespan."""
     if not models:
         raise GemmaError("give at least one model to serve")
-    engines = {name: Engine(m, max_batch=max_batch, max_queue=max_queue, context=context)
-               for name, m in models.items()}
+    engines = {
+        name: Engine(m, max_batch=max_batch, max_queue=max_queue, context=context)
+        for name, m in models.items()
+    }
     created = int(time.time())
 
     @asynccontextmanager
@@ -89,10 +105,16 @@ def create_app(models: Mapping[str, Model], *, api_key: str | None = None, max_b
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"Unknown URL: {request.method} {request.url.path}",
-                   405: f"Method {request.method} is not allowed for {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
-                        headers=getattr(exc, "headers", None)).response()
+        message = {
+            404: f"Unknown URL: {request.method} {request.url.path}",
+            405: f"Method {request.method} is not allowed for {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
+        return ApiError(
+            exc.status_code,
+            message,
+            code="not_found" if exc.status_code == 404 else None,
+            headers=getattr(exc, "headers", None),
+        ).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -109,23 +131,46 @@ def create_app(models: Mapping[str, Model], *, api_key: str | None = None, max_b
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def engine_for(name: str) -> Engine:
         if name not in engines:
-            raise ApiError(404, f"The model `{name}` does not exist. Served: {', '.join(engines)}.",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{name}` does not exist. Served: {', '.join(engines)}.",
+                param="model",
+                code="model_not_found",
+            )
         return engines[name]
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "gemmakit",
-                "max_model_len": engines[name].context}
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "gemmakit",
+            "max_model_len": engines[name].context,
+        }
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": {name: {"active": e.active, "waiting": e.queued, "context": e.context,
-                                                  "max_batch": e.max_batch} for name, e in engines.items()}}
+        return {
+            "status": "ok",
+            "models": {
+                name: {
+                    "active": e.active,
+                    "waiting": e.queued,
+                    "context": e.context,
+                    "max_batch": e.max_batch,
+                }
+                for name, e in engines.items()
+            },
+        }
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
@@ -156,12 +201,25 @@ def create_app(models: Mapping[str, Model], *, api_key: str | None = None, max_b
         if body.stream:
             return sse_response(stream_chat(run, body, meta, engine))
         choices = await run.collect(request)
-        return JSONResponse({"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+        return JSONResponse(
+            {
+                "id": meta.id,
+                "object": "chat.completion",
+                "created": meta.created,
+                "model": meta.model,
                 "system_fingerprint": FINGERPRINT,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                             "logprobs": chat_logprobs(engine, c.tokens) if body.logprobs else None,
-                             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-                "usage": usage(meta.prompt_tokens, choices)})
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text, "refusal": None},
+                        "logprobs": chat_logprobs(engine, c.tokens) if body.logprobs else None,
+                        "finish_reason": c.finish_reason,
+                    }
+                    for i, c in enumerate(choices)
+                ],
+                "usage": usage(meta.prompt_tokens, choices),
+            }
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -180,8 +238,11 @@ def create_app(models: Mapping[str, Model], *, api_key: str | None = None, max_b
                 prompts.append(ids[1:] if ids[1:2] == [tok.bos_id] else ids)
             else:
                 if not p or not all(0 <= t < engine.vocab_size for t in p):
-                    raise ApiError(400, f"token prompts must be non-empty lists of ids in 0..{engine.vocab_size - 1}",
-                                   param="prompt")
+                    raise ApiError(
+                        400,
+                        f"token prompts must be non-empty lists of ids in 0..{engine.vocab_size - 1}",
+                        param="prompt",
+                    )
                 prompts.append(list(p))
         max_new = min(token_budget(engine, len(p), body.max_tokens, "max_tokens", "prompt") for p in prompts)
         run = Run(engine, make_jobs(body, engine, prompts, max_new, body.logprobs))
@@ -190,12 +251,27 @@ def create_app(models: Mapping[str, Model], *, api_key: str | None = None, max_b
         if body.stream:
             return sse_response(stream_completion(run, body, meta, engine, echo))
         choices = await run.collect(request)
-        return JSONResponse({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+        return JSONResponse(
+            {
+                "id": meta.id,
+                "object": "text_completion",
+                "created": meta.created,
+                "model": meta.model,
                 "system_fingerprint": FINGERPRINT,
-                "choices": [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason,
-                             "logprobs": completion_logprobs(engine, c.tokens, len(echo[i]))
-                             if body.logprobs is not None else None} for i, c in enumerate(choices)],
-                "usage": usage(meta.prompt_tokens, choices)})
+                "choices": [
+                    {
+                        "index": i,
+                        "text": echo[i] + c.text,
+                        "finish_reason": c.finish_reason,
+                        "logprobs": completion_logprobs(engine, c.tokens, len(echo[i]))
+                        if body.logprobs is not None
+                        else None,
+                    }
+                    for i, c in enumerate(choices)
+                ],
+                "usage": usage(meta.prompt_tokens, choices),
+            }
+        )
 
     return app
 
@@ -207,8 +283,11 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"We could not parse the JSON body of your request ({e}). The API expects a JSON "
-                            "object, e.g. {\"model\": ..., \"messages\": [...]}.") from None
+        raise ApiError(
+            400,
+            f"We could not parse the JSON body of your request ({e}). The API expects a JSON "
+            'object, e.g. {"model": ..., "messages": [...]}.',
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
@@ -229,41 +308,68 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
 
 
-def token_budget(engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
+def token_budget(
+    engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str
+) -> int:
     """Tokens a request may generate: as asked, or up to the end of the context; refuse what cannot fit."""
     ctx = engine.context
     if prompt_len >= ctx:
-        raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, your {prompt_param} "
-                            f"resulted in {prompt_len} tokens. Please reduce the length of the {prompt_param}.",
-                       param=prompt_param, code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, your {prompt_param} "
+            f"resulted in {prompt_len} tokens. Please reduce the length of the {prompt_param}.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     room = ctx - prompt_len
     if requested is None:
         return room
     if requested > room:
-        raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                            f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_param}, {requested} in "
-                            f"the completion). Please reduce the length of the {prompt_param} or {param}.",
-                       param=param, code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_param}, {requested} in "
+            f"the completion). Please reduce the length of the {prompt_param} or {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
     return requested
 
 
-def make_jobs(body: schemas.Sampling, engine: Engine, prompts: Sequence[list[int]], max_new: int,
-              logprobs: int | None) -> list[Job]:
+def make_jobs(
+    body: schemas.Sampling, engine: Engine, prompts: Sequence[list[int]], max_new: int, logprobs: int | None
+) -> list[Job]:
     """n jobs per prompt; with a seed, choice j uses seed + j so the choices differ yet repeat exactly."""
     stop, bias, json_object = body.stops(), body.bias(engine.vocab_size), body.json_object()
     jobs = []
     for prompt in prompts:
         for j in range(body.n):
             try:
-                params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
-                                        top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                                        repetition_penalty=body.repetition_penalty,
-                                        seed=None if body.seed is None else body.seed + j)
+                params = SamplingParams(
+                    temperature=1.0 if body.temperature is None else body.temperature,
+                    top_k=body.top_k,
+                    top_p=body.top_p,
+                    min_p=body.min_p,
+                    repetition_penalty=body.repetition_penalty,
+                    seed=None if body.seed is None else body.seed + j,
+                )
             except GemmaError as e:
                 raise ApiError(400, str(e)) from None
-            jobs.append(Job(prompt, max_new, sink=_unset_sink, params=params, stop=stop, ignore_eos=body.ignore_eos,
-                            logprobs=logprobs, logit_bias=bias, frequency_penalty=body.frequency_penalty,
-                            presence_penalty=body.presence_penalty, json_object=json_object))
+            jobs.append(
+                Job(
+                    prompt,
+                    max_new,
+                    sink=_unset_sink,
+                    params=params,
+                    stop=stop,
+                    ignore_eos=body.ignore_eos,
+                    logprobs=logprobs,
+                    logit_bias=bias,
+                    frequency_penalty=body.frequency_penalty,
+                    presence_penalty=body.presence_penalty,
+                    json_object=json_object,
+                )
+            )
     return jobs
 
 
@@ -300,8 +406,13 @@ class Run:
         try:
             engine.submit(jobs)
         except QueueFull as e:
-            raise ApiError(429, f"The server is busy ({e}); retry in a moment.", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(
+                429,
+                f"The server is busy ({e}); retry in a moment.",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         except GemmaError as e:
             raise ApiError(400, str(e)) from None
 
@@ -309,6 +420,8 @@ class Run:
         left = len(self.jobs)
         while left:
             i, ev = await self.queue.get()
+            if i < 0:
+                raise ApiError(499, "the client closed the connection")
             c = self.choices[i]
             c.text += ev.text
             c.tokens += ev.tokens
@@ -322,20 +435,19 @@ class Run:
 
     async def collect(self, request: Request) -> list[Choice]:
         """Wait for every choice; if the client disconnects meanwhile, stop generating."""
-        events = self.events()
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.1)
+            self.queue.put_nowait((-1, Event("", [], None, 0)))
+
+        watcher = asyncio.create_task(watch())
         try:
-            while True:
-                step = asyncio.ensure_future(anext(events))
-                while not step.done():
-                    await asyncio.wait([step], timeout=0.5)
-                    if not step.done() and await request.is_disconnected():
-                        step.cancel()
-                        raise ApiError(499, "the client closed the connection")
-                try:
-                    step.result()
-                except StopAsyncIteration:
-                    return self.choices
+            async for _ in self.events():
+                pass
+            return self.choices
         finally:
+            watcher.cancel()
             self.cancel()
 
     def cancel(self) -> None:
@@ -345,7 +457,11 @@ class Run:
 
 def usage(prompt_tokens: int, choices: Sequence[Choice]) -> dict:
     completion = sum(c.completion_tokens for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
 
 
 def sse(obj: Any) -> str:
@@ -353,19 +469,28 @@ def sse(obj: Any) -> str:
 
 
 def sse_response(body: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 async def stream_chat(run: Run, body: schemas.ChatRequest, meta: Meta, engine: Engine) -> AsyncIterator[str]:
     """OpenAI's chunk sequence per choice: the role, content deltas, an empty delta with the finish reason;
     then the usage chunk when asked for (stream_options.include_usage), then [DONE]."""
     opts = body.stream_options or schemas.StreamOptions()
-    base = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
-            "system_fingerprint": FINGERPRINT}
+    base = {
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": FINGERPRINT,
+    }
 
     def chunk(index: int, delta: dict, logprobs: Any = None, finish: str | None = None) -> str:
-        out = {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        out = {
+            **base,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
         if opts.include_usage:
             out["usage"] = usage(meta.prompt_tokens, run.choices) if opts.continuous_usage_stats else None
         return sse(out)
@@ -391,16 +516,25 @@ async def stream_chat(run: Run, body: schemas.ChatRequest, meta: Meta, engine: E
         run.cancel()
 
 
-async def stream_completion(run: Run, body: schemas.CompletionRequest, meta: Meta, engine: Engine,
-                            echo: list[str]) -> AsyncIterator[str]:
+async def stream_completion(
+    run: Run, body: schemas.CompletionRequest, meta: Meta, engine: Engine, echo: list[str]
+) -> AsyncIterator[str]:
     """Legacy completions chunks: text pieces per choice, the finish reason on a last (empty) piece, [DONE]."""
     opts = body.stream_options or schemas.StreamOptions()
-    base = {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-            "system_fingerprint": FINGERPRINT}
+    base = {
+        "id": meta.id,
+        "object": "text_completion",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": FINGERPRINT,
+    }
     offsets = [len(e) for e in echo]
 
     def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> str:
-        out = {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        out = {
+            **base,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        }
         if opts.include_usage:
             out["usage"] = usage(meta.prompt_tokens, run.choices) if opts.continuous_usage_stats else None
         return sse(out)
@@ -412,7 +546,11 @@ async def stream_completion(run: Run, body: schemas.CompletionRequest, meta: Met
         try:
             async for i, ev in run.events():
                 if ev.text or ev.tokens:
-                    lp = completion_logprobs(engine, ev.tokens, offsets[i]) if body.logprobs is not None else None
+                    lp = (
+                        completion_logprobs(engine, ev.tokens, offsets[i])
+                        if body.logprobs is not None
+                        else None
+                    )
                     offsets[i] += len(ev.text)
                     yield chunk(i, ev.text, lp)
                 if ev.finish_reason is not None:
@@ -466,8 +604,17 @@ def completion_logprobs(engine: Engine, tokens: Sequence[TokenLogprob], offset: 
     return out
 
 
-def serve(models: Mapping[str, Model], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, max_queue: int = 64, context: int | None = None, log_level: str = "info") -> None:
+def serve(
+    models: Mapping[str, Model],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    context: int | None = None,
+    log_level: str = "info",
+) -> None:
     """Run the server until interrupted."""
     app = create_app(models, api_key=api_key, max_batch=max_batch, max_queue=max_queue, context=context)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

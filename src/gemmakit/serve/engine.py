@@ -47,7 +47,9 @@ class Event:
     """What one sequence produced in one step, sent to its job's sink."""
 
     text: str  # new text, safe to show (stop strings cut, a possible stop prefix held back)
-    tokens: list[TokenLogprob]  # the token sampled in this step with its logprobs, when asked for (else empty)
+    tokens: list[
+        TokenLogprob
+    ]  # the token sampled in this step with its logprobs, when asked for (else empty)
     finish_reason: str | None  # "stop" or "length" once finished
     completion_tokens: int  # tokens sampled so far (including a final end-of-turn / EOS)
     error: str | None = None  # an internal failure; the sequence is over
@@ -91,9 +93,13 @@ class _Seq:
 class Engine:
     """Owns `model` on a background thread; `submit()` jobs from any thread, results arrive through their sinks."""
 
-    def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None) -> None:
+    def __init__(
+        self, model: Model, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None
+    ) -> None:
         if model.tokenizer is None:
-            raise GemmaError(f"{model.source}: serving needs a tokenizer; put tokenizer.model next to the weights")
+            raise GemmaError(
+                f"{model.source}: serving needs a tokenizer; put tokenizer.model next to the weights"
+            )
         if max_batch < 1 or max_queue < 1:
             raise GemmaError("max_batch and max_queue must be >= 1")
         cfg = model.config
@@ -106,10 +112,13 @@ class Engine:
         self.stop_ids = {cfg.eos_token_id, cfg.end_of_turn_id}
         self.tokens_generated = 0
         self.requests_done = 0
+        self.peak_batch = 0  # most sequences decoded by one forward so far: evidence of batching
         self._vocab: Vocab | None = None
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"gemmakit-engine-{model.source}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"gemmakit-engine-{model.source}", daemon=True
+        )
 
     # ---- public, any thread -------------------------------------------------------------------------
 
@@ -129,8 +138,10 @@ class Engine:
             if job.max_new_tokens < 1:
                 raise GemmaError(f"max_new_tokens must be >= 1, got {job.max_new_tokens}")
             if len(job.prompt) + job.max_new_tokens > self.context:
-                raise GemmaError(f"the prompt ({len(job.prompt)} tokens) plus max_new_tokens "
-                                 f"({job.max_new_tokens}) exceed the context of {self.context} tokens")
+                raise GemmaError(
+                    f"the prompt ({len(job.prompt)} tokens) plus max_new_tokens "
+                    f"({job.max_new_tokens}) exceed the context of {self.context} tokens"
+                )
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -198,6 +209,7 @@ class Engine:
         live = [(r, s) for r, s in enumerate(self.rows) if s is not None]
         for r, seq in live:
             tokens[r, 0], pos[r, 0] = seq.last, seq.position
+        self.peak_batch = max(self.peak_batch, len(live))
         logits = self.model.module(tokens.to(device), pos.to(device), self.cache)[:, -1]  # (B, V)
         for r, seq in enumerate(self.rows):
             if seq is None:
@@ -239,9 +251,13 @@ class Engine:
         token = self._choose(seq, logits)
         info = []
         if job.logprobs is not None and token not in self.stop_ids:
-            lp = torch.log_softmax(logits.float(), dim=-1)[0]  # the model's distribution, before any processing
+            lp = torch.log_softmax(logits.float(), dim=-1)[
+                0
+            ]  # the model's distribution, before any processing
             top = torch.topk(lp, job.logprobs) if job.logprobs else None
-            tops = list(zip(top.indices.tolist(), top.values.tolist(), strict=False)) if top is not None else []
+            tops = (
+                list(zip(top.indices.tolist(), top.values.tolist(), strict=False)) if top is not None else []
+            )
             info.append(TokenLogprob(token, float(lp[token]), tops))
         seq.generated += 1
         self.tokens_generated += 1
@@ -253,7 +269,9 @@ class Engine:
             seq.json.accept(token)
         stops = set() if job.ignore_eos and seq.json is None else self.stop_ids
         text = seq.row.push(token, stops)
-        if seq.row.finish_reason is None and (seq.generated >= job.max_new_tokens or seq.position >= self.context):
+        if seq.row.finish_reason is None and (
+            seq.generated >= job.max_new_tokens or seq.position >= self.context
+        ):
             text += seq.row.finish("length")
         elif seq.row.finish_reason is not None:
             text += seq.row.finish(seq.row.finish_reason)
@@ -269,11 +287,17 @@ class Engine:
         if seq.bias is not None:
             scores = scores.index_add(1, seq.bias[0], seq.bias[1][None])
         if seq.counts is not None:  # OpenAI's penalties on tokens generated so far
-            scores = scores - seq.counts * job.frequency_penalty - (seq.counts > 0).float() * job.presence_penalty
+            scores = (
+                scores - seq.counts * job.frequency_penalty - (seq.counts > 0).float() * job.presence_penalty
+            )
         if seq.json is None:
             return int(seq.sample(scores, seq.seen)[0])
         p = job.params
-        unrestricted = process_logits(scores, SamplingParams(temperature=p.temperature, repetition_penalty=p.repetition_penalty), seq.seen)[0]
+        unrestricted = process_logits(
+            scores,
+            SamplingParams(temperature=p.temperature, repetition_penalty=p.repetition_penalty),
+            seq.seen,
+        )[0]
         restricted = process_logits(scores, p, seq.seen)[0]
         if not p.greedy:  # Gumbel-max: argmax of scores + Gumbel noise is a draw from softmax(scores)
             u = torch.rand(scores.shape[-1], generator=seq.generator, device=scores.device)

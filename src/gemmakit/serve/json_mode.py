@@ -18,7 +18,7 @@ from torch import Tensor
 from ..tokenizer import Tokenizer
 
 WS = frozenset(b" \t\n\r")
-MAX_WS = 48  # longest whitespace run between tokens: enough for indentation, not for a model stuck on spaces
+MAX_WS = 24  # longest whitespace run between tokens: enough for indentation, not for a model stuck on spaces
 MAX_DEPTH = 64
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
@@ -102,8 +102,8 @@ def advance(state: State, b: int) -> State | None:
         if b != aux[0]:
             return None
         return ("lit", stack, aux[1:], 0) if len(aux) > 1 else _after_value(stack)
-    if b in WS:
-        return (mode, stack, aux, ws + 1) if ws < MAX_WS and mode != "done" else None
+    if b in WS:  # not before the object: the output starts with "{"
+        return (mode, stack, aux, ws + 1) if ws < MAX_WS and mode not in ("start", "done") else None
     if mode == "start":
         return ("obj_first", "{", None, 0) if b == ord("{") else None
     if mode in ("obj_first", "obj_key"):
@@ -183,7 +183,9 @@ class JsonConstraint:
                 data = self.vocab.data[i]
                 if data and feed(self.state, data) is not None:
                     return i
-        raise RuntimeError("no token can continue the JSON text")  # unreachable: the vocabulary has every byte
+        raise RuntimeError(
+            "no token can continue the JSON text"
+        )  # unreachable: the vocabulary has every byte
 
     def accept(self, token: int) -> None:
         if not self.done:

@@ -63,7 +63,9 @@ class Sampling(Strict):
         out = {}
         for key, value in (self.logit_bias or {}).items():
             if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
-                raise ParamError("logit_bias", f"logit_bias keys must be token ids in 0..{vocab_size - 1}, got {key!r}")
+                raise ParamError(
+                    "logit_bias", f"logit_bias keys must be token ids in 0..{vocab_size - 1}, got {key!r}"
+                )
             if not -100 <= value <= 100:
                 raise ParamError("logit_bias", f"logit_bias values must lie in [-100, 100], got {value}")
             out[int(key)] = float(value)
@@ -72,8 +74,11 @@ class Sampling(Strict):
     def json_object(self) -> bool:
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema":
-            raise ParamError("response_format", "response_format type 'json_schema' is not supported; use "
-                             "'json_object' (any valid JSON object) or 'text'")
+            raise ParamError(
+                "response_format",
+                "response_format type 'json_schema' is not supported; use "
+                "'json_object' (any valid JSON object) or 'text'",
+            )
         return fmt is not None and fmt.type == "json_object"
 
 

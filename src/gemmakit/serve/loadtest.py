@@ -1,0 +1,226 @@
+"""Load test: start `gemmakit serve` on a free loopback port and drive it with concurrent streaming clients.
+
+Every client streams /v1/completions with `ignore_eos`, so each request generates exactly `max_tokens` tokens and
+rounds with different client counts do the same work per request. Aggregate tok/s = all completion tokens of a
+round / the round's wall time. Only the standard library talks HTTP here, so this runs without dev extras.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import GemmaError
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "A good recipe for bread needs",
+    "In the middle of the ocean there is",
+    "The most important rule of programming is",
+    "Once upon a time, in a small village,",
+    "The theory of relativity explains",
+    "My favourite way to spend a Sunday is",
+    "The city at night looks like",
+]
+MODEL_NAME = "bench"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_completion(port: int, prompt: str, max_tokens: int, timeout: float = 600.0) -> dict:
+    """One streaming request; -> tokens, time to first token, total time (seconds)."""
+    body = json.dumps(
+        {
+            "model": MODEL_NAME,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise GemmaError(f"load test request failed: HTTP {resp.status} {resp.read()[:300]!r}")
+        first, tokens = None, 0
+        for raw in resp:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise GemmaError(f"load test request failed: {chunk['error']['message']}")
+            if first is None and any(c.get("text") for c in chunk["choices"]):
+                first = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    finally:
+        conn.close()
+    total = time.perf_counter() - t0
+    return {"tokens": tokens, "ttft_s": first if first is not None else total, "total_s": total}
+
+
+def run_round(port: int, clients: int, max_tokens: int, requests_per_client: int = 1) -> dict:
+    """`clients` threads, each sending requests_per_client streaming requests back to back."""
+    results: list[dict] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for j in range(requests_per_client):
+            try:
+                r = stream_completion(port, PROMPTS[(k + j) % len(PROMPTS)], max_tokens)
+            except BaseException as e:  # reported after the round; a thread must not die silently
+                with lock:
+                    errors.append(e)
+                return
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise GemmaError(f"{len(errors)} load test request(s) failed; first: {errors[0]}")
+    tokens = sum(r["tokens"] for r in results)
+    ttfts = [r["ttft_s"] for r in results]
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "aggregate_tok_s": round(tokens / wall, 2),
+        "per_request_tok_s": round(statistics.mean(r["tokens"] / r["total_s"] for r in results), 2),
+        "ttft_s_mean": round(statistics.mean(ttfts), 3),
+        "ttft_s_max": round(max(ttfts), 3),
+    }
+
+
+def run_load_test(
+    source: str | None,
+    clients: Sequence[int] = (1, 4, 8),
+    max_tokens: int = 64,
+    *,
+    requests_per_client: int = 1,
+    max_batch: int | None = None,
+    ctx_size: int = 1024,
+    device: str = "auto",
+    startup_timeout: float = 300.0,
+) -> dict:
+    """Serve `source` (None: the embedded model) in a subprocess and measure aggregate decode throughput.
+
+    -> {"model", "device", "max_tokens", "max_batch", "rounds": [{"clients", "aggregate_tok_s", ...}, ...]}.
+    The server gets max_batch = the largest client count unless given, so every round fits in one batch.
+    """
+    if not clients or min(clients) < 1:
+        raise GemmaError("clients must be a non-empty list of positive counts")
+    if max_tokens < 1:
+        raise GemmaError("max_tokens must be >= 1")
+    batch = max_batch or max(clients)
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "gemmakit",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(batch),
+        "--ctx-size",
+        str(ctx_size),
+        "--device",
+        device,
+        "--log-level",
+        "warning",
+        "-m",
+        f"{MODEL_NAME}={source}" if source else f"{MODEL_NAME}=" + _embedded(),
+    ]
+    log = tempfile.NamedTemporaryFile("w+", prefix="gemmakit-loadtest-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    try:
+        _wait_ready(proc, port, startup_timeout, Path(log.name))
+        stream_completion(port, PROMPTS[0], min(8, max_tokens))  # warm-up: first-call allocations, kernels
+        rounds = [run_round(port, c, max_tokens, requests_per_client) for c in clients]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+    return {
+        "model": source or "embedded",
+        "device": device,
+        "max_tokens": max_tokens,
+        "max_batch": batch,
+        "ctx_size": ctx_size,
+        "requests_per_client": requests_per_client,
+        "rounds": rounds,
+    }
+
+
+def _embedded() -> str:
+    from ..embedded import embedded_path
+
+    return str(embedded_path())
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, timeout: float, log: Path) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise GemmaError(f"the server exited with code {proc.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.25)
+    raise GemmaError(f"the server did not answer /health within {timeout:.0f} s")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Aggregate tok/s of `gemmakit serve` for several client counts.")
+    ap.add_argument("source", nargs="?", default=None, help="model (default: embedded)")
+    ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args()
+    out = run_load_test(a.source, [int(c) for c in a.clients.split(",")], a.max_tokens, device=a.device)
+    print(json.dumps(out, indent=2))
