@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .. import chat as chat_template
 from ..api import Model
@@ -142,7 +143,7 @@ def chat(
         seed=seed,
     )
     session = Session(m, context=context, max_new_tokens=max_new_tokens, sampling=sampling, system=system)
-    err.print(f"[bold]gemmakit chat[/] · {m.source} · context {context} tokens\n[dim]{HELP}[/]")
+    err.print(f"[bold]gemmakit chat[/] · {escape(m.source)} · context {context} tokens\n[dim]{HELP}[/]")
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -176,7 +177,7 @@ def chat(
             if interrupted:
                 err.print("[dim]\\[stopped][/]")
         except GemmaError as e:
-            err.print(f"[bold red]error:[/] {e}")
+            err.print(f"[bold red]error:[/] {escape(str(e))}")
 
 
 def _command(session: Session, text: str, err: Console) -> bool:
@@ -197,12 +198,12 @@ def _command(session: Session, text: str, err: Console) -> bool:
         path = Path(arg).expanduser()
         if name == "/save":
             session.save(path)
-            err.print(f"[dim](saved {len(session.messages())} messages to {path})[/]")
+            err.print(f"[dim](saved {len(session.messages())} messages to {escape(str(path))})[/]")
         else:
             session.load(path)
-            err.print(f"[dim](loaded {len(session.messages())} messages from {path})[/]")
+            err.print(f"[dim](loaded {len(session.messages())} messages from {escape(str(path))})[/]")
     elif name == "/help":
         err.print(f"[dim]{HELP}[/]")
     else:
-        err.print(f"[red]unknown command {name}[/] [dim]{HELP}[/]")
+        err.print(f"[red]unknown command {escape(name)}[/] [dim]{HELP}[/]")
     return False

@@ -158,19 +158,16 @@ def create_app(
         }
 
     @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
-            "models": {
-                name: {
-                    "active": e.active,
-                    "waiting": e.queued,
-                    "context": e.context,
-                    "max_batch": e.max_batch,
-                }
-                for name, e in engines.items()
-            },
+    async def health() -> JSONResponse:
+        """200 while every model's engine runs; 503 otherwise (for load balancers and the load test)."""
+        ok = all(e.alive for e in engines.values())
+        models = {
+            name: {"active": e.active, "waiting": e.queued, "context": e.context, "max_batch": e.max_batch}
+            for name, e in engines.items()
         }
+        return JSONResponse(
+            {"status": "ok" if ok else "error", "models": models}, status_code=200 if ok else 503
+        )
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:

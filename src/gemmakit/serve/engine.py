@@ -151,6 +151,10 @@ class Engine:
             self._cond.notify()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def active(self) -> int:
         return sum(s is not None for s in self.rows)
 

@@ -1,0 +1,26 @@
+"""The load test behind `gemmakit bench --server`: a real `gemmakit serve` subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gemmakit import GemmaError
+from gemmakit.serve.loadtest import run_load_test
+
+
+def test_load_test_reports_every_round():
+    out = run_load_test(None, clients=(1, 3), max_tokens=4, ctx_size=128)
+    json.dumps(out)  # JSON-able
+    assert out["max_batch"] == 3 and [r["clients"] for r in out["rounds"]] == [1, 3]
+    for r in out["rounds"]:
+        assert r["requests"] == r["clients"] and r["completion_tokens"] == 4 * r["clients"]
+        assert r["aggregate_tok_s"] > 0 and 0 < r["ttft_s_mean"] <= r["ttft_s_max"] <= r["wall_s"]
+
+
+def test_load_test_refuses_bad_arguments():
+    with pytest.raises(GemmaError):
+        run_load_test(None, clients=(), max_tokens=4)
+    with pytest.raises(GemmaError, match="exited"):
+        run_load_test("/nonexistent/model.gguf", clients=(1,), max_tokens=4, startup_timeout=60)
