@@ -90,3 +90,20 @@ def test_prompt_lookup_is_identical_to_greedy(fast_model):
     assert "".join(fast_model.stream(prompt, 48, ignore_eos=True, lookup=8)) == plain.text
     index = G.NgramIndex([5, 6, 7, 8, 5, 6])
     assert index.draft(3) == [7, 8, 5]
+
+
+def test_q8_on_any_source_is_close_to_reference(tmp_path):
+    """quant='q8' on a bf16/fp32 HF folder: fused q/k/v and gate/up, logits close to the float model."""
+    from helpers import TINY, hf_model
+
+    import gemmakit
+
+    cfg = TINY["gemma3"]
+    hf_model(cfg).save_pretrained(tmp_path)
+    ref = gemmakit.load(tmp_path, quant=None, progress=False)
+    fast = gemmakit.load(tmp_path, quant="q8", progress=False)
+    attn = fast.module.model.layers[0].self_attn
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    ids = list(range(2, 40))
+    a, b = fast.logits(ids), ref.logits(ids)
+    assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()

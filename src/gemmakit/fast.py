@@ -20,11 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from .config import GemmaConfig
 from .embedded import cache_dir
 from .model import Gemma
-from .quant.q8 import quantize_q8, swap_in_q8
+from .quant.q8 import fuse_blocks, quantize_q8, swap_in_q8
 from .weights.gguf import GGUFFile, GGMLQuantizationType
 from .weights.names import gguf_to_hf
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
@@ -38,19 +38,25 @@ def _cache_path(g: GGUFFile) -> Path:
     return cache_dir() / "q8" / f"{g.path.stem}-{key[:16]}"
 
 
-def _convert(g: GGUFFile, names: list[str], target: Path, progress: bool) -> None:
-    """Re-quantize `names` to Q8_0 into target.bin + target.json, atomically (temp files, then rename)."""
+def _convert(g: GGUFFile, names: dict[str, str], target: Path, progress: bool) -> None:
+    """Q8_0 blocks of the GGUF tensors `names` (GGUF -> HF name), q/k/v and gate/up fused, written to
+    target.bin + target.json atomically (temp files, then rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    blocks: dict[str, torch.Tensor] = {}
+    with Progress(TextColumn("converting weights for the fast path (once)"), BarColumn(), MofNCompleteColumn(),
+                  disable=not progress, transient=True) as bar:
+        task = bar.add_task("convert", total=len(names))
+        for name, hf in names.items():
+            t = g.tensors[name]
+            raw = g.raw(name).reshape(t.shape[0], -1) if t.qtype == GGMLQuantizationType.Q8_0 else None
+            blocks[hf] = torch.from_numpy(raw.copy() if raw is not None else quantize_q8(g.dequantize(name)))
+            bar.advance(task)
     index: dict[str, list[int]] = {}
     tmp_bin = target.with_suffix(f".bin.tmp{os.getpid()}")
-    with Progress(TextColumn("converting weights for the fast path (once)"), BarColumn(), MofNCompleteColumn(),
-                  disable=not progress, transient=True) as bar, tmp_bin.open("wb") as f:
-        task = bar.add_task("convert", total=len(names))
-        for name in names:
-            blocks = quantize_q8(g.dequantize(name))
-            index[name] = [f.tell(), *blocks.shape]
-            f.write(blocks.tobytes())
-            bar.advance(task)
+    with tmp_bin.open("wb") as f:
+        for hf, b in fuse_blocks(blocks).items():
+            index[hf] = [f.tell(), *b.shape]
+            f.write(b.numpy().tobytes())
     tmp_json = target.with_suffix(f".json.tmp{os.getpid()}")
     tmp_json.write_text(json.dumps(index))
     os.replace(tmp_bin, target.with_suffix(".bin"))
@@ -63,21 +69,22 @@ def load_gguf_q8(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progress:
     for name, t in g.tensors.items():
         hf = gguf_to_hf(name, cfg.family)
         (floats if t.qtype in _FLOAT_TYPES or name.endswith("norm.weight") else quantized)[name] = hf
-    to_convert = sorted(n for n in quantized if g.tensors[n].qtype != GGMLQuantizationType.Q8_0)
-    target = _cache_path(g)
-    if to_convert and not target.with_suffix(".json").exists():
-        _convert(g, to_convert, target, progress)
+    # Q8_0 matrices outside the layers (the tied embedding) are used from the GGUF's own mapping; layer
+    # matrices go through the cache, where they are stored fused.
+    direct = {n: hf for n, hf in quantized.items()
+              if g.tensors[n].qtype == GGMLQuantizationType.Q8_0 and not n.startswith("blk.")}
+    cached = {n: hf for n, hf in quantized.items() if n not in direct}
     blocks: dict[str, torch.Tensor] = {}
-    if to_convert:
+    if cached:
+        target = _cache_path(g)
+        if not target.with_suffix(".json").exists():
+            _convert(g, cached, target, progress)
         index = json.loads(target.with_suffix(".json").read_text())
         data = np.memmap(target.with_suffix(".bin"), dtype=np.uint8, mode="c")
-        for name in to_convert:
-            off, rows, width = index[name]
-            blocks[quantized[name]] = torch.from_numpy(data[off:off + rows * width].reshape(rows, width))
-    for name, hf in quantized.items():
-        if name not in to_convert:
-            t = g.tensors[name]
-            blocks[hf] = torch.from_numpy(g.raw(name).reshape(t.shape[0], -1))
+        for hf, (off, rows, width) in index.items():
+            blocks[hf] = torch.from_numpy(data[off:off + rows * width].reshape(rows, width))
+    for name, hf in direct.items():
+        blocks[hf] = torch.from_numpy(g.raw(name).reshape(g.tensors[name].shape[0], -1))
     with torch.device("meta"):
         module = Gemma(cfg)
     swap_in_q8(module, blocks)

@@ -15,7 +15,7 @@ from .fast import is_quantized, load_gguf_q8
 from .model import Gemma
 from .tokenizer import Tokenizer
 from .weights.ckpt import read_ckpt
-from .quant.q8 import quantize_q8, swap_in_q8
+from .quant.q8 import fuse_blocks, quantize_q8, swap_in_q8
 from .weights.gguf import config_from_gguf, read_gguf, state_dict_from_gguf, tokenizer_from_gguf
 from .weights.hf import read_hf_config, read_hf_state_dict
 
@@ -164,8 +164,9 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     if quant == "q8":
         if dev.type != "cpu":
             raise GemmaError("quant='q8' is a CPU path; on CUDA use quant=None (bfloat16)")
-        swap_in_q8(module, {k: torch.from_numpy(quantize_q8(v.float())) for k, v in module.state_dict().items()
-                            if k.endswith("proj.weight") or k == "model.embed_tokens.weight"})
+        swap_in_q8(module, fuse_blocks({k: torch.from_numpy(quantize_q8(v.float()))
+                                        for k, v in module.state_dict().items()
+                                        if k.endswith("proj.weight") or k == "model.embed_tokens.weight"}))
     return Model(module, tok, label, fmt)
 
 

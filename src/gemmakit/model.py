@@ -79,6 +79,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * h, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * h, bias=False)
         self.o_proj = nn.Linear(self.n_heads * h, d, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q/k/v fused into one matrix by quantization: one call, not three
         if cfg.qk_norm:  # Gemma 3: per-head RMSNorm after projection, before RoPE
             self.q_norm = RMSNorm(h, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps)
@@ -88,9 +89,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None,
                 masks: dict) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, H)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, H)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                              self.n_kv * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, H)
+        k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, H)
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -124,10 +130,15 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up fused by quantization
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):
