@@ -122,6 +122,7 @@ def chat(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder (PEFT format) to apply.")] = None,
 ) -> None:
     """Chat with a model in the terminal: streaming replies, multi-turn history, /reset /system /save /load.
 
@@ -132,7 +133,7 @@ def chat(
                gemmakit chat -m gemma-2-2b-it.Q8_0.gguf --system "Answer in French." -t 0.3
     """
     err = Console(stderr=True, highlight=False)
-    m = load(model, device=device)
+    m = load(model, device=device, adapter=adapter)
     context = min(ctx_size or m.config.max_position_embeddings, m.config.max_position_embeddings)
     sampling = dict(
         temperature=temperature,

@@ -27,6 +27,7 @@ def run(
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
     lookup: Annotated[int, typer.Option(help="Prompt-lookup speculative decoding: draft up to N tokens (greedy).")] = 0,
     quant: Annotated[str, typer.Option(help="auto (fast path for quantized GGUF), q8, or none (exact fp32).")] = "auto",
+    adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder (PEFT format) to apply.")] = None,
     variant: Annotated[str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     stats: Annotated[bool, typer.Option(help="Print tokens/s to stderr at the end.")] = True,
@@ -37,7 +38,8 @@ def run(
                gemmakit run -m gemma-2b.gguf "Once upon a time" -t 0.8 --top-p 0.95 --seed 1
     """
     err = Console(stderr=True)
-    m = load(model, device=device, variant=variant, quant=None if quant == "none" else quant)
+    m = load(model, device=device, variant=variant, quant=None if quant == "none" else quant,
+             adapter=adapter)
     t0 = time.perf_counter()
     sys.stdout.write(prompt)
     for piece in m.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

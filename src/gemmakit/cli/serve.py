@@ -58,6 +58,10 @@ def serve(
     ] = 4096,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=ADAPTER_DIR (or ADAPTER_DIR with one model): a LoRA adapter (PEFT format) for a model."),
+    ] = None,
 ) -> None:
     """Serve models over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
@@ -70,9 +74,19 @@ def serve(
 
     err = Console(stderr=True)
     specs = parse_models(model)
+    adapters: dict[str, str] = {}
+    for a in adapter or []:
+        name, sep, path = a.partition("=")
+        if not sep:
+            if len(specs) != 1:
+                raise GemmaError("with several models, name the one an adapter is for: --adapter NAME=DIR")
+            name, path = specs[0][0], a
+        if name not in dict(specs):
+            raise GemmaError(f"--adapter names model {name!r}, which is not served")
+        adapters[name] = path
     models = {}
     for name, path in specs:
-        models[name] = load(path, device=device, progress=True)
+        models[name] = load(path, device=device, progress=True, adapter=adapters.get(name))
         err.print(f"[dim]loaded {name}: {models[name].source}[/]", highlight=False)
     if api_key is None and not _is_loopback(host):
         err.print(
