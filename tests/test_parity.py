@@ -122,3 +122,39 @@ def test_rows_join_at_different_times(pair):
             out[1].append(int(nxt[1]))
     assert out[0] == alone[tuple(a)][:14]
     assert out[1] == alone[tuple(b)][:9]
+
+
+@pytest.mark.parametrize("name", ["gemma1", "gemma3"])
+def test_gemma_pytorch_ckpt_loads_with_same_logits(name, tmp_path):
+    """A gemma_pytorch .ckpt (fused qkv_proj, `embedder`, query/key_norm names, RoPE buffers) gives HF's logits;
+    its int8 variant (weight + weight_scaler) loads too."""
+    cfg = TINY[name]
+    ref = hf_model(cfg)
+    sd = ref.state_dict()
+    ckpt, int8 = {}, {}
+    for k, v in sd.items():
+        if k == "lm_head.weight":
+            continue
+        if k.endswith("self_attn.q_proj.weight"):
+            base = k.removesuffix("q_proj.weight")
+            v = torch.cat([v, sd[base + "k_proj.weight"], sd[base + "v_proj.weight"]])
+            k = base + "qkv_proj.weight"
+        elif k.endswith(("k_proj.weight", "v_proj.weight")):
+            continue
+        k = k.replace("model.embed_tokens", "embedder").replace("q_norm", "query_norm").replace("k_norm", "key_norm")
+        ckpt[k] = v
+        if v.dim() == 2:
+            scale = v.abs().amax(1) / 127
+            int8[k], int8[k.replace(".weight", ".weight_scaler")] = (v / scale[:, None]).round().to(torch.int8), scale
+        else:
+            int8[k] = v
+    ckpt["freqs_cis"] = torch.zeros(4, dtype=torch.complex64)
+    torch.save({"model_state_dict": ckpt}, tmp_path / "model.ckpt")
+    torch.save({"model_state_dict": int8}, tmp_path / "model-int8.ckpt")
+    ids = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(ids).logits[0]
+    got = gemmakit.load(tmp_path / "model.ckpt", variant=cfg, quant=None, progress=False).logits(ids[0])
+    assert (got - expected).abs().max().item() <= TOL
+    q = gemmakit.load(tmp_path / "model-int8.ckpt", variant=cfg, quant=None, progress=False).logits(ids[0])
+    assert (q - expected).abs().max().item() < 0.1 * expected.abs().max().item()
