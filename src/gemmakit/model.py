@@ -278,7 +278,11 @@ class LayerCache:
     end: int = 0  # max column written + 1 over those rows: how far attention must look
     start: int | None = None  # the common first column when every row is written from the same column
 
+    prefix: int | None = None  # the rows are exactly 0..prefix-1: read them through a view, not a gather
+
     def _view(self, t: Tensor) -> Tensor:
+        if self.prefix is not None:
+            return t[: self.prefix]
         return t if self.rows is None else t[self.rows]
 
     def update(self, k: Tensor, v: Tensor, qpos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -344,8 +348,10 @@ class KVCache:
         rows_t = None if rows is None else torch.tensor(rows, device=device)
         starts_t = torch.tensor(starts, device=device)
         common = starts[0] if rows is None and len(set(starts)) == 1 else None
+        prefix = len(rows) if rows is not None and rows == list(range(len(rows))) else None
         for layer in self.layers:
             layer.rows, layer.starts, layer.end, layer.start = rows_t, starts_t, max(starts) + n_new, common
+            layer.prefix = prefix
         self._pending = (idx, n_new)
 
     def advance(self) -> None:

@@ -208,15 +208,19 @@ class Engine:
     @torch.inference_mode()
     def _decode(self) -> None:
         device = self.model.device
-        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
-        pos = torch.full((self.max_batch, 1), -1, dtype=torch.long)
         live = [(r, s) for r, s in enumerate(self.rows) if s is not None]
+        # Decode rows 0..hi-1 only (a view of the cache, no copy): new requests take the lowest free rows, so one
+        # client decodes at batch 1, not at max_batch.
+        hi = live[-1][0] + 1
+        tokens = torch.zeros(hi, 1, dtype=torch.long)
+        pos = torch.full((hi, 1), -1, dtype=torch.long)
         for r, seq in live:
             tokens[r, 0], pos[r, 0] = seq.last, seq.position
         self.peak_batch = max(self.peak_batch, len(live))
-        logits = self.model.module(tokens.to(device), pos.to(device), self.cache)[:, -1]  # (B, V)
-        for r, seq in enumerate(self.rows):
-            if seq is None:
+        rows = list(range(hi))
+        logits = self.model.module(tokens.to(device), pos.to(device), self.cache, rows=rows)[:, -1]  # (hi, V)
+        for r in rows:
+            if self.rows[r] is None:
                 self.cache.reset(r)  # drop the dummy column: free rows stay empty
         for r, seq in live:
             seq.position += 1
