@@ -9,11 +9,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, hf_model
 
 import gemmakit
 from gemmakit import GemmaError
 from gemmakit.embedded import embedded_path
+from helpers import TINY, hf_model
 
 
 def test_missing_path(tmp_path):

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import texts
 
 from gemmakit.embedded import embedded_path
 from gemmakit.quant import kernels, q8
 from gemmakit.quant.q8 import Q8Embedding, Q8Linear, dequantize_q8, quantize_q8
 from gemmakit.weights.gguf import read_gguf
+from reference import texts
 
 needs_native = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels not built")
 
@@ -94,9 +94,8 @@ def test_prompt_lookup_is_identical_to_greedy(fast_model):
 
 def test_q8_on_any_source_is_close_to_reference(tmp_path):
     """quant='q8' on a bf16/fp32 HF folder: fused q/k/v and gate/up, logits close to the float model."""
-    from helpers import TINY, hf_model
-
     import gemmakit
+    from helpers import TINY, hf_model
 
     cfg = TINY["gemma3"]
     hf_model(cfg).save_pretrained(tmp_path)

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from gemmakit.generate import _Row
-from gemmakit.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
-                               make_sampler)
+from gemmakit.sampling import (
+    SamplingParams,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    make_sampler,
+)
 
 PROMPT = "The best way to learn a new programming language is"
 
@@ -57,10 +63,9 @@ def test_batched_prompts_match_single(embedded_model):
 
 
 def test_generation_stops_at_the_context_end(embedded_model):
-    from helpers import TINY
-
     from gemmakit import Model
     from gemmakit.model import Gemma
+    from helpers import TINY
 
     cfg = TINY["gemma3"].replace(max_position_embeddings=32)
     small = Model(Gemma(cfg).eval(), embedded_model.tokenizer, "tiny", "hf")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import gguf_reference, texts
 
 import gemmakit
 from gemmakit.embedded import embedded_path
 from gemmakit.generate import generate_step
 from gemmakit.sampling import SamplingParams
+from reference import gguf_reference, texts
 
 
 @pytest.fixture(scope="module")

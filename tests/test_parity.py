@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY, hf_model
 
 import gemmakit
 from gemmakit.generate import generate_step, left_pad
 from gemmakit.model import KVCache
 from gemmakit.sampling import SamplingParams
+from helpers import TINY, hf_model
 
 TOL = 1e-4
 

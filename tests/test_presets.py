@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hf_model  # noqa: F401  (sets offline env)
 
 from gemmakit.config import PRESETS, from_hf
 from gemmakit.model import Gemma
+from helpers import hf_model  # noqa: F401  (sets offline env)
 
 # Published parameter counts (HF model cards / gemma_pytorch): embedding counted once (tied).
 OFFICIAL = {"gemma-2b": 2_506_172_416, "gemma-7b": 8_537_680_896}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hf_model  # noqa: F401  (sets offline env)
 
 from gemmakit.config import PRESETS
 from gemmakit.loader import build
+from helpers import hf_model  # noqa: F401  (sets offline env)
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from .config import GemmaConfig
 from .embedded import cache_dir
 from .model import Gemma
 from .quant.q8 import fuse_blocks, quantize_q8, swap_in_q8
-from .weights.gguf import GGUFFile, GGMLQuantizationType
+from .weights.gguf import GGMLQuantizationType, GGUFFile
 from .weights.names import gguf_to_hf
 
 CACHE_VERSION = "2"

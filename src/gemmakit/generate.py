@@ -225,7 +225,7 @@ class Generation:
         try:
             for step, tokens in enumerate(steps):
                 out: list[tuple[str, str | None]] = []
-                for i, (row, t) in enumerate(zip(self.rows, tokens.tolist())):
+                for i, (row, t) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
                     if row.finish_reason is not None:
                         out.append(("", None))
                         continue
@@ -247,4 +247,4 @@ class Generation:
             for _ in self:
                 pass
         return [GenerationResult(self.texts[i], row.ids, row.finish_reason or "length", len(p))
-                for i, (row, p) in enumerate(zip(self.rows, self.prompts))]
+                for i, (row, p) in enumerate(zip(self.rows, self.prompts, strict=True))]

@@ -13,9 +13,9 @@ from .config import GemmaConfig, preset
 from .errors import GemmaError
 from .fast import is_quantized, load_gguf_q8
 from .model import Gemma
+from .quant.q8 import fuse_blocks, quantize_q8, swap_in_q8
 from .tokenizer import Tokenizer
 from .weights.ckpt import read_ckpt
-from .quant.q8 import fuse_blocks, quantize_q8, swap_in_q8
 from .weights.gguf import config_from_gguf, read_gguf, state_dict_from_gguf, tokenizer_from_gguf
 from .weights.hf import read_hf_config, read_hf_state_dict
 

@@ -63,10 +63,10 @@ def library() -> ctypes.CDLL | None:
         return None
     torch.ones(1)  # torch (and its OpenMP runtime) is loaded first, so q8.so binds to the same libgomp
     lib = ctypes.CDLL(str(path))
-    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.q8_matmul.argtypes = [P, P, P, L, L, L, I]
-    lib.q8_rows.argtypes = [P, P, L, L, P, I]
-    lib.q8_to_bf16.argtypes = [P, L, L, P, I]
+    ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.q8_matmul.argtypes = [ptr, ptr, ptr, long_, long_, long_, int_]
+    lib.q8_rows.argtypes = [ptr, ptr, long_, long_, ptr, int_]
+    lib.q8_to_bf16.argtypes = [ptr, long_, long_, ptr, int_]
     for f in (lib.q8_matmul, lib.q8_rows, lib.q8_to_bf16):
         f.restype = None
     return lib
