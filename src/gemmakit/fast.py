@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from .config import GemmaConfig
 from .embedded import cache_dir
-from .model import Gemma
-from .quant.q8 import fuse_blocks, quantize_q8, swap_in_q8
+from .model import Gemma, RMSNorm
+from .quant.q8 import fuse_blocks, quantize_q8, swap_in_fast_norms, swap_in_q8
 from .weights.gguf import GGMLQuantizationType, GGUFFile
 from .weights.names import gguf_to_hf
 
@@ -96,4 +96,6 @@ def load_gguf_q8(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progress:
     if missing:
         raise ValueError(f"{g.path}: no tensor for {sorted(missing)[0]}")
     module.load_state_dict(state, strict=True, assign=True)
+    if dtype == torch.float32:
+        swap_in_fast_norms(module, RMSNorm)
     return module.eval()

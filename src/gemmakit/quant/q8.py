@@ -163,3 +163,31 @@ def fuse_blocks(blocks: dict[str, Tensor]) -> dict[str, Tensor]:
             if all(n in out for n in names):
                 out[f"{prefix}.{fused}.weight"] = torch.cat([out.pop(n) for n in names], dim=0)
     return out
+
+
+class FastRMSNorm(nn.Module):
+    """Inference-only Gemma RMSNorm with (1 + w) precomputed; the native kernel for short inputs, torch otherwise."""
+
+    def __init__(self, weight: Tensor, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", weight.detach(), persistent=False)  # w, as RMSNorm stores it
+        self.register_buffer("scale", weight.detach().float() + 1.0, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lib = kernels.library()
+        if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > 64 * x.shape[-1]:
+            return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        lib.rms_norm(x.data_ptr(), self.scale.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                     self.eps)
+        return y
+
+
+def swap_in_fast_norms(module: nn.Module, norm_type: type) -> None:
+    """Replace every `norm_type` (model.RMSNorm) by a FastRMSNorm holding the same weights."""
+    for name, m in list(module.named_modules()):
+        if isinstance(m, norm_type):
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name), child, FastRMSNorm(m.weight, m.eps))
