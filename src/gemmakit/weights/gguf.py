@@ -258,21 +258,30 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
     )
 
 
+def hf_name(g: GGUFFile, name: str, family: str) -> str:
+    """The HF name of a GGUF tensor; anything that is not part of a Gemma text decoder is refused."""
+    hf = gguf_to_hf(name, family)
+    if hf is None:
+        raise GemmaError(f"{g.path}: unexpected tensor {name!r} for a {family} model; the file is not a "
+                         "plain Gemma text decoder")
+    return hf
+
+
+def hf_tensor(g: GGUFFile, name: str) -> torch.Tensor:
+    """A tensor dequantized to float32 in HF convention: norm weights shifted back from 1 + w to w (spec §4.4;
+    llama.cpp's converter stored 1 + w; the subtraction is exact in fp32 for |w| < 2^24)."""
+    w = torch.from_numpy(g.dequantize(name).copy())
+    return w - 1.0 if name.endswith("norm.weight") else w
+
+
 def state_dict_from_gguf(g: GGUFFile, family: str, on_tensor: Callable[[int, int], None] | None = None,
                          ) -> dict[str, torch.Tensor]:
-    """Dequantized float32 tensors under HF names; norm weights shifted back from 1 + w to w (spec §4.4)."""
+    """Every tensor dequantized to float32 under its HF name."""
     out: dict[str, torch.Tensor] = {}
     for i, name in enumerate(g.tensors):
         if on_tensor is not None:
             on_tensor(i, len(g.tensors))
-        hf = gguf_to_hf(name, family)
-        if hf is None:
-            raise GemmaError(f"{g.path}: unexpected tensor {name!r} for a {family} model; the file is not a "
-                             "plain Gemma text decoder")
-        w = torch.from_numpy(g.dequantize(name).copy())
-        if name.endswith("norm.weight"):  # llama.cpp's converter stored 1 + w; exact in fp32 for |w| < 2^24
-            w = w - 1.0
-        out[hf] = w
+        out[hf_name(g, name, family)] = hf_tensor(g, name)
     return out
 
 
