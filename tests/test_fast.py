@@ -106,3 +106,58 @@ def test_q8_on_any_source_is_close_to_reference(tmp_path):
     ids = list(range(2, 40))
     a, b = fast.logits(ids), ref.logits(ids)
     assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["gemma1", "gemma2", "gemma3", "gemma3-mqa"])
+def test_native_decode_step_equals_modules(name):
+    """The one-call native decode step (quant/fused.py) gives the module path's logits, step by step, for rows of
+    different lengths (server-style), a subset of rows, and sliding-window rings that wrap (W=8)."""
+    from gemmakit.fast import to_q8
+    from gemmakit.loader import build
+    from gemmakit.model import KVCache
+    from helpers import TINY, hf_model
+
+    cfg = TINY[name]
+    state = {k: v for k, v in hf_model(cfg).state_dict().items() if k != "lm_head.weight"}  # tied
+    module = to_q8(build(cfg, state))
+    fused = module.fused_decode
+    assert fused is not None
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (5, 11, 3)]
+
+    def run(native: bool) -> list[torch.Tensor]:
+        module.fused_decode = fused if native else None
+        cache = KVCache(cfg, 3, 64, dtype=torch.float32, device="cpu", slack=4)
+        out, last = [], []
+        with torch.inference_mode():
+            for r, p in enumerate(prompts):
+                last.append(module(torch.tensor([p]), cache=cache, rows=[r], last_only=True)[0, -1].argmax())
+            for step in range(20):
+                rows = [0, 1] if step % 5 == 4 else None  # sometimes only a prefix of the rows decodes
+                b = 2 if rows else 3
+                ids = torch.stack(last[:b])[:, None]
+                pos = torch.tensor([[cache.lengths[r]] for r in range(b)])
+                logits = module(ids, pos, cache=cache, rows=rows)[:, -1]
+                out.append(logits)
+                last[:b] = list(logits.argmax(-1))
+        return out
+
+    native, modules = run(True), run(False)
+    for a, b in zip(native, modules, strict=True):
+        assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item() + 1e-5
+
+
+@needs_native
+def test_native_decode_is_used_and_matches_on_the_embedded_model(fast_model):
+    """The real 270M: the native decode step is attached, and greedy text equals the module path's."""
+    module = fast_model.module
+    assert module.fused_decode is not None
+    prompt = next(iter(texts().values()))[:400]
+    native = fast_model.generate(prompt, 24, ignore_eos=True)
+    saved, module.fused_decode = module.fused_decode, None
+    try:
+        modules = fast_model.generate(prompt, 24, ignore_eos=True)
+    finally:
+        module.fused_decode = saved
+    assert native.token_ids == modules.token_ids

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from .config import GemmaConfig
 from .embedded import cache_dir
 from .model import Gemma, RMSNorm
+from .quant.fused import attach as attach_fused_decode
 from .quant.q8 import fuse_blocks, quantize_q8, swap_in_fast_norms, swap_in_q8
 from .weights.gguf import GGMLQuantizationType, GGUFFile, hf_name, hf_tensor
 
@@ -96,4 +97,14 @@ def load_gguf_q8(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progress:
     module.load_state_dict(state, strict=True, assign=True)
     if dtype == torch.float32:
         swap_in_fast_norms(module, RMSNorm)
+        attach_fused_decode(module)
     return module.eval()
+
+
+def to_q8(module: Gemma) -> Gemma:
+    """Quantize a float Gemma's linears and embedding to Q8_0 in place (quant="q8" on any source)."""
+    swap_in_q8(module, fuse_blocks({k: torch.from_numpy(quantize_q8(v.float()))
+                                    for k, v in module.state_dict().items()
+                                    if k.endswith("proj.weight") or k == "model.embed_tokens.weight"}))
+    attach_fused_decode(module)
+    return module

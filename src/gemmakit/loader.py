@@ -11,9 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from .api import Model
 from .config import GemmaConfig, preset
 from .errors import GemmaError
-from .fast import is_quantized, load_gguf_q8
+from .fast import is_quantized, load_gguf_q8, to_q8
 from .model import Gemma
-from .quant.q8 import fuse_blocks, quantize_q8, swap_in_q8
 from .tokenizer import Tokenizer
 from .weights.ckpt import read_ckpt
 from .weights.gguf import config_from_gguf, read_gguf, state_dict_from_gguf, tokenizer_from_gguf
@@ -148,7 +147,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
             state = state_dict_from_gguf(g, cfg.family, on_tensor=update)
     elif fmt == "hf":
         cfg = read_hf_config(path)
-        state = read_hf_state_dict(path, cfg)
+        state = read_hf_state_dict(path, cfg, dtype=dt)
         tok = _tokenizer_near(path)
     else:
         if variant is None:
@@ -164,9 +163,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     if quant == "q8":
         if dev.type != "cpu":
             raise GemmaError("quant='q8' is a CPU path; on CUDA use quant=None (bfloat16)")
-        swap_in_q8(module, fuse_blocks({k: torch.from_numpy(quantize_q8(v.float()))
-                                        for k, v in module.state_dict().items()
-                                        if k.endswith("proj.weight") or k == "model.embed_tokens.weight"}))
+        to_q8(module)
     return Model(module, tok, label, fmt)
 
 

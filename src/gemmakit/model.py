@@ -200,6 +200,7 @@ class Gemma(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: dict[tuple[float, float, str], Tensor] = {}
+        self.fused_decode = None  # a native whole-model decode step, attached by the Q8 fast path (quant/fused.py)
 
     @property
     def head_weight(self) -> Tensor:
@@ -214,14 +215,19 @@ class Gemma(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
+    def inv_freq(self, layer: int, device: torch.device) -> Tensor:
+        """RoPE frequencies of this layer's base and linear scale (local and global layers differ, spec §1.4)."""
+        cfg = self.config
+        key = (cfg.rope_base(layer), cfg.rope_scale(layer), str(device))
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_inv_freq(cfg.head_dim, cfg.rope_base(layer), cfg.rope_scale(layer), device)
+        return self._inv_freq[key]
+
     def _rope(self, layer: int, positions: Tensor, dtype: torch.dtype, memo: dict) -> tuple[Tensor, Tensor]:
         """cos/sin for this layer's RoPE base/scale, computed once per forward per distinct (base, scale)."""
         key = (self.config.rope_base(layer), self.config.rope_scale(layer))
         if key not in memo:
-            inv_key = (*key, str(positions.device))
-            if inv_key not in self._inv_freq:
-                self._inv_freq[inv_key] = rope_inv_freq(self.config.head_dim, *key, device=positions.device)
-            memo[key] = rope_cos_sin(positions.clamp(min=0), self._inv_freq[inv_key], dtype)
+            memo[key] = rope_cos_sin(positions.clamp(min=0), self.inv_freq(layer, positions.device), dtype)
         return memo[key]
 
     def hidden_states(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
@@ -239,9 +245,12 @@ class Gemma(nn.Module):
         masks: dict = {}
         if cache is not None:
             cache.prepare(ids.shape[1], rows)
-        for i, block in enumerate(self.model.layers):
-            layer_cache = cache.layers[i] if cache is not None else None
-            x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache, masks)
+        if cache is not None and self.fused_decode is not None and self.fused_decode.applies(x, cache):
+            x = self.fused_decode(x, positions, cache)  # plain decode step: all layers in one native call
+        else:
+            for i, block in enumerate(self.model.layers):
+                layer_cache = cache.layers[i] if cache is not None else None
+                x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache, masks)
         if cache is not None:
             cache.advance()
         return self.model.norm(x)
@@ -329,6 +338,7 @@ class KVCache:
                  device: torch.device | str, slack: int = 0) -> None:
         self.capacity = capacity
         self.lengths = [0] * batch  # columns used per row
+        self.native = None  # this cache's pointer table for the native decode step, built on first use
         window = (cfg.sliding_window or capacity) + slack
         self.layers: list[LayerCache] = []
         for t in cfg.layer_types:

@@ -109,6 +109,8 @@ def inject(module: nn.Module, cfg: LoRAConfig) -> list[str]:
     if not wrapped:
         raise GemmaError(f"no module named {', '.join(cfg.targets)} found to attach LoRA to")
     module.lora_config = cfg
+    if getattr(module, "fused_decode", None) is not None:
+        module.fused_decode = None  # the native decode step (Q8 fast path) reads the base weights only
     return wrapped
 
 

@@ -1,4 +1,4 @@
-"""The native CPU kernels (q8.c): compiled once per machine with gcc, loaded with ctypes.
+"""The native CPU kernels (q8.c, decode.c): compiled once per machine with gcc, loaded with ctypes.
 
 Why not a torch extension: this file compiles in ~1 s with no torch headers and no build isolation issues, and it
 calls into the OpenMP runtime torch already loaded. Why native at all: on CPUs without a fast int8 GEMV in torch
@@ -21,7 +21,7 @@ import torch
 
 from ..embedded import cache_dir
 
-SOURCE = Path(__file__).with_name("q8.c")
+SOURCES = [Path(__file__).with_name("q8.c"), Path(__file__).with_name("decode.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm"]
 
 
@@ -34,19 +34,19 @@ def _cpu_fingerprint() -> str:
 
 
 def build(verbose: bool = False) -> Path | None:
-    """Compile q8.c for this machine (cached by source, flags and CPU features); None if it cannot be built."""
+    """Compile q8.c and decode.c for this machine (cached by source, flags and CPU features); None if it cannot be built."""
     if os.environ.get("GEMMAKIT_NO_NATIVE"):
         return None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:12]
     out = cache_dir() / "kernels" / f"q8-{key}-{_cpu_fingerprint()}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0:
         if verbose:
             print(proc.stderr)
@@ -68,7 +68,8 @@ def library() -> ctypes.CDLL | None:
     lib.q8_rows.argtypes = [ptr, ptr, long_, long_, ptr, int_]
     lib.q8_to_bf16.argtypes = [ptr, long_, long_, ptr, int_]
     lib.rms_norm.argtypes = [ptr, ptr, ptr, long_, long_, ctypes.c_float]
-    for f in (lib.q8_matmul, lib.q8_rows, lib.q8_to_bf16, lib.rms_norm):
+    lib.decode_layers.argtypes = [ptr, long_, ptr, ptr, long_, ptr, ptr, long_, int_]
+    for f in (lib.q8_matmul, lib.q8_rows, lib.q8_to_bf16, lib.rms_norm, lib.decode_layers):
         f.restype = None
     return lib
 

@@ -1,0 +1,113 @@
+"""The native decode step: every layer of a Q8_0 model for one new token per row, in one call (decode.c).
+
+A 270M decode step is ~12 ms of weight reads at memory bandwidth; run as ~40 PyTorch ops per layer it also paid
+~10 ms of dispatch. `attach` gives a Q8 model a `fused_decode` that Gemma.hidden_states calls for plain decode
+steps (one token per row, rows 0..B-1 of a float32 cache, no autograd); everything else (prefill, speculative
+verification, arbitrary cache rows, LoRA) runs the modules. The math is model.py's; tests hold the two paths to
+the same logits and greedy tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor, nn
+
+from ..config import SLIDING
+from . import kernels
+from .q8 import Q8Linear
+
+_P = ctypes.c_void_p
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _P), ("o", _P), ("gate_up", _P), ("down", _P),
+                ("attn_norm", _P), ("q_norm", _P), ("k_norm", _P),
+                ("post_attn_norm", _P), ("pre_ffw_norm", _P), ("post_ffw_norm", _P),
+                ("inv_freq", _P), ("k_cache", _P), ("v_cache", _P), ("slot_pos", _P),
+                ("slots", ctypes.c_long), ("ring", ctypes.c_long), ("window", ctypes.c_long)]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [("dim", ctypes.c_long), ("n_heads", ctypes.c_long), ("n_kv", ctypes.c_long),
+                ("head_dim", ctypes.c_long), ("inter", ctypes.c_long),
+                ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("softcap", ctypes.c_float)]
+
+
+def _scale(norm: nn.Module | None) -> Tensor | None:
+    """(1 + w) in fp32, as every RMSNorm applies it."""
+    return None if norm is None else (norm.weight.detach().float() + 1.0).contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class FusedDecode:
+    """Weights, norm scales and RoPE frequencies of every layer as one pointer table, plus a per-cache copy with
+    that cache's buffers filled in."""
+
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
+        cfg = model.config
+        self.lib = lib
+        self.dims = _Dims(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                          cfg.intermediate_size, cfg.rms_norm_eps, cfg.scaling, cfg.attn_logit_softcapping or 0.0)
+        self.keep: list[Tensor] = []  # scales and frequencies the pointer table points into
+        self.layers = (_Layer * cfg.num_hidden_layers)()
+        for i, block in enumerate(model.model.layers):
+            att, mlp = block.self_attn, block.mlp
+            inv_freq = model.inv_freq(i, torch.device("cpu")).float().contiguous()
+            scales = [_scale(block.input_layernorm), _scale(att.q_norm), _scale(att.k_norm),
+                      _scale(block.post_attention_layernorm), _scale(getattr(block, "pre_feedforward_layernorm", None)),
+                      _scale(getattr(block, "post_feedforward_layernorm", None))]
+            self.keep += [t for t in scales if t is not None] + [inv_freq]
+            L = self.layers[i]
+            L.qkv, L.o = att.qkv_proj.blocks.data_ptr(), att.o_proj.blocks.data_ptr()
+            L.gate_up, L.down = mlp.gate_up_proj.blocks.data_ptr(), mlp.down_proj.blocks.data_ptr()
+            (L.attn_norm, L.q_norm, L.k_norm, L.post_attn_norm, L.pre_ffw_norm, L.post_ffw_norm) = map(_ptr, scales)
+            L.inv_freq = inv_freq.data_ptr()
+            L.window = cfg.sliding_window if cfg.layer_types[i] == SLIDING and cfg.sliding_window else 0
+
+    def applies(self, x: Tensor, cache) -> bool:
+        first = cache.layers[0]
+        return (x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and first.k.dtype == torch.float32
+                and (first.rows is None or first.prefix is not None))
+
+    def _table(self, cache) -> ctypes.Array:
+        """This cache's copy of the layer table (built once per cache: its buffers never move)."""
+        if getattr(cache, "native", None) is None:
+            table = (_Layer * len(self.layers))()
+            ctypes.memmove(table, self.layers, ctypes.sizeof(table))
+            for L, c in zip(table, cache.layers, strict=True):
+                if not (c.k.is_contiguous() and c.v.is_contiguous() and c.slot_pos.is_contiguous()):
+                    raise RuntimeError("the native decode step needs contiguous cache buffers")
+                L.k_cache, L.v_cache, L.slot_pos = c.k.data_ptr(), c.v.data_ptr(), c.slot_pos.data_ptr()
+                L.slots, L.ring = c.k.shape[2], int(c.ring)
+            cache.native = table
+        return cache.native
+
+    def __call__(self, x: Tensor, positions: Tensor, cache) -> Tensor:
+        """x: (B, 1, D) embedded tokens of rows 0..B-1 -> hidden states after the last layer (before the final
+        norm). The cache must already be prepared for this step (KVCache.prepare)."""
+        x = x.contiguous().clone()
+        pos = positions.reshape(-1).to(torch.long).contiguous()
+        first = cache.layers[0]
+        cols = first.starts.contiguous()
+        self.lib.decode_layers(self._table(cache), len(self.layers), ctypes.byref(self.dims), x.data_ptr(),
+                               x.shape[0], pos.data_ptr(), cols.data_ptr(), first.end, torch.get_num_threads())
+        return x
+
+
+def attach(model: nn.Module) -> None:
+    """Give a Q8 model (fused qkv_proj and gate_up_proj, Q8Linear o/down) its native decode step, if the native
+    library is built; otherwise leave the module path."""
+    lib = kernels.library()
+    if lib is None:
+        return
+    for block in model.model.layers:
+        att, mlp = block.self_attn, block.mlp
+        if not all(isinstance(m, Q8Linear) for m in (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+            return
+    model.fused_decode = FusedDecode(model, lib)
