@@ -18,7 +18,7 @@ import gemmakit
 from finetune_helpers import records, tiny_model_folder, write_jsonl
 from gemmakit.lora import LoRAConfig
 from gemmakit.train.checkpoint import list_checkpoints
-from gemmakit.train.trainer import TrainConfig, finetune
+from gemmakit.train.trainer import TrainConfig, finetune, train_dtype
 
 BIN = Path(sys.executable).parent
 
@@ -52,7 +52,10 @@ def _cfg(**kw):
 
 def _train(setup, out, **kw):
     folder, data = setup
-    m = _model(folder)
+    return _train_model(_model(folder), data, out, **kw)
+
+
+def _train_model(m, data, out, **kw):
     resume = kw.pop("resume", False)
     progress = kw.pop("progress", None)
     return finetune(m.module, m.tokenizer, data, out, _cfg(**kw), resume=resume, progress=progress)
@@ -75,6 +78,54 @@ def test_loss_decreases_on_a_fixed_batch(setup, tmp_path):
     m.module.eval()
     with torch.no_grad():
         assert (m.module(ids) - reloaded.module(ids)).abs().max() < 1e-5
+
+
+def test_auto_training_dtype_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, want in (
+        (False, False, "float32"),
+        (True, False, "bfloat16"),
+        (False, True, "bfloat16"),
+    ):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert train_dtype("auto", cpu) == want
+    assert train_dtype("fp32", cpu) == "float32" and train_dtype("bf16", cpu) == "bfloat16"
+    with pytest.raises(gemmakit.GemmaError, match="float16"):
+        train_dtype("float16", cpu)
+
+
+def test_bf16_base_trains_fp32_adapters_and_tracks_the_fp32_loss_curve(setup, tmp_path):
+    folder, data = setup
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        m = gemmakit.load(folder, dtype=dtype, device="cpu", quant=None, progress=False)
+        runs[dtype] = _train_model(m, data, tmp_path / dtype, max_steps=8, lr=1e-2)
+        lora = [p for n, p in m.module.named_parameters() if "lora_" in n]
+        assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    fp32, bf16 = runs["float32"].losses, runs["bfloat16"].losses
+    assert bf16[-1] < bf16[0]
+    assert bf16 == pytest.approx(fp32, rel=0.03)
+
+
+def test_hf_weights_are_converted_while_read_exactly_as_a_cast_and_truncation_is_named(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from gemmakit.weights.hf import read_hf_config, read_hf_state_dict
+
+    folder, _ = setup
+    cfg = read_hf_config(folder)
+    ref = load_file(folder / "model.safetensors")
+    got = read_hf_state_dict(folder, cfg, dtype=torch.bfloat16)
+    assert got.keys() == ref.keys() - {"lm_head.weight"}
+    assert all(torch.equal(got[k], ref[k].to(torch.bfloat16)) for k in got)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_text((folder / "config.json").read_text())
+    raw = (folder / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(gemmakit.GemmaError, match="truncated"):
+        read_hf_state_dict(cut, cfg, dtype=torch.bfloat16)
 
 
 def test_ctrl_c_saves_and_resume_continues_the_exact_trajectory(setup, tmp_path):
@@ -160,12 +211,20 @@ def test_torchrun_two_processes_equal_one_process_with_double_accumulation(setup
     assert json.loads((tmp_path / "ddp" / "training.json").read_text())["world_size"] == 2
 
 
-def test_finetune_bench_runs_both_sides_on_the_same_model_and_tokens(setup):
-    from gemmakit.train.bench import run_finetune_bench
+def test_finetune_bench_runs_every_side_on_the_same_model_and_tokens(setup, tmp_path):
+    from gemmakit.train.bench import SIDES, markdown, run_finetune_bench, save
 
     folder, _ = setup
-    r = run_finetune_bench(str(folder), steps=2, seq_len=16, batch_size=2, rank=4, threads=1)
-    ours, peer = r["gemmakit"], r["transformers_peft"]
-    assert ours["tokens"] == peer["tokens"] == 2 * 2 * 16
-    assert ours["first_loss"] == pytest.approx(peer["first_loss"], abs=1e-3)  # same base, same tokens
-    assert r["tokens_per_s_ratio"] > 0 and r["peak_rss_ratio"] > 0
+    r = run_finetune_bench(
+        str(folder), steps=2, seq_len=16, batch_size=2, rank=4, threads=1, repeats=1, dtype="float32"
+    )
+    ours, fp32, bf16 = (r["runs"][s][0] for s in SIDES)
+    assert ours["tokens"] == fp32["tokens"] == bf16["tokens"] == 2 * 2 * 16
+    assert (ours["dtype"], fp32["dtype"], bf16["dtype"]) == ("float32", "float32", "bfloat16")
+    assert ours["first_loss"] == pytest.approx(fp32["first_loss"], abs=1e-3)  # same base, same tokens
+    assert bf16["first_loss"] == pytest.approx(fp32["first_loss"], rel=0.05)  # the same model, rounded
+    assert r["tokens_per_s_ratio"] == r["ratios"]["transformers"]["tokens_per_s"] > 0
+    assert r["peak_rss_ratio"] == r["ratios"]["transformers"]["peak_rss_mb"] > 0
+    path = save(r, tmp_path)
+    assert json.loads(path.read_text())["median"] == r["median"]
+    assert path.with_suffix(".md").read_text() == markdown(r) and "(bf16)" in markdown(r)

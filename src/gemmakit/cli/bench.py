@@ -21,7 +21,10 @@ def bench(
     engines: Annotated[str, typer.Option(help="Comma-separated subset of gemmakit,llama.cpp,transformers.")] = (
         "gemmakit,llama.cpp,transformers"),
     server: Annotated[bool, typer.Option("--server", help="Instead: aggregate tok/s of 1, 4, 8 server clients.")] = False,
-    finetune: Annotated[bool, typer.Option("--finetune", help="Instead: LoRA training vs transformers+PEFT.")] = False,
+    finetune: Annotated[bool, typer.Option("--finetune", help="Instead: LoRA training vs transformers+PEFT "
+                                                              "(fp32 and bf16).")] = False,
+    dtype: Annotated[str, typer.Option(help="--finetune: gemmakit's frozen-base dtype (auto, as gemmakit "
+                                            "finetune: bfloat16 on AVX512-BF16/AMX CPUs).")] = "auto",
     out: Annotated[Path, typer.Option(help="Folder for the JSON and markdown results.")] = Path("benchmarks/results"),
 ) -> None:
     """Measure decode/prefill tok/s, first-token latency, load time and peak RSS, each engine in its own process.
@@ -29,6 +32,7 @@ def bench(
     Examples:  gemmakit bench                      # gemmakit vs llama.cpp vs transformers on the embedded GGUF
                gemmakit bench --engines gemmakit,llama.cpp --repeats 5
                gemmakit bench --server             # OpenAI server with 1, 4 and 8 concurrent clients
+               gemmakit bench --finetune           # LoRA steps vs transformers + PEFT, fp32 and bf16
     """
     console = Console()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -45,11 +49,14 @@ def bench(
             result = run_load_test(model)
             name = "server"
         elif finetune:
-            from ..train.bench import run_finetune_bench
+            from ..train import bench as finetune_bench
 
-            step("fine-tuning: gemmakit vs transformers + PEFT")
-            result = run_finetune_bench(model)
-            name = "finetune"
+            result = finetune_bench.run_finetune_bench(model, repeats=repeats, threads=threads, dtype=dtype,
+                                                       on_step=lambda s: step(f"fine-tuning: {s}"))
+            path = finetune_bench.save(result, out)
+            console.print(Markdown(finetune_bench.markdown(result)))
+            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            return
         else:
             result = inference_bench.run(model, engines=[e.strip() for e in engines.split(",") if e.strip()],
                                          repeats=repeats, threads=threads, on_step=lambda s: step(f"running {s}"))

@@ -13,7 +13,7 @@ from ..errors import GemmaError
 from ..loader import load
 from ..lora.adapter import TARGETS, LoRAConfig
 from ..train import dist as D
-from ..train.trainer import TrainConfig
+from ..train.trainer import TrainConfig, train_dtype
 from ..train.trainer import finetune as run_finetune
 
 
@@ -61,7 +61,11 @@ def finetune(
     ] = False,
     seed: Annotated[int, typer.Option(help="Seeds the adapter init, data order and dropout.")] = 0,
     dtype: Annotated[
-        str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32 or bfloat16.")
+        str,
+        typer.Option(
+            help="Frozen base dtype: auto (bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32), "
+            "float32 or bfloat16. Adapters, optimizer and loss are float32 either way."
+        ),
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     variant: Annotated[
@@ -79,6 +83,7 @@ def finetune(
     world = D.setup(device)
     console = Console(stderr=True, quiet=not world.main)
     try:
+        dtype = train_dtype(dtype, world.device)
         cfg = TrainConfig(
             lr=lr,
             warmup_steps=warmup,
