@@ -12,7 +12,7 @@ from torch import Tensor
 from . import chat as chat_template
 from .config import GemmaConfig
 from .errors import GemmaError
-from .generate import Generation, GenerationResult
+from .generate import Generation, GenerationResult, check_prompt
 from .model import Gemma
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -62,14 +62,8 @@ class Model:
         else:
             single = len(ids) == 0 or not isinstance(ids[0], Sequence | Tensor)
             rows = [list(ids)] if single else [list(r) for r in ids]
-        vocab, ctx = self.config.vocab_size, self.config.max_position_embeddings
         for r in rows:
-            if not r:
-                raise GemmaError("cannot compute logits of an empty sequence")
-            if len(r) > ctx:
-                raise GemmaError(f"the sequence has {len(r)} tokens but the model's context is {ctx}")
-            if min(r) < 0 or max(r) >= vocab:
-                raise GemmaError(f"token ids must lie in 0..{vocab - 1}")
+            check_prompt(r, self.config.max_position_embeddings, self.config.vocab_size, room=0)
         width = max(len(r) for r in rows)
         ids_t = torch.zeros(len(rows), width, dtype=torch.long)
         pos = torch.full((len(rows), width), -1, dtype=torch.long)

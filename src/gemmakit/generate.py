@@ -18,10 +18,12 @@ from .sampling import SamplingParams, make_sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
 
-def check_prompt(ids: Sequence[int], context: int, vocab: int) -> None:
+def check_prompt(ids: Sequence[int], context: int, vocab: int, *, room: int = 1) -> None:
+    """Empty, too long (fewer than `room` free positions left in the context) or out-of-vocabulary ids get one
+    clear error. Generation needs room for a token (room=1); scoring a sequence may fill the context (room=0)."""
     if len(ids) == 0:
         raise GemmaError("the prompt is empty; give at least one token of text")
-    if len(ids) >= context:
+    if len(ids) > context - room:
         raise GemmaError(f"the prompt has {len(ids)} tokens but the model's context is {context}; "
                          "shorten the prompt (or trim the conversation history)")
     bad = [i for i in ids if not 0 <= i < vocab]
@@ -121,7 +123,7 @@ def lookup_step(model: Gemma, prompt: Sequence[int], max_new_tokens: int, k: int
         start = len(index.ids) - 1  # position of `token`, not yet in the cache
         inp = torch.tensor([[token, *draft]], device=device)
         pos = torch.arange(start, start + inp.shape[1], device=device)[None]
-        preds = model(inp, pos, cache)[0].argmax(-1).tolist()
+        preds = model(inp, pos, cache)[0].max(-1).indices.tolist()
         accepted = 0
         while accepted < len(draft) and preds[accepted] == draft[accepted]:
             accepted += 1

@@ -93,16 +93,18 @@ static void axpy(float a, const float *x, float *y, long n) {  /* y += a * x */
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-/* Half-split ("NeoX") RoPE in place on `heads` vectors of length H at position pos; same roundings as
- * model.apply_rope: x * cos + rotate_half(x) * sin, cos/sin of (float)pos * inv_freq in fp32. */
-static void rope(float *x, long heads, long H, int64_t pos, const float *inv_freq) {
-    const long half = H / 2;
-    float c[half], s[half];
+/* Half-split ("NeoX") RoPE in place on `heads` vectors of length H; same roundings as model.apply_rope:
+ * x * cos + rotate_half(x) * sin, with cos/sin of (float)pos * inv_freq in fp32 (rope_cs). */
+static void rope_cs(int64_t pos, const float *inv_freq, long half, float *c, float *s) {
     for (long i = 0; i < half; i++) {
         const float f = (float)pos * inv_freq[i];
         c[i] = cosf(f);
         s[i] = sinf(f);
     }
+}
+
+static void rope(float *x, long heads, long H, const float *c, const float *s) {
+    const long half = H / 2;
     for (long h = 0; h < heads; h++) {
         float *v = x + h * H;
         for (long i = 0; i < half; i++) {
@@ -174,8 +176,10 @@ void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float
                 rms_norm(q, L->q_norm, q, N, H, dm->eps);
                 rms_norm(k, L->k_norm, k, KV, H, dm->eps);
             }
-            rope(q, N, H, pos[b] < 0 ? 0 : pos[b], L->inv_freq);
-            rope(k, KV, H, pos[b] < 0 ? 0 : pos[b], L->inv_freq);
+            float c[H / 2], sn[H / 2];
+            rope_cs(pos[b] < 0 ? 0 : pos[b], L->inv_freq, H / 2, c, sn);
+            rope(q, N, H, c, sn);
+            rope(k, KV, H, c, sn);
             const long slot = L->ring ? cols[b] % S : cols[b];
             for (long kv = 0; kv < KV; kv++) {
                 memcpy(L->k_cache + ((b * KV + kv) * S + slot) * H, k + kv * H, H * sizeof(float));
