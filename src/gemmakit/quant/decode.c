@@ -1,4 +1,5 @@
-/* One decode step (one new token per row) through every layer of a Q8_0 Gemma, in one native call.
+/* Decode steps (a few new tokens per row: one, or a speculative draft to verify) through every layer of a Q8_0
+ * Gemma, in one native call.
  *
  * Why: on the 270M a decode step's weight reads take ~12 ms at memory bandwidth, but running the same layer as
  * ~40 PyTorch ops added ~10 ms of dispatch on top (measured). Here each layer is: RMSNorm -> fused q/k/v GEMV ->
@@ -137,79 +138,87 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
     long j = 0;
     float sum = 0.0f;
 #if defined(__AVX512F__)
-    const __m512 m = _mm512_set1_ps(mx);
+    /* Slot j always lands in lane j % 16 (the tail is a masked chunk, not a scalar loop), so extra masked slots
+     * add exact zeros: a query gets bit-identical weights whether it runs alone or beside later tokens. */
+    const __m512 m = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
     __m512 acc = _mm512_setzero_ps();
-    for (; j + 16 <= n; j += 16) {
-        const __m512 sc = _mm512_loadu_ps(scores + j);
-        const __mmask16 live = _mm512_cmp_ps_mask(sc, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    for (; j < n; j += 16) {
+        const __mmask16 in = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __m512 sc = _mm512_mask_loadu_ps(ninf, in, scores + j);
+        const __mmask16 live = _mm512_cmp_ps_mask(sc, ninf, _CMP_NEQ_OQ);
         const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sc, m)));
-        _mm512_storeu_ps(scores + j, e);
+        _mm512_mask_storeu_ps(scores + j, in, e);
         acc = _mm512_add_ps(acc, e);
     }
     sum = _mm512_reduce_add_ps(acc);
-#endif
+#else
     for (; j < n; j++) {
         scores[j] = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
         sum += scores[j];
     }
+#endif
     const float inv = 1.0f / sum;
     for (j = 0; j < n; j++)
         if (scores[j] != 0.0f) axpy(scores[j] * inv, v + j * H, out, H);
 }
 
-/* x: [B, D] hidden states of B rows, updated in place. Row b writes column cols[b] (slot cols[b] % S on ring
- * layers) at position pos[b] and attends over slots [0, end) (all S on ring layers). */
-void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float *x, long B, const int64_t *pos,
-                   const int64_t *cols, long end, int threads) {
+/* x: [M, D] hidden states of M = B * T new tokens (T per cache row, row-major), updated in place. Token m belongs
+ * to cache row m / T, sits at position pos[m] (-1: padding) and writes column cols[m] (slot cols[m] % S on ring
+ * layers). Every token's keys and values are written before any attends: masks by position keep causality, and
+ * ring slack of at least T - 1 slots (checked by the caller) keeps the slots a query still needs. Tokens attend
+ * over slots [0, end) (all S on ring layers). */
+void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float *x, long M, long T,
+                   const int64_t *pos, const int64_t *cols, long end, int threads) {
     const long D = dm->dim, N = dm->n_heads, KV = dm->n_kv, H = dm->head_dim, I = dm->inter;
     const long QKV = (N + 2 * KV) * H, rep = N / KV;
-    float *h = malloc(sizeof(float) * B * (D + QKV + N * H + 2 * I + I + D));
-    float *qkv = h + B * D, *att = qkv + B * QKV, *gu = att + B * N * H, *act = gu + B * 2 * I, *o = act + B * I;
+    float *h = malloc(sizeof(float) * M * (D + QKV + N * H + 2 * I + I + D));
+    float *qkv = h + M * D, *att = qkv + M * QKV, *gu = att + M * N * H, *act = gu + M * 2 * I, *o = act + M * I;
     for (long l = 0; l < n_layers; l++) {
         const layer_t *L = layers + l;
         const long S = L->slots, span = L->ring ? S : end;
-        rms_norm(x, L->attn_norm, h, B, D, dm->eps);
-        q8_matmul(L->qkv, h, qkv, B, QKV, D, threads);
-        for (long b = 0; b < B; b++) {
-            float *q = qkv + b * QKV, *k = q + N * H, *v = k + KV * H;
+        rms_norm(x, L->attn_norm, h, M, D, dm->eps);
+        q8_matmul(L->qkv, h, qkv, M, QKV, D, threads);
+        for (long m = 0; m < M; m++) {
+            float *q = qkv + m * QKV, *k = q + N * H, *v = k + KV * H;
+            const long b = m / T;
             if (L->q_norm) {
                 rms_norm(q, L->q_norm, q, N, H, dm->eps);
                 rms_norm(k, L->k_norm, k, KV, H, dm->eps);
             }
             float c[H / 2], sn[H / 2];
-            rope_cs(pos[b] < 0 ? 0 : pos[b], L->inv_freq, H / 2, c, sn);
+            rope_cs(pos[m] < 0 ? 0 : pos[m], L->inv_freq, H / 2, c, sn);
             rope(q, N, H, c, sn);
             rope(k, KV, H, c, sn);
-            const long slot = L->ring ? cols[b] % S : cols[b];
+            const long slot = L->ring ? cols[m] % S : cols[m];
             for (long kv = 0; kv < KV; kv++) {
                 memcpy(L->k_cache + ((b * KV + kv) * S + slot) * H, k + kv * H, H * sizeof(float));
                 memcpy(L->v_cache + ((b * KV + kv) * S + slot) * H, v + kv * H, H * sizeof(float));
             }
-            L->slot_pos[b * S + slot] = pos[b];
+            L->slot_pos[b * S + slot] = pos[m];
         }
-#pragma omp parallel for schedule(static) num_threads(threads) if (B * N > 1)
-        for (long bn = 0; bn < B * N; bn++) {
-            const long b = bn / N, n = bn % N, kv = n / rep;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * N > 1)
+        for (long mn = 0; mn < M * N; mn++) {
+            const long m = mn / N, n = mn % N, b = m / T, kv = n / rep;
             float *scores = malloc(sizeof(float) * span);
-            attend(qkv + b * QKV + n * H, L->k_cache + (b * KV + kv) * S * H, L->v_cache + (b * KV + kv) * S * H,
-                   L->slot_pos + b * S, span, H, pos[b], L->window, dm->scaling, dm->softcap, scores,
-                   att + (b * N + n) * H);
+            attend(qkv + m * QKV + n * H, L->k_cache + (b * KV + kv) * S * H, L->v_cache + (b * KV + kv) * S * H,
+                   L->slot_pos + b * S, span, H, pos[m], L->window, dm->scaling, dm->softcap, scores,
+                   att + (m * N + n) * H);
             free(scores);
         }
-        q8_matmul(L->o, att, o, B, D, N * H, threads);
+        q8_matmul(L->o, att, o, M, D, N * H, threads);
         if (L->pre_ffw_norm) {  /* Gemma 2/3: x += post_attn_norm(o); h = pre_ffw_norm(x) */
-            rms_norm(o, L->post_attn_norm, o, B, D, dm->eps);
-            for (long i = 0; i < B * D; i++) x[i] += o[i];
-            rms_norm(x, L->pre_ffw_norm, h, B, D, dm->eps);
+            rms_norm(o, L->post_attn_norm, o, M, D, dm->eps);
+            for (long i = 0; i < M * D; i++) x[i] += o[i];
+            rms_norm(x, L->pre_ffw_norm, h, M, D, dm->eps);
         } else {  /* Gemma 1: x += o; h = post_attention_layernorm(x) */
-            for (long i = 0; i < B * D; i++) x[i] += o[i];
-            rms_norm(x, L->post_attn_norm, h, B, D, dm->eps);
+            for (long i = 0; i < M * D; i++) x[i] += o[i];
+            rms_norm(x, L->post_attn_norm, h, M, D, dm->eps);
         }
-        q8_matmul(L->gate_up, h, gu, B, 2 * I, D, threads);
-        for (long b = 0; b < B; b++) geglu(gu + b * 2 * I, gu + b * 2 * I + I, act + b * I, I);
-        q8_matmul(L->down, act, o, B, D, I, threads);
-        if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, o, B, D, dm->eps);
-        for (long i = 0; i < B * D; i++) x[i] += o[i];
+        q8_matmul(L->gate_up, h, gu, M, 2 * I, D, threads);
+        for (long m = 0; m < M; m++) geglu(gu + m * 2 * I, gu + m * 2 * I + I, act + m * I, I);
+        q8_matmul(L->down, act, o, M, D, I, threads);
+        if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, o, M, D, dm->eps);
+        for (long i = 0; i < M * D; i++) x[i] += o[i];
     }
     free(h);
 }

@@ -1,10 +1,10 @@
-"""The native decode step: every layer of a Q8_0 model for one new token per row, in one call (decode.c).
+"""The native decode step: every layer of a Q8_0 model for a few new tokens per row, in one call (decode.c).
 
 A 270M decode step is ~12 ms of weight reads at memory bandwidth; run as ~40 PyTorch ops per layer it also paid
-~10 ms of dispatch. `attach` gives a Q8 model a `fused_decode` that Gemma.hidden_states calls for plain decode
-steps (one token per row, rows 0..B-1 of a float32 cache, no autograd); everything else (prefill, speculative
-verification, arbitrary cache rows, LoRA) runs the modules. The math is model.py's; tests hold the two paths to
-the same logits and greedy tokens.
+~10 ms of dispatch. `attach` gives a Q8 model a `fused_decode` that Gemma.hidden_states calls for decode steps and
+speculative verification (up to GEMV_ROWS tokens over rows 0..B-1 of a float32 cache, no autograd); long prefills,
+arbitrary cache rows and LoRA run the modules. The math is model.py's; tests hold the two paths to the same logits
+and greedy tokens, and a verified draft to bit-identical logits with single steps.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import SLIDING
 from . import kernels
-from .q8 import Q8Linear
+from .q8 import GEMV_ROWS, Q8Linear
 
 _P = ctypes.c_void_p
 
@@ -70,33 +70,42 @@ class FusedDecode:
             L.window = cfg.sliding_window if cfg.layer_types[i] == SLIDING and cfg.sliding_window else 0
 
     def applies(self, x: Tensor, cache) -> bool:
+        """Up to GEMV_ROWS new tokens over rows 0..B-1 of a float32 CPU cache, outside autograd, with enough
+        ring slack for every token's keys to be written before any attends."""
+        B, T = x.shape[:2]
         first = cache.layers[0]
-        return (x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+        if not (B * T <= GEMV_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
                 and not torch.is_grad_enabled() and first.k.dtype == torch.float32
-                and (first.rows is None or first.prefix is not None))
+                and (first.rows is None or first.prefix is not None)):
+            return False
+        return T == 1 or self._table(cache)[1] >= T - 1
 
-    def _table(self, cache) -> ctypes.Array:
-        """This cache's copy of the layer table (built once per cache: its buffers never move)."""
+    def _table(self, cache) -> tuple[ctypes.Array, int]:
+        """This cache's copy of the layer table and its ring slack (built once per cache: its buffers never move)."""
         if getattr(cache, "native", None) is None:
             table = (_Layer * len(self.layers))()
             ctypes.memmove(table, self.layers, ctypes.sizeof(table))
+            slack = 1 << 30
             for L, c in zip(table, cache.layers, strict=True):
                 if not (c.k.is_contiguous() and c.v.is_contiguous() and c.slot_pos.is_contiguous()):
                     raise RuntimeError("the native decode step needs contiguous cache buffers")
                 L.k_cache, L.v_cache, L.slot_pos = c.k.data_ptr(), c.v.data_ptr(), c.slot_pos.data_ptr()
                 L.slots, L.ring = c.k.shape[2], int(c.ring)
-            cache.native = table
+                if c.ring:
+                    slack = min(slack, L.slots - L.window)
+            cache.native = (table, slack)
         return cache.native
 
     def __call__(self, x: Tensor, positions: Tensor, cache) -> Tensor:
-        """x: (B, 1, D) embedded tokens of rows 0..B-1 -> hidden states after the last layer (before the final
+        """x: (B, T, D) embedded tokens of rows 0..B-1 -> hidden states after the last layer (before the final
         norm). The cache must already be prepared for this step (KVCache.prepare)."""
+        B, T, _ = x.shape
         x = x.contiguous().clone()
         pos = positions.reshape(-1).to(torch.long).contiguous()
         first = cache.layers[0]
-        cols = first.starts.contiguous()
-        self.lib.decode_layers(self._table(cache), len(self.layers), ctypes.byref(self.dims), x.data_ptr(),
-                               x.shape[0], pos.data_ptr(), cols.data_ptr(), first.end, torch.get_num_threads())
+        cols = (first.starts[:, None] + torch.arange(T)).reshape(-1).contiguous()
+        self.lib.decode_layers(self._table(cache)[0], len(self.layers), ctypes.byref(self.dims), x.data_ptr(),
+                               B * T, T, pos.data_ptr(), cols.data_ptr(), first.end, torch.get_num_threads())
         return x
 
 

@@ -68,7 +68,7 @@ def library() -> ctypes.CDLL | None:
     lib.q8_rows.argtypes = [ptr, ptr, long_, long_, ptr, int_]
     lib.q8_to_bf16.argtypes = [ptr, long_, long_, ptr, int_]
     lib.rms_norm.argtypes = [ptr, ptr, ptr, long_, long_, ctypes.c_float]
-    lib.decode_layers.argtypes = [ptr, long_, ptr, ptr, long_, ptr, ptr, long_, int_]
+    lib.decode_layers.argtypes = [ptr, long_, ptr, ptr, long_, long_, ptr, ptr, long_, int_]
     for f in (lib.q8_matmul, lib.q8_rows, lib.q8_to_bf16, lib.rms_norm, lib.decode_layers):
         f.restype = None
     return lib
