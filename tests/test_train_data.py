@@ -135,6 +135,23 @@ def test_chunked_cross_entropy_equals_full_logits(cap):
     assert (gh - rh).abs().max() < 1e-5 and (gw - rw).abs().max() < 1e-5
 
 
+def test_chunked_cross_entropy_on_a_bf16_head_equals_fp32_softmax_of_its_logits():
+    """bf16 base (the CPU default where bf16 is native): head matmul in bf16, log-sum-exp and softmax in fp32."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 7, 16, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(50, 16, generator=g).bfloat16()
+    t, m = torch.randint(0, 50, (3, 7), generator=g), torch.rand(3, 7, generator=g) > 0.2
+    loss = chunked_cross_entropy(h, w, t, m, chunk=4)
+    (gh,) = torch.autograd.grad(loss, h)
+    hf = h.detach().float().requires_grad_()
+    z = (hf @ w.float().T).bfloat16().float()  # the same bf16-rounded logits
+    ref = torch.nn.functional.cross_entropy(z[m], t[m], reduction="sum")
+    (rh,) = torch.autograd.grad(ref, hf)
+    assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16
+    assert abs(loss.item() - ref.item()) < 1e-3 * abs(ref.item())
+    assert (gh.float() - rh).abs().max() < 0.02 * rh.abs().max()
+
+
 def test_real_tokenizer_chat_rendering_matches_template_text():
     """On the embedded Gemma 3 vocabulary, turn-by-turn encoding equals encoding the rendered template."""
     from gemmakit.embedded import embedded_path
