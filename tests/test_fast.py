@@ -190,3 +190,21 @@ def test_native_verification_is_bit_identical_to_single_steps(name):
         single = torch.cat([module(draft[:, i:i + 1], torch.tensor([[10 + i]]), one) for i in range(12)], dim=1)
         chunks = [module(draft[:, i:i + 4], torch.arange(10 + i, 14 + i)[None], many) for i in range(0, 12, 4)]
     assert torch.equal(torch.cat(chunks, dim=1), single)
+
+
+@needs_native
+def test_native_kernels_built_without_avx512(monkeypatch):
+    """Laptops without AVX-512 (AVX2 + FMA) get the 8-lane build: the same equality and bit-identity checks."""
+    from pathlib import Path
+
+    if " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx512f"])
+    kernels.library.cache_clear()
+    try:
+        assert kernels.available()
+        for name in ("gemma2", "gemma3-mqa"):
+            test_native_decode_step_equals_modules(name)
+        test_native_verification_is_bit_identical_to_single_steps("gemma3")
+    finally:
+        kernels.library.cache_clear()

@@ -35,36 +35,93 @@ typedef struct {
     float eps, scaling, softcap;            /* softcap 0 = none */
 } dims_t;
 
+/* A few vector primitives over AVX-512 (16 lanes) or AVX2+FMA (8 lanes), so the kernels below are written once.
+ * Without either, VL is undefined and the scalar loops run. */
 #if defined(__AVX512F__)
-/* e^x for x <= 88.7 (Cephes expf polynomial, ~1 ulp), scaled by 2^n with scalef. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
+#define VL 16
+typedef __m512 vf;
+static inline vf vset(float a) { return _mm512_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vf v) { _mm512_storeu_ps(p, v); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vclamp(vf x, float lo, float hi) { return _mm512_max_ps(_mm512_min_ps(x, vset(hi)), vset(lo)); }
+static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vscale2(vf y, vf n) { return _mm512_scalef_ps(y, n); }  /* y * 2^n */
+static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline __mmask16 tail_mask(long n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+static inline vf vload_part(const float *p, long n, float fill) {  /* lanes >= n hold `fill` */
+    return _mm512_mask_loadu_ps(vset(fill), tail_mask(n), p);
+}
+static inline void vstore_part(float *p, vf v, long n) { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
+static inline vf vzero_where(vf v, vf x, float bad) {  /* v, with 0 in the lanes where x == bad */
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset(bad), _CMP_NEQ_OQ), v);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VL 8
+typedef __m256 vf;
+static inline vf vset(float a) { return _mm256_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vclamp(vf x, float lo, float hi) { return _mm256_max_ps(_mm256_min_ps(x, vset(hi)), vset(lo)); }
+static inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vscale2(vf y, vf n) {  /* y * 2^n for integral n in [-126, 127]: build 2^n in the exponent bits */
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+static inline float vsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline __m256i tail_mask(long n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n >= 8 ? 8 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vload_part(const float *p, long n, float fill) {
+    const __m256i m = tail_mask(n);
+    return _mm256_blendv_ps(vset(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+}
+static inline void vstore_part(float *p, vf v, long n) { _mm256_maskstore_ps(p, tail_mask(n), v); }
+static inline vf vzero_where(vf v, vf x, float bad) { return _mm256_and_ps(v, _mm256_cmp_ps(x, vset(bad), _CMP_NEQ_OQ)); }
+#endif
+
+#ifdef VL
+/* e^x (Cephes expf polynomial, ~1 ulp); inputs clamped to [-87.3, 88.3], where 2^n stays a normal float. */
+static inline vf vexp(vf x) {
+    x = vclamp(x, -87.3365447505531f, 88.3762626647949f);
+    const vf n = vround(vmul(x, vset(1.44269504088896341f)));
+    vf r = vfnma(n, vset(0.693359375f), x);
+    r = vfnma(n, vset(-2.12194440e-4f), r);
+    vf p = vset(1.9875691500e-4f);
+    p = vfma(p, r, vset(1.3981999507e-3f));
+    p = vfma(p, r, vset(8.3334519073e-3f));
+    p = vfma(p, r, vset(4.1665795894e-2f));
+    p = vfma(p, r, vset(1.6666665459e-1f));
+    p = vfma(p, r, vset(5.0000001201e-1f));
+    return vscale2(vadd(vfma(vmul(p, r), r, r), vset(1.0f)), n);
 }
 #endif
 
 /* out[i] = gelu_tanh(g[i]) * u[i]; gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)). */
 static void geglu(const float *g, const float *u, float *out, long n) {
     long i = 0;
-#if defined(__AVX512F__)
-    const __m512 c = _mm512_set1_ps(-2.0f * 0.7978845608028654f), a = _mm512_set1_ps(0.044715f);
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (; i + 16 <= n; i += 16) {
-        const __m512 x = _mm512_loadu_ps(g + i);
-        const __m512 inner = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_mul_ps(a, x), x, one));
-        const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_mul_ps(c, inner))));
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(x, sig), _mm512_loadu_ps(u + i)));
+#ifdef VL
+    const vf c = vset(-2.0f * 0.7978845608028654f), a = vset(0.044715f), one = vset(1.0f);
+    for (; i + VL <= n; i += VL) {
+        const vf x = vload(g + i);
+        const vf inner = vmul(x, vfma(vmul(a, x), x, one));
+        const vf sig = vdiv(one, vadd(one, vexp(vmul(c, inner))));
+        vstore(out + i, vmul(vmul(x, sig), vload(u + i)));
     }
 #endif
     for (; i < n; i++) {
@@ -76,10 +133,10 @@ static void geglu(const float *g, const float *u, float *out, long n) {
 static float dot(const float *a, const float *b, long n) {
     long i = 0;
     float s = 0.0f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    s = _mm512_reduce_add_ps(acc);
+#ifdef VL
+    vf acc = vset(0.0f);
+    for (; i + VL <= n; i += VL) acc = vfma(vload(a + i), vload(b + i), acc);
+    s = vsum(acc);
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
@@ -87,9 +144,9 @@ static float dot(const float *a, const float *b, long n) {
 
 static void axpy(float a, const float *x, float *y, long n) {  /* y += a * x */
     long i = 0;
-#if defined(__AVX512F__)
-    const __m512 av = _mm512_set1_ps(a);
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#ifdef VL
+    const vf av = vset(a);
+    for (; i + VL <= n; i += VL) vstore(y + i, vfma(av, vload(x + i), vload(y + i)));
 #endif
     for (; i < n; i++) y[i] += a * x[i];
 }
@@ -137,20 +194,18 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
     }
     long j = 0;
     float sum = 0.0f;
-#if defined(__AVX512F__)
-    /* Slot j always lands in lane j % 16 (the tail is a masked chunk, not a scalar loop), so extra masked slots
+#ifdef VL
+    /* Slot j always lands in lane j % VL (the tail is a masked chunk, not a scalar loop), so extra masked slots
      * add exact zeros: a query gets bit-identical weights whether it runs alone or beside later tokens. */
-    const __m512 m = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
-    __m512 acc = _mm512_setzero_ps();
-    for (; j < n; j += 16) {
-        const __mmask16 in = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-        const __m512 sc = _mm512_mask_loadu_ps(ninf, in, scores + j);
-        const __mmask16 live = _mm512_cmp_ps_mask(sc, ninf, _CMP_NEQ_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sc, m)));
-        _mm512_mask_storeu_ps(scores + j, in, e);
-        acc = _mm512_add_ps(acc, e);
+    const vf m = vset(mx);
+    vf acc = vset(0.0f);
+    for (; j < n; j += VL) {
+        const vf sc = vload_part(scores + j, n - j, -INFINITY);
+        const vf e = vzero_where(vexp(vsub(sc, m)), sc, -INFINITY);
+        vstore_part(scores + j, e, n - j);
+        acc = vadd(acc, e);
     }
-    sum = _mm512_reduce_add_ps(acc);
+    sum = vsum(acc);
 #else
     for (; j < n; j++) {
         scores[j] = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
