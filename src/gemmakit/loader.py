@@ -144,7 +144,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
             return Model(load_gguf_q8(g, cfg, dtype=dt, progress=progress), tok, label, fmt)
         bar, update = _with_progress("loading weights", progress)
         with bar:
-            state = state_dict_from_gguf(g, cfg.family, on_tensor=update)
+            state = state_dict_from_gguf(g, cfg.family, on_tensor=update, dtype=dt)
     elif fmt == "hf":
         cfg = read_hf_config(path)
         state = read_hf_state_dict(path, cfg, dtype=dt)
