@@ -149,6 +149,35 @@ def test_native_decode_step_equals_modules(name):
 
 
 @needs_native
+def test_native_attention_across_chunks():
+    """Global layers past 256 slots split attention into chunks merged by their maxima: still the module path's
+    logits, and a draft straddling a chunk boundary still verifies bit-identically."""
+    from gemmakit.fast import to_q8
+    from gemmakit.loader import build
+    from gemmakit.model import KVCache
+    from helpers import TINY, hf_model
+
+    cfg = TINY["gemma3-mqa"]
+    state = {k: v for k, v in hf_model(cfg).state_dict().items() if k != "lm_head.weight"}
+    module = to_q8(build(cfg, state))
+    fused = module.fused_decode
+    torch.manual_seed(2)
+    prompt, draft = torch.randint(0, cfg.vocab_size, (1, 250)), torch.randint(0, cfg.vocab_size, (1, 8))
+
+    def run(native: bool, step: int) -> torch.Tensor:
+        module.fused_decode = fused if native else None
+        cache = KVCache(cfg, 1, 300, dtype=torch.float32, device="cpu", slack=8)
+        module(prompt, cache=cache)
+        return torch.cat([module(draft[:, i:i + step], torch.arange(250 + i, 250 + i + step)[None], cache)
+                          for i in range(0, 8, step)], dim=1)
+
+    with torch.inference_mode():
+        single, verified, modules = run(True, 1), run(True, 4), run(False, 1)
+    assert torch.equal(single, verified)
+    assert (single - modules).abs().max().item() <= 1e-4 * modules.abs().max().item() + 1e-5
+
+
+@needs_native
 def test_native_decode_is_used_and_matches_on_the_embedded_model(fast_model):
     """The real 270M: the native decode step is attached, and greedy text equals the module path's."""
     module = fast_model.module
@@ -193,13 +222,16 @@ def test_native_verification_is_bit_identical_to_single_steps(name):
 
 
 @needs_native
-def test_native_kernels_built_without_avx512(monkeypatch):
-    """Laptops without AVX-512 (AVX2 + FMA) get the 8-lane build: the same equality and bit-identity checks."""
+@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c"]],
+                         ids=["avx2", "scalar"])
+def test_native_kernels_built_for_older_cpus(monkeypatch, flags):
+    """Laptops without AVX-512 get the 8-lane AVX2 build, CPUs without AVX2 the scalar loops: the same equality
+    and bit-identity checks hold for both."""
     from pathlib import Path
 
-    if " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
+    if flags == ["-mno-avx512f"] and " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
         pytest.skip("this CPU has no AVX2")
-    monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, *flags])
     kernels.library.cache_clear()
     try:
         assert kernels.available()

@@ -174,47 +174,95 @@ static void rope(float *x, long heads, long H, const float *c, const float *s) {
     }
 }
 
-/* One query head of one row against its KV head's cached slots [0, n): scaled scores, masked by the
- * positions the slots hold, optional soft-cap, fp32 softmax, weighted sum of values. */
-static void attend(const float *q, const float *k, const float *v, const int64_t *slot_pos, long n, long H,
-                   int64_t pos, long window, float scaling, float cap, float *scores, float *out) {
-    memset(out, 0, H * sizeof(float));
-    if (pos < 0) return;  /* padding row: its output is discarded */
-    float mx = -INFINITY;
+#define CHUNK 256  /* slots per attention task, at fixed offsets: results do not depend on how many slots follow */
+
+/* Attention of the `rep` query heads sharing one KV head over slots [j0, j1) (j0 a multiple of CHUNK): each key
+ * is read once for all of them. Per head: the chunk's max score (-inf if nothing is visible), the sum of
+ * exp(score - max), and the values weighted by those exps. Slots are masked by the positions they hold; scores
+ * are scaled, optionally soft-capped (Gemma 2), in fp32. */
+static void attend_chunk(const float *q, long rep, const float *k, const float *v, const int64_t *slot_pos,
+                         long j0, long j1, long H, int64_t pos, long window, float scaling, float cap,
+                         float *mx, float *sum, float *out) {
+    const long n = j1 - j0;
+    float scores[rep][CHUNK];
+    for (long r = 0; r < rep; r++) mx[r] = -INFINITY, sum[r] = 0.0f;
+    memset(out, 0, rep * H * sizeof(float));
     for (long j = 0; j < n; j++) {
-        const int64_t d = pos - slot_pos[j];
-        if (slot_pos[j] < 0 || d < 0 || (window > 0 && d >= window)) {
-            scores[j] = -INFINITY;
-            continue;
+        const int64_t sp = slot_pos[j0 + j], d = pos - sp;
+        const int live = pos >= 0 && sp >= 0 && d >= 0 && (window == 0 || d < window);
+        for (long r = 0; r < rep; r++) {
+            float s = -INFINITY;
+            if (live) {
+                s = dot(q + r * H, k + (j0 + j) * H, H) * scaling;
+                if (cap > 0.0f) s = tanhf(s / cap) * cap;
+                if (s > mx[r]) mx[r] = s;
+            }
+            scores[r][j] = s;
         }
-        float s = dot(q, k + j * H, H) * scaling;
-        if (cap > 0.0f) s = tanhf(s / cap) * cap;
-        scores[j] = s;
-        if (s > mx) mx = s;
     }
-    long j = 0;
-    float sum = 0.0f;
+    for (long r = 0; r < rep; r++) {
+        if (mx[r] == -INFINITY) continue;
+        float *sc = scores[r], total = 0.0f;
 #ifdef VL
-    /* Slot j always lands in lane j % VL (the tail is a masked chunk, not a scalar loop), so extra masked slots
-     * add exact zeros: a query gets bit-identical weights whether it runs alone or beside later tokens. */
-    const vf m = vset(mx);
-    vf acc = vset(0.0f);
-    for (; j < n; j += VL) {
-        const vf sc = vload_part(scores + j, n - j, -INFINITY);
-        const vf e = vzero_where(vexp(vsub(sc, m)), sc, -INFINITY);
-        vstore_part(scores + j, e, n - j);
-        acc = vadd(acc, e);
-    }
-    sum = vsum(acc);
+        /* Slot j always lands in lane j % VL (the tail is a masked chunk, not a scalar loop), so masked slots add
+         * exact zeros: a query gets bit-identical weights whether it runs alone or beside later tokens. */
+        const vf m = vset(mx[r]);
+        vf acc = vset(0.0f);
+        for (long j = 0; j < n; j += VL) {
+            const vf x = vload_part(sc + j, n - j, -INFINITY);
+            const vf e = vzero_where(vexp(vsub(x, m)), x, -INFINITY);
+            vstore_part(sc + j, e, n - j);
+            acc = vadd(acc, e);
+        }
+        total = vsum(acc);
 #else
-    for (; j < n; j++) {
-        scores[j] = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
-        sum += scores[j];
-    }
+        for (long j = 0; j < n; j++) {
+            sc[j] = sc[j] == -INFINITY ? 0.0f : expf(sc[j] - mx[r]);
+            total += sc[j];
+        }
 #endif
-    const float inv = 1.0f / sum;
-    for (j = 0; j < n; j++)
-        if (scores[j] != 0.0f) axpy(scores[j] * inv, v + j * H, out, H);
+        sum[r] = total;
+        for (long j = 0; j < n; j++)
+            if (sc[j] != 0.0f) axpy(sc[j], v + (j0 + j) * H, out + r * H, H);
+    }
+}
+
+/* Attention for M tokens over `span` slots: tasks (token, KV head, chunk) in parallel, then per query head the
+ * chunks are merged in chunk order (flash-decoding's rescaling by exp(chunk max - overall max)). */
+static void attention(const layer_t *L, const dims_t *dm, const float *qkv, long QKV, long M, long T,
+                      const int64_t *pos, long span, float *att, int threads) {
+    const long N = dm->n_heads, KV = dm->n_kv, H = dm->head_dim, rep = N / KV, S = L->slots;
+    const long chunks = (span + CHUNK - 1) / CHUNK, stride = rep * (H + 2), tasks = M * KV * chunks;
+    float *part = malloc(sizeof(float) * tasks * stride);  /* per task: rep maxima, rep sums, rep * H values */
+#pragma omp parallel for schedule(static) num_threads(threads) if (tasks > 1)
+    for (long t = 0; t < tasks; t++) {
+        const long m = t / (KV * chunks), kv = t / chunks % KV, c = t % chunks, b = m / T;
+        float *p = part + t * stride;
+        const long j0 = c * CHUNK, j1 = j0 + CHUNK < span ? j0 + CHUNK : span;
+        attend_chunk(qkv + m * QKV + kv * rep * H, rep, L->k_cache + (b * KV + kv) * S * H,
+                     L->v_cache + (b * KV + kv) * S * H, L->slot_pos + b * S, j0, j1, H, pos[m], L->window,
+                     dm->scaling, dm->softcap, p, p + rep, p + 2 * rep);
+    }
+    for (long m = 0; m < M; m++)
+        for (long n = 0; n < N; n++) {
+            const long kv = n / rep, r = n % rep;
+            const float *first = part + (m * KV + kv) * chunks * stride;
+            float *out = att + (m * N + n) * H, top = -INFINITY, total = 0.0f;
+            memset(out, 0, H * sizeof(float));
+            for (long c = 0; c < chunks; c++)
+                if (first[c * stride + r] > top) top = first[c * stride + r];
+            if (top == -INFINITY) continue;  /* padding token: its output is discarded */
+            for (long c = 0; c < chunks; c++) {
+                const float *p = first + c * stride;
+                if (p[r] == -INFINITY) continue;
+                const float w = expf(p[r] - top);
+                total += w * p[rep + r];
+                axpy(w, p + 2 * rep + r * H, out, H);
+            }
+            const float inv = 1.0f / total;
+            for (long i = 0; i < H; i++) out[i] *= inv;
+        }
+    free(part);
 }
 
 /* x: [M, D] hidden states of M = B * T new tokens (T per cache row, row-major), updated in place. Token m belongs
@@ -225,7 +273,7 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
 void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float *x, long M, long T,
                    const int64_t *pos, const int64_t *cols, long end, int threads) {
     const long D = dm->dim, N = dm->n_heads, KV = dm->n_kv, H = dm->head_dim, I = dm->inter;
-    const long QKV = (N + 2 * KV) * H, rep = N / KV;
+    const long QKV = (N + 2 * KV) * H;
     float *h = malloc(sizeof(float) * M * (D + QKV + N * H + 2 * I + I + D));
     float *qkv = h + M * D, *att = qkv + M * QKV, *gu = att + M * N * H, *act = gu + M * 2 * I, *o = act + M * I;
     for (long l = 0; l < n_layers; l++) {
@@ -251,15 +299,7 @@ void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float
             }
             L->slot_pos[b * S + slot] = pos[m];
         }
-#pragma omp parallel for schedule(static) num_threads(threads) if (M * N > 1)
-        for (long mn = 0; mn < M * N; mn++) {
-            const long m = mn / N, n = mn % N, b = m / T, kv = n / rep;
-            float *scores = malloc(sizeof(float) * span);
-            attend(qkv + m * QKV + n * H, L->k_cache + (b * KV + kv) * S * H, L->v_cache + (b * KV + kv) * S * H,
-                   L->slot_pos + b * S, span, H, pos[m], L->window, dm->scaling, dm->softcap, scores,
-                   att + (m * N + n) * H);
-            free(scores);
-        }
+        attention(L, dm, qkv, QKV, M, T, pos, span, att, threads);
         q8_matmul(L->o, att, o, M, D, N * H, threads);
         if (L->pre_ffw_norm) {  /* Gemma 2/3: x += post_attn_norm(o); h = pre_ffw_norm(x) */
             rms_norm(o, L->post_attn_norm, o, M, D, dm->eps);

@@ -14,7 +14,15 @@
 #define QK 32
 typedef struct { uint16_t d; int8_t q[QK]; } __attribute__((packed)) block_q8;
 
-static inline float fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
+static inline float fp16_to_fp32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    _Float16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+#endif
+}
 
 /* One output row n for up to 4 activation rows: the weights of each block are converted once, used MR times. */
 #define MR 4
