@@ -44,11 +44,6 @@ def dequantize_q8(blocks: Tensor, k: int) -> Tensor:
     return (q * d).reshape(blocks.shape[0], k)
 
 
-def _native_bf16() -> bool:
-    """Whether torch's bf16 GEMM runs natively here (AVX512-BF16 / AMX); measured 2x faster than fp32 then."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 class Q8Linear(nn.Module):
     """y = x @ W.T with W in Q8_0 blocks; a drop-in for a bias-free nn.Linear at inference."""
 
@@ -83,7 +78,7 @@ class Q8Linear(nn.Module):
             lib.q8_matmul(self.blocks.data_ptr(), x2.data_ptr(), y.data_ptr(), x2.shape[0], self.out_features,
                           self.in_features, torch.get_num_threads())
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        dtype = torch.bfloat16 if x2.shape[0] > GEMV_ROWS and _native_bf16() else torch.float32
+        dtype = torch.bfloat16 if x2.shape[0] > GEMV_ROWS and kernels.native_bf16() else torch.float32
         y = F.linear(x2.to(dtype), self.dequantized(dtype))
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 

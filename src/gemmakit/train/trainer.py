@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import GemmaError
 from ..lora.adapter import LoRAConfig, inject, load_adapter_weights, read_adapter, save_adapter
 from ..model import Gemma
+from ..quant.kernels import native_bf16
 from ..quant.weight_only import quantize_model
 from . import dist as D
 from .checkpoint import latest_checkpoint, load_state, save_checkpoint
@@ -91,19 +92,6 @@ class CausalLMLoss(nn.Module):
         )
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether this device multiplies bf16 natively (CUDA, or a CPU with AVX512-BF16 or AMX tiles).
-
-    Only there is a bf16 frozen base a win: oneDNN's bf16 GEMM runs ~2x+ faster than fp32 on AVX512-BF16/AMX,
-    while CPUs without them emulate bf16 and gain nothing but half the weight memory.
-    """
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and (
-        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    )
-
-
 def train_dtype(dtype: str | None, device: torch.device) -> str:
     """The frozen base's dtype for fine-tuning: "auto" is bfloat16 where native_bf16(device), else float32.
 
@@ -111,7 +99,7 @@ def train_dtype(dtype: str | None, device: torch.device) -> str:
     this dtype, as in inference, and the log-softmax and loss in fp32 (loss.py).
     """
     if dtype in (None, "auto"):
-        return "bfloat16" if native_bf16(device) else "float32"
+        return "bfloat16" if native_bf16(device) else "float32"  # bf16 only pays where it is native
     names = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
     if dtype not in names:
         raise GemmaError(f"unknown training dtype {dtype!r}; use auto, float32 or bfloat16")
