@@ -229,16 +229,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(result: dict, folder: Path = Path("benchmarks/results"), name: str | None = None) -> Path:
-    """Write <date>-<machine>.json and .md atomically; returns the .json path."""
+def write_results(folder: Path, name: str, result: dict, table: str) -> Path:
+    """Write folder/name.json (the result) and name.md (its table), each atomically; returns the .json path."""
     folder.mkdir(parents=True, exist_ok=True)
-    slug = name or machine_slug()
-    out = folder / f"{slug}.json"
-    for path, text in ((out, json.dumps(result, indent=1)), (out.with_suffix(".md"), markdown(result))):
+    out = folder / f"{name}.json"
+    for path, text in ((out, json.dumps(result, indent=1)), (out.with_suffix(".md"), table)):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
     return out
+
+
+def save(result: dict, folder: Path = Path("benchmarks/results"), name: str | None = None) -> Path:
+    """Write <date>-<machine>.json and .md; returns the .json path."""
+    return write_results(folder, name or machine_slug(), result, markdown(result))
 
 
 def _worker_main() -> None:

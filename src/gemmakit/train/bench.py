@@ -114,15 +114,9 @@ def markdown(r: dict[str, Any]) -> str:
 
 def save(result: dict[str, Any], folder: Path = Path("benchmarks/results")) -> Path:
     """Write finetune-<date>-<machine>.json and .md atomically; returns the .json path."""
-    from ..bench import machine_slug
+    from ..bench import machine_slug, write_results
 
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"finetune-{machine_slug()}.json"
-    for path, text in ((out, json.dumps(result, indent=1)), (out.with_suffix(".md"), markdown(result))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return out
+    return write_results(folder, f"finetune-{machine_slug()}", result, markdown(result))
 
 
 def _prepare(source: str | None, folder: Path, data: Path, *, seq_len: int, rows: int) -> None:
