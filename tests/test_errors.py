@@ -109,3 +109,11 @@ def test_cli_prints_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gemmakit", "run", "hi", "-m", str(f)], capture_output=True, text=True)
     assert r.returncode == 1
     assert "error:" in r.stderr and "not a model file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_threads_option():
+    """`gemmakit --threads N CMD` sets the CPU threads for any command; a bad count is a one-line error."""
+    cmd = [sys.executable, "-m", "gemmakit", "--threads", "1", "run", "Hello", "-n", "2"]
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    r = subprocess.run([*cmd[:3], "--threads", "0", *cmd[5:]], capture_output=True, text=True)
+    assert r.returncode == 1 and "--threads must be at least 1" in r.stderr and "Traceback" not in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,6 +13,24 @@ from . import bench, chat, convert, finetune, info, merge, run, serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Run Google's Gemma models locally. Without -m, commands use the embedded Gemma 3 270M.")
+
+
+@app.callback()
+def options(
+    threads: Annotated[
+        int | None,
+        typer.Option(envvar="GEMMAKIT_THREADS", help="CPU threads for the command (default: one per core). Use "
+                     "fewer when other programs keep cores busy: every thread waits for the slowest one."),
+    ] = None,
+) -> None:
+    """Options for every command, given before it: gemmakit --threads 1 run "..."."""
+    if threads is not None:
+        if threads < 1:
+            raise GemmaError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
 app.command("run")(run.run)
 app.command("info")(info.info)
 app.command("chat")(chat.chat)
