@@ -108,19 +108,26 @@ def test_q8_on_any_source_is_close_to_reference(tmp_path):
     assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
 
 
+def _tiny_q8(name: str):
+    """A random tiny model of helpers.TINY (tied head, as GGUFs are) on the Q8 path with its native decode step."""
+    from gemmakit.fast import to_q8
+    from gemmakit.loader import build
+    from helpers import TINY, hf_model
+
+    cfg = TINY[name]
+    state = {k: v for k, v in hf_model(cfg).state_dict().items() if k != "lm_head.weight"}
+    return to_q8(build(cfg, state))
+
+
 @needs_native
 @pytest.mark.parametrize("name", ["gemma1", "gemma2", "gemma3", "gemma3-mqa"])
 def test_native_decode_step_equals_modules(name):
     """The one-call native decode step (quant/fused.py) gives the module path's logits, step by step, for rows of
     different lengths (server-style), a subset of rows, and sliding-window rings that wrap (W=8)."""
-    from gemmakit.fast import to_q8
-    from gemmakit.loader import build
     from gemmakit.model import KVCache
-    from helpers import TINY, hf_model
 
-    cfg = TINY[name]
-    state = {k: v for k, v in hf_model(cfg).state_dict().items() if k != "lm_head.weight"}  # tied
-    module = to_q8(build(cfg, state))
+    module = _tiny_q8(name)
+    cfg = module.config
     fused = module.fused_decode
     assert fused is not None
     torch.manual_seed(0)
@@ -152,14 +159,10 @@ def test_native_decode_step_equals_modules(name):
 def test_native_attention_across_chunks():
     """Global layers past 256 slots split attention into chunks merged by their maxima: still the module path's
     logits, and a draft straddling a chunk boundary still verifies bit-identically."""
-    from gemmakit.fast import to_q8
-    from gemmakit.loader import build
     from gemmakit.model import KVCache
-    from helpers import TINY, hf_model
 
-    cfg = TINY["gemma3-mqa"]
-    state = {k: v for k, v in hf_model(cfg).state_dict().items() if k != "lm_head.weight"}
-    module = to_q8(build(cfg, state))
+    module = _tiny_q8("gemma3-mqa")
+    cfg = module.config
     fused = module.fused_decode
     torch.manual_seed(2)
     prompt, draft = torch.randint(0, cfg.vocab_size, (1, 250)), torch.randint(0, cfg.vocab_size, (1, 8))
@@ -198,14 +201,10 @@ def test_native_verification_is_bit_identical_to_single_steps(name):
     """A draft of k tokens verified in one native call gives exactly the logits of k single decode steps (same
     GEMV row order, same softmax lanes), also across a wrapping sliding-window ring: speculative decoding cannot
     change a greedy token."""
-    from gemmakit.fast import to_q8
-    from gemmakit.loader import build
     from gemmakit.model import KVCache
-    from helpers import TINY, hf_model
 
-    cfg = TINY[name]
-    state = {k: v for k, v in hf_model(cfg).state_dict().items() if k != "lm_head.weight"}
-    module = to_q8(build(cfg, state))
+    module = _tiny_q8(name)
+    cfg = module.config
     torch.manual_seed(1)
     prompt, draft = torch.randint(0, cfg.vocab_size, (1, 10)), torch.randint(0, cfg.vocab_size, (1, 12))
 

@@ -33,7 +33,19 @@ def _token_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM where /proc has it, since ru_maxrss is not its own on Linux.
+
+    exec records the old address space's high-water mark in ru_maxrss, and a spawned child's old space is its
+    parent's, so every engine would inherit the bench parent's peak (the fine-tuning bench's parent holds a 2.4 GB
+    fp32 model).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -248,7 +260,7 @@ def save(result: dict, folder: Path = Path("benchmarks/results"), name: str | No
 def _worker_main() -> None:
     job = json.loads(sys.stdin.read())
     res = WORKERS[job["engine"]](job["model"], job["threads"], job["prompt"], job["n_decode"], job["batches"])
-    res["peak_rss_mb"] = _peak_rss_mb()
+    res["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(res))
 
 

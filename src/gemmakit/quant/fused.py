@@ -100,7 +100,7 @@ class FusedDecode:
         """x: (B, T, D) embedded tokens of rows 0..B-1 -> hidden states after the last layer (before the final
         norm). The cache must already be prepared for this step (KVCache.prepare)."""
         B, T, _ = x.shape
-        x = x.contiguous().clone()
+        x = x.clone(memory_format=torch.contiguous_format)  # the native step updates it in place
         pos = positions.reshape(-1).to(torch.long).contiguous()
         first = cache.layers[0]
         cols = (first.starts[:, None] + torch.arange(T)).reshape(-1).contiguous()

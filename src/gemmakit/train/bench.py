@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -148,6 +147,7 @@ def _worker(side: str, a: dict[str, Any]) -> dict[str, Any]:
 
     if a["threads"]:
         torch.set_num_threads(a["threads"])
+    from ..bench import peak_rss_mb
     from ..tokenizer import Tokenizer
     from .data import collate, load_jsonl
 
@@ -171,25 +171,10 @@ def _worker(side: str, a: dict[str, Any]) -> dict[str, Any]:
         "tokens": tokens,
         "first_loss": first,
         "losses": losses,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
         "dtype": dtype,
     }
-
-
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS: VmHWM where /proc has it, since ru_maxrss is not its own on Linux.
-
-    exec records the old address space's high-water mark in ru_maxrss, and a spawned child's old space is its
-    parent's, so every side would inherit the bench parent's peak (it held the fp32 model it wrote: ~2.4 GB).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _gemmakit_step(a: dict[str, Any]) -> tuple[Callable[[Any], float], str]:
