@@ -212,7 +212,7 @@ def test_torchrun_two_processes_equal_one_process_with_double_accumulation(setup
 
 
 def test_finetune_bench_runs_every_side_on_the_same_model_and_tokens(setup, tmp_path):
-    from gemmakit.train.bench import SIDES, markdown, run_finetune_bench, save
+    from gemmakit.bench.finetune import SIDES, markdown, run_finetune_bench, save
 
     folder, _ = setup
     r = run_finetune_bench(

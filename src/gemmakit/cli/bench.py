@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .. import bench as inference_bench
+from ..bench import inference as inference_bench
+from ..bench.common import machine_slug
 
 
 def bench(
@@ -43,13 +44,13 @@ def bench(
             bar.update(task, description=label)
 
         if server:
-            from ..serve.loadtest import run_load_test
+            from ..bench.server import run_load_test
 
             step("server load test (1, 4, 8 clients)")
             result = run_load_test(model)
             name = "server"
         elif finetune:
-            from ..train import bench as finetune_bench
+            from ..bench import finetune as finetune_bench
 
             result = finetune_bench.run_finetune_bench(model, repeats=repeats, threads=threads, dtype=dtype,
                                                        on_step=lambda s: step(f"fine-tuning: {s}"))
@@ -65,7 +66,7 @@ def bench(
             console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
             return
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{inference_bench.machine_slug()}.json"
+    path = out / f"{name}-{machine_slug()}.json"
     path.write_text(json.dumps(result, indent=1))
     console.print_json(data=result)
     console.print(f"[dim]wrote {path}[/]")

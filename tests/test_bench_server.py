@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gemmakit import GemmaError
-from gemmakit.serve.loadtest import run_load_test
+from gemmakit.bench.server import run_load_test
 
 
 def test_load_test_reports_every_round():

@@ -46,7 +46,7 @@ def run_finetune_bench(
 
     `dtype` is gemmakit's frozen-base dtype ("auto" as in `gemmakit finetune`); the peers are fixed (fp32, bf16).
     """
-    from ..bench import machine
+    from .common import machine
 
     with tempfile.TemporaryDirectory(prefix="gemmakit-bench-") as tmp:
         folder, data = Path(tmp) / "model", Path(tmp) / "data.jsonl"
@@ -113,7 +113,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def save(result: dict[str, Any], folder: Path = Path("benchmarks/results")) -> Path:
     """Write finetune-<date>-<machine>.json and .md atomically; returns the .json path."""
-    from ..bench import machine_slug, write_results
+    from .common import machine_slug, write_results
 
     return write_results(folder, f"finetune-{machine_slug()}", result, markdown(result))
 
@@ -135,7 +135,7 @@ def _prepare(source: str | None, folder: Path, data: Path, *, seq_len: int, rows
 
 
 def _spawn(side: str, args: dict[str, Any]) -> dict[str, Any]:
-    code = f"import json,sys; from gemmakit.train.bench import _worker; print(json.dumps(_worker({side!r}, json.loads(sys.argv[1]))))"
+    code = f"import json,sys; from gemmakit.bench.finetune import _worker; print(json.dumps(_worker({side!r}, json.loads(sys.argv[1]))))"
     p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"the {side} benchmark failed:\n{p.stderr[-2000:]}")
@@ -147,9 +147,9 @@ def _worker(side: str, a: dict[str, Any]) -> dict[str, Any]:
 
     if a["threads"]:
         torch.set_num_threads(a["threads"])
-    from ..bench import peak_rss_mb
     from ..tokenizer import Tokenizer
-    from .data import collate, load_jsonl
+    from ..train.data import collate, load_jsonl
+    from .common import peak_rss_mb
 
     tok = Tokenizer.from_file(Path(a["folder"]) / "tokenizer.model")
     rows, _ = load_jsonl(a["data"], tok, "gemma3", max_len=a["seq_len"] + 1)
@@ -182,7 +182,7 @@ def _gemmakit_step(a: dict[str, Any]) -> tuple[Callable[[Any], float], str]:
 
     from ..loader import load
     from ..lora.adapter import LoRAConfig
-    from .trainer import CausalLMLoss, TrainConfig, prepare_model, train_dtype
+    from ..train.trainer import CausalLMLoss, TrainConfig, prepare_model, train_dtype
 
     dtype = train_dtype(a["dtype"], torch.device("cpu"))
     m = load(a["folder"], dtype=dtype, device="cpu", quant=None, progress=False)

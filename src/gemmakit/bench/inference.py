@@ -1,6 +1,6 @@
 """Side-by-side inference benchmark: gemmakit, llama-cpp-python and transformers on the same GGUF and token ids.
 
-Each measurement runs in a fresh process (`python -m gemmakit.bench ENGINE ...`) so load time and peak RSS are the
+Each measurement runs in a fresh process (`python -m gemmakit.bench.inference ENGINE ...`) so load time and peak RSS are the
 engine's own; engines alternate within every repetition so a noisy machine hurts them alike; medians are reported.
 Peers are optional (`pip install .[bench]`): a missing one is reported, never a crash.
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -18,6 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
+
+from .common import machine, machine_slug, peak_rss_mb, write_results
 
 ENGINES = ("gemmakit", "llama.cpp", "transformers")
 PROMPT_TOKENS, DECODE_TOKENS = 512, 128
@@ -31,22 +31,6 @@ def _token_ids(tokenizer, n: int) -> list[int]:
     while len(ids) < n:
         ids += ids[1:]
     return ids[:n]
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS: VmHWM where /proc has it, since ru_maxrss is not its own on Linux.
-
-    exec records the old address space's high-water mark in ru_maxrss, and a spawned child's old space is its
-    parent's, so every engine would inherit the bench parent's peak (the fine-tuning bench's parent holds a 2.4 GB
-    fp32 model).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- workers: one engine, one process, JSON on stdout -----------------------------------------------------------
@@ -164,8 +148,8 @@ def run(model: str | None = None, *, engines: Sequence[str] = ENGINES, repeats: 
         prompt_tokens: int = PROMPT_TOKENS, decode_tokens: int = DECODE_TOKENS, batches: Sequence[int] = (4, 8),
         on_step: Callable[[str], None] | None = None) -> dict:
     """Run every available engine `repeats` times, alternating; return medians, ratios and the raw runs."""
-    from .embedded import embedded_path
-    from .weights.gguf import read_gguf, tokenizer_from_gguf
+    from ..embedded import embedded_path
+    from ..weights.gguf import read_gguf, tokenizer_from_gguf
 
     path = str(embedded_path() if model is None else Path(model).expanduser())
     threads = threads or len(os.sched_getaffinity(0))
@@ -182,7 +166,7 @@ def run(model: str | None = None, *, engines: Sequence[str] = ENGINES, repeats: 
                 on_step(f"{engine} (run {rep + 1}/{repeats})")
             job = json.dumps({"engine": engine, "model": path, "threads": threads, "prompt": prompt,
                               "n_decode": decode_tokens, "batches": list(batches)})
-            proc = subprocess.run([sys.executable, "-m", "gemmakit.bench"], input=job, capture_output=True,
+            proc = subprocess.run([sys.executable, "-m", "gemmakit.bench.inference"], input=job, capture_output=True,
                                   text=True)
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
@@ -201,20 +185,6 @@ def run(model: str | None = None, *, engines: Sequence[str] = ENGINES, repeats: 
             "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "repeats": repeats,
             "missing": {e: "not installed (pip install .[bench])" for e in missing}, "errors": errors,
             "median": medians, "ratios": ratios, "runs": runs}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cpus"
-
-
-def machine_slug() -> str:
-    return f"{date.today().isoformat()}-{platform.node() or 'machine'}"
 
 
 def markdown(result: dict) -> str:
@@ -239,17 +209,6 @@ def markdown(result: dict) -> str:
     for e, why in {**result["missing"], **result["errors"]}.items():
         lines.append(f"\n{e}: {why}")
     return "\n".join(lines) + "\n"
-
-
-def write_results(folder: Path, name: str, result: dict, table: str) -> Path:
-    """Write folder/name.json (the result) and name.md (its table), each atomically; returns the .json path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"{name}.json"
-    for path, text in ((out, json.dumps(result, indent=1)), (out.with_suffix(".md"), table)):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return out
 
 
 def save(result: dict, folder: Path = Path("benchmarks/results"), name: str | None = None) -> Path:
