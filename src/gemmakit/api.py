@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 Messages = Sequence[chat_template.Message]
+Tools = Sequence[Mapping[str, Any]]
 
 
 @dataclass
@@ -121,20 +122,86 @@ class Model:
                 yield piece
         self.last_result = gen.results()[0]
 
-    def chat_ids(self, messages: Messages) -> list[int]:
-        """The prompt ids of a conversation in Gemma's turn format (chat.py), ending with the model's turn."""
+    @property
+    def chat_template(self) -> str:
+        """The chat template this model's tokenizer belongs to: "gemma4", or "gemma3" for Gemma 1/2/3's."""
+        return chat_template.template_for(self.tokenizer)
+
+    def chat_ids(self, messages: Messages, *, tools: Tools | None = None, thinking: bool = False) -> list[int]:
+        """The prompt ids of a conversation in the model's chat template (chat.py), ending with the model's turn.
+
+        `tools` (OpenAI function declarations) and `thinking` are Gemma 4 template options.
+        """
         if self.tokenizer is None:
             raise GemmaError("this model was loaded without a tokenizer; chat needs one")
-        return chat_template.encode(self.tokenizer, messages)
+        return chat_template.encode(self.tokenizer, messages, family=self.chat_template, tools=tools,
+                                    thinking=thinking)
 
-    def chat(self, messages: Messages, max_new_tokens: int = 256, **sampling: Any) -> GenerationResult:
+    def chat(self, messages: Messages, max_new_tokens: int = 256, *, tools: Tools | None = None,
+             thinking: bool = False, **sampling: Any) -> ChatResult:
         """The assistant's reply to a conversation [{"role": "system"|"user"|"assistant", "content": ...}].
 
-        Takes generate()'s sampling options; the reply ends at <end_of_turn>. A system message is folded into
-        the first user turn (Gemma has no system role).
+        Takes generate()'s sampling options; the reply ends at the end of the model's turn. Gemma 4 has a system
+        role and, with thinking=True, reasons before it answers: `.text` is the answer, `.reasoning` the
+        reasoning (None when there was none). Gemma 1/2/3 fold a system message into the first user turn.
         """
-        return self.generate(self.chat_ids(messages), max_new_tokens, **sampling)
+        deltas = self.chat_deltas(messages, max_new_tokens, tools=tools, thinking=thinking, **sampling)
+        reasoning = "".join(d.reasoning for d in deltas)  # consumes the stream; last_result holds the reply
+        result = self.last_result
+        assert isinstance(result, ChatResult)
+        result.reasoning = reasoning or None
+        return result
 
-    def chat_stream(self, messages: Messages, max_new_tokens: int = 256, **sampling: Any) -> Iterator[str]:
+    def chat_stream(self, messages: Messages, max_new_tokens: int = 256, *, tools: Tools | None = None,
+                    thinking: bool = False, **sampling: Any) -> Iterator[str]:
         """Like chat(), yielding the reply's text pieces as they are produced; last_result holds the result."""
-        return self.stream(self.chat_ids(messages), max_new_tokens, **sampling)
+        for d in self.chat_deltas(messages, max_new_tokens, tools=tools, thinking=thinking, **sampling):
+            if d.content:
+                yield d.content
+
+    def chat_deltas(self, messages: Messages, max_new_tokens: int = 256, *, tools: Tools | None = None,
+                    thinking: bool = False, **sampling: Any) -> Iterator[ChatDelta]:
+        """Like chat_stream(), yielding (reasoning, content) pieces: Gemma 4's reasoning streams apart from the
+        reply. last_result (a ChatResult) holds the reply and its reasoning when the stream ends."""
+        opts = {**_GENERATE_DEFAULTS, **sampling}
+        gen, _ = self._generation(self.chat_ids(messages, tools=tools, thinking=thinking),
+                                  max_new_tokens=max_new_tokens, **opts)
+        splitter = chat_template.reasoning_splitter(self.tokenizer)
+        row, seen, reasoning, content = gen.rows[0], 0, [], []
+        for step in gen:
+            piece, finish = step[0]
+            if splitter is None:
+                delta = ChatDelta("", piece)
+            else:
+                if len(row.ids) > seen:  # the token this step added: where a channel marker falls in the text
+                    splitter.observe(row.ids[-1], len(row.text))
+                    seen = len(row.ids)
+                delta = ChatDelta(*splitter.split(piece))
+                if finish is not None:
+                    delta = ChatDelta(delta.reasoning + splitter.finish(), delta.content)
+            reasoning.append(delta.reasoning)
+            content.append(delta.content)
+            if delta.reasoning or delta.content:
+                yield delta
+        r = gen.results()[0]
+        self.last_result = ChatResult("".join(content), r.token_ids, r.finish_reason, r.prompt_tokens,
+                                      "".join(reasoning) or None)
+
+
+_GENERATE_DEFAULTS: dict[str, Any] = dict(temperature=0.0, top_k=None, top_p=None, min_p=None,
+                                          repetition_penalty=None, seed=None, stop=None, ignore_eos=False)
+
+
+class ChatDelta(NamedTuple):
+    """A piece of a streamed chat reply: reasoning text (Gemma 4's thinking) and answer text; either may be ""."""
+
+    reasoning: str
+    content: str
+
+
+@dataclass
+class ChatResult(GenerationResult):
+    """A chat reply: `.text` is the answer; `.reasoning` is the reasoning before it (Gemma 4 thinking) or None.
+    `token_ids` are every generated token, the reasoning's and the channel markers included."""
+
+    reasoning: str | None = None

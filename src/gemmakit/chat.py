@@ -1,6 +1,8 @@
 """Gemma chat turns: the official templates per generation, rendered and tokenized (spec §5.7). No torch here.
 
-Every generation uses the same turn format:
+Gemma 4 has its own turn format, with a system role, a thinking mode and function calling (chat_gemma4.py); the
+template is chosen by the tokenizer (`template_for`), as a checkpoint's chat template ships with its tokenizer.
+Gemma 1, 2 and 3 use the same turn format:
 
     <bos><start_of_turn>user\\n{content}<end_of_turn>\\n<start_of_turn>model\\n{content}<end_of_turn>\\n...
 
@@ -19,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from . import chat_gemma4
 from .errors import GemmaError
 
-FAMILIES = ("gemma", "gemma2", "gemma3")
+FAMILIES = ("gemma", "gemma2", "gemma3", "gemma4")  # template names: Gemma 1/2/3 share one
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer clients call the system message "developer"
 BOS, START, END = "<bos>", "<start_of_turn>", "<end_of_turn>"
 
@@ -108,8 +111,31 @@ def turns(messages: Sequence[Message]) -> list[tuple[str, str]]:
     return out
 
 
-def segments(messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
-    """The rendered prompt as (text, is_control_marker) pieces, in order."""
+def template_for(tokenizer: Any) -> str:
+    """The chat template a tokenizer belongs to: "gemma4" when it has Gemma 4's <|turn> marker, else "gemma3"
+    (the Gemma 1/2/3 turn format; their templates differ only in system handling, unified here)."""
+    token_id = getattr(tokenizer, "token_id", None)
+    return "gemma4" if token_id is not None and token_id(chat_gemma4.TURN) is not None else "gemma3"
+
+
+def segments(
+    messages: Sequence[Message],
+    *,
+    family: str = "gemma3",
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    thinking: bool = False,
+    add_generation_prompt: bool = True,
+) -> list[tuple[str, bool]]:
+    """The rendered prompt as (text, is_control_marker) pieces, in order, in `family`'s template."""
+    if family == "gemma4":
+        return chat_gemma4.segments(messages, tools=tools, thinking=thinking,
+                                    add_generation_prompt=add_generation_prompt)
+    if family not in FAMILIES:
+        raise GemmaError(f"unknown chat template {family!r}; expected one of {', '.join(FAMILIES)}")
+    if tools:
+        raise GemmaError(f"tool declarations need Gemma 4's chat template; the {family} template has none")
+    if thinking:
+        raise GemmaError(f"thinking is a Gemma 4 template option; the {family} template has no thinking mode")
     out: list[tuple[str, bool]] = [(BOS, True)]
     for role, text in turns(messages):
         out += [(START, True), (f"{role}\n{text}", False), (END, True), ("\n", False)]
@@ -118,22 +144,47 @@ def segments(messages: Sequence[Message], *, add_generation_prompt: bool = True)
     return out
 
 
-def render(messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
-    """The prompt as text, equal to transformers' `apply_chat_template(..., tokenize=False)` (with <bos>)."""
-    return "".join(text for text, _ in segments(messages, add_generation_prompt=add_generation_prompt))
+def render(
+    messages: Sequence[Message],
+    *,
+    family: str = "gemma3",
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    thinking: bool = False,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt as text, equal to transformers' `apply_chat_template(..., tokenize=False)` (with <bos>) under the
+    official template of `family`; `tools` (OpenAI's function declarations) and `thinking` are Gemma 4's."""
+    return "".join(text for text, _ in segments(messages, family=family, tools=tools, thinking=thinking,
+                                                  add_generation_prompt=add_generation_prompt))
 
 
 def encode(
     tokenizer: TextTokenizer,
     messages: Sequence[Message],
     *,
+    family: str = "gemma3",
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    thinking: bool = False,
     add_generation_prompt: bool = True,
 ) -> list[int]:
     """Prompt token ids: markers as control tokens, message text as plain text (so it cannot forge markers)."""
     ids: list[int] = []
-    for text, control in segments(messages, add_generation_prompt=add_generation_prompt):
-        ids += tokenizer.encode(text, bos=False, special=control)
+    for text, control in segments(messages, family=family, tools=tools, thinking=thinking,
+                                  add_generation_prompt=add_generation_prompt):
+        piece = tokenizer.encode(text, bos=False, special=control)
+        if control and len(piece) != 1:
+            raise GemmaError(f"this tokenizer has no {text} token, which the {family} chat template needs; "
+                             "use the tokenizer that came with the model")
+        ids += piece
     return ids
+
+
+def reasoning_splitter(tokenizer: Any) -> chat_gemma4.ReasoningSplitter | None:
+    """A splitter of generated text into reasoning and reply for a Gemma 4 tokenizer; None for other tokenizers."""
+    token_id = getattr(tokenizer, "token_id", None)
+    start = token_id(chat_gemma4.CHANNEL) if token_id is not None else None
+    end = token_id(chat_gemma4.CHANNEL_END) if token_id is not None else None
+    return chat_gemma4.ReasoningSplitter(start, end) if start is not None and end is not None else None
 
 
 def fit(
@@ -141,7 +192,8 @@ def fit(
     count: Callable[[Sequence[Message]], int],
     budget: int,
 ) -> tuple[list[Message], int]:
-    """Drop the oldest user/assistant exchanges until count(messages) <= budget; -> (kept, exchanges dropped).
+    """Drop the oldest exchanges (a user message and what answers it) until count(messages) <= budget;
+    -> (kept, exchanges dropped).
 
     A leading system message and the last user turn are always kept; if even they do not fit, GemmaError.
     """
@@ -149,11 +201,12 @@ def fit(
     head = 1 if kept and kept[0].get("role") in SYSTEM_ROLES else 0
     dropped = 0
     while count(kept) > budget:
-        if len(kept) - head <= 1:
+        nxt = next((j for j in range(head + 1, len(kept)) if kept[j].get("role") == "user"), None)
+        if nxt is None:
             raise GemmaError(
                 f"the last message alone needs {count(kept)} tokens but only {budget} fit in the "
                 "context; shorten it (or the system prompt)"
             )
-        del kept[head : head + 2]  # one user message and the reply to it
+        del kept[head:nxt]  # one user message and the replies (and tool results) to it
         dropped += 1
     return kept, dropped

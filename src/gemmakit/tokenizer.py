@@ -31,10 +31,11 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Pieces that are control tokens whatever the file says: Gemma 1/2 tokenizer.model files keep the turn
 # markers USER_DEFINED (always matched), and the G3 GGUF keeps <start_of_image> USER_DEFINED. Same list as
-# llama.cpp's does_token_look_special plus the turn/image markers HF marks special (spec §5.2, §5.4).
+# llama.cpp's does_token_look_special plus the turn/image markers HF marks special (spec §5.2, §5.4), and Gemma 4's
+# half-open markers (<|turn>, <turn|>, <|channel>, <|tool_call>, ...; <|think|> and <|"|> match <|...|>).
 _SPECIAL_LOOKING = re.compile(
     r"<(?:pad|eos|bos|unk|mask|2mass|start_of_turn|end_of_turn|start_of_image|end_of_image"
-    r"|image_soft_token|unused\d+)>|\[@BOS@\]|<\|.*\|>"
+    r"|image_soft_token|unused\d+)>|\[@BOS@\]|<\|.*\|>|<\|[a-z_]+>|<[a-z_]+\|>"
 )
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 # GGUF value type -> numpy dtype code (gguf-py constants.GGUFValueType); 8 is string, 9 array.
