@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -14,12 +14,13 @@ from .config import GemmaConfig
 from .errors import GemmaError
 from .generate import Generation, GenerationResult, check_prompt
 from .model import Gemma
-from .sampling import SamplingParams
+from .sampling import LogitsProcessor, SamplingParams
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 Messages = Sequence[chat_template.Message]
 Tools = Sequence[Mapping[str, Any]]
+ProcessorFactory = Callable[[], Sequence[LogitsProcessor]]  # called once per sequence: processors keep row state
 
 
 @dataclass
@@ -78,42 +79,47 @@ class Model:
     def _generation(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int, temperature: float,
                     top_k: int | None, top_p: float | None, min_p: float | None,
                     repetition_penalty: float | None, seed: int | None, stop: str | Sequence[str] | None,
-                    ignore_eos: bool, lookup: int = 0) -> tuple[Generation, bool]:
+                    ignore_eos: bool, lookup: int = 0, logits_processors: ProcessorFactory | None = None,
+                    ) -> tuple[Generation, bool]:
         batched = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
         prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        processors = [list(logits_processors()) for _ in prompts] if logits_processors else None
         gen = Generation(self.module, self.tokenizer, prompts, max_new_tokens=max_new_tokens, params=params,
-                         stop=stops, ignore_eos=ignore_eos, lookup=lookup)
+                         stop=stops, ignore_eos=ignore_eos, lookup=lookup, processors=processors)
         return gen, batched
 
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 128, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
+                 logits_processors: ProcessorFactory | None = None,
                  ) -> GenerationResult | list[GenerationResult]:
         """Continue a prompt (text or token ids); a list of prompts is generated as one batch -> list of results.
 
         temperature=0 is greedy; the same seed gives the same text. Stops at EOS/<end_of_turn> (unless
         ignore_eos), at any `stop` string (cut from the text), or after max_new_tokens / at the context length.
+        `logits_processors` is called once per sequence and returns that sequence's LogitsProcessors (sampling.py).
         """
         gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                                        ignore_eos=ignore_eos, lookup=lookup)
+                                        ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors)
         results = gen.results()
         return results if batched else results[0]
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, *, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                repetition_penalty: float | None = None, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0) -> Iterator[str]:
+               stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
+               logits_processors: ProcessorFactory | None = None) -> Iterator[str]:
         """Like generate() for one prompt, yielding text pieces as they are produced (never a split character)."""
         gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                                        ignore_eos=ignore_eos, lookup=lookup)
+                                        ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors)
         if batched:
             raise GemmaError("stream() takes one prompt; use generate() for a batch")
         for step in gen:

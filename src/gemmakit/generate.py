@@ -6,7 +6,7 @@ exactly its own tokens and a batched greedy run gives the same tokens as single 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .errors import GemmaError
 from .model import Gemma, KVCache
-from .sampling import SamplingParams, make_sampler
+from .sampling import LogitsProcessor, RowProcessors, SamplingParams, accept_tokens, make_sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -42,19 +42,46 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids.to(device), pos.to(device)
 
 
+class _LiveRows:
+    """Each row's LogitsProcessors while the row runs: a row is over (its processors no longer called) once a
+    stop token was chosen for it (the LogitsProcessor contract)."""
+
+    def __init__(self, processors: RowProcessors | None, prompts: Sequence[Sequence[int]],
+                 stop_ids: Collection[int]) -> None:
+        if processors is not None and len(processors) != len(prompts):
+            raise GemmaError(f"got {len(processors)} lists of logits processors for {len(prompts)} prompts")
+        self.rows: list[list[LogitsProcessor]] | None = None
+        if processors and any(processors):
+            self.rows = [list(p) for p in processors]
+            for procs, prompt in zip(self.rows, prompts, strict=True):
+                for p in procs:
+                    p.begin(prompt)
+        self.stop_ids = stop_ids
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        if self.rows is None:
+            return
+        accept_tokens(self.rows, tokens)
+        for b, t in enumerate(tokens):
+            if t in self.stop_ids:
+                self.rows[b] = []
+
+
 @torch.inference_mode()
 def generate_step(model: Gemma, prompts: Sequence[Sequence[int]], params: SamplingParams, max_new_tokens: int,
-                  ) -> Iterator[Tensor]:
+                  *, processors: RowProcessors | None = None, stop_ids: Collection[int] = ()) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), up to max_new_tokens times; the caller stops early when done.
 
     One prefill of the (left-padded) prompts computes logits only at the last position; each later step feeds
-    the sampled tokens back through the KV cache.
+    the sampled tokens back through the KV cache. `processors` holds each row's LogitsProcessors (see their
+    contract in sampling.py); a row's processors stop being called once it yields one of `stop_ids`.
     """
     device = model.device
     ids, pos = left_pad(prompts, model.config.pad_token_id, device)
     cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, dtype=model.dtype,
                     device=device)
     sample = make_sampler(params, device)
+    live = _LiveRows(processors, prompts, stop_ids)
     seen = None
     if params.repetition_penalty not in (None, 1.0):
         seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
@@ -62,7 +89,8 @@ def generate_step(model: Gemma, prompts: Sequence[Sequence[int]], params: Sampli
     logits = model(ids, pos, cache, last_only=True)[:, -1]
     next_pos = pos[:, -1:] + 1
     for step in range(max_new_tokens):
-        token = sample(logits, seen)
+        token = sample(logits, seen, live.rows)
+        live.accept(token.tolist())
         yield token
         if step + 1 == max_new_tokens:
             return
@@ -98,20 +126,49 @@ class NgramIndex:
         return []
 
 
+def _verify(logits: Tensor, draft: Sequence[int], processors: Sequence[LogitsProcessor]) -> tuple[int, int]:
+    """(drafts accepted, the model's next token) from the verification logits (len(draft) + 1, V), greedy.
+
+    With processors, position j is processed (and its token accepted) only once the drafts before it were
+    kept, so a processor sees exactly the calls that single greedy steps would make (LogitsProcessor contract).
+    """
+    if not processors:
+        preds = logits.max(-1).indices.tolist()
+        accepted = 0
+        while accepted < len(draft) and preds[accepted] == draft[accepted]:
+            accepted += 1
+        return accepted, preds[accepted]
+    greedy = make_sampler(SamplingParams())
+    for j in range(len(draft) + 1):
+        token = int(greedy(logits[j : j + 1], None, [processors])[0])
+        for p in processors:
+            p.accept(token)
+        if j == len(draft) or token != draft[j]:
+            return j, token
+    raise AssertionError("unreachable")
+
+
 @torch.inference_mode()
-def lookup_step(model: Gemma, prompt: Sequence[int], max_new_tokens: int, k: int) -> Iterator[Tensor]:
+def lookup_step(model: Gemma, prompt: Sequence[int], max_new_tokens: int, k: int, *,
+                processors: Sequence[LogitsProcessor] = (), stop_ids: Collection[int] = ()) -> Iterator[Tensor]:
     """Greedy decoding with prompt-lookup speculation: draft up to k tokens from n-gram matches in the text so far,
     verify them in one forward, keep the longest agreeing prefix plus the model's own next token.
 
     Yields the same tokens as greedy generate_step, one at a time. Pays off when the output copies spans of the
     input (summaries, edits, code changes): each accepted draft token saves a full pass over the weights.
+    With `processors` (e.g. a grammar), drafts are first cut to the prefix every processor allows
+    (valid_prefix) and each position is verified against the processed logits, in order. Drafts end before
+    any of `stop_ids`: nothing is verified past the end of the sequence.
     """
     device = model.device
     cache = KVCache(model.config, 1, len(prompt) + max_new_tokens + k + 1, dtype=model.dtype, device=device,
                     slack=k + 1)
     index = NgramIndex(prompt)
+    for p in processors:
+        p.begin(prompt)
     logits = model(torch.tensor([list(prompt)], device=device), cache=cache, last_only=True)[0, -1]
-    token, produced = int(logits.argmax()), 0
+    _, token = _verify(logits[None], [], processors)
+    produced = 0
     k_now = min(k, 4)  # draft length adapts to acceptance: +2 after a fully accepted draft, -1 otherwise
     while True:
         yield torch.tensor([token])
@@ -120,13 +177,13 @@ def lookup_step(model: Gemma, prompt: Sequence[int], max_new_tokens: int, k: int
             return
         index.append(token)
         draft = index.draft(min(k_now, max_new_tokens - produced - 1))
+        draft = draft[: next((i for i, t in enumerate(draft) if t in stop_ids), len(draft))]
+        for p in processors:
+            draft = draft[: p.valid_prefix(draft)]
         start = len(index.ids) - 1  # position of `token`, not yet in the cache
         inp = torch.tensor([[token, *draft]], device=device)
         pos = torch.arange(start, start + inp.shape[1], device=device)[None]
-        preds = model(inp, pos, cache)[0].max(-1).indices.tolist()
-        accepted = 0
-        while accepted < len(draft) and preds[accepted] == draft[accepted]:
-            accepted += 1
+        accepted, nxt = _verify(model(inp, pos, cache)[0], draft, processors)
         cache.rollback(0, start + 1 + accepted)  # keep `token` and the accepted drafts
         if draft:
             k_now = min(k, k_now + 2) if accepted == len(draft) else max(1, k_now - 1)
@@ -134,7 +191,7 @@ def lookup_step(model: Gemma, prompt: Sequence[int], max_new_tokens: int, k: int
             yield torch.tensor([t])
             produced += 1
             index.append(t)
-        token = preds[accepted]
+        token = nxt
 
 
 @dataclass
@@ -195,7 +252,7 @@ class Generation:
 
     def __init__(self, model: Gemma, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int, params: SamplingParams, stop: Sequence[str] = (),
-                 ignore_eos: bool = False, lookup: int = 0) -> None:
+                 ignore_eos: bool = False, lookup: int = 0, processors: RowProcessors | None = None) -> None:
         cfg = model.config
         if not prompts:
             raise GemmaError("no prompts given")
@@ -205,7 +262,9 @@ class Generation:
             raise GemmaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if tokenizer is None:
             raise GemmaError("this model was loaded without a tokenizer; put tokenizer.model next to the weights")
-        self.model, self.prompts, self.params = model, prompts, params
+        if processors is not None and len(processors) != len(prompts):
+            raise GemmaError(f"got {len(processors)} lists of logits processors for {len(prompts)} prompts")
+        self.model, self.prompts, self.params, self.processors = model, prompts, params, processors
         # Generation also ends at the context length, reported as "length".
         self.budget = min(max_new_tokens, cfg.max_position_embeddings - max(len(p) for p in prompts))
         self.stop_ids = set() if ignore_eos else {cfg.eos_token_id, cfg.end_of_turn_id}
@@ -221,9 +280,12 @@ class Generation:
             raise RuntimeError("a Generation can be iterated only once")
         self._started = True
         if self.lookup:
-            steps = lookup_step(self.model, self.prompts[0], self.budget, self.lookup)
+            procs = self.processors[0] if self.processors else ()
+            steps = lookup_step(self.model, self.prompts[0], self.budget, self.lookup, processors=procs,
+                                stop_ids=self.stop_ids)
         else:
-            steps = generate_step(self.model, self.prompts, self.params, self.budget)
+            steps = generate_step(self.model, self.prompts, self.params, self.budget, processors=self.processors,
+                                  stop_ids=self.stop_ids)
         try:
             for step, tokens in enumerate(steps):
                 out: list[tuple[str, str | None]] = []

@@ -1,13 +1,17 @@
-"""Pure next-token selection: logits processors and a sampler factory, in transformers' order.
+"""Next-token selection: logits processors and a sampler factory, in transformers' order.
 
-Order (as HF `generate`): repetition penalty -> temperature -> top-k -> top-p -> min-p -> sample. Greedy when
-temperature is 0. Every function takes fp32 logits (B, V) and returns new logits; nothing here touches the model.
+Order (as HF `generate`): repetition penalty -> per-row "mask" processors -> temperature -> top-k -> top-p ->
+min-p -> per-row "warp" processors -> sample. Greedy when temperature is 0. Every function takes fp32 logits
+(B, V) and returns new logits; nothing here touches the model. The per-row processors (LogitsProcessor below)
+are the one hook through which grammar masks (structured output) and watermarks reshape a sequence's logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -72,12 +76,83 @@ def apply_min_p(logits: Tensor, min_p: float) -> Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def process_logits(logits: Tensor, params: SamplingParams, seen: Tensor | None = None) -> Tensor:
+class LogitsProcessor(ABC):
+    """One sequence's stateful reshaping of its next-token logits: a grammar mask, a watermark, ...
+
+    The contract every generation loop keeps (generate.generate_step, generate.lookup_step and the server's
+    continuous-batching serve.engine.Engine):
+
+    - One instance per sequence, never shared between rows; a request with n sequences gets n instances (APIs
+      take a factory, `Callable[[], list[LogitsProcessor]]`, called once per sequence).
+    - `begin(prompt)` once, before anything else: the row's prompt ids (a watermark keys on the tokens before
+      each new one; a grammar ignores it).
+    - `process(logits)` for each new token of this row: `logits` is the row's fp32 (V,) scores (V = the model's
+      vocabulary, which may exceed the tokenizer's) after repetition/frequency/presence penalties and logit
+      bias. Return a (V,) tensor (in place or new); -inf forbids a token, and at least one token must stay
+      finite. Rows are processed one by one, so a batch costs B calls; finished rows are not called.
+    - `stage` says where process() runs: "mask" before temperature/top-k/top-p/min-p (so those choose among
+      the allowed tokens: grammars), "warp" after them, on the exact distribution that sampling then draws
+      from (logits / temperature with the cut tokens at -inf; raw logits when greedy: watermarks).
+    - `accept(token)` once for every token chosen for this row, in order, right after it is chosen and before
+      the model's next forward, including the final EOS/<end_of_turn>; after a stop token the row is over and
+      nothing more is called. A processor may start work for its next process() in accept() (e.g. a grammar
+      mask in a thread), since the caller runs the forward pass in between.
+    - Speculation (prompt lookup): `valid_prefix(draft)` says how many leading draft tokens this processor can
+      allow (default: all); the draft is cut there before verification. Verification then calls process() on
+      the logits of each draft position and accept() on each token kept, in order, stopping at the first
+      disagreement, so a rejected draft token never reaches accept() (there is no rollback to implement).
+
+    The hook costs nothing when unused: samplers only look at processors that are there.
+    """
+
+    stage: ClassVar[Literal["mask", "warp"]] = "mask"
+
+    def begin(self, prompt: Sequence[int]) -> None:  # noqa: B027 - a no-op is the right default
+        """The row's prompt ids, once, before the first process()."""
+
+    @abstractmethod
+    def process(self, logits: Tensor) -> Tensor:
+        """This row's next-token scores (V,) -> new scores (V,)."""
+
+    def accept(self, token: int) -> None:  # noqa: B027
+        """The token chosen for this row (never a draft token that verification rejected)."""
+
+    def valid_prefix(self, draft: Sequence[int]) -> int:
+        """How many leading tokens of a speculative draft may follow the tokens accepted so far."""
+        return len(draft)
+
+
+RowProcessors = Sequence[Sequence[LogitsProcessor]]  # per batch row, that row's processors (maybe none)
+
+
+def apply_processors(logits: Tensor, rows: RowProcessors, stage: str) -> Tensor:
+    """logits (B, V) with every `stage` processor of each row applied to that row; the input when there are none."""
+    out = logits
+    for b, procs in enumerate(rows):
+        for p in procs:
+            if p.stage == stage:
+                if out is logits:
+                    out = logits.clone()
+                out[b] = p.process(out[b])
+    return out
+
+
+def accept_tokens(rows: RowProcessors, tokens: Sequence[int]) -> None:
+    """Tell each row's processors the token chosen for it."""
+    for procs, t in zip(rows, tokens, strict=True):
+        for p in procs:
+            p.accept(t)
+
+
+def process_logits(logits: Tensor, params: SamplingParams, seen: Tensor | None = None,
+                   rows: RowProcessors | None = None) -> Tensor:
     """All enabled processors applied to fp32 logits (B, V); the distribution that sampling draws from."""
     if params.repetition_penalty not in (None, 1.0) and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if rows:
+        logits = apply_processors(logits, rows, "mask")
     if params.greedy:
-        return logits
+        return apply_processors(logits, rows, "warp") if rows else logits
     logits = logits / params.temperature
     if params.top_k is not None:
         logits = apply_top_k(logits, params.top_k)
@@ -85,12 +160,17 @@ def process_logits(logits: Tensor, params: SamplingParams, seen: Tensor | None =
         logits = apply_top_p(logits, params.top_p)
     if params.min_p:
         logits = apply_min_p(logits, params.min_p)
-    return logits
+    return apply_processors(logits, rows, "warp") if rows else logits
 
 
-def make_sampler(params: SamplingParams, device: torch.device | str = "cpu") -> Callable[[Tensor, Tensor | None],
-                                                                                         Tensor]:
-    """sampler(logits (B, V), seen (B, V) | None) -> token ids (B,). Seeded samplers repeat exactly."""
+Sampler = Callable[..., Tensor]  # sampler(logits (B, V), seen (B, V) | None = None, rows=None) -> ids (B,)
+
+
+def make_sampler(params: SamplingParams, device: torch.device | str = "cpu") -> Sampler:
+    """sampler(logits (B, V), seen (B, V) | None, rows: RowProcessors | None) -> token ids (B,).
+
+    Seeded samplers repeat exactly. `rows` holds each row's LogitsProcessors; the caller accept()s the tokens.
+    """
     generator = None
     if not params.greedy:
         generator = torch.Generator(device=device)
@@ -99,8 +179,8 @@ def make_sampler(params: SamplingParams, device: torch.device | str = "cpu") -> 
         else:
             generator.seed()
 
-    def sample(logits: Tensor, seen: Tensor | None = None) -> Tensor:
-        logits = process_logits(logits.float(), params, seen)
+    def sample(logits: Tensor, seen: Tensor | None = None, rows: RowProcessors | None = None) -> Tensor:
+        logits = process_logits(logits.float(), params, seen, rows)
         if params.greedy:
             return logits.max(dim=-1).indices  # same first-maximum index as argmax, ~3x faster on a CPU vocab row
         probs = logits.softmax(dim=-1)

@@ -24,7 +24,7 @@ from ..api import Model
 from ..errors import GemmaError
 from ..generate import _Row, check_prompt
 from ..model import KVCache
-from ..sampling import SamplingParams, make_sampler, process_logits
+from ..sampling import LogitsProcessor, Sampler, SamplingParams, make_sampler, process_logits
 from ..tokenizer import StreamDecoder
 from .json_mode import JsonConstraint, Vocab
 
@@ -70,6 +70,7 @@ class Job:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     json_object: bool = False
+    processors: list[LogitsProcessor] = field(default_factory=list)  # this sequence's own (sampling.py contract)
     cancelled: bool = False  # set by the server (e.g. the client went away); the engine frees the row
 
 
@@ -79,7 +80,7 @@ class _Seq:
 
     job: Job
     row: _Row
-    sample: Callable[[Tensor, Tensor | None], Tensor]
+    sample: Sampler
     generator: torch.Generator | None
     seen: Tensor | None  # (1, V) bool for the repetition penalty
     counts: Tensor | None  # (1, V) generated-token counts for frequency/presence penalties
@@ -250,6 +251,8 @@ class Engine:
             if self._vocab is None:
                 self._vocab = Vocab.build(self.model.tokenizer, V)
             json = JsonConstraint(self._vocab, sorted(self.stop_ids))
+        for proc in job.processors:
+            proc.begin(job.prompt)
         row = _Row(StreamDecoder(self.model.tokenizer), tuple(s for s in job.stop if s))
         return _Seq(job, row, sample, generator, seen, counts, bias, json)
 
@@ -275,6 +278,8 @@ class Engine:
             seq.counts[0, token] += 1
         if seq.json is not None:
             seq.json.accept(token)
+        for proc in job.processors:
+            proc.accept(token)
         stops = set() if job.ignore_eos and seq.json is None else self.stop_ids
         text = seq.row.push(token, stops)
         if seq.row.finish_reason is None and (
@@ -299,7 +304,7 @@ class Engine:
                 scores - seq.counts * job.frequency_penalty - (seq.counts > 0).float() * job.presence_penalty
             )
         if seq.json is None:
-            return int(seq.sample(scores, seq.seen)[0])
+            return int(seq.sample(scores, seq.seen, [job.processors] if job.processors else None)[0])
         p = job.params
         unrestricted = process_logits(
             scores,
