@@ -13,6 +13,7 @@ from . import chat as chat_template
 from .config import GemmaConfig
 from .errors import GemmaError
 from .generate import Generation, GenerationResult, check_prompt
+from .grammar import Grammar, GrammarProcessor, compile_grammar, engine_tokenizer
 from .model import Gemma
 from .sampling import LogitsProcessor, SamplingParams
 from .tokenizer import Tokenizer
@@ -80,33 +81,57 @@ class Model:
                     top_k: int | None, top_p: float | None, min_p: float | None,
                     repetition_penalty: float | None, seed: int | None, stop: str | Sequence[str] | None,
                     ignore_eos: bool, lookup: int = 0, logits_processors: ProcessorFactory | None = None,
+                    json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
                     ) -> tuple[Generation, bool]:
         batched = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
         prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        processors = [list(logits_processors()) for _ in prompts] if logits_processors else None
+        constraint = None
+        if json_schema is not None or regex is not None or grammar is not None:
+            if stops or ignore_eos:
+                raise GemmaError("stop strings and ignore_eos cannot be combined with json_schema, regex or "
+                                 "grammar: the grammar decides where the output ends")
+            constraint = self.constraint(json_schema=json_schema, regex=regex, grammar=grammar)
+        factory = constraint.processors(logits_processors) if constraint else logits_processors
+        processors = [list(factory()) for _ in prompts] if factory else None
         gen = Generation(self.module, self.tokenizer, prompts, max_new_tokens=max_new_tokens, params=params,
-                         stop=stops, ignore_eos=ignore_eos, lookup=lookup, processors=processors)
+                         stop=stops, ignore_eos=ignore_eos, lookup=lookup, processors=processors,
+                         parse=constraint.grammar.parse if constraint else None)
         return gen, batched
+
+    def constraint(self, *, json_schema: Any = None, regex: str | None = None, grammar: str | None = None
+                   ) -> Constraint:
+        """A compiled output constraint for this model's vocabulary (see grammar.py); GemmaError when invalid."""
+        if self.tokenizer is None:
+            raise GemmaError("constrained decoding needs the model's tokenizer; put tokenizer.model next to it")
+        cfg = self.config
+        compiled = compile_grammar(json_schema=json_schema, regex=regex, grammar=grammar)
+        return Constraint(compiled, engine_tokenizer(self.tokenizer, cfg.vocab_size,
+                                                     [cfg.eos_token_id, cfg.end_of_turn_id]))
 
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 128, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
-                 logits_processors: ProcessorFactory | None = None,
+                 logits_processors: ProcessorFactory | None = None, json_schema: Any = None,
+                 regex: str | None = None, grammar: str | None = None,
                  ) -> GenerationResult | list[GenerationResult]:
         """Continue a prompt (text or token ids); a list of prompts is generated as one batch -> list of results.
 
         temperature=0 is greedy; the same seed gives the same text. Stops at EOS/<end_of_turn> (unless
         ignore_eos), at any `stop` string (cut from the text), or after max_new_tokens / at the context length.
         `logits_processors` is called once per sequence and returns that sequence's LogitsProcessors (sampling.py).
+        Constrained decoding: `json_schema` (a dict or a pydantic model class), `regex`, or `grammar` (Lark, or
+        GBNF as llama.cpp writes it); a result that ends with "stop" then always parses, and `.parsed` holds the
+        JSON value (the validated pydantic object). "length" means the budget ran out first: raise max_new_tokens.
         """
         gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                                        ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors)
+                                        ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors,
+                                        json_schema=json_schema, regex=regex, grammar=grammar)
         results = gen.results()
         return results if batched else results[0]
 
@@ -114,12 +139,14 @@ class Model:
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                repetition_penalty: float | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
-               logits_processors: ProcessorFactory | None = None) -> Iterator[str]:
+               logits_processors: ProcessorFactory | None = None, json_schema: Any = None,
+               regex: str | None = None, grammar: str | None = None) -> Iterator[str]:
         """Like generate() for one prompt, yielding text pieces as they are produced (never a split character)."""
         gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                                        ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors)
+                                        ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors,
+                                        json_schema=json_schema, regex=regex, grammar=grammar)
         if batched:
             raise GemmaError("stream() takes one prompt; use generate() for a batch")
         for step in gen:
@@ -191,7 +218,19 @@ class Model:
                 yield delta
         r = gen.results()[0]
         self.last_result = ChatResult("".join(content), r.token_ids, r.finish_reason, r.prompt_tokens,
-                                      "".join(reasoning) or None)
+                                      r.parsed, reasoning="".join(reasoning) or None)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A compiled grammar and the engine tokenizer of one model: makes each sequence's GrammarProcessor."""
+
+    grammar: Grammar
+    tokenizer: Any  # llguidance.LLTokenizer
+
+    def processors(self, extra: ProcessorFactory | None = None) -> ProcessorFactory:
+        """A factory of one sequence's processors: its grammar mask first, then `extra`'s (e.g. a watermark)."""
+        return lambda: [GrammarProcessor(self.grammar, self.tokenizer), *(extra() if extra else ())]
 
 
 _GENERATE_DEFAULTS: dict[str, Any] = dict(temperature=0.0, top_k=None, top_p=None, min_p=None,

@@ -6,8 +6,9 @@ exactly its own tokens and a batched greedy run gives the same tokens as single 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -200,6 +201,7 @@ class GenerationResult:
     token_ids: list[int]  # generated tokens, without the prompt and without a final EOS / end-of-turn
     finish_reason: str  # "stop" (EOS, end of turn or a stop string) or "length" (max_new_tokens or the context)
     prompt_tokens: int = 0
+    parsed: Any = None  # with a json_schema: the JSON value (the validated object for a pydantic class)
 
 
 @dataclass
@@ -252,7 +254,8 @@ class Generation:
 
     def __init__(self, model: Gemma, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int, params: SamplingParams, stop: Sequence[str] = (),
-                 ignore_eos: bool = False, lookup: int = 0, processors: RowProcessors | None = None) -> None:
+                 ignore_eos: bool = False, lookup: int = 0, processors: RowProcessors | None = None,
+                 parse: Callable[[str], Any] | None = None) -> None:
         cfg = model.config
         if not prompts:
             raise GemmaError("no prompts given")
@@ -265,6 +268,7 @@ class Generation:
         if processors is not None and len(processors) != len(prompts):
             raise GemmaError(f"got {len(processors)} lists of logits processors for {len(prompts)} prompts")
         self.model, self.prompts, self.params, self.processors = model, prompts, params, processors
+        self.parse = parse  # fills GenerationResult.parsed of the rows that ended with "stop"
         # Generation also ends at the context length, reported as "length".
         self.budget = min(max_new_tokens, cfg.max_position_embeddings - max(len(p) for p in prompts))
         self.stop_ids = set() if ignore_eos else {cfg.eos_token_id, cfg.end_of_turn_id}
@@ -310,5 +314,9 @@ class Generation:
         if not self._started:
             for _ in self:
                 pass
-        return [GenerationResult(self.texts[i], row.ids, row.finish_reason or "length", len(p))
-                for i, (row, p) in enumerate(zip(self.rows, self.prompts, strict=True))]
+        out = [GenerationResult(self.texts[i], row.ids, row.finish_reason or "length", len(p))
+               for i, (row, p) in enumerate(zip(self.rows, self.prompts, strict=True))]
+        if self.parse is not None:
+            for r in out:
+                r.parsed = self.parse(r.text) if r.finish_reason == "stop" else None
+        return out

@@ -7,6 +7,7 @@ failures are logged and answered with a generic 500, never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -24,11 +25,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .. import chat as chat_template
-from ..api import Model
+from ..api import Model, ProcessorFactory
 from ..errors import GemmaError
 from ..sampling import SamplingParams
-from . import schemas
+from . import schemas, structured
 from .engine import Engine, Event, Job
 from .output import (
     FINGERPRINT,
@@ -170,18 +170,21 @@ def create_app(
         body = await parse(request, schemas.ChatRequest)
         body.check()
         engine = engine_for(body.model)
+        plan = structured.plan_chat(body, engine.model.tokenizer)
         try:
-            prompt = chat_template.encode(engine.model.tokenizer, body.messages)
+            prompt = plan.encode(engine.model.tokenizer)
         except GemmaError as e:
             raise ApiError(400, str(e), param="messages") from None
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = token_budget(engine, len(prompt), body.requested_tokens(), param, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        run = Run(engine, make_jobs(body, engine, [prompt], max_new, logprobs))
+        factory = await processors(engine, plan.constraint, "tools" if plan.mode != "none" else "response_format")
+        run = Run(engine, make_jobs(body, engine, [prompt], max_new, logprobs, factory))
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model, len(prompt))
         if body.stream:
-            return sse_response(stream_chat(run, body, meta, engine))
+            return sse_response(stream_chat(run, body, meta, engine, plan.mode))
         choices = await run.collect(request)
+        replies = [structured.chat_message(c.text, c.finish_reason, plan.mode) for c in choices]
         return JSONResponse(
             {
                 "id": meta.id,
@@ -192,9 +195,9 @@ def create_app(
                 "choices": [
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": c.text, "refusal": None},
+                        "message": replies[i][0],
                         "logprobs": chat_logprobs(engine, c.tokens) if body.logprobs else None,
-                        "finish_reason": c.finish_reason,
+                        "finish_reason": replies[i][1],
                     }
                     for i, c in enumerate(choices)
                 ],
@@ -226,7 +229,8 @@ def create_app(
                     )
                 prompts.append(list(p))
         max_new = min(token_budget(engine, len(p), body.max_tokens, "max_tokens", "prompt") for p in prompts)
-        run = Run(engine, make_jobs(body, engine, prompts, max_new, body.logprobs))
+        factory = await processors(engine, structured.response_constraint(body), "response_format")
+        run = Run(engine, make_jobs(body, engine, prompts, max_new, body.logprobs, factory))
         echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
         meta = Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model, sum(len(p) for p in prompts))
         if body.stream:
@@ -317,11 +321,24 @@ def token_budget(
     return requested
 
 
+async def processors(engine: Engine, constraint: dict[str, Any], param: str) -> ProcessorFactory | None:
+    """The per-sequence processors of a constrained request (compiled off the event loop: the first one also
+    builds the engine's tokenizer), or None; a bad schema or grammar is a 400 naming `param`."""
+    if not constraint:
+        return None
+    try:
+        compiled = await asyncio.to_thread(lambda: engine.model.constraint(**constraint))
+    except GemmaError as e:
+        raise ApiError(400, f"{param}: {e}", param=param) from None
+    return compiled.processors()
+
+
 def make_jobs(
-    body: schemas.Sampling, engine: Engine, prompts: Sequence[list[int]], max_new: int, logprobs: int | None
+    body: schemas.Sampling, engine: Engine, prompts: Sequence[list[int]], max_new: int, logprobs: int | None,
+    factory: ProcessorFactory | None = None,
 ) -> list[Job]:
     """n jobs per prompt; with a seed, choice j uses seed + j so the choices differ yet repeat exactly."""
-    stop, bias, json_object = body.stops(), body.bias(engine.vocab_size), body.json_object()
+    stop, bias = body.stops(), body.bias(engine.vocab_size)
     jobs = []
     for prompt in prompts:
         for j in range(body.n):
@@ -343,12 +360,12 @@ def make_jobs(
                     sink=_unset_sink,
                     params=params,
                     stop=stop,
-                    ignore_eos=body.ignore_eos,
+                    ignore_eos=body.ignore_eos and factory is None,  # a grammar ends with a stop token
                     logprobs=logprobs,
                     logit_bias=bias,
                     frequency_penalty=body.frequency_penalty,
                     presence_penalty=body.presence_penalty,
-                    json_object=json_object,
+                    processors=list(factory()) if factory else [],
                 )
             )
     return jobs

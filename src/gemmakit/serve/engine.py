@@ -24,9 +24,8 @@ from ..api import Model
 from ..errors import GemmaError
 from ..generate import _Row, check_prompt
 from ..model import KVCache
-from ..sampling import LogitsProcessor, Sampler, SamplingParams, make_sampler, process_logits
+from ..sampling import LogitsProcessor, Sampler, SamplingParams, make_sampler
 from ..tokenizer import StreamDecoder
-from .json_mode import JsonConstraint, Vocab
 
 log = logging.getLogger("gemmakit.serve")
 
@@ -69,7 +68,6 @@ class Job:
     logit_bias: dict[int, float] = field(default_factory=dict)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    json_object: bool = False
     processors: list[LogitsProcessor] = field(default_factory=list)  # this sequence's own (sampling.py contract)
     cancelled: bool = False  # set by the server (e.g. the client went away); the engine frees the row
 
@@ -81,11 +79,9 @@ class _Seq:
     job: Job
     row: _Row
     sample: Sampler
-    generator: torch.Generator | None
     seen: Tensor | None  # (1, V) bool for the repetition penalty
     counts: Tensor | None  # (1, V) generated-token counts for frequency/presence penalties
     bias: tuple[Tensor, Tensor] | None  # (ids, values) of the logit bias
-    json: JsonConstraint | None
     last: int = 0
     position: int = 0
     generated: int = 0
@@ -114,7 +110,6 @@ class Engine:
         self.tokens_generated = 0
         self.requests_done = 0
         self.peak_batch = 0  # most sequences decoded by one forward so far: evidence of batching
-        self._vocab: Vocab | None = None
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(
@@ -231,10 +226,6 @@ class Engine:
         device, V = self.model.device, self.vocab_size
         p = job.params
         sample = make_sampler(p, device)
-        generator = None
-        if job.json_object and not p.greedy:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(p.seed) if p.seed is not None else generator.seed()
         seen = None
         if p.repetition_penalty not in (None, 1.0):
             seen = torch.zeros(1, V, dtype=torch.bool, device=device)
@@ -246,15 +237,10 @@ class Engine:
         if job.logit_bias:
             ids = torch.tensor(list(job.logit_bias), device=device)
             bias = (ids, torch.tensor(list(job.logit_bias.values()), device=device))
-        json = None
-        if job.json_object:
-            if self._vocab is None:
-                self._vocab = Vocab.build(self.model.tokenizer, V)
-            json = JsonConstraint(self._vocab, sorted(self.stop_ids))
         for proc in job.processors:
             proc.begin(job.prompt)
         row = _Row(StreamDecoder(self.model.tokenizer), tuple(s for s in job.stop if s))
-        return _Seq(job, row, sample, generator, seen, counts, bias, json)
+        return _Seq(job, row, sample, seen, counts, bias)
 
     def _emit(self, r: int, seq: _Seq, logits: Tensor) -> None:
         """Sample this row's next token from its logits (1, V), stream the text, finish if it is over."""
@@ -276,11 +262,9 @@ class Engine:
             seq.seen[0, token] = True
         if seq.counts is not None:
             seq.counts[0, token] += 1
-        if seq.json is not None:
-            seq.json.accept(token)
         for proc in job.processors:
             proc.accept(token)
-        stops = set() if job.ignore_eos and seq.json is None else self.stop_ids
+        stops = set() if job.ignore_eos else self.stop_ids
         text = seq.row.push(token, stops)
         if seq.row.finish_reason is None and (
             seq.generated >= job.max_new_tokens or seq.position >= self.context
@@ -303,20 +287,7 @@ class Engine:
             scores = (
                 scores - seq.counts * job.frequency_penalty - (seq.counts > 0).float() * job.presence_penalty
             )
-        if seq.json is None:
-            return int(seq.sample(scores, seq.seen, [job.processors] if job.processors else None)[0])
-        p = job.params
-        unrestricted = process_logits(
-            scores,
-            SamplingParams(temperature=p.temperature, repetition_penalty=p.repetition_penalty),
-            seq.seen,
-        )[0]
-        restricted = process_logits(scores, p, seq.seen)[0]
-        if not p.greedy:  # Gumbel-max: argmax of scores + Gumbel noise is a draw from softmax(scores)
-            u = torch.rand(scores.shape[-1], generator=seq.generator, device=scores.device)
-            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-            restricted, unrestricted = restricted + gumbel, unrestricted + gumbel
-        return seq.json.pick(restricted, unrestricted)
+        return int(seq.sample(scores, seq.seen, [job.processors] if job.processors else None)[0])
 
     def _release(self, r: int) -> None:
         self.rows[r] = None

@@ -16,6 +16,7 @@ from .. import __version__
 from ..errors import GemmaError
 from . import schemas
 from .engine import Engine, Event, Job, QueueFull, TokenLogprob
+from .structured import CallStream
 
 FINGERPRINT = f"gemmakit-{__version__}"
 RETRY_AFTER_S = 1
@@ -180,16 +181,26 @@ async def _stream(run: Run, meta: Meta, opts: schemas.StreamOptions, base: dict,
         run.cancel()
 
 
-def stream_chat(run: Run, body: schemas.ChatRequest, meta: Meta, engine: Engine) -> AsyncIterator[str]:
-    """OpenAI's chunk sequence per choice: the role, content deltas, an empty delta with the finish reason."""
+def stream_chat(run: Run, body: schemas.ChatRequest, meta: Meta, engine: Engine, tool_mode: str = "none"
+                ) -> AsyncIterator[str]:
+    """OpenAI's chunk sequence per choice: the role, content deltas (or tool_calls deltas, structured.py), an
+    empty delta with the finish reason."""
     opts = body.stream_options or schemas.StreamOptions()
     base, chunk = _chunker(run, meta, opts, "chat.completion.chunk", "delta")
+    calls = [CallStream(tool_mode) for _ in run.jobs]
 
     def pieces(i: int, ev: Event) -> Iterable[str]:
-        if ev.text or ev.tokens:
-            yield chunk(i, {"content": ev.text}, chat_logprobs(engine, ev.tokens) if body.logprobs else None)
+        lp = chat_logprobs(engine, ev.tokens) if body.logprobs and ev.tokens else None
+        deltas = list(calls[i].feed(ev.text))
+        for k, delta in enumerate(deltas):
+            yield chunk(i, delta, lp if k == 0 else None)
+        if lp is not None and not deltas:
+            yield chunk(i, {"content": ""}, lp)
         if ev.finish_reason is not None:
-            yield chunk(i, {}, None, ev.finish_reason)
+            closing, reason = calls[i].finish(ev.finish_reason)
+            for delta in closing:
+                yield chunk(i, delta)
+            yield chunk(i, {}, None, reason)
 
     opening = (chunk(i, {"role": "assistant", "content": ""}) for i in range(len(run.jobs)))
     return _stream(run, meta, opts, base, opening, pieces)

@@ -1,7 +1,7 @@
 """OpenAI request bodies, validated strictly: wrong types, out-of-range values and unknown fields are 400s.
 
 Fields follow OpenAI's API reference. Those that change nothing for a local text model (`user`, `metadata`,
-`store`, ...) are accepted and ignored; those gemmakit cannot honour (tools, audio, logprobs with echo, ...) are
+`store`, ...) are accepted and ignored; those gemmakit cannot honour (audio, logprobs with echo, ...) are
 refused when set to anything but their default, so a client never gets silently different behaviour. `top_k`,
 `min_p`, `repetition_penalty` and `ignore_eos` are extensions, as in vLLM and llama.cpp.
 """
@@ -71,16 +71,6 @@ class Sampling(Strict):
             out[int(key)] = float(value)
         return out
 
-    def json_object(self) -> bool:
-        fmt = self.response_format
-        if fmt is not None and fmt.type == "json_schema":
-            raise ParamError(
-                "response_format",
-                "response_format type 'json_schema' is not supported; use "
-                "'json_object' (any valid JSON object) or 'text'",
-            )
-        return fmt is not None and fmt.type == "json_object"
-
 
 class ChatRequest(Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -92,12 +82,13 @@ class ChatRequest(Sampling):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    # refused unless left at their defaults
+    # function calling (serve/structured.py)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # refused unless left at their defaults
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -109,10 +100,9 @@ class ChatRequest(Sampling):
 
     def check(self) -> None:
         """Refuse what this server cannot honour (run after validation: raises ParamError, a 400)."""
-        if self.tools or self.functions:
-            raise ParamError("tools", "tool and function calling are not supported by this server")
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise ParamError("tool_choice", "tool_choice must be 'none': tools are not supported")
+        if self.functions or self.function_call not in (None, "none"):
+            raise ParamError("functions", "the deprecated 'functions'/'function_call' are not supported; "
+                             "use 'tools' and 'tool_choice'")
         if self.modalities not in (None, ["text"]):
             raise ParamError("modalities", "only the 'text' modality is supported")
         for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
