@@ -103,10 +103,24 @@ class Grammar:
         return json.loads(text) if self.kind == "json_schema" else text
 
 
+def closed(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object that lists properties and says nothing
+    else, as OpenAI's SDK sends a pydantic model: extra keys only waste a small model's tokens."""
+    if isinstance(schema, list):
+        return [closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def schema_of(spec: Any) -> tuple[dict[str, Any], Any]:
-    """(JSON Schema, pydantic class or None) from a dict, a JSON string or a pydantic model class."""
+    """(JSON Schema, pydantic class or None) from a dict, a JSON string or a pydantic model class (whose objects
+    are closed to extra keys, see closed())."""
     if isinstance(spec, type) and hasattr(spec, "model_json_schema"):
-        return spec.model_json_schema(), spec
+        return closed(spec.model_json_schema()), spec
     if isinstance(spec, str):
         try:
             spec = json.loads(spec)
@@ -198,17 +212,35 @@ class GrammarProcessor(LogitsProcessor):
 
     def allowed(self) -> Tensor:
         """(vocab,) bool: the tokens the grammar allows next."""
+        return ~self._forbidden()
+
+    def _allowed_ids(self) -> np.ndarray | None:
+        """The allowed ids when they are few (a JSON key, a bracket, a digit...), else None."""
         self._wait()
-        return torch.from_numpy(np.unpackbits(self.bits.view(np.uint8), bitorder="little").view(np.bool_))
+        words = np.flatnonzero(self.bits)
+        if len(words) > len(self.bits) // 16:
+            return None
+        bits = np.unpackbits(self.bits[words].view(np.uint8), bitorder="little").reshape(len(words), 32)
+        row, col = np.nonzero(bits)
+        return words[row] * 32 + col
+
+    def _forbidden(self) -> Tensor:
+        self._wait()
+        bits = np.unpackbits(~self.bits.view(np.uint8), bitorder="little")[: self.vocab]
+        return torch.from_numpy(bits.view(np.bool_))
 
     def process(self, logits: Tensor) -> Tensor:
         if self.ended:  # after a stop token (reached only with ignore_eos): nothing left to constrain
-            return logits
-        ok = self.allowed()
-        n = min(logits.shape[-1], ok.shape[0])
-        out = torch.full_like(logits, float("-inf"))
-        out[:n] = torch.where(ok[:n].to(logits.device), logits[:n], out[:n])
-        return out
+            return logits.clone()
+        ids = self._allowed_ids()
+        if ids is not None:  # few allowed: write them into a row of -inf (a memset and a gather, ~0.1 ms)
+            keep = torch.from_numpy(ids[ids < logits.shape[0]]).to(logits.device)
+            return torch.full_like(logits, float("-inf")).index_copy_(0, keep, logits[keep])
+        forbidden = self._forbidden().to(logits.device)
+        if forbidden.shape[0] < logits.shape[0]:  # ids past the engine's vocabulary are never allowed
+            pad = torch.ones(logits.shape[0] - forbidden.shape[0], dtype=torch.bool, device=logits.device)
+            forbidden = torch.cat([forbidden, pad])
+        return logits.masked_fill(forbidden[: logits.shape[0]], float("-inf"))  # one pass over the row
 
     def accept(self, token: int) -> None:
         self._wait()

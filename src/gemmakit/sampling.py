@@ -88,8 +88,8 @@ class LogitsProcessor(ABC):
       each new one; a grammar ignores it).
     - `process(logits)` for each new token of this row: `logits` is the row's fp32 (V,) scores (V = the model's
       vocabulary, which may exceed the tokenizer's) after repetition/frequency/presence penalties and logit
-      bias. Return a (V,) tensor (in place or new); -inf forbids a token, and at least one token must stay
-      finite. Rows are processed one by one, so a batch costs B calls; finished rows are not called.
+      bias. Return a new (V,) tensor and leave the input as it is (it may be the model's output, which the
+      caller still reads, e.g. for logprobs); -inf forbids a token, and at least one token must stay finite. Rows are processed one by one, so a batch costs B calls; finished rows are not called.
     - `stage` says where process() runs: "mask" before temperature/top-k/top-p/min-p (so those choose among
       the allowed tokens: grammars), "warp" after them, on the exact distribution that sampling then draws
       from (logits / temperature with the cut tokens at -inf; raw logits when greedy: watermarks).
@@ -126,15 +126,18 @@ RowProcessors = Sequence[Sequence[LogitsProcessor]]  # per batch row, that row's
 
 
 def apply_processors(logits: Tensor, rows: RowProcessors, stage: str) -> Tensor:
-    """logits (B, V) with every `stage` processor of each row applied to that row; the input when there are none."""
-    out = logits
+    """logits (B, V) with every `stage` processor of each row applied to that row; the input itself when none
+    applies (processors return new tensors, so the caller's logits are never modified)."""
+    out: list[Tensor] | None = None
     for b, procs in enumerate(rows):
         for p in procs:
             if p.stage == stage:
-                if out is logits:
-                    out = logits.clone()
+                if out is None:
+                    out = list(logits.unbind(0))
                 out[b] = p.process(out[b])
-    return out
+    if out is None:
+        return logits
+    return out[0][None] if len(out) == 1 else torch.stack(out)
 
 
 def accept_tokens(rows: RowProcessors, tokens: Sequence[int]) -> None:

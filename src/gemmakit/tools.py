@@ -30,6 +30,7 @@ INSTRUCTIONS = (
 ONE_CALL = '{"name": function name, "parameters": dictionary of argument name and its value}'
 MANY_CALLS = f"[{ONE_CALL}, ...]"
 CHOICES = ("auto", "none", "required")
+MAX_CALLS = 8  # parallel calls in one reply: a bound, so a small model cannot list calls until the budget ends
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def call_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
     one = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
             "properties": {"name": {"const": t["name"]}, "parameters": t["parameters"]}} for t in tools]
     call = one[0] if len(one) == 1 else {"anyOf": one}
-    return {"type": "array", "items": call, "minItems": 1} if parallel else call
+    return {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_CALLS} if parallel else call
 
 
 def auto_grammar(tools: list[dict[str, Any]], parallel: bool) -> str:
