@@ -24,6 +24,8 @@ def bench(
     server: Annotated[bool, typer.Option("--server", help="Instead: aggregate tok/s of 1, 4, 8 server clients.")] = False,
     finetune: Annotated[bool, typer.Option("--finetune", help="Instead: LoRA training vs transformers+PEFT "
                                                               "(fp32 and bf16).")] = False,
+    structured: Annotated[bool, typer.Option("--structured", help="Instead: grammar-mask overhead on decode tok/s "
+                                                                  "(batch 1 and 8), llguidance vs xgrammar.")] = False,
     dtype: Annotated[str, typer.Option(help="--finetune: gemmakit's frozen-base dtype (auto, as gemmakit "
                                             "finetune: bfloat16 on AVX512-BF16/AMX CPUs).")] = "auto",
     out: Annotated[Path, typer.Option(help="Folder for the JSON and markdown results.")] = Path("benchmarks/results"),
@@ -34,6 +36,7 @@ def bench(
                gemmakit bench --engines gemmakit,llama.cpp --repeats 5
                gemmakit bench --server             # OpenAI server with 1, 4 and 8 concurrent clients
                gemmakit bench --finetune           # LoRA steps vs transformers + PEFT, fp32 and bf16
+               gemmakit bench --structured         # constrained decoding: mask overhead, engines compared
     """
     console = Console()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -49,6 +52,15 @@ def bench(
             step("server load test (1, 4, 8 clients)")
             result = run_load_test(model)
             name = "server"
+        elif structured:
+            from ..bench import structured as structured_bench
+
+            step("constrained decoding: engines, then decode with and without masks")
+            result = structured_bench.run(model, repeats=repeats)
+            path = structured_bench.save(result, out)
+            console.print(Markdown(structured_bench.markdown(result)))
+            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            return
         elif finetune:
             from ..bench import finetune as finetune_bench
 

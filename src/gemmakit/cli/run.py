@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from ..errors import GemmaError
 from ..loader import load
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or .ckpt (default: embedded)")]
@@ -31,19 +33,27 @@ def run(
     variant: Annotated[str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     stats: Annotated[bool, typer.Option(help="Print tokens/s to stderr at the end.")] = True,
+    json_schema: Annotated[Path | None, typer.Option("--json-schema", help="Constrain the output to this JSON "
+                                                     "Schema (a .json file).")] = None,
+    grammar: Annotated[Path | None, typer.Option("--grammar", help="Constrain the output to this grammar file: "
+                                                 "Lark, or GBNF as llama.cpp writes it.")] = None,
 ) -> None:
     """Stream a continuation of PROMPT.
 
     Examples:  gemmakit run "The capital of France is"
                gemmakit run -m gemma-2b.gguf "Once upon a time" -t 0.8 --top-p 0.95 --seed 1
+               gemmakit run "A user record: " --json-schema user.schema.json -n 200
+               gemmakit run "Answer yes or no: is ice cold? " --grammar yesno.gbnf
     """
+    constraint = {"json_schema": _read(json_schema, "JSON Schema"), "grammar": _read(grammar, "grammar")}
     err = Console(stderr=True)
     m = load(model, device=device, variant=variant, quant=None if quant == "none" else quant,
              adapter=adapter)
     t0 = time.perf_counter()
     sys.stdout.write(prompt)
     for piece in m.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup):
+                          repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup,
+                          **{k: v for k, v in constraint.items() if v is not None}):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -52,3 +62,12 @@ def run(
     if stats and result is not None:
         n = len(result.token_ids)
         err.print(f"[dim]{n} tokens in {dt:.2f} s ({n / dt:.1f} tok/s), finish: {result.finish_reason}[/]")
+
+
+def _read(path: Path | None, what: str) -> str | None:
+    """A constraint file's text (the JSON Schema stays text: grammar.py parses it and names what is wrong)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise GemmaError(f"{path}: no such file; pass the path of a {what} file")
+    return path.read_text(encoding="utf-8")
