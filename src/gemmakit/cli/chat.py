@@ -19,7 +19,7 @@ from .run import ModelOpt
 
 HELP = (
     "/reset clears the conversation · /system TEXT sets the system prompt (/system alone clears it) · "
-    "/save FILE writes the conversation as JSON · /load FILE reads one · /exit quits · "
+    "/save FILE writes the conversation as JSON · /load FILE reads one · /think on|off (Gemma 4) · /exit quits · "
     "Ctrl-C stops a reply · Ctrl-D quits"
 )
 
@@ -35,6 +35,7 @@ class Session:
         max_new_tokens: int,
         sampling: dict[str, Any],
         system: str | None = None,
+        thinking: bool = False,
     ) -> None:
         self.model, self.context, self.max_new_tokens, self.sampling = (
             model,
@@ -43,6 +44,7 @@ class Session:
             sampling,
         )
         self.system = system
+        self.thinking = thinking  # Gemma 4's thinking mode: the model reasons (shown dimmed) before it answers
         self.history: list[dict[str, str]] = []  # user/assistant turns, alternating
 
     def messages(self) -> list[dict[str, str]]:
@@ -57,24 +59,37 @@ class Session:
         budget = self.context - min(self.max_new_tokens, self.context // 2)
         head = [{"role": "system", "content": self.system}] if self.system else []
         messages = [*self.messages(), {"role": "user", "content": text}]
-        kept, dropped = chat_template.fit(messages, lambda m: len(self.model.chat_ids(m)), budget)
+        kept, dropped = chat_template.fit(
+            messages, lambda m: len(self.model.chat_ids(m, thinking=self.thinking)), budget
+        )
         self.history = kept[len(head) :]
         return dropped
 
-    def reply(self, out: Any) -> tuple[str, bool]:
-        """Stream the reply to the last user message into out.write; Ctrl-C stops it early.
+    def reply(self, out: Any, thoughts: Any = None) -> tuple[str, bool]:
+        """Stream the reply to the last user message into out.write, the reasoning (Gemma 4 thinking) into
+        thoughts.write when given; Ctrl-C stops it early.
 
-        -> (reply, interrupted). The (possibly partial) reply joins the history, so the turns keep alternating.
+        -> (reply, interrupted). The (possibly partial) reply joins the history, so the turns keep alternating;
+        the reasoning does not (Gemma 4's template drops earlier reasoning anyway).
         """
         pieces: list[str] = []
         interrupted = False
-        ids = self.model.chat_ids(self.messages())
+        messages = self.messages()
+        ids = self.model.chat_ids(messages, thinking=self.thinking)
         budget = min(self.max_new_tokens, self.context - len(ids))
         try:
-            for piece in self.model.stream(ids, budget, **self.sampling):
-                pieces.append(piece)
-                out.write(piece)
-                out.flush()
+            thought = False
+            for delta in self.model.chat_deltas(messages, budget, thinking=self.thinking, **self.sampling):
+                if delta.reasoning and thoughts is not None:
+                    thoughts.write(delta.reasoning)
+                    thoughts.flush()
+                    thought = True
+                if delta.content:
+                    if thought and not pieces:
+                        out.write("\n\n")  # the reply starts below the reasoning
+                    pieces.append(delta.content)
+                    out.write(delta.content)
+                    out.flush()
         except KeyboardInterrupt:
             interrupted = True
         answer = "".join(pieces)
@@ -92,7 +107,7 @@ class Session:
         messages = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(messages, list) or not messages:
             raise GemmaError(f'{path}: expected {{"messages": [...]}} as written by /save')
-        chat_template.turns(messages)  # validates roles, alternation and contents
+        chat_template.render(messages, family=self.model.chat_template)  # validates roles, order and contents
         system = messages[0]["content"] if messages[0]["role"] in chat_template.SYSTEM_ROLES else None
         history = messages[1:] if system is not None else messages
         if history and history[-1]["role"] == "user":
@@ -123,6 +138,12 @@ def chat(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder (PEFT format) to apply.")] = None,
+    thinking: Annotated[
+        bool, typer.Option(help="Gemma 4: reason before answering (the template's thinking mode).")
+    ] = False,
+    show_thinking: Annotated[
+        bool, typer.Option(help="Show the reasoning, dimmed, before each reply (--hide-thinking to hide it).")
+    ] = True,
 ) -> None:
     """Chat with a model in the terminal: streaming replies, multi-turn history, /reset /system /save /load.
 
@@ -131,6 +152,7 @@ def chat(
 
     Examples:  gemmakit chat
                gemmakit chat -m gemma-2-2b-it.Q8_0.gguf --system "Answer in French." -t 0.3
+               gemmakit chat -m gemma-4-E2B-it --thinking
     """
     err = Console(stderr=True, highlight=False)
     m = load(model, device=device, adapter=adapter)
@@ -143,7 +165,12 @@ def chat(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    session = Session(m, context=context, max_new_tokens=max_new_tokens, sampling=sampling, system=system)
+    if thinking and m.chat_template != "gemma4":
+        raise GemmaError(f"{m.source} has no thinking mode (a Gemma 4 chat template option); drop --thinking")
+    session = Session(
+        m, context=context, max_new_tokens=max_new_tokens, sampling=sampling, system=system, thinking=thinking
+    )
+    thoughts = _Dimmed(sys.stdout) if show_thinking else None
     err.print(f"[bold]gemmakit chat[/] · {escape(m.source)} · context {context} tokens\n[dim]{HELP}[/]")
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -173,7 +200,7 @@ def chat(
                     f"{context}-token context)[/]"
                 )
             sys.stdout.write("\n")
-            _, interrupted = session.reply(sys.stdout)
+            _, interrupted = session.reply(sys.stdout, thoughts)
             sys.stdout.write("\n")
             if interrupted:
                 err.print("[dim]\\[stopped][/]")
@@ -203,8 +230,29 @@ def _command(session: Session, text: str, err: Console) -> bool:
         else:
             session.load(path)
             err.print(f"[dim](loaded {len(session.messages())} messages from {escape(str(path))})[/]")
+    elif name == "/think":
+        if arg not in ("on", "off"):
+            raise GemmaError("/think takes on or off")
+        if arg == "on" and session.model.chat_template != "gemma4":
+            raise GemmaError("this model has no thinking mode (a Gemma 4 chat template option)")
+        session.thinking = arg == "on"
+        err.print(f"[dim](thinking {arg})[/]")
     elif name == "/help":
         err.print(f"[dim]{HELP}[/]")
     else:
         err.print(f"[red]unknown command {escape(name)}[/] [dim]{HELP}[/]")
     return False
+
+
+class _Dimmed:
+    """Writes reasoning dimmed (ANSI faint) on a terminal, as it is elsewhere."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+
+    def write(self, text: str) -> None:
+        self.out.write(f"\x1b[2m{text}\x1b[22m" if self.tty else text)
+
+    def flush(self) -> None:
+        self.out.flush()

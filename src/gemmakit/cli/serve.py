@@ -62,6 +62,12 @@ def serve(
         list[str] | None,
         typer.Option(help="NAME=ADAPTER_DIR (or ADAPTER_DIR with one model): a LoRA adapter (PEFT format) for a model."),
     ] = None,
+    thinking: Annotated[
+        bool,
+        typer.Option(help="Gemma 4: think before answering unless a request says otherwise "
+                     "(chat_template_kwargs.enable_thinking or reasoning_effort); reasoning comes back as "
+                     "reasoning_content."),
+    ] = False,
 ) -> None:
     """Serve models over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
@@ -103,6 +109,7 @@ def serve(
         max_queue=max_queue,
         context=ctx_size,
         log_level=log_level,
+        thinking=thinking,
     )
 
 

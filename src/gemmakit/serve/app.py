@@ -54,8 +54,12 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 64,
     context: int | None = None,
+    thinking: bool = False,
 ) -> FastAPI:
-    """An app serving each model under its name; engines start and stop with the app's lifespan."""
+    """An app serving each model under its name; engines start and stop with the app's lifespan.
+
+    `thinking` is the default of Gemma 4's thinking mode for requests that do not choose (off, as in the template).
+    """
     if not models:
         raise GemmaError("give at least one model to serve")
     engines = {
@@ -171,6 +175,10 @@ def create_app(
         body.check()
         engine = engine_for(body.model)
         plan = structured.plan_chat(body, engine.model.tokenizer)
+        plan.thinking = body.thinking(thinking and plan.family == "gemma4")
+        if plan.thinking and plan.family != "gemma4":
+            raise ApiError(400, f"the model `{body.model}` has no thinking mode (a Gemma 4 chat template option)",
+                           param="chat_template_kwargs")
         try:
             prompt = plan.encode(engine.model.tokenizer)
         except GemmaError as e:
@@ -179,12 +187,16 @@ def create_app(
         max_new = token_budget(engine, len(prompt), body.requested_tokens(), param, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         factory = await processors(engine, plan.constraint, "tools" if plan.mode != "none" else "response_format")
-        run = Run(engine, make_jobs(body, engine, [prompt], max_new, logprobs, factory))
+        jobs = make_jobs(body, engine, [prompt], max_new, logprobs, factory, reasoning=plan.family == "gemma4")
+        run = Run(engine, jobs)
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model, len(prompt))
         if body.stream:
             return sse_response(stream_chat(run, body, meta, engine, plan.mode))
         choices = await run.collect(request)
         replies = [structured.chat_message(c.text, c.finish_reason, plan.mode) for c in choices]
+        for (message, _), c in zip(replies, choices, strict=True):
+            if c.reasoning:  # Gemma 4's thinking, as llama.cpp's server returns it
+                message["reasoning_content"] = c.reasoning
         return JSONResponse(
             {
                 "id": meta.id,
@@ -336,6 +348,8 @@ async def processors(engine: Engine, constraint: dict[str, Any], param: str) -> 
 def make_jobs(
     body: schemas.Sampling, engine: Engine, prompts: Sequence[list[int]], max_new: int, logprobs: int | None,
     factory: ProcessorFactory | None = None,
+    *,
+    reasoning: bool = False,
 ) -> list[Job]:
     """n jobs per prompt; with a seed, choice j uses seed + j so the choices differ yet repeat exactly."""
     stop, bias = body.stops(), body.bias(engine.vocab_size)
@@ -366,6 +380,7 @@ def make_jobs(
                     frequency_penalty=body.frequency_penalty,
                     presence_penalty=body.presence_penalty,
                     processors=list(factory()) if factory else [],
+                    split_reasoning=reasoning,
                 )
             )
     return jobs
@@ -385,7 +400,9 @@ def serve(
     max_queue: int = 64,
     context: int | None = None,
     log_level: str = "info",
+    thinking: bool = False,
 ) -> None:
     """Run the server until interrupted."""
-    app = create_app(models, api_key=api_key, max_batch=max_batch, max_queue=max_queue, context=context)
+    app = create_app(models, api_key=api_key, max_batch=max_batch, max_queue=max_queue, context=context,
+                     thinking=thinking)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

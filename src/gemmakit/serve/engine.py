@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from ..api import Model
+from ..chat import reasoning_splitter
+from ..chat_gemma4 import ReasoningSplitter
 from ..errors import GemmaError
 from ..generate import _Row, check_prompt
 from ..model import KVCache
@@ -52,6 +54,7 @@ class Event:
     finish_reason: str | None  # "stop" or "length" once finished
     completion_tokens: int  # tokens sampled so far (including a final end-of-turn / EOS)
     error: str | None = None  # an internal failure; the sequence is over
+    reasoning: str = ""  # new reasoning text (Gemma 4 thinking), kept out of `text`
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Job:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     processors: list[LogitsProcessor] = field(default_factory=list)  # this sequence's own (sampling.py contract)
+    split_reasoning: bool = False  # route Gemma 4's <|channel>...<channel|> text to Event.reasoning
     cancelled: bool = False  # set by the server (e.g. the client went away); the engine frees the row
 
 
@@ -82,6 +86,7 @@ class _Seq:
     seen: Tensor | None  # (1, V) bool for the repetition penalty
     counts: Tensor | None  # (1, V) generated-token counts for frequency/presence penalties
     bias: tuple[Tensor, Tensor] | None  # (ids, values) of the logit bias
+    splitter: ReasoningSplitter | None = None
     last: int = 0
     position: int = 0
     generated: int = 0
@@ -240,7 +245,8 @@ class Engine:
         for proc in job.processors:
             proc.begin(job.prompt)
         row = _Row(StreamDecoder(self.model.tokenizer), tuple(s for s in job.stop if s))
-        return _Seq(job, row, sample, seen, counts, bias)
+        splitter = reasoning_splitter(self.model.tokenizer) if job.split_reasoning else None
+        return _Seq(job, row, sample, seen, counts, bias, splitter)
 
     def _emit(self, r: int, seq: _Seq, logits: Tensor) -> None:
         """Sample this row's next token from its logits (1, V), stream the text, finish if it is over."""
@@ -266,6 +272,8 @@ class Engine:
             proc.accept(token)
         stops = set() if job.ignore_eos else self.stop_ids
         text = seq.row.push(token, stops)
+        if seq.splitter is not None:
+            seq.splitter.observe(token, len(seq.row.text))
         if seq.row.finish_reason is None and (
             seq.generated >= job.max_new_tokens or seq.position >= self.context
         ):
@@ -273,7 +281,12 @@ class Engine:
         elif seq.row.finish_reason is not None:
             text += seq.row.finish(seq.row.finish_reason)
         seq.last = token
-        _send(job, Event(text, info, seq.row.finish_reason, seq.generated))
+        reasoning = ""
+        if seq.splitter is not None:
+            reasoning, text = seq.splitter.split(text)
+            if seq.row.finish_reason is not None:
+                reasoning += seq.splitter.finish()
+        _send(job, Event(text, info, seq.row.finish_reason, seq.generated, reasoning=reasoning))
         if seq.row.finish_reason is not None:
             self._release(r)
             self.requests_done += 1

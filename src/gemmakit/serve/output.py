@@ -50,6 +50,7 @@ class ApiError(Exception):
 @dataclass
 class Choice:
     text: str = ""
+    reasoning: str = ""  # Gemma 4's thinking, returned as reasoning_content
     tokens: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
@@ -94,6 +95,7 @@ class Run:
                 raise ApiError(499, "the client closed the connection")
             c = self.choices[i]
             c.text += ev.text
+            c.reasoning += ev.reasoning
             c.tokens += ev.tokens
             c.completion_tokens = ev.completion_tokens
             if ev.error is not None:
@@ -192,6 +194,8 @@ def stream_chat(run: Run, body: schemas.ChatRequest, meta: Meta, engine: Engine,
     def pieces(i: int, ev: Event) -> Iterable[str]:
         lp = chat_logprobs(engine, ev.tokens) if body.logprobs and ev.tokens else None
         deltas = list(calls[i].feed(ev.text))
+        if ev.reasoning:  # Gemma 4's thinking, streamed as llama.cpp's server does
+            deltas.insert(0, {"reasoning_content": ev.reasoning})
         for k, delta in enumerate(deltas):
             yield chunk(i, delta, lp if k == 0 else None)
         if lp is not None and not deltas:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import GemmaError
 
 MAX_N = 16
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
 class Strict(BaseModel):
@@ -94,6 +95,8 @@ class ChatRequest(Sampling):
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
+    # thinking (Gemma 4): vLLM's and llama.cpp's chat_template_kwargs.enable_thinking, or OpenAI's reasoning_effort
+    chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
@@ -105,11 +108,28 @@ class ChatRequest(Sampling):
                              "use 'tools' and 'tool_choice'")
         if self.modalities not in (None, ["text"]):
             raise ParamError("modalities", "only the 'text' modality is supported")
-        for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
+        for name in ("audio", "prediction", "verbosity", "web_search_options"):
             if getattr(self, name) is not None:
                 raise ParamError(name, f"'{name}' is not supported by this server")
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
+
+    def thinking(self, default: bool) -> bool:
+        """Whether this request asks for the thinking mode: chat_template_kwargs.enable_thinking, else
+        reasoning_effort ("none" is off; Gemma 4 has no effort levels, so any other is on), else `default`."""
+        kwargs = self.chat_template_kwargs or {}
+        if unknown := sorted(set(kwargs) - {"enable_thinking"}):
+            raise ParamError("chat_template_kwargs", f"unsupported chat_template_kwargs {unknown}; gemmakit's "
+                             "chat templates take only 'enable_thinking'")
+        if "enable_thinking" in kwargs:
+            if not isinstance(kwargs["enable_thinking"], bool):
+                raise ParamError("chat_template_kwargs", "chat_template_kwargs.enable_thinking must be true or false")
+            return kwargs["enable_thinking"]
+        if self.reasoning_effort is not None:
+            if self.reasoning_effort not in REASONING_EFFORTS:
+                raise ParamError("reasoning_effort", f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}")
+            return self.reasoning_effort != "none"
+        return default
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -33,9 +33,11 @@ class ChatPlan:
     template_tools: list[dict[str, Any]] | None = None  # OpenAI tools for Gemma 4's native declarations
     constraint: dict[str, Any] = field(default_factory=dict)  # keyword arguments of Model.constraint()
     mode: str = "none"  # tool mode: "none" (no calls read back), "auto" or "required"
+    thinking: bool = False  # Gemma 4's thinking mode (chat_template_kwargs.enable_thinking, reasoning_effort)
 
     def encode(self, tokenizer: Any) -> list[int]:
-        return chat_template.encode(tokenizer, self.messages, family=self.family, tools=self.template_tools)
+        return chat_template.encode(tokenizer, self.messages, family=self.family, tools=self.template_tools,
+                                    thinking=self.thinking)
 
 
 def response_constraint(body: schemas.Sampling) -> dict[str, Any]:
