@@ -174,3 +174,24 @@ def build(cfg: GemmaConfig, state: dict[str, torch.Tensor], source: Path | str =
         module = Gemma(cfg)
     _strict_load(module, state, Path(source))
     return module.to(device=device, dtype=dtype).eval()
+
+
+def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
+    """Only the tokenizer of a model (the embedded one when None): a GGUF's vocabulary, the tokenizer.model /
+    tokenizer.json of a Hugging Face folder or beside a .ckpt, or such a file itself. No weights are read."""
+    if source is None:
+        from .embedded import embedded_path
+
+        path = embedded_path(progress=False)
+    else:
+        path = Path(source).expanduser()
+    if path.is_file() and path.name.endswith("tokenizer.json"):
+        return Tokenizer.from_hf_json(path)
+    if path.is_file() and path.suffix == ".model":
+        return Tokenizer.from_file(path)
+    fmt = sniff(path)
+    tok = tokenizer_from_gguf(read_gguf(path)) if fmt == "gguf" else _tokenizer_near(path if path.is_dir()
+                                                                                      else path.parent)
+    if tok is None:
+        raise GemmaError(f"{path}: no tokenizer found; put tokenizer.model (or tokenizer.json) next to the weights")
+    return tok

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from ..errors import GemmaError
-from . import bench, chat, convert, finetune, guard, info, merge, run, serve
+from . import bench, chat, convert, finetune, guard, info, merge, run, serve, watermark
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Run Google's Gemma models locally. Without -m, commands use the embedded Gemma 3 270M.")
@@ -40,6 +40,7 @@ app.command("merge")(merge.merge)
 app.command("convert")(convert.convert)
 app.command("bench")(bench.bench)
 app.command("guard")(guard.guard)
+app.add_typer(watermark.app, name="watermark")
 
 
 def main() -> None:

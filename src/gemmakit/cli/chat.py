@@ -15,6 +15,7 @@ from .. import chat as chat_template
 from ..api import Model
 from ..errors import GemmaError
 from ..loader import load
+from ..safety.watermark import Watermark
 from .run import ModelOpt
 
 HELP = (
@@ -144,6 +145,7 @@ def chat(
     show_thinking: Annotated[
         bool, typer.Option(help="Show the reasoning, dimmed, before each reply (--hide-thinking to hide it).")
     ] = True,
+    watermark: Annotated[str | None, typer.Option(help="SynthID-Text keys file: watermark the replies.")] = None,
 ) -> None:
     """Chat with a model in the terminal: streaming replies, multi-turn history, /reset /system /save /load.
 
@@ -165,6 +167,8 @@ def chat(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
+    if watermark:
+        sampling["logits_processors"] = Watermark(watermark)
     if thinking and m.chat_template != "gemma4":
         raise GemmaError(f"{m.source} has no thinking mode (a Gemma 4 chat template option); drop --thinking")
     session = Session(

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from ..errors import GemmaError
 from ..loader import load
+from ..safety.watermark import Watermark
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or .ckpt (default: embedded)")]
 
@@ -37,6 +38,8 @@ def run(
                                                      "Schema (a .json file).")] = None,
     grammar: Annotated[Path | None, typer.Option("--grammar", help="Constrain the output to this grammar file: "
                                                  "Lark, or GBNF as llama.cpp writes it.")] = None,
+    watermark: Annotated[str | None, typer.Option(help="SynthID-Text keys file: watermark the text "
+                                                  "(gemmakit watermark keygen/detect).")] = None,
 ) -> None:
     """Stream a continuation of PROMPT.
 
@@ -49,10 +52,12 @@ def run(
     err = Console(stderr=True)
     m = load(model, device=device, variant=variant, quant=None if quant == "none" else quant,
              adapter=adapter)
+    processors = Watermark(watermark) if watermark else None
     t0 = time.perf_counter()
     sys.stdout.write(prompt)
     for piece in m.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup,
+                          logits_processors=processors,
                           **{k: v for k, v in constraint.items() if v is not None}):
         sys.stdout.write(piece)
         sys.stdout.flush()

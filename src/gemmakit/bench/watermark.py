@@ -1,0 +1,139 @@
+"""How well the SynthID-Text detector separates watermarked from unwatermarked samples of the same model.
+
+Each prompt is continued twice with the same sampling settings and seeds, once with the watermark and once
+without; every sample is scored from its generated token ids (and again from its text, re-tokenized, as
+`gemmakit watermark detect` sees a file). Reported: the AUC of the mean and weighted-mean scores, the detector's
+true-positive rate at its 1% false-positive verdict (p-value <= 0.01, from the exact null distribution), and the
+false-positive rate actually observed on the unwatermarked samples. Not a speed benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import mean, pstdev
+from typing import Any
+
+import numpy as np
+
+from ..api import Model
+from ..safety.detect import detect, score_ids
+from ..safety.watermark import Watermark, WatermarkConfig
+from .common import machine, machine_slug, write_results
+
+# Openings of many kinds of text, so the samples do not share their topics.
+PROMPTS = [
+    "The history of the bicycle begins", "My grandmother's kitchen always smelled of", "To install the package, first",
+    "The city council voted on Tuesday to", "Photosynthesis is the process by which", "Dear hiring manager,",
+    "The detective looked at the broken window and", "In the mountains of northern Spain, shepherds",
+    "Here are five tips for sleeping better:", "The match ended in a draw after", "Once upon a time, in a village",
+    "The stock market fell sharply today as", "A good cup of coffee depends on", "The spacecraft entered orbit",
+    "When I was twelve years old, my father", "The recipe calls for two cups of flour and",
+    "Climate scientists warn that the oceans", "Our quarterly results show that revenue",
+    "The old lighthouse keeper had never", "Learning to play the guitar takes", "The museum's new exhibition",
+    "Volcanoes form when molten rock", "She opened the letter and read", "The rules of chess are simple:",
+    "Electric cars have become popular because", "The river flooded the valley in", "Welcome to our hotel! Your room",
+    "The committee reviewed the proposal and", "Bees communicate with each other by",
+    "The first thing you notice about Tokyo is", "In this tutorial we will build", "The storm arrived just after",
+]
+
+
+def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """P(a watermarked sample scores above an unwatermarked one), ties counting one half (Mann-Whitney U)."""
+    pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def generate(model: Model, prompts: Sequence[str], tokens: int, *, seed: int, watermark: Watermark | None,
+             temperature: float, top_k: int | None, batch: int = 8) -> list[tuple[list[int], str]]:
+    """(generated token ids, text) per prompt, in batches; EOS ignored so every sample has `tokens` tokens."""
+    out: list[tuple[list[int], str]] = []
+    for start in range(0, len(prompts), batch):
+        results = model.generate(list(prompts[start:start + batch]), tokens, temperature=temperature,
+                                 top_k=top_k, seed=seed + start, ignore_eos=True, logits_processors=watermark)
+        out += [(r.token_ids, r.text) for r in results]
+    return out
+
+
+def run(source: str | None = None, *, samples: int = 32, tokens: int = 64, temperature: float = 1.0,
+        top_k: int | None = None, keys: str | None = None, seed: int = 0, fpr: float = 0.01) -> dict[str, Any]:
+    from ..loader import load
+
+    model = load(source, progress=False)
+    config = WatermarkConfig.load(keys) if keys else WatermarkConfig.generate(depth=30, ngram_len=5)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(samples)]
+    marked = generate(model, prompts, tokens, seed=seed, watermark=Watermark(config), temperature=temperature,
+                      top_k=top_k)
+    plain = generate(model, prompts, tokens, seed=seed, watermark=None, temperature=temperature, top_k=top_k)
+    sides: dict[str, dict[str, list]] = {}
+    for name, samples_ in (("watermarked", marked), ("unwatermarked", plain)):
+        by_ids = [score_ids(ids, config, eos_id=model.tokenizer.eos_id, fpr=fpr) for ids, _ in samples_]
+        by_text = [detect(text, config, model=model, fpr=fpr) for _, text in samples_]
+        sides[name] = {"ids": by_ids, "text": by_text}
+    result: dict[str, Any] = {
+        "machine": machine(), "model": model.source, "samples": samples, "tokens": tokens,
+        "temperature": temperature, "top_k": top_k, "depth": config.depth, "ngram_len": config.ngram_len,
+        "fpr": fpr,
+    }
+    for path in ("ids", "text"):
+        w, u = sides["watermarked"][path], sides["unwatermarked"][path]
+        result[path] = {
+            "auc_weighted_mean": auc([d.weighted_mean for d in w], [d.weighted_mean for d in u]),
+            "auc_mean": auc([d.mean for d in w], [d.mean for d in u]),
+            "tpr_at_fpr": mean(d.watermarked for d in w),
+            "observed_fpr": mean(d.watermarked for d in u),
+            "weighted_mean_watermarked": [mean(d.weighted_mean for d in w), pstdev(d.weighted_mean for d in w)],
+            "weighted_mean_unwatermarked": [mean(d.weighted_mean for d in u), pstdev(d.weighted_mean for d in u)],
+            "median_p_watermarked": float(np.median([d.p_value for d in w])),
+            "scored_tokens": mean(d.scored for d in w),
+        }
+    return result
+
+
+def markdown(r: dict[str, Any]) -> str:
+    rows = [f"# SynthID-Text separation: {r['model']}", "",
+            f"{r['samples']} prompts x {r['tokens']} tokens, temperature {r['temperature']}, top_k {r['top_k']}, "
+            f"depth {r['depth']}, ngram_len {r['ngram_len']}; {r['machine']}", "",
+            "| scored from | AUC weighted mean | AUC mean | TPR at p <= fpr | observed FPR | weighted mean wm / plain |",
+            "|---|---|---|---|---|---|"]
+    for path, label in (("ids", "generated ids"), ("text", "text, re-tokenized")):
+        x = r[path]
+        rows.append(f"| {label} | {x['auc_weighted_mean']:.3f} | {x['auc_mean']:.3f} | {x['tpr_at_fpr']:.3f} | "
+                    f"{x['observed_fpr']:.3f} | {x['weighted_mean_watermarked'][0]:.3f} / "
+                    f"{x['weighted_mean_unwatermarked'][0]:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def save(result: dict[str, Any], out: Path) -> Path:
+    return write_results(out, f"watermark-{machine_slug()}", result, markdown(result))
+
+
+def write_calibration(path: Path, source: str | None = None, *, samples: int = 128, tokens: int = 96) -> None:
+    """The unwatermarked text detect.py calibrates with (sampled from the model at temperature 1, no keys)."""
+    from ..loader import load
+
+    model = load(source, progress=False)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(samples)]
+    texts = [text.strip() for _, text in generate(model, prompts, tokens, seed=1000, watermark=None,
+                                                   temperature=1.0, top_k=None)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n\n".join(t.replace("\n\n", "\n") for t in texts if t) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Watermark separation (AUC, TPR at 1% FPR) on the embedded model.")
+    ap.add_argument("source", nargs="?", default=None, help="model (default: embedded)")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--write-calibration", type=Path, help="instead: write the calibration text to this file")
+    a = ap.parse_args()
+    if a.write_calibration:
+        write_calibration(a.write_calibration, a.source)
+    else:
+        res = run(a.source, samples=a.samples, tokens=a.tokens)
+        print(json.dumps(res, indent=1))
+        print(markdown(res))
