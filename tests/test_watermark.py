@@ -154,6 +154,24 @@ def test_exact_null_matches_random_text():
     assert 0.0 <= (p <= 0.05).mean() <= 0.09 and 0.4 <= (p <= 0.5).mean() <= 0.6
 
 
+def test_calibrated_null_for_other_table_sizes():
+    """A table size that is not a power of two has no enumeration: one window's null distribution is measured on
+    the shipped unwatermarked text, and agrees with random text's."""
+    cfg = WatermarkConfig(ngram_len=5, keys=list(range(30)), sampling_table_size=1000)
+    tok = load_tokenizer()
+    weights = det.layer_weights(30)
+    pmf, null = det.window_pmf(GValues(cfg), weights, tok)
+    assert null == "calibrated" and len(det.calibration_ids(tok)) > 4000
+    ids = torch.randint(0, 262144, (20000,), generator=torch.Generator().manual_seed(3)).tolist()
+    g, mask = det.g_values(GValues(cfg), ids)
+    observed = np.bincount(g[mask] @ weights, minlength=len(pmf)) / mask.sum()
+    assert np.abs(np.cumsum(observed) - np.cumsum(pmf)).max() < 0.035  # two-sample KS, 5k vs 20k windows
+    d = det.score_ids(ids[:200], cfg, tokenizer=tok)
+    assert d.null == "calibrated" and d.p_value > 1e-3
+    with pytest.raises(GemmaError, match="tokenizer"):
+        det.score_ids(ids[:200], cfg)
+
+
 def test_keys_file(tmp_path: Path):
     path = tmp_path / "keys.json"
     cfg = WatermarkConfig.generate(depth=9, ngram_len=4)

@@ -200,7 +200,7 @@ def score_ids(ids: Sequence[int], keys: WatermarkConfig, *, eos_id: int | None =
     weights = layer_weights(keys.depth)
     total, weighted = int(g[mask].sum()), int((g[mask] @ weights).sum())
     mean_pmf, weighted_pmf, null = _null(keys, tokenizer if gvalues.by_residue is None else None)
-    return Detection(mean=total / (keys.depth * scored), weighted_mean=weighted / (weights.sum() * scored),
+    return Detection(mean=total / (keys.depth * scored), weighted_mean=weighted / int(weights.sum() * scored),
                      scored=scored, tokens=len(ids), p_value=tail_probability(weighted_pmf, scored, weighted),
                      p_value_mean=tail_probability(mean_pmf, scored, total), fpr=fpr, null=null)
 
