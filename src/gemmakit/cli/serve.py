@@ -68,6 +68,28 @@ def serve(
                      "(chat_template_kwargs.enable_thinking or reasoning_effort); reasoning comes back as "
                      "reasoning_content."),
     ] = False,
+    moderate: Annotated[
+        str | None,
+        typer.Option(help="Screen 'input' (requests: 400 content_filter), 'output' (replies: finish_reason "
+                     "content_filter) or 'input,output' with the policy classifier."),
+    ] = None,
+    guard_model: Annotated[
+        str | None,
+        typer.Option(help="The classifier (a ShieldGemma checkpoint) for --moderate and /v1/moderations "
+                     "(default with --moderate: the embedded base model, which is not trained for this)."),
+    ] = None,
+    guard_policy: Annotated[
+        list[str] | None,
+        typer.Option(help="dangerous, harassment, hate, sexual, all, or a YAML/JSON file (repeatable; default: "
+                     "the four built-in policies)."),
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="A policy score at or above this flags the text.")] = 0.5,
+    moderation_window: Annotated[
+        int, typer.Option(help="Streamed replies are screened every N characters; text waits until screened.")
+    ] = 64,
+    watermark: Annotated[
+        str | None, typer.Option(help="SynthID-Text keys file: watermark every generated text.")
+    ] = None,
 ) -> None:
     """Serve models over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
@@ -76,9 +98,14 @@ def serve(
                curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
                  -d '{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
     """
+    from ..safety.watermark import Watermark
+    from ..serve import moderation
     from ..serve import serve as run_server
 
     err = Console(stderr=True)
+    moderator = moderation.build(moderate, guard_model, guard_policy, threshold=threshold,
+                                 window=moderation_window, device=device)
+    marks = Watermark(watermark) if watermark else None
     specs = parse_models(model)
     adapters: dict[str, str] = {}
     for a in adapter or []:
@@ -94,6 +121,11 @@ def serve(
     for name, path in specs:
         models[name] = load(path, device=device, progress=True, adapter=adapters.get(name))
         err.print(f"[dim]loaded {name}: {models[name].source}[/]", highlight=False)
+    if moderator is not None:
+        err.print(f"[dim]{moderator.describe()}[/]", highlight=False)
+        if guard_model is None:
+            err.print("[bold yellow]warning:[/] the embedded model is a base model, not a trained classifier: "
+                      "its scores are illustrative; pass --guard-model with a ShieldGemma checkpoint", highlight=False)
     if api_key is None and not _is_loopback(host):
         err.print(
             f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach this "
@@ -110,6 +142,8 @@ def serve(
         context=ctx_size,
         log_level=log_level,
         thinking=thinking,
+        moderator=moderator,
+        watermark=marks,
     )
 
 

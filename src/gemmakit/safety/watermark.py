@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..api import ProcessorFactory
 from ..errors import GemmaError
 from ..sampling import LogitsProcessor
 
@@ -288,6 +289,13 @@ class Watermark:
 
     def __call__(self) -> list[LogitsProcessor]:
         return [WatermarkProcessor(self.gvalues)]
+
+
+def with_watermark(factory: ProcessorFactory | None, watermark: Watermark | None) -> ProcessorFactory | None:
+    """A processor factory that adds the watermark's processor to `factory`'s (e.g. a grammar's)."""
+    if watermark is None or factory is None:
+        return watermark or factory
+    return lambda: [*factory(), *watermark()]
 
 
 def load_config(keys: str | os.PathLike[str] | WatermarkConfig | Mapping[str, Any]) -> WatermarkConfig:

@@ -27,9 +27,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..api import Model, ProcessorFactory
 from ..errors import GemmaError
+from ..safety.watermark import Watermark, with_watermark
 from ..sampling import SamplingParams
 from . import schemas, structured
 from .engine import Engine, Event, Job
+from .moderation import Moderator, user_text
+from .moderation import add_routes as add_moderation_routes
 from .output import (
     FINGERPRINT,
     ApiError,
@@ -55,8 +58,13 @@ def create_app(
     max_queue: int = 64,
     context: int | None = None,
     thinking: bool = False,
+    moderator: Moderator | None = None,
+    watermark: Watermark | None = None,
 ) -> FastAPI:
     """An app serving each model under its name; engines start and stop with the app's lifespan.
+
+    `moderator` screens requests and replies and answers /v1/moderations (moderation.py); with `watermark` every
+    generated sequence carries that SynthID-Text watermark.
 
     `thinking` is the default of Gemma 4's thinking mode for requests that do not choose (off, as in the template).
     """
@@ -187,8 +195,14 @@ def create_app(
         max_new = token_budget(engine, len(prompt), body.requested_tokens(), param, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         factory = await processors(engine, plan.constraint, "tools" if plan.mode != "none" else "response_format")
-        jobs = make_jobs(body, engine, [prompt], max_new, logprobs, factory, reasoning=plan.family == "gemma4")
+        if moderator is not None:
+            user = user_text(body.messages)
+            await moderator.check_input([user], "messages")
+        jobs = make_jobs(body, engine, [prompt], max_new, logprobs, with_watermark(factory, watermark),
+                         reasoning=plan.family == "gemma4")
         run = Run(engine, jobs)
+        if moderator is not None:
+            run = moderator.screen(run, [user] * len(jobs), stream=body.stream)
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model, len(prompt))
         if body.stream:
             return sse_response(stream_chat(run, body, meta, engine, plan.mode))
@@ -242,7 +256,12 @@ def create_app(
                 prompts.append(list(p))
         max_new = min(token_budget(engine, len(p), body.max_tokens, "max_tokens", "prompt") for p in prompts)
         factory = await processors(engine, structured.response_constraint(body), "response_format")
-        run = Run(engine, make_jobs(body, engine, prompts, max_new, body.logprobs, factory))
+        if moderator is not None:
+            users = [tok.decode(p) for p in prompts]
+            await moderator.check_input(users, "prompt")
+        run = Run(engine, make_jobs(body, engine, prompts, max_new, body.logprobs, with_watermark(factory, watermark)))
+        if moderator is not None:
+            run = moderator.screen(run, [u for u in users for _ in range(body.n)], stream=body.stream)
         echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
         meta = Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model, sum(len(p) for p in prompts))
         if body.stream:
@@ -270,6 +289,7 @@ def create_app(
             }
         )
 
+    add_moderation_routes(app, moderator, authorize, parse)
     return app
 
 
@@ -401,8 +421,10 @@ def serve(
     context: int | None = None,
     log_level: str = "info",
     thinking: bool = False,
+    moderator: Moderator | None = None,
+    watermark: Watermark | None = None,
 ) -> None:
     """Run the server until interrupted."""
     app = create_app(models, api_key=api_key, max_batch=max_batch, max_queue=max_queue, context=context,
-                     thinking=thinking)
+                     thinking=thinking, moderator=moderator, watermark=watermark)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
