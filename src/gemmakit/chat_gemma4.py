@@ -400,7 +400,8 @@ def checked_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
             if role != "assistant":
                 raise GemmaError(f"{where}: only assistant messages carry tool_calls")
             m["tool_calls"] = [_checked_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(m["tool_calls"])]
-        if role == "tool" and not any(x["role"] == "assistant" and x.get("tool_calls") for x in _block(out)):
+        if role == "tool" and not any(x["role"] == "assistant" and x.get("tool_calls") and not x.get("tool_responses")
+                                      for x in _block(out)):
             raise GemmaError(f"{where} is a tool result but no assistant message with tool_calls comes before it")
         if "content" not in m and not (role == "assistant" and (m.get("tool_calls") or m.get("tool_responses"))):
             raise GemmaError(f"{where} has no 'content'")
