@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from gemmakit.config import GemmaConfig
+from gemmakit.config import GLOBAL, SLIDING, GemmaConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -23,6 +23,10 @@ def tiny_config(family: str, **overrides) -> GemmaConfig:
                     query_pre_attn_scalar=24.0)
     if family == "gemma3":
         base.update(sliding_window=8, rope_theta=1e6, rope_scaling_factor=8.0, query_pre_attn_scalar=24.0)
+    if family == "gemma4":  # 8 layers: sliding x3, global, sliding x3, global; global heads twice as wide, 1/4 rotated
+        base.update(num_hidden_layers=8, head_dim=16, global_head_dim=32, intermediate_size=96, sliding_window=8,
+                    layer_types=(SLIDING,) * 3 + (GLOBAL,) + (SLIDING,) * 3 + (GLOBAL,), rope_theta=1e6,
+                    partial_rotary_factor=0.25, final_logit_softcapping=30.0)
     base.update(overrides)
     return GemmaConfig(**base)
 
@@ -35,18 +39,42 @@ TINY = {
 }
 
 
-def hf_model(cfg: GemmaConfig, seed: int = 0):
+# Gemma 4 kinds: E-style (per-layer embeddings, KV sharing over the last 4 layers, double-wide MLP there), dense,
+# MoE; with and without attention_k_eq_v (global layers: 1 KV head, values from k_proj).
+K_EQ_V = dict(attention_k_eq_v=True, num_global_key_value_heads=1)
+TINY4 = {
+    "gemma4-e": tiny_config("gemma4", hidden_size_per_layer_input=8, vocab_size_per_layer_input=512,
+                            num_kv_shared_layers=4, use_double_wide_mlp=True),
+    "gemma4-e-keqv": tiny_config("gemma4", hidden_size_per_layer_input=8, vocab_size_per_layer_input=512,
+                                 num_kv_shared_layers=4, **K_EQ_V),
+    "gemma4-dense": tiny_config("gemma4"),
+    "gemma4-dense-keqv": tiny_config("gemma4", **K_EQ_V),
+    "gemma4-moe": tiny_config("gemma4", enable_moe_block=True, num_experts=4, top_k_experts=2,
+                              moe_intermediate_size=24),
+    "gemma4-moe-keqv": tiny_config("gemma4", enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                   moe_intermediate_size=24, **K_EQ_V),
+}
+
+
+def hf_model(cfg: GemmaConfig, seed: int = 0, attn: str = "eager"):
     """A random transformers model of this config (eager attention: the reference with soft-capping), with
-    non-trivial norm weights (HF initialises them to 0, which would hide norm bugs)."""
+    non-trivial norm weights (HF initialises them to 0, which would hide norm bugs). Gemma 4 norms scale by w
+    itself: theirs get 1 + N(0, 0.3), as do the router scales and each layer's layer_scalar buffer."""
     import transformers
 
     torch.manual_seed(seed)
     hc = transformers.AutoConfig.for_model(**cfg.to_hf())
-    model = transformers.AutoModelForCausalLM.from_config(hc, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_config(hc, attn_implementation=attn).eval()
+    g4 = cfg.family == "gemma4"
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if g4 and ("norm" in name or name.endswith("scale")):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif "norm" in name:
                 p.normal_(0.0, 0.5)
             elif "embed" in name:
                 p.normal_(0.0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
     return model

@@ -1,7 +1,8 @@
 """GemmaConfig: every number that changes the logits, with Hugging Face field names, plus the official presets.
 
-One config drives the one model definition in model.py; generation differences (Gemma 1/2/3) are fields here.
-Numbers and their sources: shared/docs/gemma-spec.md §1-2.
+One config drives the one model definition in model.py; generation differences (Gemma 1/2/3/4) are fields here.
+Numbers and their sources: shared/docs/gemma-spec.md §1-2; Gemma 4: transformers 5.24
+`models/gemma4/configuration_gemma4.py` (Gemma4TextConfig) and `modeling_gemma4.py` (cited as HF-G4 below).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from typing import Any
 
 from .errors import GemmaError
 
-FAMILIES = ("gemma", "gemma2", "gemma3")
+FAMILIES = ("gemma", "gemma2", "gemma3", "gemma4")
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
 
 
 @dataclass(frozen=True)
 class GemmaConfig:
-    family: str  # "gemma" (Gemma 1), "gemma2" or "gemma3": selects norm layout, QK-norm, default layer pattern
+    family: str  # "gemma" (Gemma 1), "gemma2", "gemma3" or "gemma4": norm layout, QK-norm, default layer pattern
     vocab_size: int  # rows of the (tied) embedding
     hidden_size: int  # D
     intermediate_size: int  # F, width of each of gate/up
@@ -42,6 +43,19 @@ class GemmaConfig:
     eos_token_id: int = 1
     pad_token_id: int = 0
     name: str = ""  # preset name or the source's own name, for display only
+    # Gemma 4 (HF-G4 Gemma4TextConfig names; every default switches the feature off, so Gemma 1-3 are unchanged).
+    global_head_dim: int | None = None  # H of full-attention layers (Gemma 4: 512); None = head_dim
+    num_global_key_value_heads: int | None = None  # K of full-attention layers; HF-G4 applies it only with k_eq_v
+    attention_k_eq_v: bool = False  # full-attention layers have no v_proj: values come from k_proj's output
+    partial_rotary_factor: float = 1.0  # proportional RoPE on full-attention layers: share of H/2 pairs rotated
+    hidden_size_per_layer_input: int = 0  # PLE: per-layer embedding width (0 = no per-layer embeddings)
+    vocab_size_per_layer_input: int = 0  # PLE: rows of the packed [V_ple, L * ple] table
+    num_kv_shared_layers: int = 0  # the last this-many layers reuse the KV of an earlier layer of their type
+    use_double_wide_mlp: bool = False  # KV-shared layers get an MLP of width 2F
+    enable_moe_block: bool = False  # every layer adds a routed mixture of experts beside its dense MLP
+    num_experts: int = 0  # E experts per MoE layer
+    top_k_experts: int = 0  # experts each token is routed to
+    moe_intermediate_size: int = 0  # width of each expert's gate/up
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -51,12 +65,20 @@ class GemmaConfig:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.family == "gemma":  # Gemma 1 always scales queries by head_dim ** -0.5 (HF GemmaAttention)
             object.__setattr__(self, "query_pre_attn_scalar", float(self.head_dim))
+        if self.family == "gemma4":  # Gemma 4 does not scale queries: scaling = 1.0, q_norm sets the scale (HF-G4)
+            object.__setattr__(self, "query_pre_attn_scalar", 1.0)
+            object.__setattr__(self, "global_head_dim", self.global_head_dim or self.head_dim)
         if len(self.layer_types) != self.num_hidden_layers:
             raise GemmaError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise GemmaError("config has sliding-window layers but no sliding_window size")
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.num_attention_heads % self.num_key_value_heads or (
+                self.num_global_key_value_heads and self.num_attention_heads % self.num_global_key_value_heads):
             raise GemmaError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.family == "gemma4":
+            check_gemma4(self)
+        else:
+            _check_not_gemma4(self)
 
     # Derived facts, named so the model code reads like the spec.
     @property
@@ -66,7 +88,47 @@ class GemmaConfig:
 
     @property
     def qk_norm(self) -> bool:
-        return self.family == "gemma3"
+        return self.family in ("gemma3", "gemma4")
+
+    @property
+    def norm_offset(self) -> float:
+        """Gemma 1-3 norms scale by (1 + w) (spec §1.3); Gemma 4's Gemma4RMSNorm by w itself (HF-G4)."""
+        return 0.0 if self.family == "gemma4" else 1.0
+
+    @property
+    def first_kv_shared_layer(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys/values `layer` attends to: itself, or for a KV-shared layer the last layer of its
+        type before the shared block (HF-G4 Gemma4TextConfig.kv_sharing_modes: that layer "stores", these "reuse")."""
+        first = self.first_kv_shared_layer
+        if layer < first:
+            return layer
+        kind = self.layer_types[layer]
+        return max(i for i in range(first) if self.layer_types[i] == kind)
+
+    def layer_head_dim(self, layer: int) -> int:
+        """Full-attention layers of Gemma 4 have their own head dim (HF-G4 per_layer_config head_dim)."""
+        return (self.global_head_dim or self.head_dim) if self.layer_types[layer] == GLOBAL else self.head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        if self.layer_types[layer] == GLOBAL and self.num_global_key_value_heads:
+            return self.num_global_key_value_heads
+        return self.num_key_value_heads
+
+    def k_eq_v(self, layer: int) -> bool:
+        """HF-G4 use_alternative_attention: attention_k_eq_v on a full-attention layer."""
+        return self.attention_k_eq_v and self.layer_types[layer] == GLOBAL
+
+    def layer_intermediate(self, layer: int) -> int:
+        """MLP width: doubled on KV-shared layers when use_double_wide_mlp (HF-G4 Gemma4TextMLP)."""
+        wide = self.use_double_wide_mlp and layer >= self.first_kv_shared_layer
+        return self.intermediate_size * (2 if wide else 1)
+
+    def rotary_fraction(self, layer: int) -> float:
+        """Share of the head's frequency pairs RoPE rotates: partial_rotary_factor on full-attention layers."""
+        return self.partial_rotary_factor if self.layer_types[layer] == GLOBAL else 1.0
 
     @property
     def scaling(self) -> float:
@@ -81,22 +143,33 @@ class GemmaConfig:
     @property
     def end_of_turn_id(self) -> int:
         """<end_of_turn> id, a stop token for instruction-tuned models (spec §5.2)."""
-        return 106 if self.family == "gemma3" else 107
+        return 106 if self.family in ("gemma3", "gemma4") else 107
 
     def replace(self, **changes: Any) -> GemmaConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
-        """Parameter count with the embedding counted once (it is tied)."""
-        d, f, n, k, h = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
-                         self.num_key_value_heads, self.head_dim)
-        attn = d * n * h * 2 + d * k * h * 2 + (2 * h if self.qk_norm else 0)
-        norms = d * (4 if self.post_norms else 2)
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return head + self.vocab_size * d + self.num_hidden_layers * (attn + 3 * d * f + norms) + d
+        """Parameter count with the embedding counted once (it is tied); Gemma 4's layer_scalar is a buffer."""
+        d, n, L = self.hidden_size, self.num_attention_heads, self.num_hidden_layers
+        total = self.vocab_size * d + d + (0 if self.tie_word_embeddings else self.vocab_size * d)
+        if self.hidden_size_per_layer_input:  # PLE table, its projection and norm; per layer gate, proj, norm
+            p = self.hidden_size_per_layer_input
+            total += (self.vocab_size_per_layer_input + d) * L * p + p + L * (2 * d * p + d)
+        if self.enable_moe_block:  # router (proj, scale, per-expert scale), experts, three extra norms
+            e, i = self.num_experts, self.moe_intermediate_size
+            total += L * (d * e + d + e + 3 * e * i * d + 3 * d)
+        for layer in range(L):
+            h, k = self.layer_head_dim(layer), self.layer_kv_heads(layer)
+            total += 2 * d * n * h + (h if self.qk_norm else 0)  # q, o, q_norm
+            if self.kv_source(layer) == layer:  # k (+ v) and k_norm; shared layers have none
+                total += d * k * h * (1 if self.k_eq_v(layer) else 2) + (h if self.qk_norm else 0)
+            total += 3 * d * self.layer_intermediate(layer) + d * (4 if self.post_norms else 2)
+        return total
 
     def to_hf(self) -> dict[str, Any]:
         """The equivalent transformers config.json dict (the reference the parity tests build)."""
+        if self.family == "gemma4":
+            return gemma4_to_hf(self)
         model_type = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}[self.family]
         arch = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[self.family]
         d: dict[str, Any] = dict(
@@ -126,22 +199,27 @@ class GemmaConfig:
 
 
 def default_layer_types(family: str, n_layers: int) -> tuple[str, ...]:
-    """Gemma 1: all global. Gemma 2: even layers slide. Gemma 3: every 6th layer (i % 6 == 5) is global (spec §1.5)."""
+    """Gemma 1: all global. Gemma 2: even layers slide. Gemma 3: every 6th layer (i % 6 == 5) is global (spec §1.5).
+    Gemma 4: the same 5:1 pattern with the last layer forced to global (HF-G4 Gemma4TextConfig.__post_init__)."""
     if family == "gemma":
         return (GLOBAL,) * n_layers
     if family == "gemma2":
         return tuple(SLIDING if i % 2 == 0 else GLOBAL for i in range(n_layers))
-    return tuple(GLOBAL if i % 6 == 5 else SLIDING for i in range(n_layers))
+    types = tuple(GLOBAL if i % 6 == 5 else SLIDING for i in range(n_layers))
+    return types[:-1] + (GLOBAL,) if family == "gemma4" and types else types
 
 
 def from_hf(cfg: dict[str, Any]) -> GemmaConfig:
     """Read a transformers config.json (v4 or v5 field spellings; multimodal Gemma 3 nests a text_config)."""
-    if "text_config" in cfg and cfg.get("model_type") == "gemma3":
-        cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+    if "text_config" in cfg and cfg.get("model_type") in ("gemma3", "gemma4"):
+        cfg = {**cfg["text_config"], "model_type": cfg["model_type"] + "_text"}
     model_type = cfg.get("model_type")
+    if model_type == "gemma4_text":
+        return gemma4_from_hf(cfg)
     family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(model_type)
     if family is None:
-        raise GemmaError(f"config.json has model_type {model_type!r}; gemmakit supports gemma, gemma2, gemma3_text")
+        raise GemmaError(f"config.json has model_type {model_type!r}; gemmakit supports gemma, gemma2, gemma3_text, "
+                         "gemma4_text (and the text part of gemma3/gemma4)")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu", "gelu_pytorch_tanh"):  # Gemma 1 Hub configs say "gelu" but mean tanh-GELU (spec §1.6)
         raise GemmaError(f"config.json has activation {act!r}; Gemma uses gelu_pytorch_tanh")
@@ -178,6 +256,136 @@ def from_hf(cfg: dict[str, Any]) -> GemmaConfig:
     )
 
 
+_G4_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GemmaConfig)
+                if f.name in ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v",
+                              "partial_rotary_factor", "hidden_size_per_layer_input", "vocab_size_per_layer_input",
+                              "num_kv_shared_layers", "use_double_wide_mlp", "enable_moe_block", "num_experts",
+                              "top_k_experts", "moe_intermediate_size")}
+
+
+def check_gemma4(cfg: GemmaConfig) -> None:
+    """Refuse Gemma 4 configs that transformers would reject or silently change (HF-G4 Gemma4TextConfig)."""
+    n = cfg.num_hidden_layers
+    if cfg.layer_types[-1] != GLOBAL:
+        raise GemmaError("a Gemma 4 config's last layer must be full_attention (transformers forces it)")
+    if not 0 <= cfg.num_kv_shared_layers < n:
+        raise GemmaError(f"num_kv_shared_layers={cfg.num_kv_shared_layers} must lie in [0, {n}): some layer must "
+                         "compute the keys and values the shared layers reuse")
+    first = cfg.first_kv_shared_layer
+    if not set(cfg.layer_types[first:]) <= set(cfg.layer_types[:first]):
+        raise GemmaError("a KV-shared layer has a layer type that no earlier layer computes keys/values for")
+    if cfg.num_global_key_value_heads and not cfg.attention_k_eq_v:
+        raise GemmaError("num_global_key_value_heads applies only with attention_k_eq_v (as in transformers)")
+    if not 0.0 < cfg.partial_rotary_factor <= 1.0:
+        raise GemmaError(f"partial_rotary_factor={cfg.partial_rotary_factor} must lie in (0, 1]")
+    if cfg.hidden_size_per_layer_input and not cfg.vocab_size_per_layer_input:
+        raise GemmaError("per-layer embeddings need vocab_size_per_layer_input > 0")
+    if cfg.enable_moe_block and not (0 < cfg.top_k_experts <= cfg.num_experts and cfg.moe_intermediate_size > 0):
+        raise GemmaError("an MoE config needs 0 < top_k_experts <= num_experts and moe_intermediate_size > 0")
+
+
+def _check_not_gemma4(cfg: GemmaConfig) -> None:
+    odd = [k for k, v in _G4_DEFAULTS.items() if getattr(cfg, k) != v]
+    if odd:
+        raise GemmaError(f"{odd[0]} is a Gemma 4 setting; this config is family {cfg.family!r}")
+
+
+def gemma4_to_hf(cfg: GemmaConfig) -> dict[str, Any]:
+    """A transformers Gemma4TextConfig dict, in the Hub's spelling (global_head_dim, num_global_key_value_heads)."""
+    full: dict[str, Any] = {"rope_type": "proportional", "partial_rotary_factor": cfg.partial_rotary_factor,
+                            "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling_factor != 1.0:
+        full["factor"] = cfg.rope_scaling_factor
+    d: dict[str, Any] = dict(
+        architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        global_head_dim=cfg.global_head_dim or cfg.head_dim, attention_k_eq_v=cfg.attention_k_eq_v,
+        rms_norm_eps=cfg.rms_norm_eps, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=cfg.max_position_embeddings, bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=False, sliding_window=cfg.sliding_window, layer_types=list(cfg.layer_types),
+        final_logit_softcapping=cfg.final_logit_softcapping,
+        rope_parameters={"full_attention": full,
+                         "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base_freq}},
+        hidden_size_per_layer_input=cfg.hidden_size_per_layer_input,
+        vocab_size_per_layer_input=cfg.vocab_size_per_layer_input or cfg.vocab_size,
+        num_kv_shared_layers=cfg.num_kv_shared_layers, use_double_wide_mlp=cfg.use_double_wide_mlp,
+        enable_moe_block=cfg.enable_moe_block, num_experts=cfg.num_experts or None,
+        top_k_experts=cfg.top_k_experts or None, moe_intermediate_size=cfg.moe_intermediate_size or None,
+        torch_dtype="float32",
+    )
+    if cfg.num_global_key_value_heads:
+        d["num_global_key_value_heads"] = cfg.num_global_key_value_heads
+    return d
+
+
+def _gemma4_global_overrides(cfg: dict[str, Any], types: list[str]) -> tuple[int, int | None]:
+    """(global head dim, global KV heads) as transformers resolves them: a saved `per_layer_config` (transformers
+    5.24 writes one) or the Hub's global_head_dim (default 512) and num_global_key_value_heads, the latter
+    applied only with attention_k_eq_v (HF-G4 Gemma4TextConfig.__post_init__)."""
+    per_layer = cfg.get("per_layer_config")
+    if per_layer is None:
+        heads = cfg.get("num_global_key_value_heads") if cfg.get("attention_k_eq_v", False) else None
+        return int(cfg.get("global_head_dim", 512)), heads
+    overrides = {int(k): v for k, v in per_layer.items()}
+    want = [i for i, t in enumerate(types) if t == GLOBAL]
+    uniform = {tuple(sorted(v.items())) for v in overrides.values()}
+    if sorted(overrides) != want or len(uniform) != 1 or not set(next(iter(overrides.values()))) <= {
+            "head_dim", "num_key_value_heads"}:
+        raise GemmaError("config.json's per_layer_config overrides something other than one head_dim / "
+                         "num_key_value_heads for all full-attention layers; gemmakit cannot build it")
+    o = next(iter(overrides.values()))
+    return int(o.get("head_dim", cfg.get("head_dim", 256))), o.get("num_key_value_heads")
+
+
+def gemma4_from_hf(cfg: dict[str, Any]) -> GemmaConfig:
+    """Read a Gemma4TextConfig dict, with transformers' defaults for absent keys (HF-G4)."""
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh" or cfg.get("attention_bias"):
+        raise GemmaError("config.json's activation or attention_bias is not Gemma 4's (gelu_pytorch_tanh, no bias)")
+    if cfg.get("use_bidirectional_attention") == "all":
+        raise GemmaError("this Gemma 4 config attends bidirectionally (an encoder); gemmakit runs causal decoders")
+    layers = cfg.get("num_hidden_layers", 30)
+    types = list(cfg.get("layer_types") or default_layer_types("gemma4", layers))
+    types[-1] = GLOBAL  # transformers forces the last layer to full attention
+    rope = cfg.get("rope_parameters") or {}
+    full = rope.get("full_attention") or {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                          "rope_theta": 1e6}
+    local = rope.get("sliding_attention") or {"rope_type": "default", "rope_theta": 1e4}
+    if full.get("rope_type", "default") not in ("default", "proportional") or local.get("rope_type") != "default":
+        raise GemmaError(f"config.json has RoPE types {full.get('rope_type')!r}/{local.get('rope_type')!r}; Gemma 4 "
+                         "uses proportional (full attention) and default (sliding)")
+    proportional = full.get("rope_type") == "proportional"
+    global_dim, global_kv = _gemma4_global_overrides(cfg, types)
+    moe = bool(cfg.get("enable_moe_block"))
+    ple = int(cfg.get("hidden_size_per_layer_input", 256) or 0)
+    return GemmaConfig(
+        family="gemma4", vocab_size=cfg.get("vocab_size", 262144), hidden_size=cfg.get("hidden_size", 2304),
+        intermediate_size=cfg.get("intermediate_size", 9216), num_hidden_layers=layers,
+        num_attention_heads=cfg.get("num_attention_heads", 8), num_key_value_heads=cfg.get("num_key_value_heads", 4),
+        head_dim=cfg.get("head_dim", 256), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=cfg.get("max_position_embeddings", 131072),
+        rope_theta=float(full.get("rope_theta", 1e6)), rope_local_base_freq=float(local.get("rope_theta", 1e4)),
+        rope_scaling_factor=float(full.get("factor", 1.0)) if proportional else 1.0,
+        final_logit_softcapping=cfg.get("final_logit_softcapping"), sliding_window=cfg.get("sliding_window", 512),
+        layer_types=tuple(types), tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+        bos_token_id=_first(cfg.get("bos_token_id"), 2), eos_token_id=_first(cfg.get("eos_token_id"), 1),
+        pad_token_id=_first(cfg.get("pad_token_id"), 0), name=cfg.get("_name_or_path", "") or "",
+        global_head_dim=global_dim, num_global_key_value_heads=global_kv,
+        attention_k_eq_v=bool(cfg.get("attention_k_eq_v", False)),
+        partial_rotary_factor=float(full.get("partial_rotary_factor", 1.0)) if proportional else 1.0,
+        hidden_size_per_layer_input=ple,
+        vocab_size_per_layer_input=int(cfg.get("vocab_size_per_layer_input", 262144)) if ple else 0,
+        num_kv_shared_layers=int(cfg.get("num_kv_shared_layers", 0)),
+        use_double_wide_mlp=bool(cfg.get("use_double_wide_mlp", False)), enable_moe_block=moe,
+        num_experts=int(cfg.get("num_experts") or 0) if moe else 0,
+        top_k_experts=int(cfg.get("top_k_experts") or 0) if moe else 0,
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0) if moe else 0,
+    )
+
+
 def _first(v: Any, default: int) -> int:
     if isinstance(v, list):
         return v[0] if v else default
@@ -199,6 +407,17 @@ def _g3(**kw: Any) -> GemmaConfig:
     kw.setdefault("head_dim", 256)
     kw.setdefault("query_pre_attn_scalar", 256.0)
     return GemmaConfig(family="gemma3", vocab_size=262144, rope_theta=1e6, rope_local_base_freq=1e4, **kw)
+
+
+def _g4(*, layer_types: tuple[str, ...] = (SLIDING,) * 5 + (GLOBAL,), **kw: Any) -> GemmaConfig:
+    """A Gemma 4 preset; `layer_types` is the repeating pattern (the layer count is a multiple of it)."""
+    kw.setdefault("sliding_window", 512)
+    kw.setdefault("max_position_embeddings", 131072)
+    if kw.get("hidden_size_per_layer_input"):
+        kw["vocab_size_per_layer_input"] = 262144
+    return GemmaConfig(family="gemma4", vocab_size=262144, head_dim=256, global_head_dim=512, rope_theta=1e6,
+                       rope_local_base_freq=1e4, partial_rotary_factor=0.25, final_logit_softcapping=30.0,
+                       layer_types=layer_types * (kw["num_hidden_layers"] // len(layer_types)), **kw)
 
 
 PRESETS: dict[str, GemmaConfig] = {
@@ -227,6 +446,22 @@ PRESETS: dict[str, GemmaConfig] = {
     "gemma-3-27b": _g3(name="gemma-3-27b", hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
                        num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168.0,
                        sliding_window=1024, rope_scaling_factor=8.0, max_position_embeddings=131072),
+    # Gemma 4 text decoders: transformers models/gemma4/convert_gemma4_weights.py `_VARIANTS` (the Hub configs), the
+    # same numbers as google-deepmind/gemma gemma/gm/nn/gemma4/_gemma4.py. Defaults there: head_dim 256,
+    # global_head_dim 512, sliding_window 512, context 131072, RoPE theta 1e6 proportional x0.25 / 1e4.
+    "gemma-4-e2b": _g4(name="gemma-4-e2b", hidden_size=1536, intermediate_size=6144, num_hidden_layers=35,
+                       layer_types=(SLIDING,) * 4 + (GLOBAL,), num_attention_heads=8, num_key_value_heads=1,
+                       hidden_size_per_layer_input=256, num_kv_shared_layers=20, use_double_wide_mlp=True),
+    "gemma-4-e4b": _g4(name="gemma-4-e4b", hidden_size=2560, intermediate_size=10240, num_hidden_layers=42,
+                       num_attention_heads=8, num_key_value_heads=2, hidden_size_per_layer_input=256,
+                       num_kv_shared_layers=18),
+    "gemma-4-31b": _g4(name="gemma-4-31b", hidden_size=5376, intermediate_size=21504, num_hidden_layers=60,
+                       num_attention_heads=32, num_key_value_heads=16, num_global_key_value_heads=4,
+                       attention_k_eq_v=True, sliding_window=1024, max_position_embeddings=262144),
+    "gemma-4-26b-a4b": _g4(name="gemma-4-26b-a4b", hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                           num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2,
+                           attention_k_eq_v=True, enable_moe_block=True, num_experts=128, top_k_experts=8,
+                           moe_intermediate_size=704, sliding_window=1024, max_position_embeddings=262144),
 }
 
 

@@ -1,7 +1,9 @@
-"""The one Gemma 1/2/3 text decoder, driven by GemmaConfig, with Hugging Face parameter names.
+"""The one Gemma 1/2/3/4 text decoder, driven by GemmaConfig, with Hugging Face parameter names.
 
-Read top to bottom: RMSNorm(1+w) -> RoPE -> attention (GQA, sliding window, soft-cap, QK-norm) -> GeGLU MLP -> block
--> model, then the KV cache. Numerics follow shared/docs/gemma-spec.md §1 and §3; comments cite the sections.
+Read top to bottom: RMSNorm -> RoPE -> attention (GQA, sliding window, soft-cap, QK-norm, Gemma 4's per-layer head
+dims, k=v and KV sharing) -> GeGLU MLP -> block (Gemma 4: + experts, per-layer input) -> model, then the KV cache.
+Numerics follow shared/docs/gemma-spec.md §1 and §3; Gemma 4 follows transformers 5.24
+`models/gemma4/modeling_gemma4.py` (cited as HF-G4); comments cite the sections.
 """
 
 from __future__ import annotations
@@ -14,28 +16,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SLIDING, GemmaConfig
+from .moe import Experts, Router
 
 
 class RMSNorm(nn.Module):
-    """Gemma RMSNorm: computed in fp32, scaled by (1 + w), one rounding at the end (spec §1.3).
+    """Gemma RMSNorm: computed in fp32, scaled by (offset + w), one rounding at the end (spec §1.3).
 
-    The stored weight is zero-centred as in HF; GGUF files carry 1 + w and the loader subtracts the 1 (spec §4.4).
+    Gemma 1-3 store a zero-centred weight and scale by 1 + w (GGUF files carry 1 + w; the loader subtracts the 1,
+    spec §4.4). Gemma 4 scales by w itself (offset 0, HF-G4 Gemma4RMSNorm), and its v_norm has no weight at all.
     """
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 1.0, scale: bool = True) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps, self.offset, self.dim = eps, offset, dim
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset)) if scale else None
 
     def forward(self, x: Tensor) -> Tensor:
-        # One fused op: x * rsqrt(mean(x^2) + eps) * (1 + w), all in fp32, rounded once.
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float() + 1.0, self.eps).to(x.dtype)
+        # One fused op: x * rsqrt(mean(x^2) + eps) * (offset + w), all in fp32, rounded once.
+        w = self.weight.float() if self.weight is not None else None
+        if w is not None and self.offset:
+            w = w + self.offset
+        return F.rms_norm(x.float(), (self.dim,), w, self.eps).to(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, base: float, scale: float, device: torch.device | None = None) -> Tensor:
-    """inv_freq[i] = 1 / base^(2i/H), divided by the linear scaling factor (spec §1.4; HF rope utils)."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    return 1.0 / (base**exponent) / scale
+def rope_inv_freq(head_dim: int, base: float, scale: float, device: torch.device | None = None,
+                  fraction: float = 1.0) -> Tensor:
+    """inv_freq[i] = 1 / base^(2i/H), divided by the linear scaling factor (spec §1.4; HF rope utils).
+
+    Gemma 4's proportional RoPE (HF `_compute_proportional_rope_parameters`): only the first int(fraction * H // 2)
+    pairs rotate, still with exponents 2i/H of the full head dim; the other pairs get frequency 0 (cos 1, sin 0).
+    """
+    pairs = int(fraction * head_dim // 2)
+    exponent = torch.arange(0, 2 * pairs, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv = 1.0 / (base**exponent)
+    if pairs < head_dim // 2:
+        inv = torch.cat((inv, torch.zeros(head_dim // 2 - pairs, device=device)))
+    return inv / scale
 
 
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -69,41 +85,66 @@ def visible(qpos: Tensor, kpos: Tensor, window: int | None) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.sliding = cfg.layer_types[layer] == SLIDING
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.layer_kv_heads(layer), cfg.layer_head_dim(layer)
+        self.kind = cfg.layer_types[layer]
+        self.sliding = self.kind == SLIDING
         self.window = cfg.sliding_window if self.sliding else None
-        self.scaling = cfg.scaling  # query_pre_attn_scalar ** -0.5, applied to q·k like HF (spec §1.5)
+        self.scaling = cfg.scaling  # query_pre_attn_scalar ** -0.5, applied to q·k like HF (spec §1.5); Gemma 4: 1.0
         self.softcap = cfg.attn_logit_softcapping
-        d, h = cfg.hidden_size, cfg.head_dim
+        # Gemma 4 KV sharing (HF-G4 kv_sharing_modes): a shared layer has no k/v weights and attends to the keys and
+        # values its source layer computed in this same forward; a source "stores" them for the shared layers.
+        self.shared = cfg.kv_source(layer) != layer
+        self.stores = any(cfg.kv_source(j) == layer != j for j in range(cfg.num_hidden_layers))
+        d, h, eps = cfg.hidden_size, self.head_dim, cfg.rms_norm_eps
         self.q_proj = nn.Linear(d, self.n_heads * h, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * h, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * h, bias=False)
+        if not self.shared:
+            self.k_proj = nn.Linear(d, self.n_kv * h, bias=False)
+            # attention_k_eq_v (HF-G4 use_alternative_attention): values are k_proj's output, normed without RoPE.
+            self.v_proj = None if cfg.k_eq_v(layer) else nn.Linear(d, self.n_kv * h, bias=False)
         self.o_proj = nn.Linear(self.n_heads * h, d, bias=False)
         self.qkv_proj: nn.Module | None = None  # q/k/v fused into one matrix by quantization: one call, not three
-        if cfg.qk_norm:  # Gemma 3: per-head RMSNorm after projection, before RoPE
-            self.q_norm = RMSNorm(h, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(h, cfg.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
+        self.q_norm = self.k_norm = self.v_norm = None
+        if cfg.qk_norm:  # Gemma 3/4: per-head RMSNorm after projection, before RoPE
+            self.q_norm = RMSNorm(h, eps, cfg.norm_offset)
+            if not self.shared:
+                self.k_norm = RMSNorm(h, eps, cfg.norm_offset)
+        if cfg.family == "gemma4" and not self.shared:  # HF-G4 v_norm: RMSNorm without a weight
+            self.v_norm = RMSNorm(h, eps, scale=False)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """q (B, T, N*H) and, on layers that compute their own, k and v (B, T, K*H)."""
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                           self.n_kv * self.head_dim], dim=-1)
+        if self.shared:
+            return self.q_proj(x), None, None
+        k = self.k_proj(x)
+        return self.q_proj(x), k, k if self.v_proj is None else self.v_proj(x)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None,
-                masks: dict) -> Tensor:
+                masks: dict, shared: dict | None = None) -> Tensor:
         B, T, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                              self.n_kv * self.head_dim], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self._project(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, H)
-        k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, H)
-        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is None:
-            keys, values, kpos = k, v, qpos
+            q = self.q_norm(q)
+        q = apply_rope(q, *rope)
+        if self.shared:  # (keys, values, key positions) of the source layer, from this forward (HF-G4)
+            keys, values, kpos = shared[self.kind]
         else:
-            keys, values, kpos = cache.update(k, v, qpos)
+            k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, H)
+            v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            k = apply_rope(k, *rope)
+            if self.v_norm is not None:
+                v = self.v_norm(v)
+            if cache is None:
+                keys, values, kpos = k, v, qpos
+            else:
+                keys, values, kpos = cache.update(k, v, qpos)
+            if self.stores:
+                shared[self.kind] = keys, values, kpos
         key = (self.window, kpos.shape[1], cache is not None and cache.ring)  # same for all layers of a kind
         if key not in masks:
             masks[key] = visible(qpos, kpos, self.window)
@@ -141,12 +182,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """GeGLU with tanh-approximated GELU (spec §1.6; exact-erf GELU is wrong even where configs say "gelu")."""
 
-    def __init__(self, cfg: GemmaConfig) -> None:
+    def __init__(self, cfg: GemmaConfig, layer: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        f = cfg.layer_intermediate(layer)  # Gemma 4 E2B: 2F on KV-shared layers (use_double_wide_mlp)
+        self.gate_proj = nn.Linear(cfg.hidden_size, f, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, f, bias=False)
         self.gate_up_proj: nn.Module | None = None  # gate and up fused by quantization
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = nn.Linear(f, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is not None:
@@ -160,24 +202,61 @@ class Block(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int) -> None:
         super().__init__()
         self.post_norms = cfg.post_norms
-        eps = cfg.rms_norm_eps
+        d, eps, off = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
-        # Gemma 1: "post_attention_layernorm" is the pre-MLP norm; Gemma 2/3: a true post-attention norm (spec §1.1).
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.mlp = MLP(cfg, layer)
+        self.input_layernorm = RMSNorm(d, eps, off)
+        # Gemma 1: "post_attention_layernorm" is the pre-MLP norm; Gemma 2/3/4: a true post-attention norm (spec §1.1).
+        self.post_attention_layernorm = RMSNorm(d, eps, off)
         if self.post_norms:
-            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
-            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+            self.pre_feedforward_layernorm = RMSNorm(d, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(d, eps, off)
+        self.moe = cfg.enable_moe_block
+        if self.moe:  # Gemma 4 26B-A4B: routed experts beside the dense MLP, each with its own norms (HF-G4)
+            self.router, self.experts = Router(cfg), Experts(cfg)
+            self.post_feedforward_layernorm_1 = RMSNorm(d, eps, off)
+            self.pre_feedforward_layernorm_2 = RMSNorm(d, eps, off)
+            self.post_feedforward_layernorm_2 = RMSNorm(d, eps, off)
+        self.ple = cfg.hidden_size_per_layer_input
+        if self.ple:  # Gemma 4 E2B/E4B: this layer's slice of the per-layer input embeddings, gated in (HF-G4)
+            self.per_layer_input_gate = nn.Linear(d, self.ple, bias=False)
+            self.per_layer_projection = nn.Linear(self.ple, d, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(d, eps, off)
+        if cfg.family == "gemma4":  # a loaded per-layer output scale (HF-G4 layer_scalar: a persistent buffer)
+            self.register_buffer("layer_scalar", torch.ones(1))
+        else:
+            self.layer_scalar = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None,
-                masks: dict) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, qpos, cache, masks)
+                masks: dict, shared: dict | None = None, per_layer_input: Tensor | None = None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, qpos, cache, masks, shared)
         if not self.post_norms:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
         x = x + self.post_attention_layernorm(h)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.moe:
+            h = self.post_feedforward_layernorm_1(h) + self._experts(x)
+        x = x + self.post_feedforward_layernorm(h)
+        if self.ple:
+            # HF-G4 decoder layer: x + norm(proj(gelu_tanh(gate(x)) * per_layer_input))
+            g = F.gelu(self.per_layer_input_gate(x), approximate="tanh") * per_layer_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return x if self.layer_scalar is None else x * self.layer_scalar
+
+    def _experts(self, x: Tensor) -> Tensor:
+        """The MoE branch of HF-G4 Gemma4TextDecoderLayer: the router reads the residual stream itself (its own
+        scale-free norm), the experts read it through pre_feedforward_layernorm_2; output normed once more."""
+        flat = x.reshape(-1, x.shape[-1])  # (B*T, D)
+        weights, index = self.router(flat)
+        y = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights)
+        return self.post_feedforward_layernorm_2(y.reshape(x.shape))
+
+
+def _random(*shape: int, std: float = 1.0) -> Tensor:
+    """A normal(0, std) tensor; left empty on the meta device (loading), where normal_ costs a 1.5 s import."""
+    weight = torch.empty(*shape)
+    return weight if weight.device.type == "meta" else nn.init.normal_(weight, std=std)
 
 
 class Gemma(nn.Module):
@@ -191,15 +270,20 @@ class Gemma(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = nn.Module()
-        weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
-        if weight.device.type != "meta":  # on meta (loading), skip init: normal_ there costs a 1.5 s import
-            nn.init.normal_(weight)
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                               _weight=_random(cfg.vocab_size, cfg.hidden_size))
         self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        if cfg.hidden_size_per_layer_input:  # Gemma 4 PLE: one packed table for all layers (HF-G4 Gemma4TextModel)
+            width = cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
+            self.model.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, width,
+                                                             _weight=_random(cfg.vocab_size_per_layer_input, width))
+            self.model.per_layer_model_projection = nn.Linear(cfg.hidden_size, width, bias=False)
+            self.model.per_layer_projection_norm = RMSNorm(cfg.hidden_size_per_layer_input, cfg.rms_norm_eps,
+                                                           cfg.norm_offset)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._inv_freq: dict[tuple[float, float, str], Tensor] = {}
+        self._inv_freq: dict[tuple, Tensor] = {}
         self.fused_decode = None  # a native whole-model decode step, attached by the Q8 fast path (quant/fused.py)
 
     @property
@@ -215,20 +299,39 @@ class Gemma(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    def inv_freq(self, layer: int, device: torch.device) -> Tensor:
-        """RoPE frequencies of this layer's base and linear scale (local and global layers differ, spec §1.4)."""
+    def _rope_key(self, layer: int) -> tuple:
+        """What this layer's RoPE depends on: base, linear scale, head dim, rotated share (spec §1.4; HF-G4)."""
         cfg = self.config
-        key = (cfg.rope_base(layer), cfg.rope_scale(layer), str(device))
+        return cfg.rope_base(layer), cfg.rope_scale(layer), cfg.layer_head_dim(layer), cfg.rotary_fraction(layer)
+
+    def inv_freq(self, layer: int, device: torch.device) -> Tensor:
+        """RoPE frequencies of this layer (local and global layers differ, spec §1.4; Gemma 4 also in head dim
+        and rotated share)."""
+        key = (*self._rope_key(layer), str(device))
         if key not in self._inv_freq:
-            self._inv_freq[key] = rope_inv_freq(cfg.head_dim, cfg.rope_base(layer), cfg.rope_scale(layer), device)
+            base, scale, dim, fraction = self._rope_key(layer)
+            self._inv_freq[key] = rope_inv_freq(dim, base, scale, device, fraction)
         return self._inv_freq[key]
 
     def _rope(self, layer: int, positions: Tensor, dtype: torch.dtype, memo: dict) -> tuple[Tensor, Tensor]:
-        """cos/sin for this layer's RoPE base/scale, computed once per forward per distinct (base, scale)."""
-        key = (self.config.rope_base(layer), self.config.rope_scale(layer))
+        """cos/sin for this layer's RoPE, computed once per forward per distinct kind of layer."""
+        key = self._rope_key(layer)
         if key not in memo:
             memo[key] = rope_cos_sin(positions.clamp(min=0), self.inv_freq(layer, positions.device), dtype)
         return memo[key]
+
+    def per_layer_inputs(self, ids: Tensor, x: Tensor) -> Tensor:
+        """Gemma 4 PLE (HF-G4 get_per_layer_inputs + project_per_layer_inputs): (B, T, L, P) from the token's row of
+        the packed table (scaled by sqrt(P) rounded to the dtype) and a projection of the scaled embedding x
+        (* D^-0.5 as a Python float, RMSNorm per layer), combined as (proj + table) * 2^-0.5."""
+        cfg, m = self.config, self.model
+        shape = (*ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+        table = m.embed_tokens_per_layer(ids)
+        scale = torch.tensor(cfg.hidden_size_per_layer_input**0.5, dtype=table.dtype, device=table.device)
+        table = (table * scale).reshape(shape)
+        proj = m.per_layer_model_projection(x) * cfg.hidden_size**-0.5
+        proj = m.per_layer_projection_norm(proj.reshape(shape))
+        return (proj + table) * 2.0**-0.5
 
     def hidden_states(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
                       rows: list[int] | None = None) -> Tensor:
@@ -239,10 +342,12 @@ class Gemma(nn.Module):
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         x = self.model.embed_tokens(ids)
-        # sqrt(D) rounded to the model dtype before the multiply: 25.25 not 25.298 in bf16 (spec §1.2).
+        # sqrt(D) rounded to the model dtype before the multiply: 25.25 not 25.298 in bf16 (spec §1.2; HF-G4 too).
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype, device=x.device)
+        ple = self.per_layer_inputs(ids, x) if self.config.hidden_size_per_layer_input else None
         memo: dict = {}
         masks: dict = {}
+        shared: dict = {}  # Gemma 4 KV sharing: layer type -> (keys, values, key positions) of its source layer
         if cache is not None:
             cache.prepare(ids.shape[1], rows)
         if cache is not None and self.fused_decode is not None and self.fused_decode.applies(x, cache):
@@ -250,7 +355,8 @@ class Gemma(nn.Module):
         else:
             for i, block in enumerate(self.model.layers):
                 layer_cache = cache.layers[i] if cache is not None else None
-                x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache, masks)
+                x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache, masks, shared,
+                          None if ple is None else ple[:, :, i])
         if cache is not None:
             cache.advance()
         return self.model.norm(x)
@@ -332,7 +438,11 @@ class LayerCache:
 
 
 class KVCache:
-    """Per-layer caches for up to `capacity` columns per row, for a batch of B rows."""
+    """Per-layer caches for up to `capacity` columns per row, for a batch of B rows.
+
+    Each layer's cache has that layer's KV heads and head dim (Gemma 4 global layers differ). A Gemma 4 KV-shared
+    layer stores nothing: `layers[i]` is its source layer's cache object, so the shared keys are held once.
+    """
 
     def __init__(self, cfg: GemmaConfig, batch: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str, slack: int = 0) -> None:
@@ -341,13 +451,22 @@ class KVCache:
         self.native = None  # this cache's pointer table for the native decode step, built on first use
         window = (cfg.sliding_window or capacity) + slack
         self.layers: list[LayerCache] = []
-        for t in cfg.layer_types:
+        for i, t in enumerate(cfg.layer_types):
+            if cfg.kv_source(i) != i:
+                self.layers.append(self.layers[cfg.kv_source(i)])
+                continue
             size = min(window, capacity) if t == SLIDING else capacity
-            shape = (batch, cfg.num_key_value_heads, size, cfg.head_dim)
+            shape = (batch, cfg.layer_kv_heads(i), size, cfg.layer_head_dim(i))
             self.layers.append(LayerCache(torch.zeros(shape, dtype=dtype, device=device),
                                           torch.zeros(shape, dtype=dtype, device=device),
                                           torch.full((batch, size), -1, dtype=torch.long, device=device),
                                           ring=size < capacity))
+        self.stored = list({id(c): c for c in self.layers}.values())  # each cache once, in layer order
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys, values and slot positions actually allocated."""
+        return sum(t.numel() * t.element_size() for c in self.stored for t in (c.k, c.v, c.slot_pos))
 
     @property
     def length(self) -> int:
@@ -364,7 +483,7 @@ class KVCache:
         starts_t = torch.tensor(starts, device=device)
         common = starts[0] if rows is None and len(set(starts)) == 1 else None
         prefix = len(rows) if rows is not None and rows == list(range(len(rows))) else None
-        for layer in self.layers:
+        for layer in self.stored:
             layer.rows, layer.starts, layer.end, layer.start = rows_t, starts_t, max(starts) + n_new, common
             layer.prefix = prefix
         self._pending = (idx, n_new)
@@ -376,7 +495,7 @@ class KVCache:
 
     def rollback(self, row: int, length: int) -> None:
         """Forget a row's columns >= length (rejected speculative tokens); ring slack must cover the span."""
-        for layer in self.layers:
+        for layer in self.stored:
             size = layer.slot_pos.shape[1]
             cols = torch.arange(length, self.lengths[row], device=layer.slot_pos.device)
             layer.slot_pos[row, cols % size if layer.ring else cols] = -1

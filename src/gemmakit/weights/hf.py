@@ -12,10 +12,12 @@ from safetensors.torch import load_file
 from ..config import GemmaConfig, from_hf
 from ..errors import GemmaError
 
-# Multimodal Gemma 3 nests the text decoder; old and new transformers spell the prefix differently (spec §4.1).
+# Multimodal Gemma 3/4 nest the text decoder; old and new transformers spell the prefix differently (spec §4.1).
 _PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
              ("language_model.lm_head.", "lm_head."))
-_NOT_TEXT = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+# Image/audio towers and their projections into the text model (Gemma 3; Gemma 4 adds audio): never loaded.
+_NOT_TEXT = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
+             "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
 
 def read_hf_config(folder: Path) -> GemmaConfig:
@@ -29,6 +31,20 @@ def read_hf_config(folder: Path) -> GemmaConfig:
         raise GemmaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it") from None
     cfg = from_hf(raw)
     return cfg.replace(name=cfg.name or folder.name)
+
+
+def multimodal_note(folder: Path) -> str | None:
+    """A one-line note when the folder is a multimodal checkpoint (Gemma4ForConditionalGeneration, Gemma 3 4B+):
+    gemmakit loads its text decoder and ignores the other towers."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    towers = [k.removesuffix("_config") for k in ("vision_config", "audio_config") if raw.get(k)]
+    if "text_config" not in raw or not towers:
+        return None
+    return (f"{folder.name} is a multimodal checkpoint: its text decoder is loaded and its {' and '.join(towers)} "
+            "tower(s) are ignored (gemmakit runs text only)")
 
 
 def _weight_files(folder: Path) -> list[Path]:
