@@ -121,14 +121,19 @@ class Tokenizer:
         model = fields.get("tokenizer.ggml.model")
         if model is None:
             raise GemmaError(f"{name}: no tokenizer.ggml.model field; load a tokenizer.model instead")
-        if model != "llama":
-            raise GemmaError(f"{name}: tokenizer.ggml.model is {model!r}, not 'llama'; not a Gemma 1/2/3 GGUF")
+        if model not in ("llama", "gemma4"):
+            raise GemmaError(f"{name}: tokenizer.ggml.model is {model!r}, not 'llama' or 'gemma4'; not a Gemma GGUF")
         missing = [k for k in ("tokens", "scores", "token_type") if f"tokenizer.ggml.{k}" not in fields]
         if missing:
             raise GemmaError(f"{name}: missing tokenizer.ggml.{', '.join(missing)}; re-convert with llama.cpp")
         keys = {"bos_id": ("bos", 2), "eos_id": ("eos", 1), "unk_id": ("unknown", 3), "pad_id": ("padding", 0)}
         ids = {k: int(fields.get(f"tokenizer.ggml.{f}_token_id", d)) for k, (f, d) in keys.items()}
         tokens, scores, types = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
+        if model == "gemma4":
+            # llama.cpp's Gemma 4 converter writes the vocabulary of tokenizer.json (gguf-py LlamaHfVocab) with
+            # placeholder scores of -1000 and the BPE merges; as in from_hf_json, the merge rank of a piece is its
+            # id order, so normal pieces get score -id (spec §5.5).
+            scores = [-float(i) for i in range(len(tokens))]
         return cls.from_gguf_fields(list(tokens), scores, types, **ids)
 
     @classmethod

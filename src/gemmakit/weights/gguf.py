@@ -20,11 +20,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: F401  (re-exported)
 from gguf.quants import dequantize
 
-from ..config import FAMILIES, GemmaConfig
+from ..config import FAMILIES, GLOBAL, SLIDING, GemmaConfig, default_layer_types
 from ..embedded import cache_dir
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
-from .names import gguf_to_hf
+from .names import ROPE_FREQS, gguf_to_hf
 
 MAGIC = b"GGUF"
 TOKENIZER_CACHE = "1"
@@ -225,6 +225,8 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
     if arch not in FAMILIES:
         raise GemmaError(f"{g.path} holds a {arch!r} model; gemmakit runs Gemma text models "
                          f"(GGUF architectures {', '.join(FAMILIES)})")
+    if arch == "gemma4":
+        return _gemma4_config(g)
 
     def need(key: str) -> Any:
         value = g.arch_get(key)
@@ -240,14 +242,11 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
     big = (arch, n_layers) in (("gemma2", 46), ("gemma3", 62))
     scaling_type = g.arch_get("rope.scaling.type", "none")
     factor = float(g.arch_get("rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0
-    tokens = g.get("tokenizer.ggml.tokens")
-    vocab = g.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in g.tensors else len(tokens or [])
     default_window = {"gemma2": 4096, "gemma3": 512}.get(arch)
     return GemmaConfig(
-        family=arch, vocab_size=vocab, hidden_size=d, intermediate_size=int(need("feed_forward_length")),
+        family=arch, hidden_size=d, intermediate_size=int(need("feed_forward_length")),
         num_hidden_layers=n_layers, num_attention_heads=n_heads,
         num_key_value_heads=int(g.arch_get("attention.head_count_kv", n_heads)), head_dim=head_dim,
-        rms_norm_eps=float(g.arch_get("attention.layer_norm_rms_epsilon", 1e-6)),
         max_position_embeddings=int(g.arch_get("context_length", 8192)),
         rope_theta=float(g.arch_get("rope.freq_base", 1e6 if arch == "gemma3" else 1e4)),
         rope_local_base_freq=float(g.arch_get("rope.freq_base_swa", 1e4)), rope_scaling_factor=factor,
@@ -255,6 +254,76 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
         attn_logit_softcapping=g.arch_get("attn_logit_softcapping") if arch == "gemma2" else None,
         final_logit_softcapping=g.arch_get("final_logit_softcapping"),
         sliding_window=int(g.arch_get("attention.sliding_window", default_window)) if arch != "gemma" else None,
+        **_common_config_fields(g, arch),
+    )
+
+
+def _gemma4_config(g: GGUFFile) -> GemmaConfig:
+    """GemmaConfig from llama.cpp's gemma4 metadata (LCPP conversion/gemma.py Gemma4Model.set_gguf_parameters,
+    src/models/gemma4.cpp load_arch_hparams). Facts the keys do not carry are read off the tensors, as llama.cpp
+    does: attention_k_eq_v from full-attention layers without attn_v, the rotated share of proportional RoPE from
+    rope_freqs (factor 1 rotates a pair, 1e30 freezes it)."""
+
+    def get(key: str, default: Any = None) -> Any:
+        value = g.arch_get(key, default)
+        if value is None:
+            raise GemmaError(f"{g.path} lacks the metadata key gemma4.{key}; the file is incomplete: re-convert it")
+        return value
+
+    def per_layer(key: str, default: Any = None) -> list[int]:
+        value = get(key, default)
+        return [int(v) for v in value] if isinstance(value, np.ndarray | list) else [int(value)] * n_layers
+
+    n_layers, d = int(get("block_count")), int(get("embedding_length"))
+    swa = g.arch_get("attention.sliding_window_pattern")
+    types = tuple(SLIDING if s else GLOBAL for s in swa) if swa is not None else default_layer_types("gemma4", n_layers)
+    shared = int(g.arch_get("attention.shared_kv_layers", 0))
+    first_shared = n_layers - shared
+    ff, heads = per_layer("feed_forward_length"), int(get("attention.head_count"))
+    kv = per_layer("attention.head_count_kv", heads)
+    head_dim = int(get("attention.key_length_swa", g.arch_get("attention.key_length")))
+    global_dim = int(get("attention.key_length", head_dim))
+    first_global = types.index(GLOBAL)
+    k_eq_v = any(types[i] == GLOBAL and f"blk.{i}.attn_v.weight" not in g.tensors for i in range(first_shared))
+    double = shared > 0 and ff[-1] == 2 * ff[0]
+    if any(f != ff[0] * (2 if double and i >= first_shared else 1) for i, f in enumerate(ff)):
+        raise GemmaError(f"{g.path}: per-layer feed_forward_length {ff} is not Gemma 4's (F, or 2F on shared layers)")
+    ple = int(g.arch_get("embedding_length_per_layer_input", 0))
+    experts = int(g.arch_get("expert_count", 0))
+    base = _common_config_fields(g, "gemma4")
+    return GemmaConfig(
+        family="gemma4", hidden_size=d, intermediate_size=ff[0], num_hidden_layers=n_layers,
+        num_attention_heads=heads, num_key_value_heads=kv[types.index(SLIDING)] if SLIDING in types else kv[0],
+        head_dim=head_dim, global_head_dim=global_dim, layer_types=types,
+        num_global_key_value_heads=kv[first_global] if k_eq_v else None, attention_k_eq_v=k_eq_v,
+        max_position_embeddings=int(g.arch_get("context_length", 131072)),
+        rope_theta=float(g.arch_get("rope.freq_base", 1e6)), rope_local_base_freq=float(g.arch_get("rope.freq_base_swa", 1e4)),
+        partial_rotary_factor=_rotary_fraction(g, global_dim), sliding_window=int(get("attention.sliding_window")),
+        final_logit_softcapping=g.arch_get("final_logit_softcapping"),
+        hidden_size_per_layer_input=ple, num_kv_shared_layers=shared, use_double_wide_mlp=double,
+        vocab_size_per_layer_input=g.tensors["per_layer_token_embd.weight"].shape[0] if ple else 0,
+        enable_moe_block=experts > 0, num_experts=experts, top_k_experts=int(g.arch_get("expert_used_count", 0)),
+        moe_intermediate_size=int(g.arch_get("expert_feed_forward_length", 0)), **base,
+    )
+
+
+def _rotary_fraction(g: GGUFFile, global_dim: int) -> float:
+    """partial_rotary_factor from the rope_freqs tensor LCPP writes: [1.0] * rotated pairs + [1e30] * the rest."""
+    if ROPE_FREQS not in g.tensors:
+        return 1.0  # llama.cpp rotates every pair of a full-attention head without it
+    factors = g.dequantize(ROPE_FREQS)
+    rotated = int((factors == 1.0).sum())
+    if len(factors) != global_dim // 2 or not (factors[:rotated] == 1.0).all() or not (factors[rotated:] > 1e29).all():
+        raise GemmaError(f"{g.path}: rope_freqs is not a proportional-RoPE mask (1.0 then 1e30); cannot run it")
+    return 2 * rotated / global_dim
+
+
+def _common_config_fields(g: GGUFFile, arch: str) -> dict[str, Any]:
+    """Vocabulary size, tied head, special ids, eps and name: read the same way for every Gemma GGUF."""
+    tokens = g.get("tokenizer.ggml.tokens")
+    return dict(
+        vocab_size=g.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in g.tensors else len(tokens or []),
+        rms_norm_eps=float(g.arch_get("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in g.tensors,
         bos_token_id=int(g.get("tokenizer.ggml.bos_token_id", 2)),
         eos_token_id=int(g.get("tokenizer.ggml.eos_token_id", 1)),
@@ -280,7 +349,8 @@ def hf_tensor(g: GGUFFile, name: str, dtype: torch.dtype = torch.float32) -> tor
     full-size float32 temporaries (the 270M's 262144 x 640 Q8_0 embedding: +2.1 GB peak RSS at once)."""
     if name.endswith("norm.weight") or len(g.tensors[name].shape) < 2:
         w = torch.from_numpy(g.dequantize(name).copy())
-        return (w - 1.0 if name.endswith("norm.weight") else w).to(dtype)
+        shifted = name.endswith("norm.weight") and g.architecture != "gemma4"  # Gemma 4 stores w itself (LCPP)
+        return (w - 1.0 if shifted else w).to(dtype)
     shape = g.tensors[name].shape
     out = torch.empty(shape, dtype=dtype)
     step = max(1, (16 << 20) // (4 * math.prod(shape[1:])))
@@ -297,6 +367,8 @@ def state_dict_from_gguf(g: GGUFFile, family: str, on_tensor: Callable[[int, int
     for i, name in enumerate(g.tensors):
         if on_tensor is not None:
             on_tensor(i, len(g.tensors))
+        if family == "gemma4" and name == ROPE_FREQS:
+            continue  # a RoPE mask, read into the config (partial_rotary_factor), not a weight
         out[hf_name(g, name, family)] = hf_tensor(g, name, dtype)
     return out
 

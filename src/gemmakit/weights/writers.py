@@ -25,7 +25,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from ..config import SLIDING, GemmaConfig
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
-from .names import hf_to_gguf
+from .names import ROPE_FREQS, hf_to_gguf
 
 GGUF_TYPES = {
     "f32": GGMLQuantizationType.F32,
@@ -60,7 +60,7 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
 
 def _float_state(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, torch.Tensor]:
     """The plain HF-named float tensors: no tied head, no LoRA or quantized layers left over."""
-    odd = [k for k in state if not k.endswith(".weight") or ".lora_" in k or ".base_layer." in k]
+    odd = [k for k in state if ".lora_" in k or ".base_layer." in k or not _known(k, cfg.family)]
     if odd:
         raise GemmaError(
             f"cannot write {odd[0]}: merge LoRA adapters and dequantize the model before writing"
@@ -69,6 +69,15 @@ def _float_state(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, 
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
+
+
+def _known(name: str, family: str) -> bool:
+    """A tensor of the plain model (one GGUF can name), not a quantized layer's blocks or scales."""
+    try:
+        hf_to_gguf(name, family)
+    except KeyError:
+        return False
+    return True
 
 
 def write_hf(
@@ -100,12 +109,20 @@ def check_gguf_representable(cfg: GemmaConfig) -> None:
     """GGUF does not store the query scale or the local RoPE base; refuse configs readers would get wrong."""
     big = (cfg.family, cfg.num_hidden_layers) in (("gemma2", 46), ("gemma3", 62))
     inferred = float(cfg.hidden_size // cfg.num_attention_heads if big else cfg.head_dim)
-    if cfg.family != "gemma" and cfg.query_pre_attn_scalar != inferred:
+    if cfg.family not in ("gemma", "gemma4") and cfg.query_pre_attn_scalar != inferred:
         raise GemmaError(
             f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} cannot be written to GGUF: llama.cpp "
             f"and gemmakit infer {inferred} from the layer count (spec §4.5); write a Hugging Face "
             "folder instead"
         )
+    first = cfg.first_kv_shared_layer  # llama.cpp's KV reuse rule (llama-model.cpp): last layer global, one before
+    if any(cfg.kv_source(i) != first - (2 if cfg.layer_types[i] == SLIDING else 1) for i in range(first, cfg.num_hidden_layers)):
+        raise GemmaError("llama.cpp shares KV from the last unshared layer (global layers) and the one before it "
+                         "(sliding layers); this config's KV sharing differs, so write a Hugging Face folder instead")
+    if cfg.family == "gemma4" and (cfg.rope_scaling_factor != 1.0 or (
+            cfg.hidden_size_per_layer_input and cfg.vocab_size_per_layer_input != cfg.vocab_size)):
+        raise GemmaError("this Gemma 4 config has a RoPE scaling factor or a per-layer embedding vocabulary that "
+                         "llama.cpp's gemma4 GGUF cannot express; write a Hugging Face folder instead")
     if cfg.family == "gemma3" and cfg.layer_types != tuple(
         SLIDING if i % 6 != 5 else "full_attention" for i in range(cfg.num_hidden_layers)
     ):
@@ -148,9 +165,11 @@ def write_gguf(
             if on_tensor is not None:
                 on_tensor(i, len(tensors))
             data = t.float().cpu().numpy()
-            if name.endswith("norm.weight"):  # llama.cpp stores 1 + w and multiplies by it (spec §4.4)
+            if name.endswith("norm.weight") and cfg.family != "gemma4":  # 1 + w stored (spec §4.4); Gemma 4: w
                 data = data + np.float32(1.0)
             _add_tensor(writer, hf_to_gguf(name, cfg.family), data, qtype)
+        if cfg.family == "gemma4":
+            writer.add_tensor(ROPE_FREQS, rope_freqs(cfg))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -180,6 +199,38 @@ def _add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, qtype: str) -> 
         writer.add_tensor(name, quantize(np.ascontiguousarray(data, dtype=np.float32), kind), raw_dtype=kind)
 
 
+def rope_freqs(cfg: GemmaConfig) -> np.ndarray:
+    """Gemma 4's proportional RoPE as llama.cpp expresses it (LCPP conversion/gemma.py generate_extra_tensors):
+    frequency factor 1 for the rotated pairs of a full-attention head, 1e30 (no rotation) for the rest."""
+    half = (cfg.global_head_dim or cfg.head_dim) // 2
+    rotated = int(cfg.partial_rotary_factor * half * 2 // 2)
+    return np.array([1.0] * rotated + [1e30] * (half - rotated), dtype=np.float32)
+
+
+def _write_gemma4_metadata(w: GGUFWriter, cfg: GemmaConfig) -> None:
+    """The gemma4 keys of LCPP conversion/gemma.py Gemma4Model.set_gguf_parameters (head dims, per-layer widths and
+    KV heads as arrays, the sliding pattern, KV sharing, PLE width, experts)."""
+    n = cfg.num_hidden_layers
+    w.add_key_length(cfg.global_head_dim or cfg.head_dim)
+    w.add_value_length(cfg.global_head_dim or cfg.head_dim)
+    w.add_key_length_swa(cfg.head_dim)
+    w.add_value_length_swa(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.global_head_dim or cfg.head_dim)  # proportional: rope_freqs masks the rest
+    w.add_rope_dimension_count_swa(cfg.head_dim)
+    w.add_feed_forward_length([cfg.layer_intermediate(i) for i in range(n)] if cfg.use_double_wide_mlp
+                              else cfg.intermediate_size)
+    w.add_head_count_kv([cfg.layer_kv_heads(i) for i in range(n)] if cfg.num_global_key_value_heads
+                        else cfg.num_key_value_heads)
+    w.add_sliding_window_pattern([t == SLIDING for t in cfg.layer_types])
+    w.add_shared_kv_layers(cfg.num_kv_shared_layers)
+    w.add_embedding_length_per_layer_input(cfg.hidden_size_per_layer_input)
+    w.add_rope_freq_base_swa(cfg.rope_local_base_freq)
+    if cfg.enable_moe_block:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.top_k_experts)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+
+
 def _write_metadata(w: GGUFWriter, cfg: GemmaConfig, qtype: str) -> None:
     """Keys and values as llama.cpp's Gemma converters write them (spec §4.5)."""
     w.add_name(cfg.name or cfg.family)
@@ -188,19 +239,22 @@ def _write_metadata(w: GGUFWriter, cfg: GemmaConfig, qtype: str) -> None:
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    if cfg.family == "gemma4":
+        _write_gemma4_metadata(w, cfg)
+    else:
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     if cfg.family == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping or 0.0)
     if cfg.final_logit_softcapping is not None:
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     if cfg.sliding_window is not None:
         w.add_sliding_window(cfg.sliding_window)
-    if cfg.family == "gemma3" or cfg.rope_theta != 10_000.0:
+    if cfg.family in ("gemma3", "gemma4") or cfg.rope_theta != 10_000.0:
         w.add_rope_freq_base(cfg.rope_theta)
     if cfg.family == "gemma3" and cfg.rope_local_base_freq != 10_000.0:
         w.add_rope_freq_base_swa(cfg.rope_local_base_freq)
