@@ -10,6 +10,7 @@ from rich.console import Console
 
 from ..errors import GemmaError
 from . import bench, chat, convert, finetune, guard, info, merge, run, serve, watermark
+from . import eval as eval_cmd
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Run Google's Gemma models locally. Without -m, commands use the embedded Gemma 3 270M.")
@@ -41,6 +42,7 @@ app.command("convert")(convert.convert)
 app.command("bench")(bench.bench)
 app.command("guard")(guard.guard)
 app.add_typer(watermark.app, name="watermark")
+app.add_typer(eval_cmd.app, name="eval")
 
 
 def main() -> None:
