@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
+from gemmakit import evaluate
 from gemmakit.embedded import embedded_path
 from gemmakit.quant import kernels, q8
 from gemmakit.quant.q8 import Q8Embedding, Q8Linear, dequantize_q8, quantize_q8
@@ -61,10 +60,8 @@ def test_pure_pytorch_fallback(monkeypatch):
 
 
 def perplexity(model, text: str) -> float:
-    ids = model.tokenizer.encode(text)
-    logits = model.logits(ids)[:-1]
-    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
-    return math.exp(nll.item())
+    """Every token after <bos> scored with all the text before it (one window: the texts are < 2048 tokens)."""
+    return evaluate.perplexity(model, text).perplexity
 
 
 def test_fast_path_perplexity_within_one_percent(fast_model, embedded_model):
