@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from ..errors import GemmaError
-from . import bench, chat, convert, finetune, guard, info, merge, run, serve, verify, watermark
+from . import ask, bench, chat, convert, finetune, guard, info, merge, run, serve, summarize, verify, watermark
 from . import eval as eval_cmd
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -44,6 +44,8 @@ app.command("guard")(guard.guard)
 app.add_typer(watermark.app, name="watermark")
 app.add_typer(eval_cmd.app, name="eval")
 app.command("verify")(verify.verify)
+app.command("summarize")(summarize.summarize)
+app.command("ask")(ask.ask)
 
 
 def main() -> None:

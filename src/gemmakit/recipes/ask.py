@@ -1,0 +1,186 @@
+"""Search-augmented answers over a folder of documents: a BM25 index (bm25s) cached beside them.
+
+Documents (.md, .txt, .rst, and .pdf with pypdf) are cut into passages of about PASSAGE_WORDS words at paragraph
+and sentence boundaries. The index lives in DOCS/.gemmakit-index/: a manifest (current.json) with each file's
+sha256 and passages, and the bm25s matrices in a folder named after the manifest's content. A changed, added or
+removed file is noticed by its hash and only it is re-read; the BM25 statistics are rebuilt over all passages
+(they are global). Writes are atomic: the matrices go to a fresh folder, then the manifest is replaced with
+os.replace, so a reader sees the old index or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..api import Model
+from ..errors import GemmaError
+from .documents import DOC_SUFFIXES, chunks, read_document
+
+INDEX_DIR = ".gemmakit-index"
+MANIFEST = "current.json"
+VERSION = 1
+PASSAGE_WORDS = 120
+PLAIN_PROMPT = ("Answer the question using only the sources below. After each fact, cite its source file in "
+                "brackets, like [notes.md].\n\n{sources}\n\nQuestion: {question}\nAnswer:")
+
+
+@dataclass
+class Passage:
+    file: str  # path relative to the docs folder
+    start: int  # character offset in the file's text
+    text: str
+    score: float = 0.0
+
+
+@dataclass
+class Answer:
+    text: str
+    sources: list[Passage]
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _files(docs: Path) -> dict[str, Path]:
+    if not docs.is_dir():
+        raise GemmaError(f"--docs {docs} is not a folder; give the folder that holds your .md/.txt/.pdf files")
+    found = {p.relative_to(docs).as_posix(): p for p in sorted(docs.rglob("*"))
+             if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(docs).parts)}
+    if not found:
+        raise GemmaError(f"{docs} has no .md, .txt, .rst or .pdf files to search")
+    return found
+
+
+def _passages(path: Path) -> list[dict]:
+    text = read_document(path)
+    return [{"start": a, "text": text[a:b].strip()} for a, b in chunks(text, _words, PASSAGE_WORDS)
+            if text[a:b].strip()]
+
+
+class Index:
+    """The passages of a docs folder and their BM25 index; `Index.open(docs)` builds or refreshes the cache."""
+
+    def __init__(self, docs: Path, files: dict[str, dict], retriever) -> None:
+        self.docs, self.files, self.retriever = docs, files, retriever
+        self.passages = [Passage(rel, p["start"], p["text"]) for rel, f in files.items() for p in f["passages"]]
+
+    @classmethod
+    def open(cls, docs: str | Path, *, on_reindex: Callable[[str], None] | None = None) -> Index:
+        import bm25s
+
+        docs = Path(docs)
+        root = docs / INDEX_DIR
+        old = _read_manifest(root)
+        files, changed = {}, False
+        for rel, path in _files(docs).items():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            known = old.get("files", {}).get(rel)
+            if known is not None and known["sha256"] == digest:
+                files[rel] = known
+                continue
+            if on_reindex is not None:
+                on_reindex(rel)
+            files[rel] = {"sha256": digest, "passages": _passages(path)}
+            changed = True
+        changed |= set(files) != set(old.get("files", {}))
+        if not changed and (root / old.get("bm25", "-")).is_dir():
+            return cls(docs, files, bm25s.BM25.load(str(root / old["bm25"]), show_progress=False))
+        index = cls(docs, files, None)
+        if not index.passages:
+            raise GemmaError(f"{docs}: the documents have no text to search")
+        retriever = bm25s.BM25()
+        retriever.index(_tokens([p.text for p in index.passages]), show_progress=False)
+        index.retriever = retriever
+        _write(root, files, retriever)
+        return index
+
+    def search(self, query: str, k: int = 4) -> list[Passage]:
+        """The k best passages for `query` (fewer when fewer match any query word), best first."""
+        if k < 1:
+            raise GemmaError(f"--k must be at least 1, got {k}")
+        words = _tokens([query])
+        if not words[0]:
+            raise GemmaError("the question has no searchable words; ask with a few keywords")
+        ids, scores = self.retriever.retrieve(words, k=min(k, len(self.passages)), show_progress=False)
+        return [Passage(**{**asdict(self.passages[int(i)]), "score": float(s)})
+                for i, s in zip(ids[0], scores[0], strict=True) if s > 0]
+
+
+def _tokens(texts: list[str]) -> list[list[str]]:
+    import bm25s
+
+    return bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=False)
+
+
+def _read_manifest(root: Path) -> dict:
+    try:
+        data = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if data.get("version") == VERSION else {}
+
+
+def _write(root: Path, files: dict[str, dict], retriever) -> None:
+    """Matrices into a new folder, then the manifest replaced atomically; stale folders removed after."""
+    root.mkdir(exist_ok=True)
+    body = json.dumps({"version": VERSION, "files": files}, sort_keys=True)
+    name = "bm25-" + hashlib.sha256(body.encode()).hexdigest()[:16]
+    if not (root / name).is_dir():
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        retriever.save(str(tmp), show_progress=False)
+        os.replace(tmp, root / name)
+    fd, tmp_manifest = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"version": VERSION, "files": files, "bm25": name}, f)
+    os.replace(tmp_manifest, root / MANIFEST)
+    for stale in root.glob("bm25-*"):
+        if stale.name != name:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def retrieve(question: str, docs: str | Path, *, k: int = 4) -> list[Passage]:
+    """The k passages of the docs folder that best match the question (BM25), best first."""
+    return Index.open(docs).search(question, k)
+
+
+def prompt(model: Model, question: str, sources: list[Passage], *, chat: bool = False) -> list[int]:
+    """The question with its sources, each headed by its file name in brackets (what the answer cites)."""
+    blocks = "\n\n".join(f"[{p.file}]\n{p.text}" for p in sources) or "(no source matched the question)"
+    body = PLAIN_PROMPT.format(sources=blocks, question=question.strip())
+    if chat:
+        return model.chat_ids([{"role": "user", "content": body}])
+    return model.encode(body)
+
+
+def ask(question: str, docs: str | Path, *, model: Model | None = None, k: int = 4, max_new_tokens: int = 200,
+        chat: bool = False, on_text: Callable[[str], None] | None = None, **sampling) -> Answer:
+    """Answer `question` from the documents in `docs` (default model: the embedded one). on_text(piece)
+    receives the answer as it is generated; the Answer carries the passages it was given."""
+    if not question.strip():
+        raise GemmaError("the question is empty")
+    if model is None:
+        from ..loader import load
+
+        model = load(progress=False)
+    sources = retrieve(question, docs, k=k)
+    ids = prompt(model, question, sources, chat=chat)
+    budget = model.config.max_position_embeddings - max_new_tokens
+    while len(ids) > budget and len(sources) > 1:  # keep the best passages that fit
+        sources = sources[:-1]
+        ids = prompt(model, question, sources, chat=chat)
+    stop = None if chat else ["\nQuestion:", "\n\n\n"]
+    pieces = []
+    for piece in model.stream(ids, max_new_tokens, stop=stop, **sampling):
+        pieces.append(piece)
+        if on_text is not None:
+            on_text(piece)
+    return Answer("".join(pieces).strip(), sources)
