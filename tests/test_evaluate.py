@@ -105,6 +105,11 @@ def test_adapter_loglikelihoods_equal_direct_computation(embedded_model):
     ids = tok.encode(doc)  # lm-eval's rolling windows: <bos> as the prefix of the first predicted token (<bos>)
     want = direct_logprobs(embedded_model, [tok.bos_id, *ids]).sum().item()
     assert math.isclose(rolling, want, rel_tol=1e-4)
+    prompt = lm.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert lm.tok_encode(prompt) == embedded_model.chat_ids([{"role": "user", "content": "Hi"}])
+    prefill = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert lm.apply_chat_template(prefill, add_generation_prompt=False).endswith("model\nHello")
     lm.context = 24  # several rolling windows: each token still scored once, with the most context that fits
     (windowed,) = lm.loglikelihood_rolling([_Request(doc)], disable_tqdm=True)
     assert windowed < 0 and abs(windowed - want) > 1e-3

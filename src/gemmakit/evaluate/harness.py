@@ -103,8 +103,14 @@ class GemmakitLM(TemplateLM):
         return self.tok.decode(ids)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The model's own chat template (chat.py), rendered as text with <bos> in front, as transformers does."""
-        return chat_template.render(chat_history, add_generation_prompt=add_generation_prompt)
+        """The model's own chat template (chat.py), rendered as text with <bos> in front, as transformers does.
+        Without a generation prompt, a final assistant message stays open for the model to continue (what
+        lm-eval asks for; HFLM's continue_final_message)."""
+        family = chat_template.template_for(self.tok)
+        text = chat_template.render(chat_history, family=family, add_generation_prompt=add_generation_prompt)
+        if not add_generation_prompt and family == "gemma3" and chat_history[-1].get("role") == "assistant":
+            text = text.removesuffix(chat_template.END + "\n")
+        return text
 
     def chat_template(self, chat_template: bool | str = False) -> str:
         return "gemma" if chat_template else ""
