@@ -106,6 +106,7 @@ def _hf_checks(source: str | Path | None, ref: Model, ref_logits: dict[str, torc
                       "pip install transformers (and gguf for GGUF files) to compare against it")]
     if ref.format == "ckpt":
         return [Check("transformers parity", "skipped", "", None, "transformers cannot read gemma_pytorch .ckpt")]
+    transformers.utils.logging.disable_progress_bar()  # its bars would tear through our status line
     path = Path(source) if source is not None else _embedded()
     kwargs = {"gguf_file": path.name} if ref.format == "gguf" else {}
     folder = str(path.parent if ref.format == "gguf" else path)

@@ -80,7 +80,7 @@ class _Summarizer:
 
 def summarize(text: str, *, model: Model | None = None, context: int | None = None, max_new_tokens: int = 200,
               mode: str = "map-reduce", chat: bool = False, temperature: float = 0.0,
-              repetition_penalty: float | None = 1.1, seed: int | None = None,
+              repetition_penalty: float | None = 1.3, seed: int | None = None,
               on_chunk: Callable[[int, int], None] | None = None,
               on_text: Callable[[str], None] | None = None) -> Summary:
     """Summarize `text` of any length (default model: the embedded one). context: tokens per model call
