@@ -9,7 +9,21 @@ import typer
 from rich.console import Console
 
 from ..errors import GemmaError
-from . import ask, bench, chat, convert, finetune, guard, info, merge, run, serve, summarize, verify, watermark
+from . import (
+    ask,
+    bench,
+    chat,
+    convert,
+    finetune,
+    guard,
+    info,
+    merge,
+    run,
+    serve,
+    summarize,
+    verify,
+    watermark,
+)
 from . import eval as eval_cmd
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
