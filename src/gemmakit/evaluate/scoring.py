@@ -19,7 +19,7 @@ from ..api import Model
 from ..errors import GemmaError
 from ..model import KVCache
 
-HEAD_ROWS = 128  # LM-head rows per call: 128 x 262144 fp32 logits = 128 MB
+HEAD_ROWS = 256  # LM-head rows per call: 256 x 262144 fp32 logits = 256 MB (a quantized head is unpacked per call)
 CHUNK = 512  # decoder tokens per forward through the KV cache
 
 
@@ -50,9 +50,9 @@ def _check(model: Model, ids: Sequence[int], start: int) -> None:
     if not 1 <= start <= len(ids):
         raise GemmaError(f"cannot score from position {start} of a {len(ids)}-token sequence: the first scored "
                          "token needs at least one token before it")
-    if len(ids) > cfg.max_position_embeddings:
-        raise GemmaError(f"a {len(ids)}-token sequence exceeds the model's context of "
-                         f"{cfg.max_position_embeddings}; use a smaller window")
+    if len(ids) - 1 > cfg.max_position_embeddings:  # the last id is only a target, never an input
+        raise GemmaError(f"a {len(ids)}-token sequence needs {len(ids) - 1} input positions, more than the "
+                         f"model's context of {cfg.max_position_embeddings}; use a smaller window")
     if ids and not 0 <= min(ids) <= max(ids) < cfg.vocab_size:
         raise GemmaError(f"token ids must lie in 0..{cfg.vocab_size - 1}")
 
