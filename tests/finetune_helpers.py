@@ -14,16 +14,18 @@ from helpers import hf_model, tiny_config
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
 
-def tiny_tokenizer(vocab: int = 512) -> Tokenizer:
-    """A SentencePiece BPE vocabulary of `vocab` pieces with Gemma's special ids and turn markers."""
+def tiny_tokenizer(vocab: int = 512, *, gemma4: bool = False) -> Tokenizer:
+    """A SentencePiece BPE vocabulary of `vocab` pieces with Gemma's special ids and turn markers (Gemma 4's
+    <|turn>/<turn|> in slots 5/6 with gemma4=True)."""
+    turn = ("<|turn>", "<turn|>") if gemma4 else ("<start_of_turn>", "<end_of_turn>")
     pieces = [
         ("<pad>", CONTROL),
         ("<eos>", CONTROL),
         ("<bos>", CONTROL),
         ("<unk>", UNKNOWN),
         ("<mask>", CONTROL),
-        ("<start_of_turn>", CONTROL),
-        ("<end_of_turn>", CONTROL),
+        (turn[0], CONTROL),
+        (turn[1], CONTROL),
         ("\n", USER_DEFINED),
     ]
     pieces += [(f"<0x{b:02X}>", BYTE) for b in range(256)]

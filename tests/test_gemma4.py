@@ -12,7 +12,7 @@ import torch
 import gemmakit
 from gemmakit.config import GLOBAL
 from gemmakit.errors import GemmaError
-from gemmakit.generate import generate_step
+from gemmakit.generate import generate_step, lookup_step
 from gemmakit.loader import GemmaNote
 from gemmakit.model import KVCache
 from gemmakit.moe import Router
@@ -60,6 +60,21 @@ def test_logits_match_transformers(pair):
     assert rel_err(got, sdpa) <= EXACT
 
 
+@pytest.mark.parametrize("kind", ["gemma4-e", "gemma4-moe-keqv"])
+def test_bf16_matches_transformers_default_path(kind, tmp_path):
+    """bf16 against transformers' default bf16 path (SDPA attention, grouped_mm experts); measured bit-identical."""
+    import transformers
+
+    hf_model(TINY4[kind]).save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    model = gemmakit.load(tmp_path, dtype="bfloat16", quant=None, progress=False)
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(ids).logits[0].float()
+    got = model.logits(ids[0])
+    assert rel_err(got, expected) <= 1e-2 and torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
 def test_cache_decoding_equals_full_forward(pair):
     """Prefill 5 tokens then one at a time, and a chunked prefill (chunks longer than the window W=8): sliding
     rings wrap, shared layers read their source's keys of the same step."""
@@ -98,6 +113,15 @@ def test_batched_equals_single(pair):
     a, b = prompts[0], prompts[1]
     out = model.logits([a, b])
     assert rel_err(out[1, :2], model.logits(b)) <= EXACT
+
+
+def test_prompt_lookup_gives_plain_greedy_tokens(pair):
+    """Speculative drafts verified in one forward, rejected ones rolled back (ring slots and shared layers too)."""
+    _, model, _ = pair
+    prompt = [2, 5, 9, 100, 7, 8, 9, 10, 11, 5, 9, 100, 7, 8, 9, 10, 11, 5, 9, 100]
+    plain = [int(t) for t in generate_step(model.module, [prompt], SamplingParams(), 20)]
+    drafted = [int(t) for t in lookup_step(model.module, prompt, 20, 6)]
+    assert drafted == plain
 
 
 def test_rows_join_at_different_times(pair):

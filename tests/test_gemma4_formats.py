@@ -4,6 +4,7 @@ adapters that transformers + PEFT load with the same logits, and `gemmakit info`
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from finetune_helpers import tiny_tokenizer
 from gemmakit.errors import GemmaError
 from gemmakit.generate import generate_step
 from gemmakit.loader import GemmaNote
+from gemmakit.lora import LoRAConfig, inject, save_adapter
 from gemmakit.sampling import SamplingParams
 from gemmakit.weights.gguf import read_gguf
 from gemmakit.weights.writers import write_gguf
@@ -129,3 +131,90 @@ def test_gemma4_gguf_tokenizer_fields_rebuild_the_tokenizer():
     again = Tokenizer.from_gguf_metadata(fields)
     text = "the sea is here, and then the rain: 42 times!"
     assert again.encode(text) == tok.encode(text) and again.decode(tok.encode(text)) == text
+
+
+# ---- fine-tuning -----------------------------------------------------------------------------------------------
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_peft_reads_our_gemma4_adapter_with_same_logits(folder, tmp_path):
+    """LoRA on attention and the dense MLP (shared layers have no k/v_proj, k_eq_v layers no v_proj; experts are
+    3-D parameters, not linears, and stay frozen): transformers + PEFT load the adapter with our logits."""
+    import peft
+    import transformers
+
+    m = _load(folder)
+    wrapped = inject(m.module, LoRAConfig(r=4, alpha=16, targets=ALL))
+    cfg = m.config
+    n_kv = sum(cfg.kv_source(i) == i for i in range(cfg.num_hidden_layers))
+    n_v = sum(cfg.kv_source(i) == i and not cfg.k_eq_v(i) for i in range(cfg.num_hidden_layers))
+    assert len(wrapped) == cfg.num_hidden_layers * 5 + n_kv + n_v
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.module.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    save_adapter(m.module, tmp_path)
+    ours = m.logits(IDS)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        base = ref(IDS).logits
+        theirs = peft.PeftModel.from_pretrained(ref, tmp_path).eval()(IDS).logits
+    assert rel_err(theirs, base) > 1e-2  # the adapter does something
+    assert rel_err(ours, theirs) <= 1e-4
+    assert rel_err(_load(folder, adapter=tmp_path).logits(IDS), theirs) <= 1e-4
+
+
+def test_gemma4_chat_data_renders_in_the_official_turn_format():
+    """Training chats with a Gemma 4 tokenizer: the template's own pieces (native system turn), loss on the
+    assistant's text and its <turn|>."""
+    from gemmakit import chat_gemma4
+    from gemmakit.train.data import chat_format
+
+    tok = tiny_tokenizer(512, gemma4=True)
+    messages = [{"role": "system", "content": "be short"}, {"role": "user", "content": "hi there"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and then?"},
+                {"role": "assistant", "content": "nothing else"}]
+    ids, train = chat_format(tok, "gemma4").render(messages)
+    expected = []
+    for text, control in chat_gemma4.segments(messages, add_generation_prompt=False):
+        expected += [tok.token_id(text)] if control else tok.encode(text, bos=False)
+    assert ids == expected
+    assert tok.decode([i for i, t in zip(ids, train, strict=True) if t], special=True) == \
+        "hello<turn|>nothing else<turn|>"
+    assert tok.decode(ids, special=True).startswith("<bos><|turn>system\nbe short<turn|>\n<|turn>user\nhi")
+
+
+def test_qlora_finetune_trains_gemma4(folder, tmp_path):
+    """gemmakit finetune's trainer on Gemma 4 with Gemma 4 chat data: int8 frozen base, gradient checkpointing
+    (shared KV crosses the checkpointed blocks), loss goes down, the saved adapter reproduces the trained model."""
+    from finetune_helpers import records, write_jsonl
+    from gemmakit.lora import load_adapter
+    from gemmakit.quant.weight_only import quantize_model
+    from gemmakit.train.trainer import TrainConfig, finetune
+
+    data = write_jsonl(tmp_path / "d.jsonl", records(4))
+    m = _load(folder)
+    tok = tiny_tokenizer(512, gemma4=True)
+    cfg = TrainConfig(lr=2e-2, warmup_steps=1, max_steps=8, batch_size=4, grad_accum=1, seq_len=64, seed=3,
+                      quant="int8", grad_checkpointing=True, lora=LoRAConfig(r=4, alpha=8, targets=ALL))
+    r = finetune(m.module, tok, data, tmp_path / "out", cfg)
+    assert r.losses[-1] < 0.7 * r.losses[0]
+    assert "int8" in (tmp_path / "out" / "gemmakit_adapter.json").read_text()
+    m.module.eval()
+    base = quantize_model(_load(folder).module, "int8")  # the same int8 base + the saved adapter
+    load_adapter(base, tmp_path / "out")
+    with torch.no_grad():
+        assert rel_err(base(IDS), m.module(IDS)) <= 1e-6
+
+
+def test_info_shows_gemma4_structure(folder):
+    out = subprocess.run([str(BIN / "gemmakit"), "info", "-m", str(folder)], check=True, capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "160"}).stdout
+    assert "4 / 2 x 16 (sliding)" in out and "x 32 (global" in out  # per-layer-type head dims
+    cfg = _load(folder).config
+    if cfg.hidden_size_per_layer_input:
+        assert "8 per layer, table 512 x 64" in out and "layers 4-7 reuse the keys/values of layer(s) 2, 3" in out
+    if cfg.enable_moe_block:
+        assert "4 x 24, top 2 per token" in out and "active per token" in out

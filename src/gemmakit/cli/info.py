@@ -62,6 +62,44 @@ def _table(cfg: GemmaConfig, rows: list[tuple[str, str]]) -> Table:
         ("soft-caps (attn / final)", f"{cfg.attn_logit_softcapping or '-'} / {cfg.final_logit_softcapping or '-'}"),
         ("vocab", str(cfg.vocab_size)),
     ]
+    if cfg.family == "gemma4":
+        replaced = dict(gemma4_rows(cfg))
+        arch = [(k, replaced.pop(k, v)) for k, v in arch]
+        arch[5:5] = list(replaced.items())  # after parameters, layers, hidden / ffn and heads
     for k, v in rows[:2] + arch + rows[2:]:
         t.add_row(f"[bold]{k}[/]", v)
     return t
+
+
+def gemma4_rows(cfg: GemmaConfig) -> list[tuple[str, str]]:
+    """Gemma 4's per-layer facts: head dims and KV heads by layer type, MLP widths, PLE, KV sharing, experts."""
+    n, first = cfg.num_hidden_layers, cfg.first_kv_shared_layer
+    kinds = {t: next(i for i in range(n) if cfg.layer_types[i] == t) for t in dict.fromkeys(cfg.layer_types)}
+    heads = ", ".join(f"{cfg.num_attention_heads} / {cfg.layer_kv_heads(i)} x {cfg.layer_head_dim(i)} "
+                      f"({'sliding' if t == 'sliding_attention' else 'global'}"
+                      f"{', k=v' if cfg.k_eq_v(i) else ''})" for t, i in kinds.items())
+    ffn = f"{cfg.hidden_size} / {cfg.intermediate_size}"
+    if cfg.use_double_wide_mlp and cfg.num_kv_shared_layers:
+        ffn += f" ({2 * cfg.intermediate_size} on KV-shared layers)"
+    total, notes = cfg.num_params(), []
+    if cfg.hidden_size_per_layer_input:  # "E2B": effective parameters, the PLE table is a lookup
+        notes.append(f"{(total - cfg.vocab_size_per_layer_input * cfg.hidden_size_per_layer_input * n) / 1e6:.1f} M "
+                     "without the per-layer embedding table")
+    if cfg.enable_moe_block:  # "A4B": parameters a token runs through
+        idle = n * (cfg.num_experts - cfg.top_k_experts) * 3 * cfg.moe_intermediate_size * cfg.hidden_size
+        notes.append(f"{(total - idle) / 1e6:.1f} M active per token")
+    rows = [("parameters", f"{total / 1e6:.1f} M" + (f" ({'; '.join(notes)})" if notes else "")),
+            ("hidden / ffn", ffn), ("heads (q / kv) x dim", heads),
+            ("rope (global)", f"proportional, {cfg.partial_rotary_factor:g} of the pairs rotate")]
+    ple = cfg.hidden_size_per_layer_input
+    rows.append(("per-layer embeddings", f"{ple} per layer, table {cfg.vocab_size_per_layer_input} x {ple * n}"
+                 if ple else "-"))
+    if cfg.num_kv_shared_layers:
+        sources = sorted({cfg.kv_source(i) for i in range(first, n)})
+        rows.append(("KV sharing", f"layers {first}-{n - 1} reuse the keys/values of layer(s) "
+                     f"{', '.join(map(str, sources))} ({len(set(cfg.kv_source(i) for i in range(n)))} caches)"))
+    else:
+        rows.append(("KV sharing", "-"))
+    rows.append(("experts", f"{cfg.num_experts} x {cfg.moe_intermediate_size}, top {cfg.top_k_experts} per token, "
+                 "beside the dense MLP" if cfg.enable_moe_block else "-"))
+    return rows

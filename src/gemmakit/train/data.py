@@ -7,9 +7,10 @@ One JSON object per line:
 
 Chat rendering follows the Gemma chat templates exactly (spec §5.7; turns from chat.py): `<bos>`, then per turn
 `<start_of_turn>{user|model}\\n{content.strip()}<end_of_turn>\\n`, a Gemma 3 system prompt folded into the first user
-turn as `{system}\\n\\n`, Gemma 1/2 refusing system turns. Turn markers are inserted as ids and the text between them
-is encoded as plain text, so a dataset cannot forge control tokens. The loss covers an assistant turn's content and
-its `<end_of_turn>`, which teaches the model to stop.
+turn as `{system}\\n\\n`, Gemma 1/2 refusing system turns. A Gemma 4 tokenizer (one with `<|turn>`) gets Gemma 4's
+official template instead (chat_gemma4.segments: native system turn, `<|turn>{role}\\n...<turn|>\\n`). Turn markers
+are inserted as ids and the text between them is encoded as plain text, so a dataset cannot forge control tokens.
+The loss covers an assistant turn's content and its end-of-turn marker, which teaches the model to stop.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..chat import SYSTEM_ROLES, turns
+from .. import chat_gemma4
+from ..chat import SYSTEM_ROLES, template_for, turns
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
 
@@ -73,7 +75,7 @@ class ChatFormat:
             messages
             and isinstance(messages[0], dict)
             and messages[0].get("role") in SYSTEM_ROLES
-            and self.family != "gemma3"
+            and self.family in ("gemma", "gemma2")
         ):
             raise ValueError("Gemma 1/2 chat templates have no system role; fold it into the first user turn")
         ids, train = [self.tok.bos_id], [False]
@@ -95,8 +97,55 @@ class ChatFormat:
         return ids, train
 
 
+class Gemma4ChatFormat:
+    """Gemma 4's turn format: the official template's pieces (chat_gemma4.segments, no generation prompt), with the
+    loss on what the model writes in its turns (text, tool calls, the closing <turn|>), not on the "model\\n" header
+    or tool responses, which the template places inside the model's turn."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tok = tokenizer
+
+    def render(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]:
+        ids: list[int] = []
+        train: list[bool] = []
+        model = False  # inside a model turn, outside a tool's answer
+        for text, control in chat_gemma4.segments(messages, add_generation_prompt=False):
+            if control:  # a marker written inside a model turn (<turn|>, <|tool_call>, ...) is the model's
+                ids.append(self._marker(text))
+                train.append(model)
+                if text in (chat_gemma4.TURN_END, chat_gemma4.RESPONSE):
+                    model = False  # the turn ends, or the tool's answer follows
+                elif text == chat_gemma4.RESPONSE_END:
+                    model = True  # the model goes on after the answer
+                continue
+            if ids and ids[-1] == self._marker(chat_gemma4.TURN) and text.startswith("model\n"):
+                head = self.tok.encode("model\n", bos=False)
+                ids += head
+                train += [False] * len(head)
+                text, model = text.removeprefix("model\n"), True
+            part = self.tok.encode(text, bos=False) if text else []
+            ids += part
+            train += [model] * len(part)
+        if not any(train):
+            raise ValueError("no assistant message to learn from")
+        return ids, train
+
+    def _marker(self, text: str) -> int:
+        token = self.tok.token_id(text)
+        if token is None:
+            raise ValueError(f"this tokenizer has no {text} token, which Gemma 4's chat template needs")
+        return token
+
+
+def chat_format(tokenizer: Tokenizer, family: str) -> ChatFormat | Gemma4ChatFormat | None:
+    """The turn format training renders chats in: Gemma 4's for a tokenizer with <|turn>, else Gemma 1-3's."""
+    if template_for(tokenizer) == "gemma4":
+        return Gemma4ChatFormat(tokenizer)
+    return ChatFormat(tokenizer, family) if tokenizer.token_id("<start_of_turn>") is not None else None
+
+
 def encode_record(
-    record: Any, tokenizer: Tokenizer, chat: ChatFormat | None
+    record: Any, tokenizer: Tokenizer, chat: ChatFormat | Gemma4ChatFormat | None
 ) -> tuple[str, list[int], list[bool]]:
     """(shape, ids, train flags) for one parsed JSONL record; ValueError says what is wrong with it."""
     if not isinstance(record, dict):
@@ -136,7 +185,7 @@ def load_jsonl(
         raise GemmaError(f"{path} does not exist; pass a JSONL file with one JSON object per line")
     if max_len < 2:
         raise GemmaError(f"max_len must be at least 2 tokens, got {max_len}")
-    chat = ChatFormat(tokenizer, family) if tokenizer.token_id("<start_of_turn>") is not None else None
+    chat = chat_format(tokenizer, family)
     stats, out = DataStats(), []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
