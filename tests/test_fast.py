@@ -1,62 +1,136 @@
-"""The fast CPU path: Q8_0 kernels equal their PyTorch reference; the fast model stays within the quality budget."""
+"""The fast CPU path: kernels over every GGUF block type equal their references; the fast model stays within the
+quality budget; the native decode step equals the modules, and verifies drafts bit-identically."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
 
 from gemmakit import evaluate
 from gemmakit.embedded import embedded_path
-from gemmakit.quant import kernels, q8
-from gemmakit.quant.q8 import Q8Embedding, Q8Linear, dequantize_q8, quantize_q8
+from gemmakit.quant import kernels
+from gemmakit.quant.qlinear import QEmbedding, QWeight, quantize_q8
 from gemmakit.weights.gguf import read_gguf
 from reference import texts
 
 needs_native = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels not built")
+TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16, QT.F32]
+
+
+def random_blocks(qtype: QT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """uint8 [rows, row_bytes] of `qtype`: quantized Gaussian weights where gguf has a quantizer, otherwise random
+    bytes (every bit pattern is a valid K-quant block) with their fp16 scales set to finite, modest values."""
+    rng = np.random.default_rng(seed)
+    if qtype in (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.F16, QT.BF16, QT.F32):
+        w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+        if qtype == QT.F32:
+            return w.view(np.uint8)
+        if qtype == QT.F16:
+            return w.astype(np.float16).view(np.uint8)
+        return quantize(w, qtype).reshape(rows, -1)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+
+    def f16(lo: float, hi: float) -> np.ndarray:
+        return rng.uniform(lo, hi, raw.shape[:2]).astype(np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
+
+    if qtype == QT.Q6_K:
+        raw[..., 208:210] = f16(1e-4, 1e-3)
+    else:  # Q4_K, Q5_K: d and dmin
+        raw[..., 0:2], raw[..., 2:4] = f16(1e-3, 1e-2), f16(1e-3, 1e-2)
+    return raw.reshape(rows, -1)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation rounding, in float64: per 32 values d = max|x| / 127, q = round(x * (1 / d))."""
+    u = x.reshape(x.shape[0], -1, 32).float()
+    d = u.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1), torch.zeros_like(d))
+    return (torch.round(u * inv) * d).reshape(x.shape).double()
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_block_kernels_equal_their_reference(qtype):
+    """Every block type, on odd shapes and row counts: products equal the dequantized weights times the
+    int8-rounded activations (the float types: times the activations themselves) up to fp32 summation; a row's
+    result does not depend on how many rows share the call; embedding rows equal gguf's dequantization exactly."""
+    shapes = [(37, 256), (9, 2048)] + ([] if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K) else [(20, 640), (3, 96)])
+    for n, k in shapes:
+        raw = random_blocks(qtype, n, k, seed=n + k)
+        w = QWeight.from_bytes(raw, qtype, n, k)
+        ref = torch.from_numpy(dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32)).double()
+        assert torch.equal(w.dequantize_rows(torch.arange(n)), ref.float())
+        torch.manual_seed(k)
+        for m in (1, 3, 8, 13):
+            x = torch.randn(m, k) * 3
+            got = w.matmul(x).double()
+            xr = x.double() if qtype in (QT.F16, QT.BF16, QT.F32) else quantize_activations(x)
+            expected = xr @ ref.T
+            assert (got - expected).abs().max() <= 2e-6 * expected.abs().max(), (n, k, m)
+            assert torch.equal(w.matmul(x[-1:])[0], got[-1].float()), "a row's result depends on the row count"
+
+
+@needs_native
+def test_quantized_activations_cost_little_against_exact_products():
+    """The int8 activations' error on a product stays small next to the output's scale (the quality budget is
+    checked end to end by the perplexity test)."""
+    raw = random_blocks(QT.Q4_K, 64, 2048)
+    w = QWeight.from_bytes(raw, QT.Q4_K, 64, 2048)
+    ref = torch.from_numpy(dequantize(raw.reshape(-1), QT.Q4_K).reshape(64, 2048).astype(np.float32))
+    x = torch.randn(4, 2048)
+    exact = x @ ref.T
+    assert (w.matmul(x) - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
 def test_quantize_q8_matches_ggml_bytes():
-    """Re-quantizing the GGUF's own Q8_0 values reproduces its bytes: our quantizer is ggml's."""
+    """Re-quantizing the GGUF's own Q8_0 values reproduces its bytes: our quantizer (quant="q8") is ggml's."""
     g = read_gguf(embedded_path(progress=False))
     name = next(n for n, t in g.tensors.items() if t.qtype.name == "Q8_0" and n.startswith("blk."))
     raw = g.raw(name).reshape(g.tensors[name].shape[0], -1)
     assert np.array_equal(quantize_q8(g.dequantize(name)), raw)
-    assert torch.equal(dequantize_q8(torch.from_numpy(raw.copy()), g.tensors[name].shape[1]),
-                       torch.from_numpy(g.dequantize(name)))
-
-
-@needs_native
-@pytest.mark.parametrize("rows", [1, 3, 5, 16, 40])
-def test_native_matmul_equals_reference(rows):
-    torch.manual_seed(rows)
-    w = torch.randn(260, 320)
-    lin = Q8Linear(torch.from_numpy(quantize_q8(w)), 320, 260)
-    x = torch.randn(rows, 320)
-    expected = x @ dequantize_q8(lin.blocks, 320).T
-    got = lin(x)
-    tol = 1e-4 if rows <= q8.GEMV_ROWS else 0.05 * expected.abs().max().item()  # long inputs may run in bf16
-    assert (got - expected).abs().max().item() <= tol
 
 
 @needs_native
 def test_embedding_rows_and_head():
-    w = torch.randn(64, 96)
-    emb = Q8Embedding(torch.from_numpy(quantize_q8(w)), 64, 96)
-    ref = dequantize_q8(emb.head.blocks, 96)
+    raw = random_blocks(QT.Q6_K, 64, 256)
+    emb = QEmbedding(QWeight.from_bytes(raw, QT.Q6_K, 64, 256))
+    ref = torch.from_numpy(dequantize(raw.reshape(-1), QT.Q6_K).reshape(64, 256).astype(np.float32))
     ids = torch.tensor([[3, 0, 63], [5, 5, 1]])
     assert torch.equal(emb(ids), ref[ids])
-    h = torch.randn(2, 96)
-    assert torch.allclose(emb.attend(h), h @ ref.T, atol=1e-4)
+    h = torch.randn(2, 256)
+    assert torch.allclose(emb.attend(h).double(), quantize_activations(h) @ ref.double().T, rtol=0, atol=1e-5)
 
 
-def test_pure_pytorch_fallback(monkeypatch):
-    w = torch.randn(32, 64)
-    lin = Q8Linear(torch.from_numpy(quantize_q8(w)), 64, 32)
-    x = torch.randn(2, 64)
-    native = lin(x)
-    monkeypatch.setattr(kernels, "library", lambda: None)
-    assert torch.allclose(lin(x), native, atol=1e-4)
+def test_fast_path_maps_the_file_without_copies():
+    """The embedded GGUF's matrices are views of the mapped file in its own block types: no conversion, no cache."""
+    import gemmakit
+    from gemmakit.quant.qlinear import QLinear
+
+    model = gemmakit.load(progress=False)
+    g = read_gguf(embedded_path(progress=False))
+    by_type = {}
+    for m in model.module.modules():
+        if isinstance(m, QLinear):
+            by_type.setdefault(m.qweight.qtype.name, []).append(m.qweight.data.data_ptr())
+    offsets = sorted(t.offset for t in g.tensors.values() if len(t.shape) == 2)
+    pointers = sorted({p for ps in by_type.values() for p in ps})
+    # one mapping of the file: the matrices sit at exactly the GGUF's tensor offsets from one another
+    assert [p - pointers[0] for p in pointers] == [o - offsets[0] for o in offsets]
+    assert set(by_type) == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+
+
+def test_without_a_compiler_load_takes_the_reference_path(monkeypatch):
+    import gemmakit
+    from gemmakit import fast
+
+    monkeypatch.setattr(fast, "available", lambda: False)
+    model = gemmakit.load(progress=False)
+    assert isinstance(model.module.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
 
 def perplexity(model, text: str) -> float:
@@ -65,15 +139,22 @@ def perplexity(model, text: str) -> float:
 
 
 def test_fast_path_perplexity_within_one_percent(fast_model, embedded_model):
-    """The issue's quality budget: perplexity of the fast path within +1% of the fp32 dequantized model."""
+    """The issue's quality budget: perplexity of the fast path (int8 activations) within +1% of the fp32
+    dequantized model (measured +0.41% to +0.68% on the four test texts)."""
     for label in ("prose", "code", "multilingual"):
         fast, ref = perplexity(fast_model, texts()[label]), perplexity(embedded_model, texts()[label])
         assert fast <= ref * 1.01, (label, fast, ref)
 
 
 def test_fast_path_greedy_agrees_with_reference(fast_model, embedded_model):
+    """Greedy (top-1) choices of the fast path agree with the fp32 reference at >= 93% of the positions of the
+    test texts (measured 94.3-98.2%: int8 activations flip near-ties), and a short greedy continuation is the same."""
+    for label in ("prose", "multilingual"):
+        ids = fast_model.tokenizer.encode(texts()[label])
+        agree = (fast_model.logits(ids).argmax(-1) == embedded_model.logits(ids).argmax(-1)).float().mean().item()
+        assert agree >= 0.93, (label, agree)
     prompt = "The history of the printing press is"
-    assert fast_model.generate(prompt, 12).text == embedded_model.generate(prompt, 12).text
+    assert fast_model.generate(prompt, 6).text == embedded_model.generate(prompt, 6).text
 
 
 def test_prompt_lookup_is_identical_to_greedy(fast_model):
@@ -90,7 +171,8 @@ def test_prompt_lookup_is_identical_to_greedy(fast_model):
 
 
 def test_q8_on_any_source_is_close_to_reference(tmp_path):
-    """quant='q8' on a bf16/fp32 HF folder: fused q/k/v and gate/up, logits close to the float model."""
+    """quant='q8' on a bf16/fp32 HF folder: Q8_0 projections with the native decode step, logits close to the
+    float model."""
     import gemmakit
     from helpers import TINY, hf_model
 
@@ -98,58 +180,80 @@ def test_q8_on_any_source_is_close_to_reference(tmp_path):
     hf_model(cfg).save_pretrained(tmp_path)
     ref = gemmakit.load(tmp_path, quant=None, progress=False)
     fast = gemmakit.load(tmp_path, quant="q8", progress=False)
-    attn = fast.module.model.layers[0].self_attn
-    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    from gemmakit.quant.qlinear import QLinear
+
+    assert isinstance(fast.module.model.layers[0].self_attn.q_proj, QLinear)
+    assert fast.module.fused_decode is not None
     ids = list(range(2, 40))
     a, b = fast.logits(ids), ref.logits(ids)
     assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
 
 
-def _tiny_q8(name: str):
-    """A random tiny model of helpers.TINY (tied head, as GGUFs are) on the Q8 path with its native decode step."""
-    from gemmakit.fast import to_q8
+MIXED = {"q_proj": QT.Q4_K, "k_proj": QT.Q5_0, "v_proj": QT.Q8_0, "o_proj": QT.Q5_K, "gate_proj": QT.Q4_0,
+         "up_proj": QT.Q6_K, "down_proj": QT.Q6_K, "embed_tokens": QT.Q6_K}
+
+
+def _tiny_fast(name: str, weights: str = "mixed"):
+    """A random tiny model of helpers.TINY, widened so K-quants fit (K % 256 == 0), on the fast path with its
+    native decode step. weights="mixed": every projection in another block type (MIXED); "f32": float blocks,
+    whose products keep fp32 activations (no int8 rounding), for tight equality checks."""
     from gemmakit.loader import build
+    from gemmakit.quant.fused import attach
+    from gemmakit.quant.qlinear import swap_in
     from helpers import TINY, hf_model
 
-    cfg = TINY[name]
+    cfg = TINY[name].replace(hidden_size=256, intermediate_size=512, head_dim=64)
     state = {k: v for k, v in hf_model(cfg).state_dict().items() if k != "lm_head.weight"}
-    return to_q8(build(cfg, state))
+    module = build(cfg, state)
+    blocks = {}
+    for i, (k, v) in enumerate(state.items()):
+        kind = MIXED.get(k.split(".")[-2])
+        if kind is None:
+            continue
+        qtype = kind if weights == "mixed" else QT.F32
+        raw = random_blocks(qtype, *v.shape, seed=i) if qtype != QT.F32 else v.float().numpy().view(np.uint8)
+        blocks[k] = QWeight.from_bytes(raw, qtype, *v.shape)
+    swap_in(module, blocks)
+    attach(module)
+    return module
 
 
 @needs_native
+@pytest.mark.parametrize("weights", ["f32", "mixed"])
 @pytest.mark.parametrize("name", ["gemma1", "gemma2", "gemma3", "gemma3-mqa"])
-def test_native_decode_step_equals_modules(name):
+def test_native_decode_step_equals_modules(name, weights):
     """The one-call native decode step (quant/fused.py) gives the module path's logits, step by step, for rows of
     different lengths (server-style), a subset of rows, and sliding-window rings that wrap (W=8)."""
     from gemmakit.model import KVCache
 
-    module = _tiny_q8(name)
+    module = _tiny_fast(name, weights)
     cfg = module.config
     fused = module.fused_decode
     assert fused is not None
     torch.manual_seed(0)
     prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (5, 11, 3)]
+    steps = torch.randint(0, cfg.vocab_size, (20, 3))  # the same tokens for both paths
 
     def run(native: bool) -> list[torch.Tensor]:
         module.fused_decode = fused if native else None
         cache = KVCache(cfg, 3, 64, dtype=torch.float32, device="cpu", slack=4)
-        out, last = [], []
+        out = []
         with torch.inference_mode():
             for r, p in enumerate(prompts):
-                last.append(module(torch.tensor([p]), cache=cache, rows=[r], last_only=True)[0, -1].argmax())
+                module(torch.tensor([p]), cache=cache, rows=[r], last_only=True)
             for step in range(20):
                 rows = [0, 1] if step % 5 == 4 else None  # sometimes only a prefix of the rows decodes
                 b = 2 if rows else 3
-                ids = torch.stack(last[:b])[:, None]
                 pos = torch.tensor([[cache.lengths[r]] for r in range(b)])
-                logits = module(ids, pos, cache=cache, rows=rows)[:, -1]
-                out.append(logits)
-                last[:b] = list(logits.argmax(-1))
+                out.append(module(steps[step, :b, None], pos, cache=cache, rows=rows)[:, -1])
         return out
 
     native, modules = run(True), run(False)
-    for a, b in zip(native, modules, strict=True):
-        assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item() + 1e-5
+    # fp32 activations: the paths differ by summation order only. Int8 activations: an fp32 difference can move a
+    # value across a rounding boundary, so the bound is looser (measured worst case: see the assertion message).
+    tol = 1e-4 if weights == "f32" else 2e-2
+    worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(native, modules, strict=True))
+    assert worst <= tol, worst
 
 
 @needs_native
@@ -158,7 +262,7 @@ def test_native_attention_across_chunks():
     logits, and a draft straddling a chunk boundary still verifies bit-identically."""
     from gemmakit.model import KVCache
 
-    module = _tiny_q8("gemma3-mqa")
+    module = _tiny_fast("gemma3-mqa")
     cfg = module.config
     fused = module.fused_decode
     torch.manual_seed(2)
@@ -179,17 +283,30 @@ def test_native_attention_across_chunks():
 
 @needs_native
 def test_native_decode_is_used_and_matches_on_the_embedded_model(fast_model):
-    """The real 270M: the native decode step is attached, and greedy text equals the module path's."""
+    """The real 270M: the native decode step is attached, and step by step (the same tokens fed to both) its logits
+    follow the module path's within the int8 rounding budget, with the same top-1 token at nearly every step."""
+    from gemmakit.model import KVCache
+
     module = fast_model.module
-    assert module.fused_decode is not None
-    prompt = next(iter(texts().values()))[:400]
-    native = fast_model.generate(prompt, 24, ignore_eos=True)
-    saved, module.fused_decode = module.fused_decode, None
+    fused = module.fused_decode
+    assert fused is not None
+    ids = fast_model.tokenizer.encode(next(iter(texts().values())))[:160]
+
+    def run(native: bool) -> torch.Tensor:
+        module.fused_decode = fused if native else None
+        cache = KVCache(module.config, 1, 200, dtype=torch.float32, device="cpu")
+        with torch.inference_mode():
+            module(torch.tensor([ids[:128]]), cache=cache)
+            return torch.cat([module(torch.tensor([[t]]), torch.tensor([[128 + i]]), cache)[0]
+                              for i, t in enumerate(ids[128:])])
+
     try:
-        modules = fast_model.generate(prompt, 24, ignore_eos=True)
+        native, modules = run(True), run(False)
     finally:
-        module.fused_decode = saved
-    assert native.token_ids == modules.token_ids
+        module.fused_decode = fused
+    # measured: 2.8% of the largest logit at worst (the fast path against the fp32 reference: up to 7%)
+    assert ((native - modules).abs().max() / modules.abs().max()).item() <= 5e-2
+    assert (native.argmax(-1) == modules.argmax(-1)).float().mean().item() >= 0.9
 
 
 @needs_native
@@ -200,7 +317,7 @@ def test_native_verification_is_bit_identical_to_single_steps(name):
     change a greedy token."""
     from gemmakit.model import KVCache
 
-    module = _tiny_q8(name)
+    module = _tiny_fast(name)
     cfg = module.config
     torch.manual_seed(1)
     prompt, draft = torch.randint(0, cfg.vocab_size, (1, 10)), torch.randint(0, cfg.vocab_size, (1, 12))
@@ -227,12 +344,15 @@ def test_native_kernels_built_for_older_cpus(monkeypatch, flags):
 
     if flags == ["-mno-avx512f"] and " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
         pytest.skip("this CPU has no AVX2")
-    monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, *flags])
+    monkeypatch.setenv("GEMMAKIT_CFLAGS", " ".join(flags))  # the documented switch (kernels.extra_flags)
     kernels.library.cache_clear()
     try:
         assert kernels.available()
+        for qtype in TYPES:
+            test_block_kernels_equal_their_reference(qtype)
         for name in ("gemma2", "gemma3-mqa"):
-            test_native_decode_step_equals_modules(name)
+            for weights in ("f32", "mixed"):
+                test_native_decode_step_equals_modules(name, weights)
         test_native_verification_is_bit_identical_to_single_steps("gemma3")
     finally:
         kernels.library.cache_clear()

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from . import fast
 from .api import Model
 from .config import GemmaConfig, preset
 from .errors import GemmaError
-from .fast import is_quantized, load_gguf_q8, to_q8
 from .model import Gemma
 from .tokenizer import Tokenizer
 from .weights.ckpt import read_ckpt
@@ -113,8 +113,10 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     source: None for the embedded Gemma 3 270M, a GGUF file, a Hugging Face folder, or a gemma_pytorch .ckpt
     (which carries no config: name its `variant`, e.g. "gemma-2b" (gemmakit.PRESETS), or pass a GemmaConfig).
     dtype: "auto" = float32 on CPU, bfloat16 on CUDA.
-    quant: "auto" keeps a quantized GGUF quantized on the CPU (the fast path: Q8_0 weight-only layers, native
-    kernels); None dequantizes everything to `dtype`, the exact reference path; "q8" quantizes any source. tokenizer: a tokenizer.model/tokenizer.json to use instead of the one found with the weights.
+    quant: "auto" runs a GGUF on the CPU from its own weight blocks (the fast path: native kernels over the mapped
+    file); None dequantizes everything to `dtype`, the exact reference path; "q8" puts any source on the fast path
+    (float weights quantized to Q8_0; a GGUF keeps its own blocks).
+    tokenizer: a tokenizer.model/tokenizer.json to use instead of the one found with the weights.
     adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to attach.
     """
     if adapter is not None:  # a LoRA adapter folder (PEFT format), injected into the float linears
@@ -141,11 +143,11 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         g = read_gguf(path)
         cfg = config_from_gguf(g)
         tok = tokenizer_from_gguf(g)
-        fast = dev.type == "cpu" and (quant == "q8" or (quant == "auto" and is_quantized(g)))
-        if fast and cfg.family == "gemma4":
+        use_fast = dev.type == "cpu" and quant in ("auto", "q8") and fast.available()
+        if use_fast and cfg.family == "gemma4":
             _note(_GEMMA4_REFERENCE)
-        elif fast:
-            return Model(load_gguf_q8(g, cfg, dtype=dt, progress=progress), tok, label, fmt)
+        elif use_fast:
+            return Model(fast.load_gguf_fast(g, cfg, dtype=dt, progress=progress), tok, label, fmt)
         bar, update = _with_progress("loading weights", progress)
         with bar:
             state = state_dict_from_gguf(g, cfg.family, on_tensor=update, dtype=dt)
@@ -171,14 +173,17 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
             raise GemmaError("quant='q8' is a CPU path; on CUDA use quant=None (bfloat16)")
         if cfg.family == "gemma4":
             _note(_GEMMA4_REFERENCE)
+        elif not fast.available():
+            raise GemmaError("quant='q8' needs the native kernels, which need a C compiler (gcc) at first use; "
+                             "install gcc, or use quant=None")
         else:
-            to_q8(module)
+            fast.to_q8(module)
     return Model(module, tok, label, fmt)
 
 
 # Gemma 4 layers (per-layer embeddings, shared KV, experts) have no native Q8 step yet: its GGUFs are dequantized.
 _GEMMA4_REFERENCE = ("Gemma 4 runs on the reference PyTorch path (weights dequantized to the load dtype); the fast "
-                     "Q8 path does not cover its layers yet")
+                     "path does not cover its layers yet")
 
 
 def _note(text: str) -> None:

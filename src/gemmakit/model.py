@@ -365,7 +365,7 @@ class Gemma(nn.Module):
         """Tied LM head in the model dtype, returned as fp32; Gemma 2's final soft-cap 30 (spec §1.1)."""
         emb = self.model.embed_tokens
         if self.config.tie_word_embeddings and hasattr(emb, "attend"):
-            logits = emb.attend(h)  # a quantized tied embedding computes its own head (quant/q8.py)
+            logits = emb.attend(h)  # a quantized tied embedding computes its own head (quant/qlinear.py)
         elif self.config.tie_word_embeddings:
             logits = h @ emb.weight.T
         else:

@@ -1,8 +1,9 @@
-"""The native decode step: every layer of a Q8_0 model for a few new tokens per row, in one call (decode.c).
+"""The native decode step: every layer of a fast-path model for a few new tokens per row, in one call (decode.c).
 
 A 270M decode step is ~12 ms of weight reads at memory bandwidth; run as ~40 PyTorch ops per layer it also paid
-~10 ms of dispatch. `attach` gives a Q8 model a `fused_decode` that Gemma.hidden_states calls for decode steps and
-speculative verification (up to GEMV_ROWS tokens over rows 0..B-1 of a float32 cache, no autograd); long prefills,
+~10 ms of dispatch. `attach` gives a model whose projections are QLinear a `fused_decode` that Gemma.hidden_states
+calls for decode steps and speculative verification (up to STEP_ROWS tokens over rows 0..B-1 of a float32 cache,
+no autograd); long prefills,
 arbitrary cache rows and LoRA run the modules. The math is model.py's; tests hold the two paths to the same logits
 and greedy tokens, and a verified draft to bit-identical logits with single steps.
 """
@@ -16,13 +17,21 @@ from torch import Tensor, nn
 
 from ..config import SLIDING
 from . import kernels
-from .q8 import GEMV_ROWS, Q8Linear
+from .qlinear import QLinear
 
 _P = ctypes.c_void_p
+STEP_ROWS = 16  # tokens per native step (decode rows, a speculative draft); longer inputs run the modules
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+
+
+class _Mat(ctypes.Structure):  # blocks.h qmat_t
+    _fields_ = [("data", _P), ("type", ctypes.c_long), ("rows", ctypes.c_long), ("cols", ctypes.c_long),
+                ("row_bytes", ctypes.c_long)]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _P), ("o", _P), ("gate_up", _P), ("down", _P),
+    _fields_ = [("q", _Mat), ("k", _Mat), ("v", _Mat), ("o", _Mat), ("gate", _Mat), ("up", _Mat), ("down", _Mat),
                 ("attn_norm", _P), ("q_norm", _P), ("k_norm", _P),
                 ("post_attn_norm", _P), ("pre_ffw_norm", _P), ("post_ffw_norm", _P),
                 ("inv_freq", _P), ("k_cache", _P), ("v_cache", _P), ("slot_pos", _P),
@@ -56,25 +65,26 @@ class FusedDecode:
         self.keep: list[Tensor] = []  # scales and frequencies the pointer table points into
         self.layers = (_Layer * cfg.num_hidden_layers)()
         for i, block in enumerate(model.model.layers):
-            att, mlp = block.self_attn, block.mlp
+            att = block.self_attn
             inv_freq = model.inv_freq(i, torch.device("cpu")).float().contiguous()
             scales = [_scale(block.input_layernorm), _scale(att.q_norm), _scale(att.k_norm),
                       _scale(block.post_attention_layernorm), _scale(getattr(block, "pre_feedforward_layernorm", None)),
                       _scale(getattr(block, "post_feedforward_layernorm", None))]
             self.keep += [t for t in scales if t is not None] + [inv_freq]
             L = self.layers[i]
-            L.qkv, L.o = att.qkv_proj.blocks.data_ptr(), att.o_proj.blocks.data_ptr()
-            L.gate_up, L.down = mlp.gate_up_proj.blocks.data_ptr(), mlp.down_proj.blocks.data_ptr()
+            for field, proj in zip(("q", "k", "v", "o", "gate", "up", "down"), PROJECTIONS, strict=True):
+                w = block.get_submodule(proj).qweight
+                setattr(L, field, _Mat(w.data.data_ptr(), int(w.qtype), w.rows, w.cols, w.data.shape[1]))
             (L.attn_norm, L.q_norm, L.k_norm, L.post_attn_norm, L.pre_ffw_norm, L.post_ffw_norm) = map(_ptr, scales)
             L.inv_freq = inv_freq.data_ptr()
             L.window = cfg.sliding_window if cfg.layer_types[i] == SLIDING and cfg.sliding_window else 0
 
     def applies(self, x: Tensor, cache) -> bool:
-        """Up to GEMV_ROWS new tokens over rows 0..B-1 of a float32 CPU cache, outside autograd, with enough
+        """Up to STEP_ROWS new tokens over rows 0..B-1 of a float32 CPU cache, outside autograd, with enough
         ring slack for every token's keys to be written before any attends."""
         B, T = x.shape[:2]
         first = cache.layers[0]
-        if not (B * T <= GEMV_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+        if not (B * T <= STEP_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
                 and not torch.is_grad_enabled() and first.k.dtype == torch.float32
                 and (first.rows is None or first.prefix is not None)):
             return False
@@ -110,13 +120,12 @@ class FusedDecode:
 
 
 def attach(model: nn.Module) -> None:
-    """Give a Q8 model (fused qkv_proj and gate_up_proj, Q8Linear o/down) its native decode step, if the native
-    library is built; otherwise leave the module path."""
+    """Give a model whose projections are all QLinear its native decode step, if the native library is built;
+    otherwise leave the module path."""
     lib = kernels.library()
-    if lib is None:
+    if lib is None or model.config.family not in ("gemma", "gemma2", "gemma3"):
         return
     for block in model.model.layers:
-        att, mlp = block.self_attn, block.mlp
-        if not all(isinstance(m, Q8Linear) for m in (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+        if not all(isinstance(block.get_submodule(p), QLinear) for p in PROJECTIONS):
             return
     model.fused_decode = FusedDecode(model, lib)

@@ -1,9 +1,9 @@
-"""The native CPU kernels (q8.c, decode.c): compiled once per machine with gcc, loaded with ctypes.
+"""The native CPU kernels (blocks.c, decode.c): compiled once per machine with gcc, loaded with ctypes.
 
 Why not a torch extension: this file compiles in ~1 s with no torch headers and no build isolation issues, and it
 calls into the OpenMP runtime torch already loaded. Why native at all: on CPUs without a fast int8 GEMV in torch
-(`_weight_int8pack_mm` measured 3 GB/s on the reference machine), reading Q8_0 blocks directly is the only way to
-decode at memory bandwidth. When gcc is missing or the build fails, `available()` is False and the pure-PyTorch
+(`_weight_int8pack_mm` measured 3 GB/s on the reference machine), reading the GGUF's blocks directly is the only way
+to decode at memory bandwidth. When gcc is missing or the build fails, `available()` is False and the pure-PyTorch
 path runs instead.
 """
 
@@ -19,10 +19,18 @@ from pathlib import Path
 
 import torch
 
+from ..cache import prune
 from ..embedded import cache_dir
 
-SOURCES = [Path(__file__).with_name("q8.c"), Path(__file__).with_name("decode.c")]
+SOURCES = [Path(__file__).with_name("blocks.c"), Path(__file__).with_name("decode.c")]
+HEADERS = [Path(__file__).with_name("blocks.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm"]
+KEEP_BUILDS = 8  # the kernels cache holds at most this many builds (other sources, flags or CPUs); oldest go first
+
+
+def extra_flags() -> list[str]:
+    """GEMMAKIT_CFLAGS, e.g. "-mno-avx512f" to build (and benchmark) the AVX2 path on an AVX-512 machine."""
+    return os.environ.get("GEMMAKIT_CFLAGS", "").split()
 
 
 def _cpu_fingerprint() -> str:
@@ -34,19 +42,22 @@ def _cpu_fingerprint() -> str:
 
 
 def build(verbose: bool = False) -> Path | None:
-    """Compile q8.c and decode.c for this machine (cached by source, flags and CPU features); None if it cannot be built."""
+    """Compile blocks.c and decode.c for this machine (cached by source, flags and CPU features); None if it cannot be
+    built."""
     if os.environ.get("GEMMAKIT_NO_NATIVE"):
         return None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         return None
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:12]
-    out = cache_dir() / "kernels" / f"q8-{key}-{_cpu_fingerprint()}.so"
+    flags = [*FLAGS, *extra_flags()]
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(flags).encode()).hexdigest()
+    out = cache_dir() / "kernels" / f"kernels-{key[:12]}-{_cpu_fingerprint()}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    prune(out.parent, "*.so", KEEP_BUILDS)
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp)], capture_output=True, text=True)
+    proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0:
         if verbose:
             print(proc.stderr)
@@ -61,16 +72,19 @@ def library() -> ctypes.CDLL | None:
     path = build()
     if path is None:
         return None
-    torch.ones(1)  # torch (and its OpenMP runtime) is loaded first, so q8.so binds to the same libgomp
+    torch.ones(1)  # torch (and its OpenMP runtime) is loaded first, so the kernels bind to the same libgomp
     lib = ctypes.CDLL(str(path))
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.q8_matmul.argtypes = [ptr, ptr, ptr, long_, long_, long_, int_]
-    lib.q8_rows.argtypes = [ptr, ptr, long_, long_, ptr, int_]
-    lib.q8_to_bf16.argtypes = [ptr, long_, long_, ptr, int_]
+    lib.qmatmul.argtypes = [ptr, long_, long_, long_, long_, ptr, long_, ptr, ptr, int_]
+    lib.dequant_rows.argtypes = [ptr, long_, long_, long_, ptr, long_, ptr, int_]
     lib.rms_norm.argtypes = [ptr, ptr, ptr, long_, long_, ctypes.c_float]
     lib.decode_layers.argtypes = [ptr, long_, ptr, ptr, long_, long_, ptr, ptr, long_, int_]
-    for f in (lib.q8_matmul, lib.q8_rows, lib.q8_to_bf16, lib.rms_norm, lib.decode_layers):
+    for f in (lib.qmatmul, lib.dequant_rows, lib.rms_norm, lib.decode_layers):
         f.restype = None
+    lib.act_bytes.argtypes = [long_, long_]
+    lib.act_bytes.restype = long_
+    lib.qtype_supported.argtypes = [long_]
+    lib.qtype_supported.restype = int_
     return lib
 
 

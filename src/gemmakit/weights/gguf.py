@@ -20,6 +20,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: F401  (re-exported)
 from gguf.quants import dequantize
 
+from ..cache import prune
 from ..config import FAMILIES, GLOBAL, SLIDING, GemmaConfig, default_layer_types
 from ..embedded import cache_dir
 from ..errors import GemmaError
@@ -28,6 +29,7 @@ from .names import ROPE_FREQS, gguf_to_hf
 
 MAGIC = b"GGUF"
 TOKENIZER_CACHE = "1"
+KEEP_TOKENIZERS = 16  # rebuilt tokenizers kept in the cache (~5 MB each)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
           12: "<f8"}
@@ -387,6 +389,7 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
     tok = Tokenizer.from_gguf_metadata(g.metadata, str(g.path))
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
+        prune(cached.parent, "*.model", KEEP_TOKENIZERS)
         tok.save(cached)  # atomic
     except OSError:
         pass  # a read-only cache only costs speed

@@ -1,0 +1,732 @@
+/* Matrix products straight over a GGUF's own weight blocks: Y[M,N] = X[M,K] @ W[N,K]^T.
+ *
+ * W stays in the bytes the GGUF file holds (memory-mapped; no copy, no conversion): Q4_0, Q5_0, Q8_0, Q4_K, Q5_K,
+ * Q6_K as integer blocks, F16/BF16/F32 as floats. For the integer formats the activations are quantized to int8
+ * per row, in units of 32 values with their own fp32 scale (finer than llama.cpp's 256-value Q8_K units for the
+ * K-quants), and each unit's weight-activation dot product is an exact integer (maddubs+madd on AVX2, vpdpbusd
+ * where VNNI exists: the same integers either way). Per group of 8 units the 8 integer sums are reduced into one
+ * vector and scaled in fp32 by (weight scale x activation scale); minimums and offsets (Q4_K/Q5_K mins, the -8 of
+ * Q4_0, -16 of Q5_0, -32 of Q6_K) come from the activation's per-unit sums. Float weights multiply fp32
+ * activations directly.
+ *
+ * Why: decode is a stream over every weight byte per token, so the bytes read per token decide the speed; reading
+ * the GGUF's 4-6 bit blocks directly reads 1.5-2x fewer bytes than re-quantized Q8_0, and integer dot products keep
+ * an AVX2 core ahead of memory even when several rows (a batch, a speculative draft, a prefill tile) share each
+ * unpacked weight group.
+ *
+ * Exactness that speculation relies on: the result for (m, n) depends only on activation row m and weight row n,
+ * computed by the same instructions in the same order whatever M is, so verifying k draft tokens in one call gives
+ * bit-identical logits to k single steps.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <immintrin.h>
+
+#include "blocks.h"
+
+#define UNIT 32   /* values per activation scale */
+#define GROUP 8   /* units reduced together: 256 values */
+
+/* Quantized activations of M rows (see quantize_rows): per row `units` (padded to a multiple of GROUP) units of
+ * 32 int8 with an fp32 scale d, the fp32 sum d * sum(q) of each unit, and the int16 sums of each 16 values. */
+typedef struct {
+    int8_t *q;       /* [M][units * 32], zero past K */
+    float *d;        /* [M][units] */
+    float *fs;       /* [M][units] */
+    int16_t *s16;    /* [M][units * 2] */
+    const float *x;  /* the fp32 rows themselves, for float weights */
+    long rows, cols, units;
+} act_t;
+
+static inline float fp16_to_fp32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    _Float16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+#endif
+}
+
+static inline float bf16_to_fp32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+/* ---- activation quantization ------------------------------------------------------------------------------- */
+
+long act_units(long K) { return (K / UNIT + GROUP - 1) / GROUP * GROUP; }
+
+/* Bytes of scratch for M rows of K values (one allocation; act_bind points an act_t into it). */
+long act_bytes(long M, long K) {
+    const long u = act_units(K);
+    return M * u * (UNIT + 2 * (long)sizeof(float) + 2 * (long)sizeof(int16_t)) + 64;
+}
+
+static void act_bind(act_t *a, void *buf, const float *x, long M, long K) {
+    const long u = act_units(K);
+    uint8_t *p = (uint8_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    a->q = (int8_t *)p;
+    a->d = (float *)(p + M * u * UNIT);
+    a->fs = a->d + M * u;
+    a->s16 = (int16_t *)(a->fs + M * u);
+    a->x = x;
+    a->rows = M, a->cols = K, a->units = u;
+}
+
+/* Row m: per unit of 32, d = max|x| / 127, q = round(x / d) (ties to even), unit sums; units past K are zero. */
+static void quantize_row(const float *x, long K, long units, int8_t *q, float *d, float *fs, int16_t *s16) {
+    const long nu = K / UNIT;
+    for (long u = 0; u < units; u++) {
+        if (u >= nu) {
+            memset(q + u * UNIT, 0, UNIT);
+            d[u] = fs[u] = 0.0f;
+            s16[2 * u] = s16[2 * u + 1] = 0;
+            continue;
+        }
+        const float *xu = x + u * UNIT;
+        float amax = 0.0f;
+        for (int i = 0; i < UNIT; i++) amax = fmaxf(amax, fabsf(xu[i]));
+        const float du = amax / 127.0f, id = du != 0.0f ? 1.0f / du : 0.0f;
+        int s0 = 0, s1 = 0;
+        for (int i = 0; i < UNIT; i++) {
+            const int v = (int)nearbyintf(xu[i] * id);
+            q[u * UNIT + i] = (int8_t)v;
+            if (i < 16) s0 += v; else s1 += v;
+        }
+        d[u] = du;
+        fs[u] = du * (float)(s0 + s1);
+        s16[2 * u] = (int16_t)s0, s16[2 * u + 1] = (int16_t)s1;
+    }
+}
+
+static void quantize_rows(act_t *a, int threads) {
+    const long M = a->rows, K = a->cols, u = a->units;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= (1 << 16))
+    for (long m = 0; m < M; m++)
+        quantize_row(a->x + m * K, K, u, a->q + m * u * UNIT, a->d + m * u, a->fs + m * u, a->s16 + m * u * 2);
+}
+
+/* ---- one weight group (8 units of 32) unpacked to unsigned or signed bytes, with its fp32 factors -------------
+ * Every row of a group computes  sum_u  fw[u] * d_a[u] * (sum_i w[u][i] * q_a[u][i])  -  om[u] * fs_a[u]
+ * except Q6_K, whose 16-value scales multiply in the integer domain (sc16) and whose -32 offset is exact there.
+ * Units past K (tails of Q4_0/Q5_0/Q8_0 rows of 640 values...) are zero with zero factors. */
+typedef struct {
+    uint8_t w[GROUP][UNIT] __attribute__((aligned(32)));
+    float fw[GROUP] __attribute__((aligned(32)));
+    float om[GROUP] __attribute__((aligned(32)));
+    int16_t sc16[GROUP][16] __attribute__((aligned(32)));  /* Q6_K: each unit's two sub-block scales, x8 each */
+    int8_t sc[16];                                         /* Q6_K: the 16 scales of the group */
+    int nu;                                                /* units present */
+    int signed_w;                                          /* Q8_0: w holds int8 */
+} group_t;
+
+static void kmins(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {  /* Q4_K/Q5_K 6-bit scales and mins */
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+#if defined(__AVX2__)
+static inline __m256i nibbles_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+static inline __m256i nibbles_hi(__m256i v) {
+    return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
+}
+/* 32 bits -> 32 bytes, 0x10 where the bit is set (the 5th bit of Q5 values). */
+static inline __m256i bits_to_0x10(uint32_t bits) {
+    const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+                                            0x0303030303030303);
+    const __m256i bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    v = _mm256_or_si256(v, bit);
+    v = _mm256_cmpeq_epi8(v, _mm256_set1_epi64x(-1));
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+#endif
+
+/* Blocks of 32 (Q4_0, Q5_0, Q8_0): group g of a row = blocks 8g .. 8g+7. */
+static void prep_b32(group_t *G, const uint8_t *row, long type, long g, long nb) {
+    const long bsz = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34;
+    const long b0 = g * GROUP;
+    G->nu = (int)(nb - b0 < GROUP ? nb - b0 : GROUP);
+    G->signed_w = type == T_Q8_0;
+    const float off = type == T_Q4_0 ? 8.0f : type == T_Q5_0 ? 16.0f : 0.0f;
+    for (int u = 0; u < GROUP; u++) {
+        if (u >= G->nu) {
+            memset(G->w[u], 0, UNIT);
+            G->fw[u] = G->om[u] = 0.0f;
+            continue;
+        }
+        const uint8_t *b = row + (b0 + u) * bsz;
+        const float d = fp16_to_fp32(rd16(b));
+        G->fw[u] = d;
+        G->om[u] = off * d;
+        if (type == T_Q8_0) {
+            memcpy(G->w[u], b + 2, UNIT);
+            continue;
+        }
+        const uint8_t *qs = b + (type == T_Q4_0 ? 2 : 6);
+#if defined(__AVX2__)
+        const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+        __m256i v = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+        v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+        if (type == T_Q5_0) {
+            uint32_t qh;
+            memcpy(&qh, b + 2, 4);
+            v = _mm256_or_si256(v, bits_to_0x10(qh));
+        }
+        _mm256_store_si256((__m256i *)G->w[u], v);
+#else
+        uint32_t qh = 0;
+        if (type == T_Q5_0) memcpy(&qh, b + 2, 4);
+        for (int i = 0; i < 16; i++) {
+            G->w[u][i] = (qs[i] & 0xF) | (((qh >> i) & 1) << 4);
+            G->w[u][i + 16] = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+        }
+#endif
+    }
+}
+
+/* Q4_K / Q5_K: group g = super-block g (256 values, 8 sub-blocks of 32 with 6-bit scales and mins). */
+static void prep_k45(group_t *G, const uint8_t *row, long type, long g) {
+    const uint8_t *b = row + g * (type == T_Q4_K ? 144 : 176);
+    const float d = fp16_to_fp32(rd16(b)), dmin = fp16_to_fp32(rd16(b + 2));
+    uint8_t sc[8], mn[8];
+    kmins(b + 4, sc, mn);
+    G->nu = GROUP, G->signed_w = 0;
+    for (int j = 0; j < 8; j++) G->fw[j] = d * (float)sc[j], G->om[j] = dmin * (float)mn[j];
+    const uint8_t *qh = b + 16, *qs = type == T_Q4_K ? b + 16 : b + 48;
+#if defined(__AVX2__)
+    const __m256i h = type == T_Q5_K ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
+        __m256i lo = nibbles_lo(v), hi = nibbles_hi(v);
+        if (type == T_Q5_K) {
+            const __m256i m0 = _mm256_set1_epi8((char)(1 << (2 * i))), m1 = _mm256_set1_epi8((char)(2 << (2 * i)));
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m0), m0),
+                                                      _mm256_set1_epi8(0x10)));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m1), m1),
+                                                      _mm256_set1_epi8(0x10)));
+        }
+        _mm256_store_si256((__m256i *)G->w[2 * i], lo);
+        _mm256_store_si256((__m256i *)G->w[2 * i + 1], hi);
+    }
+#else
+    for (int i = 0; i < 4; i++)
+        for (int l = 0; l < 32; l++) {
+            uint8_t lo = qs[32 * i + l] & 0xF, hi = qs[32 * i + l] >> 4;
+            if (type == T_Q5_K) {
+                lo |= ((qh[l] >> (2 * i)) & 1) << 4;
+                hi |= ((qh[l] >> (2 * i + 1)) & 1) << 4;
+            }
+            G->w[2 * i][l] = lo, G->w[2 * i + 1][l] = hi;
+        }
+#endif
+}
+
+/* Q6_K: group g = super-block g (256 values: ql[128], qh[64], 16 int8 scales, fp16 d); values 0..63, offset 32. */
+static void prep_q6k(group_t *G, const uint8_t *row, long g) {
+    const uint8_t *b = row + g * 210, *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    const float d = fp16_to_fp32(rd16(b + 208));
+    G->nu = GROUP, G->signed_w = 0;
+    memcpy(G->sc, sc, 16);
+    for (int u = 0; u < 8; u++) {
+        G->fw[u] = d, G->om[u] = 0.0f;
+        for (int i = 0; i < 8; i++) G->sc16[u][i] = sc[2 * u], G->sc16[u][i + 8] = sc[2 * u + 1];
+    }
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *l = ql + 64 * half, *h = qh + 32 * half;
+        uint8_t (*w)[UNIT] = G->w + 4 * half;
+#if defined(__AVX2__)
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)l), l1 = _mm256_loadu_si256((const __m256i *)(l + 32));
+        const __m256i hv = _mm256_loadu_si256((const __m256i *)h), m3 = _mm256_set1_epi8(3);
+        const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(hv, m3), 4);
+        const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2), m3), 4);
+        const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 4), m3), 4);
+        const __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 6), m3), 4);
+        _mm256_store_si256((__m256i *)w[0], _mm256_or_si256(nibbles_lo(l0), h0));
+        _mm256_store_si256((__m256i *)w[1], _mm256_or_si256(nibbles_lo(l1), h1));
+        _mm256_store_si256((__m256i *)w[2], _mm256_or_si256(nibbles_hi(l0), h2));
+        _mm256_store_si256((__m256i *)w[3], _mm256_or_si256(nibbles_hi(l1), h3));
+#else
+        for (int i = 0; i < 32; i++) {
+            w[0][i] = (l[i] & 0xF) | ((h[i] & 3) << 4);
+            w[1][i] = (l[i + 32] & 0xF) | (((h[i] >> 2) & 3) << 4);
+            w[2][i] = (l[i] >> 4) | (((h[i] >> 4) & 3) << 4);
+            w[3][i] = (l[i + 32] >> 4) | (((h[i] >> 6) & 3) << 4);
+        }
+#endif
+    }
+}
+
+static void prep_group(group_t *G, const uint8_t *row, long type, long g, long K) {
+    if (type == T_Q4_K || type == T_Q5_K) prep_k45(G, row, type, g);
+    else if (type == T_Q6_K) prep_q6k(G, row, g);
+    else prep_b32(G, row, type, g, K / UNIT);
+}
+
+/* ---- one group x one activation row ---------------------------------------------------------------------------- */
+
+#if defined(__AVX2__)
+/* Sum of the 32 products of unsigned w and signed a, as 8 int32 partial sums. */
+static inline __m256i udot(__m256i w, __m256i a) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
+#endif
+}
+
+/* Q6_K: per 16 values, the sub-block scale multiplies the integer sums (exact). */
+static inline __m256i udot_scaled(__m256i w, __m256i a, __m256i sc16) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), sc16);
+}
+
+static inline __m256i unit_dot(const group_t *G, int u, const int8_t *aq) {
+    const __m256i w = _mm256_load_si256((const __m256i *)G->w[u]);
+    const __m256i a = _mm256_loadu_si256((const __m256i *)(aq + u * UNIT));
+    if (G->signed_w) return udot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    return udot(w, a);
+}
+
+/* Lane u of the result = the sum of p[u]'s 8 lanes. */
+static inline __m256i reduce8(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5, __m256i p6,
+                              __m256i p7) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+#endif
+
+
+/* acc[0] += sum_u fw*d_a*isum_u ; acc[1] += sum_u om*fs_a  (vectors of 8 lanes, or scalars without AVX2) */
+typedef struct {
+#if defined(__AVX2__)
+    __m256 dot, off;
+#else
+    float dot, off;
+#endif
+} acc_t;
+
+#if defined(__AVX2__)
+/* The 8 exact integer unit sums of one group and one activation row (Q6_K: scales and -32 offset applied). */
+static inline __attribute__((always_inline)) __m256i group_z(const group_t *G, long type, const int8_t *aq,
+                                                             const int16_t *as16) {
+    if (type == T_Q6_K) {
+        __m256i p[8];
+        for (int u = 0; u < 8; u++)
+            p[u] = udot_scaled(_mm256_load_si256((const __m256i *)G->w[u]),
+                               _mm256_loadu_si256((const __m256i *)(aq + u * UNIT)),
+                               _mm256_load_si256((const __m256i *)G->sc16[u]));
+        const __m256i z = reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+        /* -32 * sum over the unit's two sub-blocks of scale * (sum of their 16 activations) */
+        const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)G->sc));
+        const __m256i corr = _mm256_madd_epi16(sc, _mm256_loadu_si256((const __m256i *)as16));
+        return _mm256_sub_epi32(z, _mm256_slli_epi32(corr, 5));
+    }
+    return reduce8(unit_dot(G, 0, aq), unit_dot(G, 1, aq), unit_dot(G, 2, aq), unit_dot(G, 3, aq),
+                   unit_dot(G, 4, aq), unit_dot(G, 5, aq), unit_dot(G, 6, aq), unit_dot(G, 7, aq));
+}
+#endif
+
+static inline __attribute__((always_inline)) void group_row(const group_t *G, long type, const int8_t *aq,
+                                                            const float *ad, const float *afs, const int16_t *as16,
+                                                            acc_t *acc) {
+#if defined(__AVX2__)
+    const __m256i z = group_z(G, type, aq, as16);
+    const __m256 f = _mm256_mul_ps(_mm256_load_ps(G->fw), _mm256_loadu_ps(ad));
+    acc->dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), f, acc->dot);
+    acc->off = _mm256_fmadd_ps(_mm256_load_ps(G->om), _mm256_loadu_ps(afs), acc->off);
+#else
+    for (int u = 0; u < GROUP; u++) {
+        int32_t s = 0;
+        if (type == T_Q6_K) {
+            int32_t s0 = 0, s1 = 0;
+            for (int i = 0; i < 16; i++) s0 += (int32_t)G->w[u][i] * aq[u * UNIT + i];
+            for (int i = 16; i < 32; i++) s1 += (int32_t)G->w[u][i] * aq[u * UNIT + i];
+            s = G->sc[2 * u] * (s0 - 32 * as16[2 * u]) + G->sc[2 * u + 1] * (s1 - 32 * as16[2 * u + 1]);
+        } else if (G->signed_w) {
+            for (int i = 0; i < UNIT; i++) s += (int32_t)(int8_t)G->w[u][i] * aq[u * UNIT + i];
+        } else {
+            for (int i = 0; i < UNIT; i++) s += (int32_t)G->w[u][i] * aq[u * UNIT + i];
+        }
+        acc->dot += (float)s * (G->fw[u] * ad[u]);
+        acc->off += G->om[u] * afs[u];
+    }
+#endif
+}
+
+static inline float acc_total(acc_t *acc) {
+#if defined(__AVX2__)
+    const __m256 v = _mm256_sub_ps(acc->dot, acc->off);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
+    return acc->dot - acc->off;
+#endif
+}
+
+static inline void acc_zero(acc_t *acc) {
+#if defined(__AVX2__)
+    acc->dot = acc->off = _mm256_setzero_ps();
+#else
+    acc->dot = acc->off = 0.0f;
+#endif
+}
+
+#if defined(__AVX2__)
+/* ---- decode: one weight row x one activation row, unpacked in registers (no group buffer) -------------------- */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline __m256 f16x8(const uint8_t *p, long stride, int n) {  /* n fp16 values `stride` bytes apart */
+    uint16_t h[8] = {0};
+    for (int i = 0; i < n; i++) h[i] = rd16(p + i * stride);
+    return _mm256_cvtph_ps(_mm_set_epi16((short)h[7], (short)h[6], (short)h[5], (short)h[4], (short)h[3],
+                                         (short)h[2], (short)h[1], (short)h[0]));
+}
+
+/* Q4_0 / Q5_0 / Q8_0 row: groups of 8 blocks, the last one possibly short (rows of 640 values). */
+static inline __attribute__((always_inline)) float row1_b32(const uint8_t *row, long type, long nb,
+                                                            const int8_t *aq, const float *ad, const float *afs) {
+    const long bsz = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34;
+    const float off = type == T_Q4_0 ? 8.0f : 16.0f;
+    __m256 acc = _mm256_setzero_ps(), acc_off = _mm256_setzero_ps();
+    for (long b0 = 0; b0 < nb; b0 += GROUP) {
+        const int nu = (int)(nb - b0 < GROUP ? nb - b0 : GROUP);
+        const uint8_t *blk = row + b0 * bsz;
+        _mm_prefetch((const char *)(blk + 8 * bsz * 4), _MM_HINT_T0);
+        __m256i p[GROUP];
+        for (int u = 0; u < GROUP; u++) {
+            if (u >= nu) { p[u] = _mm256_setzero_si256(); continue; }
+            const uint8_t *b = blk + u * bsz;
+            const __m256i a = _mm256_load_si256((const __m256i *)(aq + (b0 + u) * UNIT));
+            if (type == T_Q8_0) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2));
+                p[u] = udot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+                continue;
+            }
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(b + (type == T_Q4_0 ? 2 : 6)));
+            __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+            if (type == T_Q5_0) {
+                uint32_t qh;
+                memcpy(&qh, b + 2, 4);
+                w = _mm256_or_si256(w, bits_to_0x10(qh));
+            }
+            p[u] = udot(w, a);
+        }
+        const __m256i z = reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+        const __m256 dw = f16x8(blk, bsz, nu);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), _mm256_mul_ps(dw, _mm256_load_ps(ad + b0)), acc);
+        if (type != T_Q8_0) acc_off = _mm256_fmadd_ps(dw, _mm256_load_ps(afs + b0), acc_off);
+    }
+    if (type == T_Q8_0) return hsum(acc);
+    return hsum(_mm256_fnmadd_ps(acc_off, _mm256_set1_ps(off), acc));
+}
+
+/* Q4_K / Q5_K row: per super-block, 8 sub-blocks with 6-bit scales and mins. */
+static inline __attribute__((always_inline)) float row1_k45(const uint8_t *row, long type, long nsb,
+                                                            const int8_t *aq, const float *ad, const float *afs) {
+    const long bsz = type == T_Q4_K ? 144 : 176;
+    __m256 acc = _mm256_setzero_ps(), acc_off = _mm256_setzero_ps();
+    for (long g = 0; g < nsb; g++) {
+        const uint8_t *b = row + g * bsz;
+        _mm_prefetch((const char *)(b + 4 * bsz), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 4 * bsz + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 4 * bsz + 128), _MM_HINT_T0);
+        uint32_t s[3], u0, u1, u2, u3;
+        memcpy(s, b + 4, 12);
+        u0 = s[0] & 0x3f3f3f3f;                                          /* scales 0..3 */
+        u1 = (s[2] & 0x0f0f0f0f) | ((s[0] >> 2) & 0x30303030);           /* scales 4..7 */
+        u2 = s[1] & 0x3f3f3f3f;                                          /* mins 0..3 */
+        u3 = ((s[2] >> 4) & 0x0f0f0f0f) | ((s[1] >> 2) & 0x30303030);    /* mins 4..7 */
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)u1, (int)u0)));
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)u3, (int)u2)));
+        const int8_t *a = aq + g * 256;
+        const uint8_t *qs = b + (type == T_Q4_K ? 16 : 48);
+        __m256i h = type == T_Q5_K ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+        __m256i p[8];
+        for (int i = 0; i < 4; i++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
+            __m256i lo = nibbles_lo(v), hi = nibbles_hi(v);
+            if (type == T_Q5_K) {
+                const __m256i m0 = _mm256_set1_epi8(1), m1 = _mm256_set1_epi8(2), x10 = _mm256_set1_epi8(0x10);
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m0), m0), x10));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m1), m1), x10));
+                h = _mm256_srli_epi16(h, 2);
+            }
+            p[2 * i] = udot(lo, _mm256_load_si256((const __m256i *)(a + 64 * i)));
+            p[2 * i + 1] = udot(hi, _mm256_load_si256((const __m256i *)(a + 64 * i + 32)));
+        }
+        const __m256i z = reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+        const float d = fp16_to_fp32(rd16(b)), dmin = fp16_to_fp32(rd16(b + 2));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_set1_ps(d)),
+                                                                   _mm256_load_ps(ad + 8 * g)), acc);
+        acc_off = _mm256_fmadd_ps(_mm256_mul_ps(mn, _mm256_set1_ps(dmin)), _mm256_load_ps(afs + 8 * g), acc_off);
+    }
+    return hsum(_mm256_sub_ps(acc, acc_off));
+}
+
+/* Q6_K row: 16 sub-blocks of 16 with int8 scales, applied in the integer domain; the -32 offset too. */
+static float row1_q6k(const uint8_t *row, long nsb, const int8_t *aq, const float *ad, const int16_t *as16) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    for (long g = 0; g < nsb; g++) {
+        const uint8_t *b = row + g * 210;
+        for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(b + 4 * 210 + 64 * c), _MM_HINT_T0);
+        const __m256i scv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+        const int8_t *a = aq + g * 256;
+        __m256i p[8];
+        for (int half = 0; half < 2; half++) {
+            const uint8_t *l = b + 64 * half, *hq = b + 128 + 32 * half;
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)l), l1 = _mm256_loadu_si256((const __m256i *)(l + 32));
+            const __m256i hv = _mm256_loadu_si256((const __m256i *)hq);
+            const __m256i w[4] = {
+                _mm256_or_si256(nibbles_lo(l0), _mm256_slli_epi16(_mm256_and_si256(hv, m3), 4)),
+                _mm256_or_si256(nibbles_lo(l1), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2), m3), 4)),
+                _mm256_or_si256(nibbles_hi(l0), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 4), m3), 4)),
+                _mm256_or_si256(nibbles_hi(l1), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 6), m3), 4))};
+            for (int j = 0; j < 4; j++) {
+                const int u = 4 * half + j;
+                const __m256i s16 = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(scv, _mm256_set1_epi32(u)), pick);
+                p[u] = udot_scaled(w[j], _mm256_load_si256((const __m256i *)(a + 32 * u)), s16);
+            }
+        }
+        __m256i z = reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+        const __m256i corr = _mm256_madd_epi16(scv, _mm256_loadu_si256((const __m256i *)(as16 + 16 * g)));
+        z = _mm256_sub_epi32(z, _mm256_slli_epi32(corr, 5));
+        const float d = fp16_to_fp32(rd16(b + 208));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), _mm256_mul_ps(_mm256_set1_ps(d), _mm256_load_ps(ad + 8 * g)), acc);
+    }
+    return hsum(acc);
+}
+
+static float row1(const qmat_t *W, long n, const act_t *A, long m) {
+    const uint8_t *row = W->data + n * W->row_bytes;
+    const long U = A->units, K = W->cols;
+    const int8_t *aq = A->q + m * U * UNIT;
+    const float *ad = A->d + m * U, *afs = A->fs + m * U;
+    switch (W->type) {
+        case T_Q8_0: return row1_b32(row, T_Q8_0, K / UNIT, aq, ad, afs);
+        case T_Q4_0: return row1_b32(row, T_Q4_0, K / UNIT, aq, ad, afs);
+        case T_Q5_0: return row1_b32(row, T_Q5_0, K / UNIT, aq, ad, afs);
+        case T_Q4_K: return row1_k45(row, T_Q4_K, K / 256, aq, ad, afs);
+        case T_Q5_K: return row1_k45(row, T_Q5_K, K / 256, aq, ad, afs);
+        default: return row1_q6k(row, K / 256, aq, ad, A->s16 + m * U * 2);
+    }
+}
+#endif
+
+#define MR 8  /* activation rows per pass over a weight row: each unpacked group serves them all */
+
+/* One weight row, its groups already unpacked (G[0 .. groups-1]), against activation rows m0 .. m1-1. */
+static inline __attribute__((always_inline)) void rows_int_t(const group_t *G, long groups, long type,
+                                                             const act_t *A, long m0, long m1, float *y, long ldy,
+                                                             long n) {
+    const long U = A->units;
+    long m = m0;
+    for (; m + 4 <= m1; m += 4) {  /* 4 rows share every load of the unpacked weights */
+        acc_t acc[4];
+        for (int r = 0; r < 4; r++) acc_zero(&acc[r]);
+        for (long g = 0; g < groups; g++) {
+            const long u0 = g * GROUP;
+            for (int r = 0; r < 4; r++)
+                group_row(G + g, type, A->q + ((m + r) * U + u0) * UNIT, A->d + (m + r) * U + u0,
+                          A->fs + (m + r) * U + u0, A->s16 + ((m + r) * U + u0) * 2, &acc[r]);
+        }
+        for (int r = 0; r < 4; r++) y[(m + r) * ldy + n] = acc_total(&acc[r]);
+    }
+    for (; m < m1; m++) {
+        acc_t acc;
+        acc_zero(&acc);
+        const int8_t *aq = A->q + m * U * UNIT;
+        const float *ad = A->d + m * U, *afs = A->fs + m * U;
+        const int16_t *as16 = A->s16 + m * U * 2;
+        for (long g = 0; g < groups; g++)
+            group_row(G + g, type, aq + g * GROUP * UNIT, ad + g * GROUP, afs + g * GROUP, as16 + g * GROUP * 2, &acc);
+        y[m * ldy + n] = acc_total(&acc);
+    }
+}
+
+static void rows_int(const group_t *G, long groups, long type, const act_t *A, long m0, long m1, float *y, long ldy,
+                     long n) {
+    switch (type) {  /* one specialised loop per block type: the type tests leave the inner loop */
+        case T_Q8_0: rows_int_t(G, groups, T_Q8_0, A, m0, m1, y, ldy, n); break;
+        case T_Q6_K: rows_int_t(G, groups, T_Q6_K, A, m0, m1, y, ldy, n); break;
+        default: rows_int_t(G, groups, T_Q4_K, A, m0, m1, y, ldy, n); break;  /* unsigned weights with offsets */
+    }
+}
+
+/* One float weight row (F32/F16/BF16) against fp32 activation rows. */
+static void row_float(const qmat_t *W, long n, const act_t *A, long m0, int mr, float *y, long ldy) {
+    const uint8_t *row = W->data + n * W->row_bytes;
+    const long K = W->cols;
+    long k = 0;
+#if defined(__AVX2__)
+    __m256 acc[MR];
+    for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+        __m256 w;
+        if (W->type == T_F32) w = _mm256_loadu_ps((const float *)row + k);
+#if defined(__F16C__)
+        else if (W->type == T_F16) w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k)));
+#endif
+        else if (W->type == T_BF16)
+            w = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k))), 16));
+        else {
+            float t[8];
+            for (int i = 0; i < 8; i++) t[i] = fp16_to_fp32(rd16(row + 2 * (k + i)));
+            w = _mm256_loadu_ps(t);
+        }
+        for (int r = 0; r < mr; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(A->x + (m0 + r) * K + k), acc[r]);
+    }
+    float out[MR];
+    for (int r = 0; r < mr; r++) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    }
+#else
+    float out[MR];
+    for (int r = 0; r < mr; r++) out[r] = 0.0f;
+#endif
+    for (; k < K; k++) {
+        const float w = W->type == T_F32 ? ((const float *)row)[k]
+                        : W->type == T_F16 ? fp16_to_fp32(rd16(row + 2 * k)) : bf16_to_fp32(rd16(row + 2 * k));
+        for (int r = 0; r < mr; r++) out[r] += w * A->x[(m0 + r) * K + k];
+    }
+    for (int r = 0; r < mr; r++) y[(m0 + r) * ldy + n] = out[r];
+}
+
+static int is_float(long type) { return type == T_F32 || type == T_F16 || type == T_BF16; }
+
+int qtype_supported(long type) {
+    return is_float(type) || type == T_Q4_0 || type == T_Q5_0 || type == T_Q8_0 || type == T_Q4_K ||
+           type == T_Q5_K || type == T_Q6_K;
+}
+
+#define NB 16   /* weight rows per task: their bytes stay in L2 while every activation tile passes */
+#define MC 128  /* activation rows per pass over a task's weight rows: their int8 values stay in L2 */
+
+/* Several products sharing one activation (q, k and v of a layer; gate and up) in one parallel region: the tasks
+ * are NB-row blocks of every matrix, split statically. Y_i[m, :] is written at y[i] + m * ldy[i]. Each weight row
+ * is unpacked once per MC activation rows (once per call in decode and batches), then every row reads it from L1. */
+static void matmuls(const qmat_t *W, int n_mats, const act_t *A, float *const *y, const long *ldy, int threads) {
+    long first[9], total = 0, widest = 0;
+    for (int i = 0; i < n_mats; i++) {
+        first[i] = total, total += (W[i].rows + NB - 1) / NB;
+        if (W[i].cols > widest) widest = W[i].cols;
+    }
+    first[n_mats] = total;
+    const long M = A->rows, max_groups = (widest / UNIT + GROUP - 1) / GROUP;
+#pragma omp parallel num_threads(threads) if (total > 1)
+    {
+#if defined(__AVX2__)
+        group_t *G = M > 1 ? aligned_alloc(64, sizeof(group_t) * max_groups) : NULL;  /* M == 1: row1, no buffer */
+#else
+        group_t *G = aligned_alloc(64, sizeof(group_t) * max_groups);
+#endif
+#pragma omp for schedule(static)
+        for (long t = 0; t < total; t++) {
+            int i = 0;
+            while (t >= first[i + 1]) i++;
+            const qmat_t *w = W + i;
+            const long n0 = (t - first[i]) * NB, n1 = n0 + NB < w->rows ? n0 + NB : w->rows;
+            const long groups = (w->cols / UNIT + GROUP - 1) / GROUP;
+            for (long m0 = 0; m0 < M; m0 += MC) {
+                const long m1 = m0 + MC < M ? m0 + MC : M;
+                for (long n = n0; n < n1; n++) {
+                    if (is_float(w->type)) {
+                        for (long m = m0; m < m1; m += MR)
+                            row_float(w, n, A, m, (int)(m1 - m < MR ? m1 - m : MR), y[i], ldy[i]);
+                        continue;
+                    }
+#if defined(__AVX2__)
+                    if (M == 1) {
+                        y[i][n] = row1(w, n, A, 0);
+                        continue;
+                    }
+#endif
+                    const uint8_t *row = w->data + n * w->row_bytes;
+                    for (long g = 0; g < groups; g++) prep_group(G + g, row, w->type, g, w->cols);
+                    rows_int(G, groups, w->type, A, m0, m1, y[i], ldy[i], n);
+                }
+            }
+        }
+        free(G);
+    }
+}
+
+/* Y_i = X @ W_i^T for n_mats matrices of the same K (at most 8): X [M, K] fp32 is quantized once. */
+void qmatmul_multi(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
+                   void *scratch, int threads) {
+    act_t A;
+    const long K = W[0].cols;
+    act_bind(&A, scratch, x, M, K);
+    int quantized = 0;
+    for (int i = 0; i < n_mats; i++) quantized |= !is_float(W[i].type);
+    if (quantized) quantize_rows(&A, threads);
+    matmuls(W, n_mats, &A, y, ldy, threads);
+}
+
+/* Y[M, N] = X[M, K] @ W^T, scratch from the caller (act_bytes(M, K)); the entry point for Python. */
+void qmatmul(const uint8_t *data, long type, long N, long K, long row_bytes, const float *x, long M, float *y,
+             void *scratch, int threads) {
+    const qmat_t w = {data, type, N, K, row_bytes};
+    float *ys[1] = {y};
+    const long ld[1] = {N};
+    qmatmul_multi(&w, 1, x, M, ys, ld, scratch, threads);
+}
+
+/* ---- dequantization of rows (embedding lookups, and float copies where a caller needs them) ------------------- */
+
+static void dequant_row(const uint8_t *row, long type, long K, float *out) {
+    if (is_float(type)) {
+        for (long k = 0; k < K; k++)
+            out[k] = type == T_F32 ? ((const float *)row)[k]
+                     : type == T_F16 ? fp16_to_fp32(rd16(row + 2 * k)) : bf16_to_fp32(rd16(row + 2 * k));
+        return;
+    }
+    group_t G;
+    const long groups = (K / UNIT + GROUP - 1) / GROUP;
+    for (long g = 0; g < groups; g++) {
+        prep_group(&G, row, type, g, K);
+        for (int u = 0; u < G.nu; u++) {
+            float *o = out + (g * GROUP + u) * UNIT;
+            for (int i = 0; i < UNIT; i++) {
+                if (type == T_Q6_K)
+                    o[i] = G.fw[u] * (float)G.sc[2 * u + (i >= 16)] * (float)((int)G.w[u][i] - 32);
+                else if (G.signed_w)
+                    o[i] = G.fw[u] * (float)(int8_t)G.w[u][i];
+                else
+                    o[i] = G.fw[u] * (float)G.w[u][i] - G.om[u];
+            }
+        }
+    }
+}
+
+void dequant_rows(const uint8_t *data, long type, long K, long row_bytes, const int64_t *rows, long n_rows,
+                  float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (n_rows > 64)
+    for (long r = 0; r < n_rows; r++) dequant_row(data + rows[r] * row_bytes, type, K, out + r * K);
+}

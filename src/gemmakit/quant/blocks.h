@@ -1,0 +1,16 @@
+/* The interface of blocks.c (matrix products over GGUF weight blocks), shared with decode.c. */
+#include <stdint.h>
+
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
+       T_BF16 = 30 };
+
+/* A weight matrix: `rows` (N) rows of `row_bytes` bytes each, `cols` (K) values per row, in ggml type `type`. */
+typedef struct {
+    const uint8_t *data;
+    long type, rows, cols, row_bytes;
+} qmat_t;
+
+long act_bytes(long M, long K);
+int qtype_supported(long type);
+void qmatmul_multi(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
+                   void *scratch, int threads);

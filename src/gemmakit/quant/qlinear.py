@@ -1,0 +1,165 @@
+"""Linear layers and the tied embedding over a GGUF's own weight blocks: the fast CPU inference path.
+
+A `QWeight` is a matrix in one of ggml's block formats (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32) held as
+its raw bytes, usually a view of the memory-mapped GGUF file: nothing is converted or copied at load, and a decode
+step reads each weight byte once. `QLinear` multiplies through the native kernels (blocks.c): the activations are
+quantized to int8 per 32 values for the integer formats, float weights multiply fp32 activations. Swapped in after
+the model is built (STYLE habit 6); the reference path (`quant=None`) keeps plain nn.Linear with dequantized weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import Tensor, nn
+
+from . import kernels
+
+QT = GGMLQuantizationType
+NATIVE_TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16, QT.F32)
+
+
+@dataclass
+class QWeight:
+    """An [N, K] matrix as ggml blocks: `data` is uint8 [N, row_bytes] (a view of the file where possible)."""
+
+    data: Tensor
+    qtype: GGMLQuantizationType
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        if self.cols % block or tuple(self.data.shape) != (self.rows, self.cols // block * size):
+            raise ValueError(f"{self.qtype.name} bytes of shape {tuple(self.data.shape)} do not hold a "
+                             f"{self.rows}x{self.cols} matrix")
+
+    @classmethod
+    def from_bytes(cls, raw: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int) -> QWeight:
+        return cls(torch.from_numpy(raw).reshape(rows, -1), qtype, rows, cols)
+
+    def dequantize_rows(self, rows: Tensor) -> Tensor:
+        """fp32 [len(rows), K]: embedding lookups, exactly the reference path's values."""
+        flat = rows.reshape(-1).to(torch.long).contiguous()
+        out = torch.empty(flat.shape[0], self.cols)
+        kernels.library().dequant_rows(self.data.data_ptr(), int(self.qtype), self.cols, self.data.shape[1],
+                                       flat.data_ptr(), flat.shape[0], out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x [M, K] fp32 -> x @ W.T [M, N] fp32 through the native kernels."""
+        lib = kernels.library()
+        x = x.float().contiguous()
+        m = x.shape[0]
+        y = torch.empty(m, self.rows)
+        scratch = torch.empty(lib.act_bytes(m, self.cols), dtype=torch.uint8)
+        lib.qmatmul(self.data.data_ptr(), int(self.qtype), self.rows, self.cols, self.data.shape[1], x.data_ptr(),
+                    m, y.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+        return y
+
+
+class QLinear(nn.Module):
+    """y = x @ W.T with W a QWeight; a drop-in for a bias-free nn.Linear at inference."""
+
+    def __init__(self, weight: QWeight) -> None:
+        super().__init__()
+        self.qweight = weight
+        self.in_features, self.out_features = weight.cols, weight.rows
+        self.register_buffer("blocks", weight.data, persistent=False)  # so .to()/state stay aware of it
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = self.qweight.matmul(x.reshape(-1, self.in_features))
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qweight.qtype.name}"
+
+
+class QEmbedding(nn.Module):
+    """A tied embedding/LM head as a QWeight: rows looked up for the input, `attend` for the logits (as Flax's
+    Embed)."""
+
+    def __init__(self, weight: QWeight) -> None:
+        super().__init__()
+        self.qweight = weight
+        self.num_embeddings, self.embedding_dim = weight.rows, weight.cols
+        self.head = QLinear(weight)
+
+    @property
+    def weight(self) -> Tensor:  # dtype/device probe used by generic code; never the full matrix
+        return self.head.blocks
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.qweight.dequantize_rows(ids).reshape(*ids.shape, self.embedding_dim)
+
+    def attend(self, h: Tensor) -> Tensor:
+        return self.head(h)
+
+
+def swap_in(module: nn.Module, weights: dict[str, QWeight]) -> None:
+    """Replace the modules named in `weights` (HF tensor names ending in .weight) by QLinear / QEmbedding."""
+    for name, w in weights.items():
+        parent_name, _, child = name.removesuffix(".weight").rpartition(".")
+        parent = module.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if isinstance(old, nn.Embedding):
+            new: nn.Module = QEmbedding(w)
+        elif isinstance(old, nn.Linear):
+            new = QLinear(w)
+        else:
+            raise TypeError(f"{name} is a {type(old).__name__}, not a Linear or Embedding")
+        if (w.rows, w.cols) != (old.weight.shape[0], old.weight.shape[1]):
+            raise ValueError(f"{name}: a {w.rows}x{w.cols} matrix where the model expects "
+                             f"{tuple(old.weight.shape)}")
+        setattr(parent, child, new)
+
+
+def quantize_q8(w: Tensor | np.ndarray) -> np.ndarray:
+    """fp32 [N, K] -> Q8_0 blocks [N, K/32*34] (uint8), as ggml's quantize_row_q8_0: d = amax/127, q = round(w/d).
+
+    Used by quant="q8", which puts a float source (a bf16 HF folder) on the fast path."""
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    if k % 32:
+        raise ValueError(f"Q8_0 needs the input width to be a multiple of 32, got {k}")
+    blocks = w.reshape(n, k // 32, 32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / 127.0
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    q = np.rint(blocks * inv).astype(np.int8)
+    out = np.empty((n, k // 32, 34), dtype=np.uint8)
+    out[..., :2] = d.astype(np.float16).view(np.uint8)
+    out[..., 2:] = q.view(np.uint8)
+    return out.reshape(n, -1)
+
+
+class FastRMSNorm(nn.Module):
+    """Inference-only Gemma RMSNorm with (1 + w) precomputed; the native kernel for short inputs, torch otherwise."""
+
+    def __init__(self, weight: Tensor, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", weight.detach(), persistent=False)  # w, as RMSNorm stores it
+        self.register_buffer("scale", weight.detach().float() + 1.0, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lib = kernels.library()
+        if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > 64 * x.shape[-1]:
+            return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        lib.rms_norm(x.data_ptr(), self.scale.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                     self.eps)
+        return y
+
+
+def swap_in_fast_norms(module: nn.Module, norm_type: type) -> None:
+    """Replace every `norm_type` (model.RMSNorm) by a FastRMSNorm holding the same weights."""
+    for name, m in list(module.named_modules()):
+        if isinstance(m, norm_type):
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name), child, FastRMSNorm(m.weight, m.eps))
