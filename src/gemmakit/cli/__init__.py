@@ -12,6 +12,7 @@ from ..errors import GemmaError
 from . import (
     ask,
     bench,
+    cache,
     chat,
     convert,
     finetune,
@@ -60,6 +61,7 @@ app.add_typer(eval_cmd.app, name="eval")
 app.command("verify")(verify.verify)
 app.command("summarize")(summarize.summarize)
 app.command("ask")(ask.ask)
+app.add_typer(cache.app, name="cache")
 
 
 def main() -> None:

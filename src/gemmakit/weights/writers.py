@@ -267,7 +267,7 @@ def _write_metadata(w: GGUFWriter, cfg: GemmaConfig, qtype: str) -> None:
 
 def _write_tokenizer(w: GGUFWriter, tokenizer: Tokenizer) -> None:
     """SentencePiece fields (spec §5.4): pieces, scores (added tokens -1000), token types, special ids."""
-    proto = _proto(tokenizer)
+    proto = tokenizer.model_proto()
     sp = pb.ModelProto.SentencePiece
     tokens, scores, types = [], [], []
     for i, p in enumerate(proto.pieces):
@@ -305,11 +305,3 @@ def _write_tokenizer(w: GGUFWriter, tokenizer: Tokenizer) -> None:
     w.add_add_sep_token(False)
     w.add_add_space_prefix(False)
 
-
-def _proto(tokenizer: Tokenizer) -> pb.ModelProto:
-    """The tokenizer's ModelProto, through its public save() (a temp file), so no private state is touched."""
-    with tempfile.TemporaryDirectory() as d:
-        tokenizer.save(Path(d) / "tokenizer.model")
-        proto = pb.ModelProto()
-        proto.ParseFromString((Path(d) / "tokenizer.model").read_bytes())
-    return proto
