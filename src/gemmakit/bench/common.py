@@ -27,14 +27,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+ISA = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def isa() -> list[str]:
+    """The instruction-set extensions that decide kernel speed, as /proc/cpuinfo names them (AVX2 laptops vs
+    AVX-512/AMX servers: figures from the two must never be confused)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    have = set(flags.split(":", 1)[1].split())
+    return [f for f in ISA if f in have]
+
+
 def machine() -> str:
+    """CPU model, core count and instruction sets, e.g. "AMD EPYC, 2 cpus, avx2 fma f16c avx512f ..."."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cpus"
+    return f"{cpu}, {os.cpu_count()} cpus, {' '.join(isa()) or 'no SIMD flags found'}"
 
 
 def machine_slug() -> str:

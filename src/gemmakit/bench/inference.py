@@ -1,8 +1,13 @@
 """Side-by-side inference benchmark: gemmakit, llama-cpp-python and transformers on the same GGUF and token ids.
 
-Each measurement runs in a fresh process (`python -m gemmakit.bench.inference ENGINE ...`) so load time and peak RSS are the
-engine's own; engines alternate within every repetition so a noisy machine hurts them alike; medians are reported.
-Peers are optional (`pip install .[bench]`): a missing one is reported, never a crash.
+Each measurement runs in a fresh process (`python -m gemmakit.bench.inference`, a job on stdin) so load time and peak
+RSS are the engine's own; engines alternate within every repetition so a noisy machine hurts them alike; medians are
+reported. Peers are optional (`pip install .[bench]`): a missing one is reported, never a crash.
+
+Instruction sets: the results record the CPU's (bench.common.isa), the flags gemmakit's kernels were built with, and
+llama.cpp's own system info. To measure the AVX2 path on an AVX-512 machine, pass `kernel_flags="-mno-avx512f"` and a
+llama-cpp-python built without AVX-512 (`llama_path`: a folder holding its `llama_cpp` package, put first on the
+peer's PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
 
-from .common import machine, machine_slug, peak_rss_mb, write_results
+from .common import isa, machine, machine_slug, peak_rss_mb, write_results
 
 ENGINES = ("gemmakit", "llama.cpp", "transformers")
 PROMPT_TOKENS, DECODE_TOKENS = 512, 128
@@ -47,6 +52,9 @@ def _work_gemmakit(model: str, threads: int, prompt: list[int], n_decode: int, b
     t0 = time.perf_counter()
     m = gemmakit.load(model, progress=False)
     t_load = time.perf_counter() - t0
+    from gemmakit.quant import kernels
+
+    built = str(kernels.build()) if kernels.available() else "not built"
     greedy = SamplingParams()
     t0 = time.perf_counter()
     next(generate_step(m.module, [prompt[:16]], greedy, 1))
@@ -59,7 +67,8 @@ def _work_gemmakit(model: str, threads: int, prompt: list[int], n_decode: int, b
     t0 = time.perf_counter()
     n = sum(1 for _ in steps)
     decode = n / (time.perf_counter() - t0)
-    out = {"load_s": t_load, "ttft_s": ttft, "prefill_tps": len(prompt) / t_prefill, "decode_tps": decode}
+    out = {"load_s": t_load, "ttft_s": ttft, "prefill_tps": len(prompt) / t_prefill, "decode_tps": decode,
+           "build": built}
     for b in batches:
         steps = generate_step(m.module, [prompt[i:i + 16] for i in range(b)], greedy, 33)
         next(steps)
@@ -82,6 +91,9 @@ def _work_llama(model: str, threads: int, prompt: list[int], n_decode: int, batc
     llm = Llama(model_path=model, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
     t_load = time.perf_counter() - t0
+    import llama_cpp
+
+    built = llama_cpp.llama_print_system_info().decode().strip()
 
     def first_token(ids: list[int]) -> int:
         llm.reset()
@@ -100,7 +112,8 @@ def _work_llama(model: str, threads: int, prompt: list[int], n_decode: int, batc
         llm.eval([tok])
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     decode = n_decode / (time.perf_counter() - t0)
-    return {"load_s": t_load, "ttft_s": ttft, "prefill_tps": len(prompt) / t_prefill, "decode_tps": decode}
+    return {"load_s": t_load, "ttft_s": ttft, "prefill_tps": len(prompt) / t_prefill, "decode_tps": decode,
+            "build": f"llama-cpp-python {llama_cpp.__version__} from {Path(llama_cpp.__file__).parent}: {built}"}
 
 
 def _work_transformers(model: str, threads: int, prompt: list[int], n_decode: int, batches: Sequence[int]) -> dict:
@@ -146,8 +159,12 @@ def available(engine: str) -> bool:
 
 def run(model: str | None = None, *, engines: Sequence[str] = ENGINES, repeats: int = 3, threads: int | None = None,
         prompt_tokens: int = PROMPT_TOKENS, decode_tokens: int = DECODE_TOKENS, batches: Sequence[int] = (4, 8),
+        kernel_flags: str = "", llama_path: str | None = None,
         on_step: Callable[[str], None] | None = None) -> dict:
-    """Run every available engine `repeats` times, alternating; return medians, ratios and the raw runs."""
+    """Run every available engine `repeats` times, alternating; return medians, ratios and the raw runs.
+
+    kernel_flags: extra gcc flags for gemmakit's kernels (GEMMAKIT_CFLAGS), e.g. "-mno-avx512f" for the AVX2 path;
+    llama_path: a folder with another llama-cpp-python build (e.g. one without AVX-512) for the llama.cpp side."""
     from ..embedded import embedded_path
     from ..weights.gguf import read_gguf, tokenizer_from_gguf
 
@@ -167,24 +184,37 @@ def run(model: str | None = None, *, engines: Sequence[str] = ENGINES, repeats: 
             job = json.dumps({"engine": engine, "model": path, "threads": threads, "prompt": prompt,
                               "n_decode": decode_tokens, "batches": list(batches)})
             proc = subprocess.run([sys.executable, "-m", "gemmakit.bench.inference"], input=job, capture_output=True,
-                                  text=True)
+                                  text=True, env=_worker_env(engine, kernel_flags, llama_path))
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
                 how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
                 errors[engine] = f"crashed ({how}): {last}"
                 continue
             runs[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    medians = {e: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for e, rs in runs.items() if rs}
+    medians = {e: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "build"} for e, rs in runs.items()
+               if rs}
     ratios = {}
     if "gemmakit" in medians:
         for peer in ("llama.cpp", "transformers"):
             if peer in medians:
                 g, p = medians["gemmakit"], medians[peer]
                 ratios[f"vs {peer}"] = {k: g[k] / p[k] for k in ("decode_tps", "prefill_tps", "peak_rss_mb")}
-    return {"date": date.today().isoformat(), "machine": machine(), "model": path, "threads": threads,
-            "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "repeats": repeats,
+    return {"date": date.today().isoformat(), "machine": machine(), "isa": isa(), "model": path,
+            "model_mb": Path(path).stat().st_size / 2**20, "threads": threads,
+            "builds": {e: rs[0]["build"] for e, rs in runs.items() if rs and "build" in rs[0]},
+            "kernel_flags": kernel_flags, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
+            "repeats": repeats,
             "missing": {e: "not installed (pip install .[bench])" for e in missing}, "errors": errors,
             "median": medians, "ratios": ratios, "runs": runs}
+
+
+def _worker_env(engine: str, kernel_flags: str, llama_path: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if engine == "gemmakit" and kernel_flags:
+        env["GEMMAKIT_CFLAGS"] = kernel_flags
+    if engine == "llama.cpp" and llama_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(llama_path).resolve()), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def markdown(result: dict) -> str:
@@ -192,15 +222,25 @@ def markdown(result: dict) -> str:
             "{:.0f}"), ("ttft_s", "first token (s)", "{:.3f}"), ("load_s", "load (s)", "{:.2f}"),
             ("peak_rss_mb", "peak RSS (MB)", "{:.0f}")]
     lines = [f"Benchmark {result['date']} on {result['machine']}, {result['threads']} threads, median of "
-             f"{result['repeats']} alternating runs, model `{Path(result['model']).name}`.", "",
+             f"{result['repeats']} alternating runs, model `{Path(result['model']).name}` "
+             f"({result.get('model_mb', 0):.0f} MiB).", ""]
+    for engine, build in result.get("builds", {}).items():
+        flags = f" (GEMMAKIT_CFLAGS={result['kernel_flags']})" if engine == "gemmakit" and result.get("kernel_flags") \
+            else ""
+        lines.append(f"- {engine} build{flags}: {build}")
+    lines += ["",
              "| engine | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for engine, m in result["median"].items():
         lines.append(f"| {engine} | " + " | ".join(c[2].format(m[c[0]]) for c in cols) + " |")
     for peer, r in result["ratios"].items():
         lines.append(f"| gemmakit {peer} | {r['decode_tps']:.2f}x | {r['prefill_tps']:.2f}x | | | "
                      f"{r['peak_rss_mb']:.2f}x |")
+    if result.get("model_mb"):
+        lines += ["", "peak RSS / model file size: " + ", ".join(
+            f"{e} {m['peak_rss_mb'] / result['model_mb']:.2f}x" for e, m in result["median"].items()) + "."]
     g = result["median"].get("gemmakit", {})
-    extra = [f"batch {k[5:-4]}: {v:.1f} tok/s aggregate" for k, v in g.items() if k.startswith("batch")]
+    extra = [f"batch {k[5:-4]}: {v:.1f} tok/s aggregate ({v / g['decode_tps']:.2f}x one sequence)"
+             for k, v in g.items() if k.startswith("batch")]
     if "summary_lookup_tps" in g:
         extra.append(f"summarization prompt: {g['summary_tps']:.1f} tok/s plain, {g['summary_lookup_tps']:.1f} "
                      f"tok/s with prompt lookup ({g['summary_lookup_tps'] / g['summary_tps']:.2f}x)")

@@ -28,12 +28,21 @@ def bench(
                                                                   "(batch 1 and 8), llguidance vs xgrammar.")] = False,
     dtype: Annotated[str, typer.Option(help="--finetune: gemmakit's frozen-base dtype (auto, as gemmakit "
                                             "finetune: bfloat16 on AVX512-BF16/AMX CPUs).")] = "auto",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the prefill measurement.")] = 512,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens decoded for the decode measurement.")] = 128,
+    cflags: Annotated[str, typer.Option(help="Extra gcc flags for gemmakit's kernels, e.g. '-mno-avx512f' to measure "
+                                             "the AVX2 path on an AVX-512 CPU (GEMMAKIT_CFLAGS).")] = "",
+    llama_path: Annotated[str | None, typer.Option(help="Folder holding another llama-cpp-python build (its llama_cpp "
+                                                        "package), e.g. one built without AVX-512.")] = None,
+    name: Annotated[str | None, typer.Option(help="Results file name (default <date>-<machine>).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON and markdown results.")] = Path("benchmarks/results"),
 ) -> None:
     """Measure decode/prefill tok/s, first-token latency, load time and peak RSS, each engine in its own process.
 
     Examples:  gemmakit bench                      # gemmakit vs llama.cpp vs transformers on the embedded GGUF
                gemmakit bench --engines gemmakit,llama.cpp --repeats 5
+               gemmakit bench -m gemma-2b.Q4_K_M.gguf --prompt-tokens 256 --engines gemmakit,llama.cpp
+               gemmakit bench --cflags=-mno-avx512f --llama-path peers/llama-avx2 --name avx2   # the AVX2 path
                gemmakit bench --server             # OpenAI server with 1, 4 and 8 concurrent clients
                gemmakit bench --finetune           # LoRA steps vs transformers + PEFT, fp32 and bf16
                gemmakit bench --structured         # constrained decoding: mask overhead, engines compared
@@ -72,8 +81,10 @@ def bench(
             return
         else:
             result = inference_bench.run(model, engines=[e.strip() for e in engines.split(",") if e.strip()],
-                                         repeats=repeats, threads=threads, on_step=lambda s: step(f"running {s}"))
-            path = inference_bench.save(result, out)
+                                         repeats=repeats, threads=threads, prompt_tokens=prompt_tokens,
+                                         decode_tokens=decode_tokens, kernel_flags=cflags, llama_path=llama_path,
+                                         on_step=lambda s: step(f"running {s}"))
+            path = inference_bench.save(result, out, name)
             console.print(Markdown(inference_bench.markdown(result)))
             console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
             return

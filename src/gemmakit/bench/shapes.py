@@ -1,0 +1,100 @@
+"""Real-shape test GGUFs from random weights, for speed and memory benchmarks at the sizes users run.
+
+No real checkpoint can be downloaded here, and speed does not depend on the weights' values: a random model of a
+preset's exact shapes (gemmakit.PRESETS, e.g. gemma-2b), written as an f16 GGUF by gemmakit's converter and then
+quantized by llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`), reads the same bytes per token as the
+real file of that type. The tokenizer is the embedded Gemma 3 vocabulary cut (or padded) to the preset's size.
+
+    python -m gemmakit.bench.shapes gemma-2b -o gemma-2b.Q4_K_M.gguf            # Q4_K_M, as llama.cpp makes it
+    python -m gemmakit.bench.shapes gemma-2b -o gemma-2b.Q6_K.gguf --type Q6_K
+
+The same by hand: write a random HF folder, `gemmakit convert -m FOLDER -o f16.gguf --type f16`, then
+`llama_cpp.llama_model_quantize(b"f16.gguf", b"out.gguf", params)` with params.ftype = LLAMA_FTYPE_MOSTLY_Q4_K_M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import GemmaConfig, preset
+from ..errors import GemmaError
+from ..tokenizer import Tokenizer
+
+FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q5_0": 8, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
+
+
+def sized_tokenizer(vocab_size: int) -> Tokenizer:
+    """The embedded Gemma 3 tokenizer with exactly `vocab_size` pieces (cut, or padded with <unusedN> pieces)."""
+    from ..embedded import embedded_path
+    from ..weights.gguf import read_gguf, tokenizer_from_gguf
+
+    proto = tokenizer_from_gguf(read_gguf(embedded_path(progress=False))).model_proto()
+    if len(proto.pieces) > vocab_size:
+        del proto.pieces[vocab_size:]
+    while len(proto.pieces) < vocab_size:
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = f"<unused{len(proto.pieces)}>", 0.0, 4  # USER_DEFINED
+    return Tokenizer(proto)
+
+
+def random_state(cfg: GemmaConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """HF-named random bf16 weights of `cfg` (norm weights 0, i.e. scale 1), built shape by shape."""
+    from ..model import Gemma
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Gemma(cfg).state_dict().items()}
+    return {k: torch.zeros(s, dtype=torch.bfloat16) if k.endswith("norm.weight")
+            else torch.randn(s, dtype=torch.bfloat16) * std for k, s in shapes.items()}
+
+
+def quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
+    """llama.cpp's own quantizer, through llama-cpp-python (the `bench` extra)."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise GemmaError("quantizing needs llama-cpp-python: pip install -e '.[bench]'") from e
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = FTYPES[ftype], threads
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        tmp.unlink(missing_ok=True)
+        raise GemmaError(f"llama.cpp could not quantize {src} to {ftype}")
+    os.replace(tmp, dst)
+
+
+def make(name: str, out: Path, ftype: str = "Q4_K_M", *, seed: int = 0, threads: int | None = None) -> Path:
+    """Write `out`: a random model of preset `name` as a GGUF of llama.cpp type `ftype` (or F16)."""
+    from ..weights.writers import write_gguf
+
+    if ftype not in FTYPES and ftype != "F16":
+        raise GemmaError(f"unknown type {ftype!r}; choose F16 or one of {', '.join(FTYPES)}")
+    cfg = preset(name)
+    out = Path(out)
+    f16 = out if ftype == "F16" else out.with_name(f".{out.stem}.f16.gguf")
+    write_gguf(f16, random_state(cfg, seed), cfg, sized_tokenizer(cfg.vocab_size), qtype="f16")
+    if ftype != "F16":
+        try:
+            quantize(f16, out, ftype, threads or len(os.sched_getaffinity(0)))
+        finally:
+            f16.unlink(missing_ok=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("preset", help="a gemmakit preset, e.g. gemma-2b, gemma-2-2b, gemma-3-1b")
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("--type", default="Q4_K_M", help=f"F16 or one of {', '.join(FTYPES)} (default Q4_K_M)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(make(a.preset, a.out, a.type.upper(), seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()
