@@ -356,3 +356,21 @@ def test_native_kernels_built_for_older_cpus(monkeypatch, flags):
         test_native_verification_is_bit_identical_to_single_steps("gemma3")
     finally:
         kernels.library.cache_clear()
+
+
+@needs_native
+def test_unsupported_block_types_fall_back_to_f16_with_a_note(monkeypatch, capsys):
+    """A matrix in a type without a kernel is dequantized to F16 once, with a one-line note, never a crash."""
+    import gemmakit
+    from gemmakit import fast
+    from gemmakit.quant.qlinear import QLinear
+
+    monkeypatch.setattr(fast, "NATIVE_TYPES", (QT.F16, QT.BF16, QT.F32, QT.Q4_0, QT.Q5_0, QT.Q4_K, QT.Q6_K))
+    model = gemmakit.load(progress=True)  # the embedded file's Q8_0 matrices now have "no kernel"
+    note = capsys.readouterr().err
+    assert "no native kernel for Q8_0" in note and note.count("\n") == 1
+    v = model.module.model.layers[0].self_attn.v_proj
+    assert isinstance(v, QLinear) and v.qweight.qtype == QT.F16
+    ids = model.tokenizer.encode("The history of the printing press")
+    ref = gemmakit.load(quant=None, progress=False).logits(ids)
+    assert (model.logits(ids).argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9

@@ -126,6 +126,7 @@ typedef struct {
     int signed_w;                                          /* Q8_0: w holds int8 */
 } group_t;
 
+#if !defined(__AVX2__)
 static void kmins(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {  /* Q4_K/Q5_K 6-bit scales and mins */
     for (int j = 0; j < 4; j++) {
         sc[j] = s[j] & 63;
@@ -134,6 +135,7 @@ static void kmins(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {  /* Q4_K/Q5_
         mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
     }
 }
+#endif
 
 #if defined(__AVX2__)
 static inline __m256i nibbles_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
@@ -149,6 +151,23 @@ static inline __m256i bits_to_0x10(uint32_t bits) {
     v = _mm256_or_si256(v, bit);
     v = _mm256_cmpeq_epi8(v, _mm256_set1_epi64x(-1));
     return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+/* Q6_K: unit u's two 16-value sub-block scales, each repeated over its 8 int16 lanes (from the 16 scales as int16) */
+static inline __m256i q6k_unit_scales(__m256i scv, int u) {
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    return _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(scv, _mm256_set1_epi32(u)), pick);
+}
+
+/* Q4_K / Q5_K: the 12 packed bytes -> the 8 sub-block scales and 8 mins as floats (6 bits each, see kmins). */
+static inline void k_scales(const uint8_t *p, __m256 *sc, __m256 *mn) {
+    uint32_t s[3];
+    memcpy(s, p, 12);
+    const uint32_t u0 = s[0] & 0x3f3f3f3f, u1 = (s[2] & 0x0f0f0f0f) | ((s[0] >> 2) & 0x30303030);
+    const uint32_t u2 = s[1] & 0x3f3f3f3f, u3 = ((s[2] >> 4) & 0x0f0f0f0f) | ((s[1] >> 2) & 0x30303030);
+    *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)u1, (int)u0)));
+    *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)u3, (int)u2)));
 }
 #endif
 
@@ -199,10 +218,17 @@ static void prep_b32(group_t *G, const uint8_t *row, long type, long g, long nb)
 static void prep_k45(group_t *G, const uint8_t *row, long type, long g) {
     const uint8_t *b = row + g * (type == T_Q4_K ? 144 : 176);
     const float d = fp16_to_fp32(rd16(b)), dmin = fp16_to_fp32(rd16(b + 2));
+    G->nu = GROUP, G->signed_w = 0;
+#if defined(__AVX2__)
+    __m256 sc, mn;
+    k_scales(b + 4, &sc, &mn);
+    _mm256_store_ps(G->fw, _mm256_mul_ps(_mm256_set1_ps(d), sc));
+    _mm256_store_ps(G->om, _mm256_mul_ps(_mm256_set1_ps(dmin), mn));
+#else
     uint8_t sc[8], mn[8];
     kmins(b + 4, sc, mn);
-    G->nu = GROUP, G->signed_w = 0;
     for (int j = 0; j < 8; j++) G->fw[j] = d * (float)sc[j], G->om[j] = dmin * (float)mn[j];
+#endif
     const uint8_t *qh = b + 16, *qs = type == T_Q4_K ? b + 16 : b + 48;
 #if defined(__AVX2__)
     const __m256i h = type == T_Q5_K ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
@@ -239,10 +265,17 @@ static void prep_q6k(group_t *G, const uint8_t *row, long g) {
     const float d = fp16_to_fp32(rd16(b + 208));
     G->nu = GROUP, G->signed_w = 0;
     memcpy(G->sc, sc, 16);
+#if defined(__AVX2__)
+    _mm256_store_ps(G->fw, _mm256_set1_ps(d));
+    _mm256_store_ps(G->om, _mm256_setzero_ps());
+    const __m256i scv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+    for (int u = 0; u < 8; u++) _mm256_store_si256((__m256i *)G->sc16[u], q6k_unit_scales(scv, u));
+#else
     for (int u = 0; u < 8; u++) {
         G->fw[u] = d, G->om[u] = 0.0f;
         for (int i = 0; i < 8; i++) G->sc16[u][i] = sc[2 * u], G->sc16[u][i + 8] = sc[2 * u + 1];
     }
+#endif
     for (int half = 0; half < 2; half++) {
         const uint8_t *l = ql + 64 * half, *h = qh + 32 * half;
         uint8_t (*w)[UNIT] = G->w + 4 * half;
@@ -293,14 +326,25 @@ static inline __m256i udot_scaled(__m256i w, __m256i a, __m256i sc16) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), sc16);
 }
 
-static inline __m256i unit_dot(const group_t *G, int u, const int8_t *aq) {
+static inline __attribute__((always_inline)) __m256i unit_dot(const group_t *G, long type, int u, const int8_t *aq) {
     const __m256i w = _mm256_load_si256((const __m256i *)G->w[u]);
     const __m256i a = _mm256_loadu_si256((const __m256i *)(aq + u * UNIT));
-    if (G->signed_w) return udot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    if (type == T_Q8_0) return udot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
     return udot(w, a);
 }
 
 /* Lane u of the result = the sum of p[u]'s 8 lanes. */
+static inline float hsum4(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* Lane u of the result = the sum of p[u]'s 8 lanes (4 units). */
+static inline __m128i reduce4(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
+    const __m256i c = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+    return _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+}
+
 static inline __m256i reduce8(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5, __m256i p6,
                               __m256i p7) {
     const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
@@ -314,7 +358,8 @@ static inline __m256i reduce8(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __
 /* acc[0] += sum_u fw*d_a*isum_u ; acc[1] += sum_u om*fs_a  (vectors of 8 lanes, or scalars without AVX2) */
 typedef struct {
 #if defined(__AVX2__)
-    __m256 dot, off;
+    __m256 dot, off;     /* K-quants: 8 lanes, one per unit of a super-block */
+    __m128 dot4, off4;   /* Q4_0 / Q5_0 / Q8_0: 4 lanes, one per block of a quad */
 #else
     float dot, off;
 #endif
@@ -336,19 +381,32 @@ static inline __attribute__((always_inline)) __m256i group_z(const group_t *G, l
         const __m256i corr = _mm256_madd_epi16(sc, _mm256_loadu_si256((const __m256i *)as16));
         return _mm256_sub_epi32(z, _mm256_slli_epi32(corr, 5));
     }
-    return reduce8(unit_dot(G, 0, aq), unit_dot(G, 1, aq), unit_dot(G, 2, aq), unit_dot(G, 3, aq),
-                   unit_dot(G, 4, aq), unit_dot(G, 5, aq), unit_dot(G, 6, aq), unit_dot(G, 7, aq));
+    return reduce8(unit_dot(G, type, 0, aq), unit_dot(G, type, 1, aq), unit_dot(G, type, 2, aq),
+                   unit_dot(G, type, 3, aq), unit_dot(G, type, 4, aq), unit_dot(G, type, 5, aq),
+                   unit_dot(G, type, 6, aq), unit_dot(G, type, 7, aq));
 }
 #endif
 
-static inline __attribute__((always_inline)) void group_row(const group_t *G, long type, const int8_t *aq,
-                                                            const float *ad, const float *afs, const int16_t *as16,
-                                                            acc_t *acc) {
+/* Accumulators go in and out by value, so they stay in registers (through a pointer GCC kept them on the stack:
+ * a store-to-load round trip per group). */
+static inline __attribute__((always_inline)) acc_t group_row(const group_t *G, long type, const int8_t *aq,
+                                                             const float *ad, const float *afs, const int16_t *as16,
+                                                             acc_t acc) {
 #if defined(__AVX2__)
+    if (type == T_Q8_0 || type == T_Q4_0) {  /* blocks of 32 (Q5_0 too): two quads, as row1_b32 */
+        for (int h = 0; h < 2 && 4 * h < G->nu; h++) {
+            const __m128i z = reduce4(unit_dot(G, type, 4 * h, aq), unit_dot(G, type, 4 * h + 1, aq),
+                                      unit_dot(G, type, 4 * h + 2, aq), unit_dot(G, type, 4 * h + 3, aq));
+            const __m128 f = _mm_mul_ps(_mm_load_ps(G->fw + 4 * h), _mm_loadu_ps(ad + 4 * h));
+            acc.dot4 = _mm_fmadd_ps(_mm_cvtepi32_ps(z), f, acc.dot4);
+            acc.off4 = _mm_fmadd_ps(_mm_load_ps(G->om + 4 * h), _mm_loadu_ps(afs + 4 * h), acc.off4);
+        }
+        return acc;
+    }
     const __m256i z = group_z(G, type, aq, as16);
     const __m256 f = _mm256_mul_ps(_mm256_load_ps(G->fw), _mm256_loadu_ps(ad));
-    acc->dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), f, acc->dot);
-    acc->off = _mm256_fmadd_ps(_mm256_load_ps(G->om), _mm256_loadu_ps(afs), acc->off);
+    acc.dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), f, acc.dot);
+    acc.off = _mm256_fmadd_ps(_mm256_load_ps(G->om), _mm256_loadu_ps(afs), acc.off);
 #else
     for (int u = 0; u < GROUP; u++) {
         int32_t s = 0;
@@ -362,29 +420,34 @@ static inline __attribute__((always_inline)) void group_row(const group_t *G, lo
         } else {
             for (int i = 0; i < UNIT; i++) s += (int32_t)G->w[u][i] * aq[u * UNIT + i];
         }
-        acc->dot += (float)s * (G->fw[u] * ad[u]);
-        acc->off += G->om[u] * afs[u];
+        acc.dot += (float)s * (G->fw[u] * ad[u]);
+        acc.off += G->om[u] * afs[u];
     }
 #endif
+    return acc;
 }
 
-static inline float acc_total(acc_t *acc) {
+static inline __attribute__((always_inline)) float acc_total(acc_t acc, long type) {
 #if defined(__AVX2__)
-    const __m256 v = _mm256_sub_ps(acc->dot, acc->off);
+    if (type == T_Q8_0 || type == T_Q4_0) return hsum4(_mm_sub_ps(acc.dot4, acc.off4));
+    const __m256 v = _mm256_sub_ps(acc.dot, acc.off);
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 #else
-    return acc->dot - acc->off;
+    return acc.dot - acc.off;
 #endif
 }
 
-static inline void acc_zero(acc_t *acc) {
+static inline __attribute__((always_inline)) acc_t acc_zero(void) {
+    acc_t acc;
 #if defined(__AVX2__)
-    acc->dot = acc->off = _mm256_setzero_ps();
+    acc.dot = acc.off = _mm256_setzero_ps();
+    acc.dot4 = acc.off4 = _mm_setzero_ps();
 #else
-    acc->dot = acc->off = 0.0f;
+    acc.dot = acc.off = 0.0f;
 #endif
+    return acc;
 }
 
 #if defined(__AVX2__)
@@ -396,49 +459,66 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-static inline __m256 f16x8(const uint8_t *p, long stride, int n) {  /* n fp16 values `stride` bytes apart */
-    uint16_t h[8] = {0};
-    for (int i = 0; i < n; i++) h[i] = rd16(p + i * stride);
-    return _mm256_cvtph_ps(_mm_set_epi16((short)h[7], (short)h[6], (short)h[5], (short)h[4], (short)h[3],
-                                         (short)h[2], (short)h[1], (short)h[0]));
+/* 4 fp16 values `stride` bytes apart (0 past n), as floats: built in a register (a narrow-store/wide-load buffer
+ * would stall store-to-load forwarding every quad). */
+static inline __m128 f16x4(const uint8_t *p, long stride, int n) {
+    __m128i h = _mm_cvtsi32_si128(rd16(p));
+    if (n > 1) h = _mm_insert_epi16(h, rd16(p + stride), 1);
+    if (n > 2) h = _mm_insert_epi16(h, rd16(p + 2 * stride), 2);
+    if (n > 3) h = _mm_insert_epi16(h, rd16(p + 3 * stride), 3);
+    return _mm_cvtph_ps(h);
 }
 
-/* Q4_0 / Q5_0 / Q8_0 row: groups of 8 blocks, the last one possibly short (rows of 640 values). */
+/* The dot product of one Q4_0 / Q5_0 / Q8_0 block (unit) with 32 int8 activations, as 8 int32 partial sums. */
+static inline __attribute__((always_inline)) __m256i b32_dot(const uint8_t *b, long type, __m256i a) {
+    if (type == T_Q8_0) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2));
+        return udot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    }
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(b + (type == T_Q4_0 ? 2 : 6)));
+    __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    if (type == T_Q5_0) {
+        uint32_t qh;
+        memcpy(&qh, b + 2, 4);
+        w = _mm256_or_si256(w, bits_to_0x10(qh));
+    }
+    return udot(w, a);
+}
+
+/* Q4_0 / Q5_0 / Q8_0 row, in quads of 4 blocks (128 values: every Gemma width is a multiple, 640 included); the
+ * float accumulation runs on 4 lanes per quad, exactly as group_row does for these types. */
 static inline __attribute__((always_inline)) float row1_b32(const uint8_t *row, long type, long nb,
                                                             const int8_t *aq, const float *ad, const float *afs) {
     const long bsz = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34;
     const float off = type == T_Q4_0 ? 8.0f : 16.0f;
-    __m256 acc = _mm256_setzero_ps(), acc_off = _mm256_setzero_ps();
-    for (long b0 = 0; b0 < nb; b0 += GROUP) {
-        const int nu = (int)(nb - b0 < GROUP ? nb - b0 : GROUP);
-        const uint8_t *blk = row + b0 * bsz;
-        _mm_prefetch((const char *)(blk + 8 * bsz * 4), _MM_HINT_T0);
-        __m256i p[GROUP];
-        for (int u = 0; u < GROUP; u++) {
-            if (u >= nu) { p[u] = _mm256_setzero_si256(); continue; }
-            const uint8_t *b = blk + u * bsz;
-            const __m256i a = _mm256_load_si256((const __m256i *)(aq + (b0 + u) * UNIT));
-            if (type == T_Q8_0) {
-                const __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2));
-                p[u] = udot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-                continue;
-            }
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(b + (type == T_Q4_0 ? 2 : 6)));
-            __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-            if (type == T_Q5_0) {
-                uint32_t qh;
-                memcpy(&qh, b + 2, 4);
-                w = _mm256_or_si256(w, bits_to_0x10(qh));
-            }
-            p[u] = udot(w, a);
-        }
-        const __m256i z = reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
-        const __m256 dw = f16x8(blk, bsz, nu);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), _mm256_mul_ps(dw, _mm256_load_ps(ad + b0)), acc);
-        if (type != T_Q8_0) acc_off = _mm256_fmadd_ps(dw, _mm256_load_ps(afs + b0), acc_off);
+    __m128 acc = _mm_setzero_ps(), acc_off = _mm_setzero_ps();
+    long q0 = 0;
+    for (; q0 + 4 <= nb; q0 += 4) {
+        const uint8_t *blk = row + q0 * bsz;
+        _mm_prefetch((const char *)(blk + 16 * bsz), _MM_HINT_T0);
+        _mm_prefetch((const char *)(blk + 16 * bsz + 64), _MM_HINT_T0);
+        const int8_t *a = aq + q0 * UNIT;
+        const __m128i z = reduce4(b32_dot(blk, type, _mm256_load_si256((const __m256i *)a)),
+                                  b32_dot(blk + bsz, type, _mm256_load_si256((const __m256i *)(a + 32))),
+                                  b32_dot(blk + 2 * bsz, type, _mm256_load_si256((const __m256i *)(a + 64))),
+                                  b32_dot(blk + 3 * bsz, type, _mm256_load_si256((const __m256i *)(a + 96))));
+        const __m128 dw = f16x4(blk, bsz, 4);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(z), _mm_mul_ps(dw, _mm_load_ps(ad + q0)), acc);
+        if (type != T_Q8_0) acc_off = _mm_fmadd_ps(dw, _mm_load_ps(afs + q0), acc_off);
     }
-    if (type == T_Q8_0) return hsum(acc);
-    return hsum(_mm256_fnmadd_ps(acc_off, _mm256_set1_ps(off), acc));
+    if (q0 < nb) {  /* a short last quad (widths that are not a multiple of 128) */
+        const int n = (int)(nb - q0);
+        const uint8_t *blk = row + q0 * bsz;
+        __m256i p[4];
+        for (int u = 0; u < 4; u++)
+            p[u] = u < n ? b32_dot(blk + u * bsz, type, _mm256_load_si256((const __m256i *)(aq + (q0 + u) * UNIT)))
+                         : _mm256_setzero_si256();
+        const __m128 dw = f16x4(blk, bsz, n);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p[0], p[1], p[2], p[3])), _mm_mul_ps(dw, _mm_load_ps(ad + q0)), acc);
+        if (type != T_Q8_0) acc_off = _mm_fmadd_ps(dw, _mm_load_ps(afs + q0), acc_off);
+    }
+    if (type == T_Q8_0) return hsum4(acc);
+    return hsum4(_mm_fnmadd_ps(acc_off, _mm_set1_ps(off), acc));
 }
 
 /* Q4_K / Q5_K row: per super-block, 8 sub-blocks with 6-bit scales and mins. */
@@ -451,14 +531,8 @@ static inline __attribute__((always_inline)) float row1_k45(const uint8_t *row, 
         _mm_prefetch((const char *)(b + 4 * bsz), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 4 * bsz + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 4 * bsz + 128), _MM_HINT_T0);
-        uint32_t s[3], u0, u1, u2, u3;
-        memcpy(s, b + 4, 12);
-        u0 = s[0] & 0x3f3f3f3f;                                          /* scales 0..3 */
-        u1 = (s[2] & 0x0f0f0f0f) | ((s[0] >> 2) & 0x30303030);           /* scales 4..7 */
-        u2 = s[1] & 0x3f3f3f3f;                                          /* mins 0..3 */
-        u3 = ((s[2] >> 4) & 0x0f0f0f0f) | ((s[1] >> 2) & 0x30303030);    /* mins 4..7 */
-        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)u1, (int)u0)));
-        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)u3, (int)u2)));
+        __m256 sc, mn;
+        k_scales(b + 4, &sc, &mn);
         const int8_t *a = aq + g * 256;
         const uint8_t *qs = b + (type == T_Q4_K ? 16 : 48);
         __m256i h = type == T_Q5_K ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
@@ -488,8 +562,6 @@ static inline __attribute__((always_inline)) float row1_k45(const uint8_t *row, 
 static float row1_q6k(const uint8_t *row, long nsb, const int8_t *aq, const float *ad, const int16_t *as16) {
     __m256 acc = _mm256_setzero_ps();
     const __m256i m3 = _mm256_set1_epi8(3);
-    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
     for (long g = 0; g < nsb; g++) {
         const uint8_t *b = row + g * 210;
         for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(b + 4 * 210 + 64 * c), _MM_HINT_T0);
@@ -507,8 +579,7 @@ static float row1_q6k(const uint8_t *row, long nsb, const int8_t *aq, const floa
                 _mm256_or_si256(nibbles_hi(l1), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 6), m3), 4))};
             for (int j = 0; j < 4; j++) {
                 const int u = 4 * half + j;
-                const __m256i s16 = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(scv, _mm256_set1_epi32(u)), pick);
-                p[u] = udot_scaled(w[j], _mm256_load_si256((const __m256i *)(a + 32 * u)), s16);
+                p[u] = udot_scaled(w[j], _mm256_load_si256((const __m256i *)(a + 32 * u)), q6k_unit_scales(scv, u));
             }
         }
         __m256i z = reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
@@ -543,36 +614,37 @@ static inline __attribute__((always_inline)) void rows_int_t(const group_t *G, l
                                                              const act_t *A, long m0, long m1, float *y, long ldy,
                                                              long n) {
     const long U = A->units;
+#define ROW_ARGS(m, g) G + (g), type, A->q + ((m) * U + (g) * GROUP) * UNIT, A->d + (m) * U + (g) * GROUP, \
+        A->fs + (m) * U + (g) * GROUP, A->s16 + ((m) * U + (g) * GROUP) * 2
     long m = m0;
-    for (; m + 4 <= m1; m += 4) {  /* 4 rows share every load of the unpacked weights */
-        acc_t acc[4];
-        for (int r = 0; r < 4; r++) acc_zero(&acc[r]);
+    for (; m + 4 <= m1; m += 4) {  /* 4 rows per pass: the unpacked weights are loaded once for them */
+        acc_t a0 = acc_zero(), a1 = acc_zero(), a2 = acc_zero(), a3 = acc_zero();
         for (long g = 0; g < groups; g++) {
-            const long u0 = g * GROUP;
-            for (int r = 0; r < 4; r++)
-                group_row(G + g, type, A->q + ((m + r) * U + u0) * UNIT, A->d + (m + r) * U + u0,
-                          A->fs + (m + r) * U + u0, A->s16 + ((m + r) * U + u0) * 2, &acc[r]);
+            a0 = group_row(ROW_ARGS(m, g), a0);
+            a1 = group_row(ROW_ARGS(m + 1, g), a1);
+            a2 = group_row(ROW_ARGS(m + 2, g), a2);
+            a3 = group_row(ROW_ARGS(m + 3, g), a3);
         }
-        for (int r = 0; r < 4; r++) y[(m + r) * ldy + n] = acc_total(&acc[r]);
+        y[m * ldy + n] = acc_total(a0, type);
+        y[(m + 1) * ldy + n] = acc_total(a1, type);
+        y[(m + 2) * ldy + n] = acc_total(a2, type);
+        y[(m + 3) * ldy + n] = acc_total(a3, type);
     }
     for (; m < m1; m++) {
-        acc_t acc;
-        acc_zero(&acc);
-        const int8_t *aq = A->q + m * U * UNIT;
-        const float *ad = A->d + m * U, *afs = A->fs + m * U;
-        const int16_t *as16 = A->s16 + m * U * 2;
-        for (long g = 0; g < groups; g++)
-            group_row(G + g, type, aq + g * GROUP * UNIT, ad + g * GROUP, afs + g * GROUP, as16 + g * GROUP * 2, &acc);
-        y[m * ldy + n] = acc_total(&acc);
+        acc_t a0 = acc_zero();
+        for (long g = 0; g < groups; g++) a0 = group_row(ROW_ARGS(m, g), a0);
+        y[m * ldy + n] = acc_total(a0, type);
     }
+#undef ROW_ARGS
 }
 
 static void rows_int(const group_t *G, long groups, long type, const act_t *A, long m0, long m1, float *y, long ldy,
                      long n) {
     switch (type) {  /* one specialised loop per block type: the type tests leave the inner loop */
         case T_Q8_0: rows_int_t(G, groups, T_Q8_0, A, m0, m1, y, ldy, n); break;
+        case T_Q4_0: case T_Q5_0: rows_int_t(G, groups, T_Q4_0, A, m0, m1, y, ldy, n); break;  /* unsigned, 32 */
         case T_Q6_K: rows_int_t(G, groups, T_Q6_K, A, m0, m1, y, ldy, n); break;
-        default: rows_int_t(G, groups, T_Q4_K, A, m0, m1, y, ldy, n); break;  /* unsigned weights with offsets */
+        default: rows_int_t(G, groups, T_Q4_K, A, m0, m1, y, ldy, n); break;  /* Q4_K, Q5_K: unsigned, mins */
     }
 }
 
