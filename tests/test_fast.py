@@ -71,7 +71,7 @@ def test_block_kernels_equal_their_reference(qtype):
             got = w.matmul(x).double()
             xr = x.double() if qtype in (QT.F16, QT.BF16, QT.F32) else quantize_activations(x)
             expected = xr @ ref.T
-            assert (got - expected).abs().max() <= 2e-6 * expected.abs().max(), (n, k, m)
+            assert (got - expected).abs().max() <= 3e-5 * expected.abs().max(), (n, k, m)  # fp32 sums, any order
             assert torch.equal(w.matmul(x[-1:])[0], got[-1].float()), "a row's result depends on the row count"
 
 

@@ -698,11 +698,12 @@ int qtype_supported(long type) {
 }
 
 #define NB 16   /* weight rows per task: their bytes stay in L2 while every activation tile passes */
-#define MC 128  /* activation rows per pass over a task's weight rows: their int8 values stay in L2 */
+#define MC_BYTES (192 << 10)  /* int8 activation bytes per pass over a task's weight rows: they stay in L2 */
 
 /* Several products sharing one activation (q, k and v of a layer; gate and up) in one parallel region: the tasks
  * are NB-row blocks of every matrix, split statically. Y_i[m, :] is written at y[i] + m * ldy[i]. Each weight row
- * is unpacked once per MC activation rows (once per call in decode and batches), then every row reads it from L1. */
+ * is unpacked once per MC activation rows (once per call in decode and batches; MC keeps those rows' int8 values in
+ * L2), then every row reads it from L1. */
 static void matmuls(const qmat_t *W, int n_mats, const act_t *A, float *const *y, const long *ldy, int threads) {
     long first[9], total = 0, widest = 0;
     for (int i = 0; i < n_mats; i++) {
@@ -711,6 +712,8 @@ static void matmuls(const qmat_t *W, int n_mats, const act_t *A, float *const *y
     }
     first[n_mats] = total;
     const long M = A->rows, max_groups = (widest / UNIT + GROUP - 1) / GROUP;
+    long MC = MC_BYTES / (A->units * UNIT);
+    MC = MC < 4 ? 4 : MC > 256 ? 256 : MC;
 #pragma omp parallel num_threads(threads) if (total > 1)
     {
 #if defined(__AVX2__)
@@ -772,11 +775,53 @@ void qmatmul(const uint8_t *data, long type, long N, long K, long row_bytes, con
 
 /* ---- dequantization of rows (embedding lookups, and float copies where a caller needs them) ------------------- */
 
-static void dequant_row(const uint8_t *row, long type, long K, float *out) {
+/* fp32 -> bf16, round to nearest even (as torch's .bfloat16()). */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* One unit's 32 values, exactly as gguf dequantizes them: Q6_K (d*sc)*(q-32), Q8_0 d*q, the others d*q - m with
+ * a separate multiply and subtract (no fused multiply-add: the same roundings as numpy). */
+static void dequant_unit(const group_t *G, long type, int u, float *o) {
+    int i = 0;
+#if defined(__AVX2__)
+    for (; i < UNIT; i += 8) {
+        const __m128i q8 = _mm_loadl_epi64((const __m128i *)(G->w[u] + i));
+        __m256 v;
+        if (type == T_Q6_K) {
+            const __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(q8), _mm256_set1_epi32(32));
+            const float f = G->fw[u] * (float)G->sc[2 * u + (i >= 16)];
+            v = _mm256_mul_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(q));
+        } else if (G->signed_w) {
+            v = _mm256_mul_ps(_mm256_set1_ps(G->fw[u]), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+        } else {
+            v = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(G->fw[u]), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8))),
+                              _mm256_set1_ps(G->om[u]));
+        }
+        _mm256_storeu_ps(o + i, v);
+    }
+#endif
+    for (; i < UNIT; i++) {
+        if (type == T_Q6_K)
+            o[i] = G->fw[u] * (float)G->sc[2 * u + (i >= 16)] * (float)((int)G->w[u][i] - 32);
+        else if (G->signed_w)
+            o[i] = G->fw[u] * (float)(int8_t)G->w[u][i];
+        else
+            o[i] = G->fw[u] * (float)G->w[u][i] - G->om[u];
+    }
+}
+
+/* A row in fp32 (out) or bf16 (out16, when out is NULL). */
+static void dequant_row(const uint8_t *row, long type, long K, float *out, uint16_t *out16) {
+    float tmp[UNIT];
     if (is_float(type)) {
-        for (long k = 0; k < K; k++)
-            out[k] = type == T_F32 ? ((const float *)row)[k]
-                     : type == T_F16 ? fp16_to_fp32(rd16(row + 2 * k)) : bf16_to_fp32(rd16(row + 2 * k));
+        for (long k = 0; k < K; k++) {
+            const float f = type == T_F32 ? ((const float *)row)[k]
+                            : type == T_F16 ? fp16_to_fp32(rd16(row + 2 * k)) : bf16_to_fp32(rd16(row + 2 * k));
+            if (out) out[k] = f; else out16[k] = to_bf16(f);
+        }
         return;
     }
     group_t G;
@@ -784,15 +829,13 @@ static void dequant_row(const uint8_t *row, long type, long K, float *out) {
     for (long g = 0; g < groups; g++) {
         prep_group(&G, row, type, g, K);
         for (int u = 0; u < G.nu; u++) {
-            float *o = out + (g * GROUP + u) * UNIT;
-            for (int i = 0; i < UNIT; i++) {
-                if (type == T_Q6_K)
-                    o[i] = G.fw[u] * (float)G.sc[2 * u + (i >= 16)] * (float)((int)G.w[u][i] - 32);
-                else if (G.signed_w)
-                    o[i] = G.fw[u] * (float)(int8_t)G.w[u][i];
-                else
-                    o[i] = G.fw[u] * (float)G.w[u][i] - G.om[u];
+            const long k0 = (g * GROUP + u) * UNIT;
+            if (out) {
+                dequant_unit(&G, type, u, out + k0);
+                continue;
             }
+            dequant_unit(&G, type, u, tmp);
+            for (int i = 0; i < UNIT; i++) out16[k0 + i] = to_bf16(tmp[i]);
         }
     }
 }
@@ -800,5 +843,13 @@ static void dequant_row(const uint8_t *row, long type, long K, float *out) {
 void dequant_rows(const uint8_t *data, long type, long K, long row_bytes, const int64_t *rows, long n_rows,
                   float *out, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (n_rows > 64)
-    for (long r = 0; r < n_rows; r++) dequant_row(data + rows[r] * row_bytes, type, K, out + r * K);
+    for (long r = 0; r < n_rows; r++) dequant_row(data + rows[r] * row_bytes, type, K, out + r * K, NULL);
+}
+
+/* Rows row0 .. row0+n_rows-1 as bf16: tiles for the bf16 GEMM of long prefills on CPUs that multiply bf16
+ * natively (AVX512-BF16, AMX), where it beats the int8 kernels; no whole-matrix copy is ever made. */
+void dequant_rows_bf16(const uint8_t *data, long type, long K, long row_bytes, long row0, long n_rows,
+                       uint16_t *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (n_rows > 16)
+    for (long r = 0; r < n_rows; r++) dequant_row(data + (row0 + r) * row_bytes, type, K, NULL, out + r * K);
 }

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from . import kernels
 
 QT = GGMLQuantizationType
+BF16_ROWS = 64  # from this many input rows, CPUs with native bf16 multiply dequantized bf16 tiles instead
+TILE_BYTES = 8 << 20  # bf16 weight tile per GEMM call: a few MB, so no whole-matrix copy is ever made
 NATIVE_TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16, QT.F32)
 
 
@@ -51,14 +53,34 @@ class QWeight:
         return out
 
     def matmul(self, x: Tensor) -> Tensor:
-        """x [M, K] fp32 -> x @ W.T [M, N] fp32 through the native kernels."""
+        """x [M, K] fp32 -> x @ W.T [M, N] fp32 through the native kernels (int8 activations for integer blocks);
+        long inputs on CPUs with native bf16 go through bf16 tiles and torch's GEMM instead (matmul_bf16)."""
         lib = kernels.library()
         x = x.float().contiguous()
         m = x.shape[0]
+        if m >= BF16_ROWS and kernels.native_bf16():
+            return self.matmul_bf16(x)
         y = torch.empty(m, self.rows)
         scratch = torch.empty(lib.act_bytes(m, self.cols), dtype=torch.uint8)
         lib.qmatmul(self.data.data_ptr(), int(self.qtype), self.rows, self.cols, self.data.shape[1], x.data_ptr(),
                     m, y.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+        return y
+
+
+    def matmul_bf16(self, x: Tensor) -> Tensor:
+        """x @ W.T with W dequantized to bf16 a tile of rows at a time (TILE_BYTES), for long prefills where the
+        CPU multiplies bf16 natively (AVX512-BF16, AMX: ~2x the int8 kernels there)."""
+        lib = kernels.library()
+        n, k = self.rows, self.cols
+        xb = x.to(torch.bfloat16)
+        y = torch.empty(x.shape[0], n)
+        step = max(64, TILE_BYTES // (2 * k) // 64 * 64)
+        tile = torch.empty(min(step, n), k, dtype=torch.bfloat16)
+        for r0 in range(0, n, step):
+            rows = min(step, n - r0)
+            lib.dequant_rows_bf16(self.data.data_ptr(), int(self.qtype), k, self.data.shape[1], r0, rows,
+                                  tile.data_ptr(), torch.get_num_threads())
+            y[:, r0:r0 + rows] = (xb @ tile[:rows].T).float()
         return y
 
 
