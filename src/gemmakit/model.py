@@ -102,7 +102,6 @@ class Attention(nn.Module):
             # attention_k_eq_v (HF-G4 use_alternative_attention): values are k_proj's output, normed without RoPE.
             self.v_proj = None if cfg.k_eq_v(layer) else nn.Linear(d, self.n_kv * h, bias=False)
         self.o_proj = nn.Linear(self.n_heads * h, d, bias=False)
-        self.qkv_proj: nn.Module | None = None  # q/k/v fused into one matrix by quantization: one call, not three
         self.q_norm = self.k_norm = self.v_norm = None
         if cfg.qk_norm:  # Gemma 3/4: per-head RMSNorm after projection, before RoPE
             self.q_norm = RMSNorm(h, eps, cfg.norm_offset)
@@ -113,9 +112,6 @@ class Attention(nn.Module):
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """q (B, T, N*H) and, on layers that compute their own, k and v (B, T, K*H)."""
-        if self.qkv_proj is not None:
-            return self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                           self.n_kv * self.head_dim], dim=-1)
         if self.shared:
             return self.q_proj(x), None, None
         k = self.k_proj(x)
@@ -187,15 +183,10 @@ class MLP(nn.Module):
         f = cfg.layer_intermediate(layer)  # Gemma 4 E2B: 2F on KV-shared layers (use_double_wide_mlp)
         self.gate_proj = nn.Linear(cfg.hidden_size, f, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, f, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # gate and up fused by quantization
         self.down_proj = nn.Linear(f, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -284,7 +275,7 @@ class Gemma(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: dict[tuple, Tensor] = {}
-        self.fused_decode = None  # a native whole-model decode step, attached by the Q8 fast path (quant/fused.py)
+        self.fused_decode = None  # a native whole-model decode step, attached by the fast path (quant/fused.py)
 
     @property
     def head_weight(self) -> Tensor:
