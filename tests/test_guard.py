@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemmakit import GemmaError
+from gemmakit import GemmaError, guard
 from gemmakit.embedded import embedded_path
-from gemmakit.safety import BUILTIN, Guard, GuardResult, Policy, guard, load_policies
+from gemmakit.safety import BUILTIN, Guard, GuardResult, Policy, load_policies
 from gemmakit.safety import policies as pol
 from reference import gguf_last_logits, hf_gguf_tokenizer_dir
 

@@ -1,10 +1,14 @@
 """gemmakit: run, chat with, serve and fine-tune Google's Gemma models locally, CPU first."""
 
+from . import watermark  # gemmakit.watermark.detect / Watermark / WatermarkConfig
 from .api import Model
 from .config import PRESETS, GemmaConfig
 from .errors import GemmaError
 from .generate import GenerationResult
 from .loader import load
+from .safety import Guard, GuardResult, Policy
+from .safety.guard import guard
 
-__all__ = ["GemmaConfig", "GemmaError", "GenerationResult", "Model", "PRESETS", "load"]
+__all__ = ["GemmaConfig", "GemmaError", "GenerationResult", "Guard", "GuardResult", "Model", "PRESETS", "Policy",
+           "guard", "load", "watermark"]
 __version__ = "0.1.0"

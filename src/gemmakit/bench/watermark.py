@@ -1,15 +1,18 @@
 """How well the SynthID-Text detector separates watermarked from unwatermarked samples of the same model.
 
 Each prompt is continued twice with the same sampling settings and seeds, once with the watermark and once
-without; every sample is scored from its generated token ids (and again from its text, re-tokenized, as
-`gemmakit watermark detect` sees a file). Reported: the AUC of the mean and weighted-mean scores, the detector's
-true-positive rate at its 1% false-positive verdict (p-value <= 0.01, from the exact null distribution), and the
-false-positive rate actually observed on the unwatermarked samples. Not a speed benchmark.
+without, at two settings: plain sampling (temperature 1) and gemmakit chat's defaults (temperature 0.7, top_k 64),
+where the lower entropy leaves the watermark less room. Every sample is scored from its generated token ids, from
+its text re-tokenized (as `gemmakit watermark detect` sees a file), and cut to its first 16 and 32 tokens.
+Reported: the AUC of the mean and weighted-mean scores, the detector's true-positive rate at its 1% false-positive
+verdict (p-value <= 0.01, from the exact null distribution), and the false-positive rate observed on the
+unwatermarked samples (with a few dozen samples, only a gross miscalibration would show). Not a speed benchmark.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from statistics import mean, pstdev
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..api import Model
-from ..safety.detect import detect, score_ids
+from ..safety.detect import CALIBRATION_FILE, Detection, detect, score_ids
 from ..safety.watermark import Watermark, WatermarkConfig
 from .common import machine, machine_slug, write_results
 
@@ -55,52 +58,78 @@ def generate(model: Model, prompts: Sequence[str], tokens: int, *, seed: int, wa
     return out
 
 
-def run(source: str | None = None, *, samples: int = 32, tokens: int = 64, temperature: float = 1.0,
-        top_k: int | None = None, keys: str | None = None, seed: int = 0, fpr: float = 0.01) -> dict[str, Any]:
+SETTINGS = [(1.0, None), (0.7, 64)]  # plain sampling, and gemmakit chat's defaults (lower entropy: a weaker mark)
+LENGTHS = (16, 32)  # the same samples cut shorter, scored again
+
+
+def separation(marked: Sequence[Detection], plain: Sequence[Detection]) -> dict[str, Any]:
+    """AUC of both scores, TPR at the detector's own verdict (p <= fpr), and the FPR it actually had."""
+    return {
+        "auc_weighted_mean": auc([d.weighted_mean for d in marked], [d.weighted_mean for d in plain]),
+        "auc_mean": auc([d.mean for d in marked], [d.mean for d in plain]),
+        "tpr_at_fpr": mean(d.watermarked for d in marked),
+        "observed_fpr": mean(d.watermarked for d in plain),
+        "weighted_mean_watermarked": [mean(d.weighted_mean for d in marked), pstdev(d.weighted_mean for d in marked)],
+        "weighted_mean_unwatermarked": [mean(d.weighted_mean for d in plain), pstdev(d.weighted_mean for d in plain)],
+        "median_p_watermarked": float(np.median([d.p_value for d in marked])),
+        "scored_tokens": mean(d.scored for d in marked),
+    }
+
+
+def null_rates(model: Model, *, key_sets: int = 25, tokens: int = 64) -> dict[str, Any]:
+    """How often unwatermarked text is called watermarked: the shipped unwatermarked samples (safety/data), each
+    cut to `tokens`, tested against `key_sets` fresh key sets; the rates should sit at (or below) the nominal."""
+    text = resources.files("gemmakit.safety").joinpath("data", CALIBRATION_FILE).read_text(encoding="utf-8")
+    samples = [ids[:tokens] for para in text.split("\n\n")
+               if len(ids := model.tokenizer.encode(para, bos=False)) >= tokens * 5 // 8]
+    p = np.array([score_ids(ids, WatermarkConfig.generate(depth=30, ngram_len=5)).p_value
+                  for _ in range(key_sets) for ids in samples])
+    return {"tests": int(p.size), "samples": len(samples), "key_sets": key_sets,
+            **{f"fpr_at_{a}": float((p <= a).mean()) for a in (0.01, 0.05, 0.1)}}
+
+
+def run(source: str | None = None, *, samples: int = 32, tokens: int = 64, keys: str | None = None,
+        seed: int = 0, fpr: float = 0.01) -> dict[str, Any]:
     from ..loader import load
 
     model = load(source, progress=False)
     config = WatermarkConfig.load(keys) if keys else WatermarkConfig.generate(depth=30, ngram_len=5)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(samples)]
-    marked = generate(model, prompts, tokens, seed=seed, watermark=Watermark(config), temperature=temperature,
-                      top_k=top_k)
-    plain = generate(model, prompts, tokens, seed=seed, watermark=None, temperature=temperature, top_k=top_k)
-    sides: dict[str, dict[str, list]] = {}
-    for name, samples_ in (("watermarked", marked), ("unwatermarked", plain)):
-        by_ids = [score_ids(ids, config, eos_id=model.tokenizer.eos_id, fpr=fpr) for ids, _ in samples_]
-        by_text = [detect(text, config, model=model, fpr=fpr) for _, text in samples_]
-        sides[name] = {"ids": by_ids, "text": by_text}
-    result: dict[str, Any] = {
-        "machine": machine(), "model": model.source, "samples": samples, "tokens": tokens,
-        "temperature": temperature, "top_k": top_k, "depth": config.depth, "ngram_len": config.ngram_len,
-        "fpr": fpr,
-    }
-    for path in ("ids", "text"):
-        w, u = sides["watermarked"][path], sides["unwatermarked"][path]
-        result[path] = {
-            "auc_weighted_mean": auc([d.weighted_mean for d in w], [d.weighted_mean for d in u]),
-            "auc_mean": auc([d.mean for d in w], [d.mean for d in u]),
-            "tpr_at_fpr": mean(d.watermarked for d in w),
-            "observed_fpr": mean(d.watermarked for d in u),
-            "weighted_mean_watermarked": [mean(d.weighted_mean for d in w), pstdev(d.weighted_mean for d in w)],
-            "weighted_mean_unwatermarked": [mean(d.weighted_mean for d in u), pstdev(d.weighted_mean for d in u)],
-            "median_p_watermarked": float(np.median([d.p_value for d in w])),
-            "scored_tokens": mean(d.scored for d in w),
-        }
+    eos = model.tokenizer.eos_id
+    result: dict[str, Any] = {"machine": machine(), "model": model.source, "samples": samples, "tokens": tokens,
+                              "depth": config.depth, "ngram_len": config.ngram_len, "fpr": fpr, "runs": []}
+    for temperature, top_k in SETTINGS:
+        sides = [generate(model, prompts, tokens, seed=seed, watermark=wm, temperature=temperature, top_k=top_k)
+                 for wm in (Watermark(config), None)]
+        by_ids = [[score_ids(ids, config, eos_id=eos, fpr=fpr) for ids, _ in side] for side in sides]
+        by_text = [[detect(text, config, model=model, fpr=fpr) for _, text in side] for side in sides]
+        rows = {f"ids, {tokens} tokens": separation(*by_ids), f"text, {tokens} tokens": separation(*by_text)}
+        for n in LENGTHS:
+            cut = [[score_ids(ids[:n], config, eos_id=eos, fpr=fpr) for ids, _ in side] for side in sides]
+            rows[f"ids, first {n} tokens"] = separation(*cut)
+        result["runs"].append({"temperature": temperature, "top_k": top_k, "scores": rows})
+    result["null"] = null_rates(model, tokens=tokens)
     return result
 
 
 def markdown(r: dict[str, Any]) -> str:
     rows = [f"# SynthID-Text separation: {r['model']}", "",
-            f"{r['samples']} prompts x {r['tokens']} tokens, temperature {r['temperature']}, top_k {r['top_k']}, "
-            f"depth {r['depth']}, ngram_len {r['ngram_len']}; {r['machine']}", "",
-            "| scored from | AUC weighted mean | AUC mean | TPR at p <= fpr | observed FPR | weighted mean wm / plain |",
-            "|---|---|---|---|---|---|"]
-    for path, label in (("ids", "generated ids"), ("text", "text, re-tokenized")):
-        x = r[path]
-        rows.append(f"| {label} | {x['auc_weighted_mean']:.3f} | {x['auc_mean']:.3f} | {x['tpr_at_fpr']:.3f} | "
-                    f"{x['observed_fpr']:.3f} | {x['weighted_mean_watermarked'][0]:.3f} / "
-                    f"{x['weighted_mean_unwatermarked'][0]:.3f} |")
+            f"{r['samples']} watermarked and {r['samples']} plain samples of {r['tokens']} tokens per setting "
+            f"(same prompts and seeds), depth {r['depth']}, ngram_len {r['ngram_len']}, verdict at p <= "
+            f"{r['fpr']}; {r['machine']}", "",
+            "| sampling | scored | AUC weighted mean | AUC mean | TPR at p <= fpr | observed FPR | "
+            "weighted mean wm / plain | median p (wm) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for run_ in r["runs"]:
+        label = f"T={run_['temperature']}, top_k={run_['top_k']}"
+        for scored, x in run_["scores"].items():
+            rows.append(f"| {label} | {scored} | {x['auc_weighted_mean']:.3f} | {x['auc_mean']:.3f} | "
+                        f"{x['tpr_at_fpr']:.3f} | {x['observed_fpr']:.3f} | {x['weighted_mean_watermarked'][0]:.3f} "
+                        f"/ {x['weighted_mean_unwatermarked'][0]:.3f} | {x['median_p_watermarked']:.2g} |")
+    n = r["null"]
+    rows += ["", f"Unwatermarked text against fresh keys ({n['tests']} tests: {n['samples']} shipped samples x "
+                 f"{n['key_sets']} key sets): called watermarked at p <= 0.01 / 0.05 / 0.1 in "
+                 f"{n['fpr_at_0.01']:.4f} / {n['fpr_at_0.05']:.4f} / {n['fpr_at_0.1']:.4f} of cases."]
     return "\n".join(rows) + "\n"
 
 

@@ -26,6 +26,9 @@ def bench(
                                                               "(fp32 and bf16).")] = False,
     structured: Annotated[bool, typer.Option("--structured", help="Instead: grammar-mask overhead on decode tok/s "
                                                                   "(batch 1 and 8), llguidance vs xgrammar.")] = False,
+    watermark: Annotated[bool, typer.Option("--watermark", help="Instead: SynthID-Text separation of watermarked "
+                                                                "and plain samples (AUC, TPR at 1% FPR).")] = False,
+    samples: Annotated[int, typer.Option(help="--watermark: samples per side (64 tokens each).")] = 32,
     dtype: Annotated[str, typer.Option(help="--finetune: gemmakit's frozen-base dtype (auto, as gemmakit "
                                             "finetune: bfloat16 on AVX512-BF16/AMX CPUs).")] = "auto",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the prefill measurement.")] = 512,
@@ -46,6 +49,7 @@ def bench(
                gemmakit bench --server             # OpenAI server with 1, 4 and 8 concurrent clients
                gemmakit bench --finetune           # LoRA steps vs transformers + PEFT, fp32 and bf16
                gemmakit bench --structured         # constrained decoding: mask overhead, engines compared
+               gemmakit bench --watermark          # watermark detection: AUC and TPR at 1% FPR, 32 + 32 samples
     """
     console = Console()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -68,6 +72,15 @@ def bench(
             result = structured_bench.run(model, repeats=repeats)
             path = structured_bench.save(result, out)
             console.print(Markdown(structured_bench.markdown(result)))
+            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            return
+        elif watermark:
+            from ..bench import watermark as watermark_bench
+
+            step(f"watermark: {samples} watermarked and {samples} plain samples, then detection")
+            result = watermark_bench.run(model, samples=samples)
+            path = watermark_bench.save(result, out)
+            console.print(Markdown(watermark_bench.markdown(result)))
             console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
             return
         elif finetune:

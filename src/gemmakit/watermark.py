@@ -1,0 +1,11 @@
+"""gemmakit.watermark: SynthID-Text in one namespace (the code lives in safety/watermark.py and safety/detect.py).
+
+    keys = gemmakit.watermark.WatermarkConfig.generate()          # or WatermarkConfig.load("keys.json")
+    text = model.generate(prompt, 64, temperature=0.8, logits_processors=gemmakit.watermark.Watermark(keys)).text
+    gemmakit.watermark.detect(text, keys).watermarked              # True: p-value <= 0.01
+"""
+
+from .safety.detect import DEFAULT_FPR, Detection, detect
+from .safety.watermark import Watermark, WatermarkConfig
+
+__all__ = ["DEFAULT_FPR", "Detection", "Watermark", "WatermarkConfig", "detect"]
