@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -70,27 +70,21 @@ def bench(
 
             step("constrained decoding: engines, then decode with and without masks")
             result = structured_bench.run(model, repeats=repeats)
-            path = structured_bench.save(result, out)
-            console.print(Markdown(structured_bench.markdown(result)))
-            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            _report(console, structured_bench, result, out)
             return
         elif watermark:
             from ..bench import watermark as watermark_bench
 
             step(f"watermark: {samples} watermarked and {samples} plain samples, then detection")
             result = watermark_bench.run(model, samples=samples)
-            path = watermark_bench.save(result, out)
-            console.print(Markdown(watermark_bench.markdown(result)))
-            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            _report(console, watermark_bench, result, out)
             return
         elif finetune:
             from ..bench import finetune as finetune_bench
 
             result = finetune_bench.run_finetune_bench(model, repeats=repeats, threads=threads, dtype=dtype,
                                                        on_step=lambda s: step(f"fine-tuning: {s}"))
-            path = finetune_bench.save(result, out)
-            console.print(Markdown(finetune_bench.markdown(result)))
-            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            _report(console, finetune_bench, result, out)
             return
         else:
             result = inference_bench.run(model, engines=[e.strip() for e in engines.split(",") if e.strip()],
@@ -106,3 +100,10 @@ def bench(
     path.write_text(json.dumps(result, indent=1))
     console.print_json(data=result)
     console.print(f"[dim]wrote {path}[/]")
+
+
+def _report(console: Console, bench_module: Any, result: dict, out: Path) -> None:
+    """Save a benchmark's result (JSON + markdown, through its own save()) and print its table."""
+    path = bench_module.save(result, out)
+    console.print(Markdown(bench_module.markdown(result)))
+    console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
