@@ -59,7 +59,7 @@ def test_flagged_request_is_refused(tiny, guard, caplog):
 def test_stream_is_cut_with_content_filter(tiny, guard):
     """The reply is screened at every WINDOW characters; the server sends the text up to the last boundary that
     passed and ends with content_filter at the first that fails, whatever the timing."""
-    reply = tiny.chat(ASK, 40, ignore_eos=True, temperature=1.0, seed=1).text
+    reply = tiny.chat(ASK, 24, ignore_eos=True, temperature=1.0, seed=1).text
     ends = list(range(WINDOW, len(reply) + 1, WINDOW))
     scores = [r.scores["pirate"] for r in guard.batch([(ASK[0]["content"], reply[:e]) for e in ends])]
     assert len(ends) >= 4
@@ -72,13 +72,13 @@ def test_stream_is_cut_with_content_filter(tiny, guard):
     moderator = Moderator(Guard(guard.model, [PIRATE], threshold=threshold), inputs=False, outputs=True,
                           window=WINDOW)
     with running_server({"tiny": tiny}, moderator=moderator) as (url, _):
-        stream = client_for(url).chat.completions.create(model="tiny", messages=ASK, max_tokens=40, stream=True,
+        stream = client_for(url).chat.completions.create(model="tiny", messages=ASK, max_tokens=24, stream=True,
                                                          temperature=1.0, seed=1, extra_body={"ignore_eos": True})
         pieces, finish = [], []
         for chunk in stream:
             pieces.append(chunk.choices[0].delta.content or "")
             finish.append(chunk.choices[0].finish_reason)
-        whole = client_for(url).chat.completions.create(model="tiny", messages=ASK, max_tokens=40, temperature=1.0,
+        whole = client_for(url).chat.completions.create(model="tiny", messages=ASK, max_tokens=24, temperature=1.0,
                                                         seed=1, extra_body={"ignore_eos": True})
     assert cut >= 1 and "".join(pieces) == reply[: ends[cut - 1]]  # screened text only, up to the cut
     assert [f for f in finish if f] == ["content_filter"] and finish[-1] == "content_filter"
@@ -108,10 +108,8 @@ def test_moderations_endpoint_is_openai_shaped(tiny, guard):
     texts = ["Ahoy matey, hand over the rum!", "The weather is mild today."]
     expected = Guard(guard.model, ["hate", PIRATE]).batch([(t, None) for t in texts])
     with running_server({"tiny": tiny}, moderator=moderator) as (url, _):
-        res = client_for(url).moderations.create(input=texts, model="omni-moderation-latest")
-        one = client_for(url).moderations.create(input=texts[0])
-    assert res.id.startswith("modr-") and res.model == "omni-moderation-latest" and one.model == "guard-270m"
-    assert len(res.results) == 2 and len(one.results) == 1
+        res = client_for(url).moderations.create(input=texts)
+    assert res.id.startswith("modr-") and res.model == "guard-270m" and len(res.results) == 2
     for result, ref in zip(res.results, expected, strict=True):
         assert result.flagged == ref.flagged and isinstance(result.flagged, bool)
         assert result.categories.hate == (ref.scores["hate"] >= 0.5)
@@ -130,10 +128,13 @@ def test_moderations_without_a_classifier_is_404(tiny):
 def test_served_text_is_watermarked(tiny):
     keys = WatermarkConfig(ngram_len=4, keys=list(range(40, 60)))
     with running_server({"tiny": tiny}, watermark=Watermark(keys)) as (url, _):
-        res = client_for(url).completions.create(model="tiny", prompt="Once upon a time", max_tokens=32, seed=5,
+        res = client_for(url).completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, seed=5,
                                                  temperature=1.0, extra_body={"ignore_eos": True})
-    ref = tiny.generate("Once upon a time", 32, temperature=1.0, seed=5, ignore_eos=True,
+    ref = tiny.generate("Once upon a time", 24, temperature=1.0, seed=5, ignore_eos=True,
                         logits_processors=Watermark(keys))
-    plain = tiny.generate("Once upon a time", 32, temperature=1.0, seed=5, ignore_eos=True)
+    plain = tiny.generate("Once upon a time", 24, temperature=1.0, seed=5, ignore_eos=True)
     assert res.choices[0].text == ref.text != plain.text
+    streamed = tiny.stream("Once upon a time", 24, temperature=1.0, seed=5, ignore_eos=True,
+                           logits_processors=Watermark(keys))
+    assert "".join(streamed) == ref.text
     assert score_ids(ref.token_ids, keys).p_value < 1e-6 < score_ids(plain.token_ids, keys).p_value

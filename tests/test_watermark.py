@@ -92,12 +92,12 @@ def test_generation_equals_transformers_generate(tmp_path: Path):
     prompts = torch.randint(3, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
     torch.manual_seed(11)
     expected = ref.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=0.7,
-                            top_k=20, top_p=1.0, max_new_tokens=24, min_new_tokens=24, pad_token_id=0,
+                            top_k=20, top_p=1.0, max_new_tokens=16, min_new_tokens=16, pad_token_id=0,
                             eos_token_id=None, watermarking_config=SynthIDTextWatermarkingConfig(**wm.to_dict()))
-    got = model.generate(prompts.tolist(), 24, temperature=0.7, top_k=20, seed=11, ignore_eos=True,
+    got = model.generate(prompts.tolist(), 16, temperature=0.7, top_k=20, seed=11, ignore_eos=True,
                          logits_processors=Watermark(wm))
     assert [r.token_ids for r in got] == expected[:, 6:].tolist()
-    plain = model.generate(prompts.tolist(), 24, temperature=0.7, top_k=20, seed=11, ignore_eos=True)
+    plain = model.generate(prompts.tolist(), 16, temperature=0.7, top_k=20, seed=11, ignore_eos=True)
     assert [r.token_ids for r in plain] != [r.token_ids for r in got]
 
 
@@ -222,10 +222,10 @@ def test_run_output_scored_by_transformers_equals_detect(tmp_path: Path):
     from transformers import AutoTokenizer
 
     keys = tmp_path / "keys.json"
+    WatermarkConfig.generate().save(keys)  # what `gemmakit watermark keygen` writes
     cli = [sys.executable, "-m", "gemmakit"]
-    subprocess.run([*cli, "watermark", "keygen", str(keys)], check=True, capture_output=True)
     run = subprocess.run([*cli, "run", "Write about the tides:", "--watermark", str(keys), "-t", "1.0", "--seed",
-                          "4", "-n", "48", "--no-stats"], check=True, capture_output=True, text=True)
+                          "4", "-n", "32", "--no-stats"], check=True, capture_output=True, text=True)
     (tmp_path / "out.txt").write_text(run.stdout)
     out = json.loads(subprocess.run([*cli, "watermark", "detect", str(tmp_path / "out.txt"), "--keys", str(keys),
                                      "--json"], check=True, capture_output=True, text=True).stdout)
