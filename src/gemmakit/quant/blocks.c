@@ -90,15 +90,48 @@ static void quantize_row(const float *x, long K, long units, int8_t *q, float *d
             continue;
         }
         const float *xu = x + u * UNIT;
+        int s0 = 0, s1 = 0;
+        float du;
+#if defined(__AVX2__)
+        /* the same values as the scalar loop below: max |x|, x * (1 / d) rounded to nearest even */
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        const __m256 x0 = _mm256_loadu_ps(xu), x1 = _mm256_loadu_ps(xu + 8), x2 = _mm256_loadu_ps(xu + 16),
+                     x3 = _mm256_loadu_ps(xu + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, x2), _mm256_andnot_ps(sign, x3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        du = _mm_cvtss_f32(m4) / 127.0f;
+        const __m256 id = _mm256_set1_ps(du != 0.0f ? 1.0f / du : 0.0f);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x0, id), rnd));
+        const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x1, id), rnd));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x2, id), rnd));
+        const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x3, id), rnd));
+        /* pack to int8 in order: packs interleave 128-bit lanes, the permute restores 0..31 */
+        const __m256i w16a = _mm256_packs_epi32(i0, i1), w16b = _mm256_packs_epi32(i2, i3);
+        const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16a, w16b),
+                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + u * UNIT), b8);
+        const __m256i lo = _mm256_add_epi32(i0, i1), hi = _mm256_add_epi32(i2, i3);
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        s0 = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+        t = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        s1 = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+#else
         float amax = 0.0f;
         for (int i = 0; i < UNIT; i++) amax = fmaxf(amax, fabsf(xu[i]));
-        const float du = amax / 127.0f, id = du != 0.0f ? 1.0f / du : 0.0f;
-        int s0 = 0, s1 = 0;
+        du = amax / 127.0f;
+        const float id = du != 0.0f ? 1.0f / du : 0.0f;
         for (int i = 0; i < UNIT; i++) {
             const int v = (int)nearbyintf(xu[i] * id);
             q[u * UNIT + i] = (int8_t)v;
             if (i < 16) s0 += v; else s1 += v;
         }
+#endif
         d[u] = du;
         fs[u] = du * (float)(s0 + s1);
         s16[2 * u] = (int16_t)s0, s16[2 * u + 1] = (int16_t)s1;
