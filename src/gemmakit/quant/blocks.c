@@ -26,7 +26,11 @@
 #include "blocks.h"
 
 #define UNIT 32   /* values per activation scale */
-#define GROUP 8   /* units reduced together: 256 values */
+#define GROUP 8   /* units reduced together: 256 values (K-quants: a super-block) */
+#define QUAD 4    /* blocks of 32 (Q4_0, Q5_0, Q8_0) are reduced 4 at a time: 128 values, every Gemma width */
+
+static inline long is_b32(long type) { return type == 2 || type == 6 || type == 8; }  /* Q4_0, Q5_0, Q8_0 */
+static inline long group_units(long type) { return is_b32(type) ? QUAD : GROUP; }
 
 /* Quantized activations of M rows (see quantize_rows): per row `units` (padded to a multiple of GROUP) units of
  * 32 int8 with an fp32 scale d, the fp32 sum d * sum(q) of each unit, and the int16 sums of each 16 values. */
@@ -207,11 +211,11 @@ static inline void k_scales(const uint8_t *p, __m256 *sc, __m256 *mn) {
 /* Blocks of 32 (Q4_0, Q5_0, Q8_0): group g of a row = blocks 8g .. 8g+7. */
 static void prep_b32(group_t *G, const uint8_t *row, long type, long g, long nb) {
     const long bsz = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34;
-    const long b0 = g * GROUP;
-    G->nu = (int)(nb - b0 < GROUP ? nb - b0 : GROUP);
+    const long b0 = g * QUAD;
+    G->nu = (int)(nb - b0 < QUAD ? nb - b0 : QUAD);
     G->signed_w = type == T_Q8_0;
     const float off = type == T_Q4_0 ? 8.0f : type == T_Q5_0 ? 16.0f : 0.0f;
-    for (int u = 0; u < GROUP; u++) {
+    for (int u = 0; u < QUAD; u++) {
         if (u >= G->nu) {
             memset(G->w[u], 0, UNIT);
             G->fw[u] = G->om[u] = 0.0f;
@@ -426,14 +430,12 @@ static inline __attribute__((always_inline)) acc_t group_row(const group_t *G, l
                                                              const float *ad, const float *afs, const int16_t *as16,
                                                              acc_t acc) {
 #if defined(__AVX2__)
-    if (type == T_Q8_0 || type == T_Q4_0) {  /* blocks of 32 (Q5_0 too): two quads, as row1_b32 */
-        for (int h = 0; h < 2 && 4 * h < G->nu; h++) {
-            const __m128i z = reduce4(unit_dot(G, type, 4 * h, aq), unit_dot(G, type, 4 * h + 1, aq),
-                                      unit_dot(G, type, 4 * h + 2, aq), unit_dot(G, type, 4 * h + 3, aq));
-            const __m128 f = _mm_mul_ps(_mm_load_ps(G->fw + 4 * h), _mm_loadu_ps(ad + 4 * h));
-            acc.dot4 = _mm_fmadd_ps(_mm_cvtepi32_ps(z), f, acc.dot4);
-            acc.off4 = _mm_fmadd_ps(_mm_load_ps(G->om + 4 * h), _mm_loadu_ps(afs + 4 * h), acc.off4);
-        }
+    if (type == T_Q8_0 || type == T_Q4_0) {  /* blocks of 32 (Q5_0 too): one quad, as row1_b32 */
+        const __m128i z = reduce4(unit_dot(G, type, 0, aq), unit_dot(G, type, 1, aq), unit_dot(G, type, 2, aq),
+                                  unit_dot(G, type, 3, aq));
+        const __m128 f = _mm_mul_ps(_mm_load_ps(G->fw), _mm_loadu_ps(ad));
+        acc.dot4 = _mm_fmadd_ps(_mm_cvtepi32_ps(z), f, acc.dot4);
+        acc.off4 = _mm_fmadd_ps(_mm_load_ps(G->om), _mm_loadu_ps(afs), acc.off4);
         return acc;
     }
     const __m256i z = group_z(G, type, aq, as16);
@@ -441,7 +443,7 @@ static inline __attribute__((always_inline)) acc_t group_row(const group_t *G, l
     acc.dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), f, acc.dot);
     acc.off = _mm256_fmadd_ps(_mm256_load_ps(G->om), _mm256_loadu_ps(afs), acc.off);
 #else
-    for (int u = 0; u < GROUP; u++) {
+    for (int u = 0; u < G->nu; u++) {
         int32_t s = 0;
         if (type == T_Q6_K) {
             int32_t s0 = 0, s1 = 0;
@@ -647,8 +649,9 @@ static inline __attribute__((always_inline)) void rows_int_t(const group_t *G, l
                                                              const act_t *A, long m0, long m1, float *y, long ldy,
                                                              long n) {
     const long U = A->units;
-#define ROW_ARGS(m, g) G + (g), type, A->q + ((m) * U + (g) * GROUP) * UNIT, A->d + (m) * U + (g) * GROUP, \
-        A->fs + (m) * U + (g) * GROUP, A->s16 + ((m) * U + (g) * GROUP) * 2
+    const long gw = group_units(type);
+#define ROW_ARGS(m, g) G + (g), type, A->q + ((m) * U + (g) * gw) * UNIT, A->d + (m) * U + (g) * gw, \
+        A->fs + (m) * U + (g) * gw, A->s16 + ((m) * U + (g) * gw) * 2
     long m = m0;
     for (; m + 4 <= m1; m += 4) {  /* 4 rows per pass: the unpacked weights are loaded once for them */
         acc_t a0 = acc_zero(), a1 = acc_zero(), a2 = acc_zero(), a3 = acc_zero();
@@ -744,7 +747,7 @@ static void matmuls(const qmat_t *W, int n_mats, const act_t *A, float *const *y
         if (W[i].cols > widest) widest = W[i].cols;
     }
     first[n_mats] = total;
-    const long M = A->rows, max_groups = (widest / UNIT + GROUP - 1) / GROUP;
+    const long M = A->rows, max_groups = (widest / UNIT + QUAD - 1) / QUAD;
     long MC = MC_BYTES / (A->units * UNIT);
     MC = MC < 4 ? 4 : MC > 256 ? 256 : MC;
 #pragma omp parallel num_threads(threads) if (total > 1)
@@ -760,7 +763,7 @@ static void matmuls(const qmat_t *W, int n_mats, const act_t *A, float *const *y
             while (t >= first[i + 1]) i++;
             const qmat_t *w = W + i;
             const long n0 = (t - first[i]) * NB, n1 = n0 + NB < w->rows ? n0 + NB : w->rows;
-            const long groups = (w->cols / UNIT + GROUP - 1) / GROUP;
+            const long groups = (w->cols / UNIT + group_units(w->type) - 1) / group_units(w->type);
             for (long m0 = 0; m0 < M; m0 += MC) {
                 const long m1 = m0 + MC < M ? m0 + MC : M;
                 for (long n = n0; n < n1; n++) {
@@ -858,11 +861,11 @@ static void dequant_row(const uint8_t *row, long type, long K, float *out, uint1
         return;
     }
     group_t G;
-    const long groups = (K / UNIT + GROUP - 1) / GROUP;
+    const long gw = group_units(type), groups = (K / UNIT + gw - 1) / gw;
     for (long g = 0; g < groups; g++) {
         prep_group(&G, row, type, g, K);
         for (int u = 0; u < G.nu; u++) {
-            const long k0 = (g * GROUP + u) * UNIT;
+            const long k0 = (g * gw + u) * UNIT;
             if (out) {
                 dequant_unit(&G, type, u, out + k0);
                 continue;
