@@ -189,6 +189,20 @@ def run_load_test(
     }
 
 
+def markdown(result: dict) -> str:
+    """The rounds as a table, with each round's aggregate throughput relative to one client."""
+    rounds = result["rounds"]
+    one = next((r["aggregate_tok_s"] for r in rounds if r["clients"] == 1), None)
+    lines = [f"`gemmakit serve` load test on {result.get('machine', '?')}"
+             + (f" (GEMMAKIT_CFLAGS={result['kernel_flags']})" if result.get("kernel_flags") else "")
+             + f", {result['max_tokens']} tokens per request, --max-batch {result['max_batch']}.", "",
+             "| clients | aggregate tok/s | vs 1 client | first token mean (s) |", "|---|---|---|---|"]
+    for r in rounds:
+        ratio = f"{r['aggregate_tok_s'] / one:.2f}x" if one else ""
+        lines.append(f"| {r['clients']} | {r['aggregate_tok_s']:.1f} | {ratio} | {r['ttft_s_mean']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _embedded() -> str:
     from ..embedded import embedded_path
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,11 +60,18 @@ def bench(
             bar.update(task, description=label)
 
         if server:
-            from ..bench.server import run_load_test
+            from ..bench import server as server_bench
+            from ..bench.common import isa, machine, write_results
 
             step("server load test (1, 4, 8 clients)")
-            result = run_load_test(model)
-            name = "server"
+            if cflags:  # the server subprocess builds and loads its kernels with these flags
+                os.environ["GEMMAKIT_CFLAGS"] = cflags
+            result = server_bench.run_load_test(model)
+            result.update(machine=machine(), isa=isa(), kernel_flags=cflags)
+            path = write_results(out, name or f"server-{machine_slug()}", result, server_bench.markdown(result))
+            console.print(Markdown(server_bench.markdown(result)))
+            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            return
         elif structured:
             from ..bench import structured as structured_bench
 
@@ -95,11 +102,6 @@ def bench(
             console.print(Markdown(inference_bench.markdown(result)))
             console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
             return
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{machine_slug()}.json"
-    path.write_text(json.dumps(result, indent=1))
-    console.print_json(data=result)
-    console.print(f"[dim]wrote {path}[/]")
 
 
 def _report(console: Console, bench_module: Any, result: dict, out: Path) -> None:
