@@ -674,6 +674,65 @@ static inline __attribute__((always_inline)) void rows_int_t(const group_t *G, l
 #undef ROW_ARGS
 }
 
+#if defined(__AVX2__)
+/* Blocks of 32 (Q4_0, Q5_0, Q8_0) for several activation rows, straight from the blocks: each quad's weights are
+ * unpacked once (Q8_0: their absolute values) with their scales, for R rows (R = 4, then single rows). Per row the
+ * arithmetic is row1_b32's, so results equal single-row calls bit for bit. */
+static inline __attribute__((always_inline)) void b32_rows(const uint8_t *row, long type, long nb, const act_t *A,
+                                                           long m, int R, float *y, long ldy, long n) {
+    const long bsz = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34, U = A->units;
+    const float off = type == T_Q4_0 ? 8.0f : 16.0f;
+    __m128 acc[4], acc_off[4];
+    for (int r = 0; r < 4; r++) acc[r] = acc_off[r] = _mm_setzero_ps();
+    for (long q0 = 0; q0 < nb; q0 += 4) {
+        const int nq = (int)(nb - q0 < 4 ? nb - q0 : 4);
+        const uint8_t *blk = row + q0 * bsz;
+        __m256i w[4], uw[4];  /* Q8_0: signed weights and their absolute values; others: unsigned weights */
+        for (int u = 0; u < 4; u++) {
+            const uint8_t *b = blk + u * bsz;
+            if (u >= nq) {
+                w[u] = uw[u] = _mm256_setzero_si256();
+            } else if (type == T_Q8_0) {
+                w[u] = _mm256_loadu_si256((const __m256i *)(b + 2));
+                uw[u] = _mm256_sign_epi8(w[u], w[u]);
+            } else {
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(b + (type == T_Q4_0 ? 2 : 6)));
+                uw[u] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+                if (type == T_Q5_0) {
+                    uint32_t qh;
+                    memcpy(&qh, b + 2, 4);
+                    uw[u] = _mm256_or_si256(uw[u], bits_to_0x10(qh));
+                }
+            }
+        }
+        const __m128 dw = f16x4(blk, bsz, nq);
+        for (int r = 0; r < R; r++) {
+            const int8_t *a = A->q + ((m + r) * U + q0) * UNIT;
+            __m256i p[4];
+            for (int u = 0; u < 4; u++) {
+                const __m256i av = _mm256_load_si256((const __m256i *)(a + u * UNIT));
+                p[u] = udot(uw[u], type == T_Q8_0 ? _mm256_sign_epi8(av, w[u]) : av);
+            }
+            const __m128 f = _mm_mul_ps(dw, _mm_load_ps(A->d + (m + r) * U + q0));
+            acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p[0], p[1], p[2], p[3])), f, acc[r]);
+            if (type != T_Q8_0) acc_off[r] = _mm_fmadd_ps(dw, _mm_load_ps(A->fs + (m + r) * U + q0), acc_off[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[(m + r) * ldy + n] = type == T_Q8_0 ? hsum4(acc[r]) : hsum4(_mm_fnmadd_ps(acc_off[r], _mm_set1_ps(off), acc[r]));
+}
+
+static void rows_b32(const uint8_t *row, long type, long K, const act_t *A, long m0, long m1, float *y, long ldy,
+                     long n) {
+    long m = m0;
+#define B32_ROWS(T)                                                                 \
+    for (; m + 4 <= m1; m += 4) b32_rows(row, T, K / UNIT, A, m, 4, y, ldy, n);     \
+    for (; m < m1; m++) b32_rows(row, T, K / UNIT, A, m, 1, y, ldy, n);
+    if (type == T_Q8_0) { B32_ROWS(T_Q8_0) } else if (type == T_Q4_0) { B32_ROWS(T_Q4_0) } else { B32_ROWS(T_Q5_0) }
+#undef B32_ROWS
+}
+#endif
+
 static void rows_int(const group_t *G, long groups, long type, const act_t *A, long m0, long m1, float *y, long ldy,
                      long n) {
     switch (type) {  /* one specialised loop per block type: the type tests leave the inner loop */
@@ -779,6 +838,12 @@ static void matmuls(const qmat_t *W, int n_mats, const act_t *A, float *const *y
                     }
 #endif
                     const uint8_t *row = w->data + n * w->row_bytes;
+#if defined(__AVX2__)
+                    if (is_b32(w->type)) {  /* blocks of 32: unpacked in registers, a quad at a time */
+                        rows_b32(row, w->type, w->cols, A, m0, m1, y[i], ldy[i], n);
+                        continue;
+                    }
+#endif
                     for (long g = 0; g < groups; g++) prep_group(G + g, row, w->type, g, w->cols);
                     rows_int(G, groups, w->type, A, m0, m1, y[i], ldy[i], n);
                 }
