@@ -180,8 +180,8 @@ def test_gemma4_markers_are_control_even_if_a_file_marks_them_user_defined():
     from gemmakit.tokenizer import USER_DEFINED, Tokenizer
 
     tok = gemma4_tokenizer()
-    proto = type(tok._proto)()
-    proto.CopyFrom(tok._proto)
+    proto = type(tok.model_proto())()
+    proto.CopyFrom(tok.model_proto())
     for i in (48, 100, 105, 106):
         proto.pieces[i].type = USER_DEFINED
     t = Tokenizer(proto)

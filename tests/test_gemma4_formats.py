@@ -122,10 +122,9 @@ def test_gemma4_gguf_tokenizer_fields_rebuild_the_tokenizer():
     """llama.cpp's gemma4 tokenizer fields carry placeholder scores (-1000) and merges; the rebuilt SentencePiece
     model ranks pieces by id, which reproduces a tokenizer whose merge order is its id order."""
     from gemmakit.tokenizer import Tokenizer
-    from gemmakit.weights.writers import _proto
 
     tok = tiny_tokenizer(512)
-    pieces = _proto(tok).pieces
+    pieces = tok.model_proto().pieces
     fields = {"tokenizer.ggml.model": "gemma4", "tokenizer.ggml.tokens": [p.piece for p in pieces],
               "tokenizer.ggml.scores": [-1000.0] * len(pieces), "tokenizer.ggml.token_type": [p.type for p in pieces]}
     again = Tokenizer.from_gguf_metadata(fields)

@@ -361,7 +361,7 @@ def test_save_and_from_file_round_trip(tok: Tokenizer, tmp_path: Path) -> None:
     tok.save(tmp_path / "tokenizer.model")
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.model"]  # no temp file left behind
     again = Tokenizer.from_file(tmp_path)  # a folder holding tokenizer.model works too
-    assert again._proto.SerializeToString() == tok._proto.SerializeToString()
+    assert again.model_proto().SerializeToString() == tok.model_proto().SerializeToString()
     for special in (False, True):
         assert [again.encode(s, special=special) for s in CORPUS] == [
             tok.encode(s, special=special) for s in CORPUS
@@ -372,7 +372,7 @@ def test_from_file_makes_gemma2_style_turn_markers_control(tok: Tokenizer, tmp_p
     """Gemma 1/2 tokenizer.model files keep <start_of_turn> USER_DEFINED; loading makes it CONTROL."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = pb.ModelProto.FromString(tok._proto.SerializeToString())
+    proto = pb.ModelProto.FromString(tok.model_proto().SerializeToString())
     for i in (4, START_OF_TURN, END_OF_TURN, 6):
         proto.pieces[i].type = pb.ModelProto.SentencePiece.USER_DEFINED
     (tmp_path / "tokenizer.model").write_bytes(proto.SerializeToString())
@@ -385,8 +385,8 @@ def test_from_file_makes_gemma2_style_turn_markers_control(tok: Tokenizer, tmp_p
 def test_from_hf_json_matches(tok: Tokenizer, hf_dir: Path) -> None:
     """Same pieces and types; scores differ (-id instead of the GGUF's), but their order, so the ids, agree."""
     from_json = Tokenizer.from_hf_json(hf_dir / "tokenizer.json")
-    assert [(p.piece, p.type) for p in from_json._proto.pieces] == [
-        (p.piece, p.type) for p in tok._proto.pieces
+    assert [(p.piece, p.type) for p in from_json.model_proto().pieces] == [
+        (p.piece, p.type) for p in tok.model_proto().pieces
     ]
     for special in (False, True):
         assert [from_json.encode(s, special=special) for s in CORPUS] == [
@@ -469,7 +469,7 @@ def test_from_gguf_reader_and_path_agree(tmp_path: Path) -> None:
     }
     path = _tiny_gguf(tmp_path / "tiny.gguf", **fields)
     from_path, from_reader = from_gguf(path), from_gguf(path)
-    assert from_path._proto.SerializeToString() == from_reader._proto.SerializeToString()
+    assert from_path.model_proto().SerializeToString() == from_reader.model_proto().SerializeToString()
     assert from_path.token_id("\u2581\u2581") == 5 and from_path.piece(6 + 9) == "<0x09>"
     assert from_path.encode("  ab a<start_of_turn>", special=True) == [2, 5, 266, 265, 4]
     assert 4 not in from_path.encode("<start_of_turn>")
