@@ -12,8 +12,8 @@ from gguf.quants import dequantize, quantize
 
 from gemmakit import evaluate
 from gemmakit.embedded import embedded_path
-from gemmakit.quant import kernels
-from gemmakit.quant.qlinear import QEmbedding, QWeight, quantize_q8
+from gemmakit.quant import kernels, qlinear
+from gemmakit.quant.qlinear import BF16_ROWS, FLOAT_TYPES, QEmbedding, QWeight, quantize_q8
 from gemmakit.weights.gguf import read_gguf
 from reference import texts
 
@@ -66,13 +66,31 @@ def test_block_kernels_equal_their_reference(qtype):
         ref = torch.from_numpy(dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32)).double()
         assert torch.equal(w.dequantize_rows(torch.arange(n)), ref.float())
         torch.manual_seed(k)
-        for m in (1, 3, 8, 13):
+        for m in (1, 3, 8, 13) + ((BF16_ROWS + 16,) if qtype in FLOAT_TYPES else ()):  # float: fp32 at any M
             x = torch.randn(m, k) * 3
             got = w.matmul(x).double()
             xr = x.double() if qtype in (QT.F16, QT.BF16, QT.F32) else quantize_activations(x)
             expected = xr @ ref.T
             assert (got - expected).abs().max() <= 3e-5 * expected.abs().max(), (n, k, m)  # fp32 sums, any order
             assert torch.equal(w.matmul(x[-1:])[0], got[-1].float()), "a row's result depends on the row count"
+
+
+@needs_native
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-tiles", "int8"])
+def test_long_inputs_of_integer_blocks(native, monkeypatch):
+    """From BF16_ROWS rows, CPUs with native bf16 multiply bf16 tiles of the dequantized rows (more than one tile
+    here: TILE_BYTES shrunk), others the int8 kernels, whose rows do not depend on the row count: both close to
+    the exact product."""
+    monkeypatch.setattr(kernels, "native_bf16", lambda *_: native)
+    monkeypatch.setattr(qlinear, "TILE_BYTES", 64 * 2 * 512)
+    raw = random_blocks(QT.Q4_K, 200, 512)
+    w = QWeight.from_bytes(raw, QT.Q4_K, 200, 512)
+    ref = torch.from_numpy(dequantize(raw.reshape(-1), QT.Q4_K).reshape(200, 512).astype(np.float32))
+    x = torch.randn(BF16_ROWS + 16, 512)
+    got, exact = w.matmul(x), x @ ref.T
+    assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
+    if not native:
+        assert torch.equal(w.matmul(x[:BF16_ROWS + 1])[:BF16_ROWS], got[:BF16_ROWS])
 
 
 @needs_native

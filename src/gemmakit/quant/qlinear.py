@@ -22,6 +22,9 @@ from . import kernels
 QT = GGMLQuantizationType
 BF16_ROWS = 64  # from this many input rows, CPUs with native bf16 multiply dequantized bf16 tiles instead
 TILE_BYTES = 8 << 20  # bf16 weight tile per GEMM call: a few MB, so no whole-matrix copy is ever made
+# Float blocks keep fp32 activations on every path: rounding them (and F32/F16 weights) to bf16 would cost more than
+# the int8 activations of the integer blocks, which the bf16 tiles stand in for.
+FLOAT_TYPES = (QT.F16, QT.BF16, QT.F32)
 NATIVE_TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16, QT.F32)
 
 
@@ -54,11 +57,12 @@ class QWeight:
 
     def matmul(self, x: Tensor) -> Tensor:
         """x [M, K] fp32 -> x @ W.T [M, N] fp32 through the native kernels (int8 activations for integer blocks);
-        long inputs on CPUs with native bf16 go through bf16 tiles and torch's GEMM instead (matmul_bf16)."""
+        long inputs on CPUs with native bf16 go through bf16 tiles and torch's GEMM instead (matmul_bf16), except for
+        float blocks, whose products stay fp32 at any length."""
         lib = kernels.library()
         x = x.float().contiguous()
         m = x.shape[0]
-        if m >= BF16_ROWS and kernels.native_bf16():
+        if m >= BF16_ROWS and self.qtype not in FLOAT_TYPES and kernels.native_bf16():
             return self.matmul_bf16(x)
         y = torch.empty(m, self.rows)
         scratch = torch.empty(lib.act_bytes(m, self.cols), dtype=torch.uint8)
