@@ -5,6 +5,11 @@ mapped file (quant/blocks.c): a load parses the header and maps the file, nothin
 and pages are read from disk as the first forward touches them. A matrix in any other type (Q2_K, Q3_K, IQ*...) is
 dequantized once to F16 in memory, with a one-line note. Norms stay float: they are tiny and need the exact 1 + w of
 the reference path.
+
+Gemma 4 runs its PyTorch layers (per-layer embeddings, shared KV, experts) with these products: every matrix,
+including the packed per-layer embedding table (a row lookup) and each expert's slice of the 3-D expert tensors
+(quant/experts.py: a token reads only its routed experts' blocks). The one-call native decode step (quant/fused.py)
+covers Gemma 1, 2 and 3 only.
 """
 
 from __future__ import annotations
@@ -13,36 +18,69 @@ import sys
 
 import numpy as np
 import torch
+from torch import nn
 
 from .config import GemmaConfig
 from .model import Gemma, RMSNorm
+from .moe import Experts
 from .quant import kernels
+from .quant.experts import expert_slices, swap_in_experts
 from .quant.fused import attach as attach_fused_decode
 from .quant.qlinear import NATIVE_TYPES, QWeight, quantize_q8, swap_in, swap_in_fast_norms
-from .weights.gguf import GGMLQuantizationType, GGUFFile, hf_name, hf_tensor
+from .weights.gguf import GGMLQuantizationType as QT
+from .weights.gguf import GGUFFile, hf_name, hf_tensor
+from .weights.names import ROPE_FREQS
+
+
+UNIT = 32  # the kernels read activations in units of 32 values (blocks.c UNIT)
 
 
 def _is_matrix(name: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and not name.endswith("norm.weight")
+    """A weight matrix (2-D) or Gemma 4's experts (3-D: E matrices one after another) the kernels can multiply: not
+    norms or scales, and rows a whole number of 32-value units (a narrower matrix, as in tiny test models, stays a
+    float nn.Linear)."""
+    return len(shape) in (2, 3) and not name.endswith("norm.weight") and shape[-1] % UNIT == 0
+
+
+def _blocks(g: GGUFFile, name: str, converted: dict[str, int]) -> tuple[torch.Tensor, GGMLQuantizationType]:
+    """The tensor's bytes (a view of the mapped file) and block type; a type without a kernel is dequantized to an
+    F16 copy (fp16 keeps 11 significant bits), counted in `converted` for the note."""
+    t = g.tensors[name]
+    if t.qtype in NATIVE_TYPES:
+        return torch.from_numpy(g.raw(name)), t.qtype
+    converted[t.qtype.name] = converted.get(t.qtype.name, 0) + 1
+    return torch.from_numpy(g.dequantize(name).astype(np.float16).reshape(-1).view(np.uint8)), QT.F16
+
+
+def _ragged_experts(g: GGUFFile, name: str) -> bool:
+    """Experts whose gate_up or down matrices are not whole units: both stay float (moe.Experts)."""
+    stem = name.removesuffix("ffn_gate_up_exps.weight").removesuffix("ffn_down_exps.weight")
+    if stem == name:
+        return False
+    return any(not _is_matrix(n, g.tensors[n].shape) for n in (f"{stem}ffn_gate_up_exps.weight",
+                                                                f"{stem}ffn_down_exps.weight"))
 
 
 def load_gguf_fast(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progress: bool) -> Gemma:
-    """A CPU Gemma whose projections and tied embedding are QLinear/QEmbedding over the GGUF's own blocks."""
+    """A CPU Gemma whose projections and tied embedding are QLinear/QEmbedding over the GGUF's own blocks (Gemma 4:
+    also the per-layer embedding table, its projection and gates, the router, and each expert of the MoE layers)."""
     weights: dict[str, QWeight] = {}
+    experts: dict[str, dict[str, list[QWeight]]] = {}  # "model.layers.N.experts" -> gate_up_proj / down_proj
     floats: dict[str, str] = {}
     converted: dict[str, int] = {}
     for name, t in g.tensors.items():
+        if cfg.family == "gemma4" and name == ROPE_FREQS:
+            continue  # a RoPE mask, read into the config (partial_rotary_factor), not a weight
         hf = hf_name(g, name, cfg.family)
-        if not _is_matrix(name, t.shape):
+        if not _is_matrix(name, t.shape) or _ragged_experts(g, name):
             floats[name] = hf
             continue
-        rows, cols = t.shape
-        if t.qtype in NATIVE_TYPES:
-            weights[hf] = QWeight.from_bytes(g.raw(name), t.qtype, rows, cols)
-        else:  # no kernel for this block type: an exact-enough F16 copy (fp16 keeps 11 significant bits)
-            half = g.dequantize(name).astype(np.float16)
-            weights[hf] = QWeight.from_bytes(half.view(np.uint8), GGMLQuantizationType.F16, rows, cols)
-            converted[t.qtype.name] = converted.get(t.qtype.name, 0) + 1
+        raw, qtype = _blocks(g, name, converted)
+        if len(t.shape) == 3:  # experts [E, rows, cols]: expert e's matrix starts at byte e * rows * row_bytes
+            parent, _, kind = hf.rpartition(".")
+            experts.setdefault(parent, {})[kind] = expert_slices(raw, qtype, *t.shape)
+        else:
+            weights[hf] = QWeight(raw.reshape(t.shape[0], -1), qtype, *t.shape)
     if converted and progress:
         kinds = ", ".join(f"{n} x{c}" for n, c in sorted(converted.items()))
         print(f"note: no native kernel for {kinds}; those matrices were dequantized to F16 in memory",
@@ -50,6 +88,7 @@ def load_gguf_fast(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progres
     with torch.device("meta"):
         module = Gemma(cfg)
     swap_in(module, weights)
+    swap_in_experts(module, {k: (v["gate_up_proj"], v["down_proj"]) for k, v in experts.items()})
     state = {hf: hf_tensor(g, name).to(dtype) for name, hf in floats.items()}
     missing = set(module.state_dict()) - set(state)
     if missing:
@@ -67,11 +106,33 @@ def available() -> bool:
 
 
 def to_q8(module: Gemma) -> Gemma:
-    """Quantize a float Gemma's projections and embedding to Q8_0 in place (quant="q8" on any source)."""
-    weights = {}
-    for k, v in module.state_dict().items():
-        if k.endswith("proj.weight") or k == "model.embed_tokens.weight":
-            weights[k] = QWeight.from_bytes(quantize_q8(v.float()), GGMLQuantizationType.Q8_0, *v.shape)
+    """Quantize a float Gemma's projections and embeddings to Q8_0 in place (quant="q8" on any source).
+
+    Every nn.Linear and nn.Embedding becomes a QLinear/QEmbedding over Q8_0 blocks and Gemma 4's experts a
+    QExperts, except the MoE router, kept exact in F32 blocks as llama.cpp keeps `ffn_gate_inp` (routing is
+    sensitive to small changes); matrices whose width is not a multiple of 32 stay float."""
+    weights, experts = {}, {}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear | nn.Embedding) and m.weight.shape[1] % UNIT == 0:
+            weights[f"{name}.weight"] = _float_blocks(m.weight, exact=name.endswith("router.proj"))
+        elif isinstance(m, Experts) and m.gate_up_proj.shape[2] % UNIT == m.down_proj.shape[2] % UNIT == 0:
+            experts[name] = tuple(_float_experts(w) for w in (m.gate_up_proj, m.down_proj))
     swap_in(module, weights)
+    swap_in_experts(module, experts)
     attach_fused_decode(module)
     return module
+
+
+def _float_blocks(w: torch.Tensor, *, exact: bool = False) -> QWeight:
+    """A float [N, K] matrix as Q8_0 blocks (F32 blocks where `exact`)."""
+    w = w.detach().float()
+    if exact:
+        return QWeight(w.contiguous().view(torch.uint8), QT.F32, *w.shape)
+    return QWeight.from_bytes(quantize_q8(w), QT.Q8_0, *w.shape)
+
+
+def _float_experts(w: torch.Tensor) -> list[QWeight]:
+    """Float experts [E, N, K] as E QWeights over one buffer, quantized an expert at a time."""
+    blocks = [_float_blocks(w[e]) for e in range(w.shape[0])]
+    raw = torch.stack([b.data for b in blocks])
+    return expert_slices(raw, blocks[0].qtype, *w.shape)

@@ -143,10 +143,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         g = read_gguf(path)
         cfg = config_from_gguf(g)
         tok = tokenizer_from_gguf(g)
-        use_fast = dev.type == "cpu" and quant in ("auto", "q8") and fast.available()
-        if use_fast and cfg.family == "gemma4":
-            _note(_GEMMA4_REFERENCE)
-        elif use_fast:
+        if dev.type == "cpu" and quant in ("auto", "q8") and fast.available():
             return Model(fast.load_gguf_fast(g, cfg, dtype=dt, progress=progress), tok, label, fmt)
         bar, update = _with_progress("loading weights", progress)
         with bar:
@@ -171,19 +168,12 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     if quant == "q8":
         if dev.type != "cpu":
             raise GemmaError("quant='q8' is a CPU path; on CUDA use quant=None (bfloat16)")
-        if cfg.family == "gemma4":
-            _note(_GEMMA4_REFERENCE)
-        elif not fast.available():
+        if not fast.available():
             raise GemmaError("quant='q8' needs the native kernels, which need a C compiler (gcc) at first use; "
                              "install gcc, or use quant=None")
         else:
             fast.to_q8(module)
     return Model(module, tok, label, fmt)
-
-
-# Gemma 4 layers (per-layer embeddings, shared KV, experts) have no native Q8 step yet: its GGUFs are dequantized.
-_GEMMA4_REFERENCE = ("Gemma 4 runs on the reference PyTorch path (weights dequantized to the load dtype); the fast "
-                     "path does not cover its layers yet")
 
 
 def _note(text: str) -> None:

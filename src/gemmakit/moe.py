@@ -8,6 +8,8 @@ HF-MoE). Parameter names are transformers' (`router.proj`, `router.scale`, `rout
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -53,26 +55,35 @@ class Experts(nn.Module):
             nn.init.normal_(self.down_proj, std=0.02)
 
     def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
-        """x (S, D), index/weights (S, k) -> (S, D) in x's dtype.
+        """x (S, D), index/weights (S, k) -> (S, D) in x's dtype (see `combine`)."""
+        return combine(x, index, weights, self.num_experts, self.expert)
 
-        Numerics of HF-MoE grouped_mm_experts_forward (transformers' default experts implementation): each
-        (token, slot) pair's expert output in the model dtype is multiplied by its fp32 routing weight, and the k
-        slots of a token are summed in fp32 in slot order, then cast to the model dtype once. Only the weights of
-        experts some token was routed to are read (decode: at most B * k of E).
-        """
-        S, k = index.shape
-        flat = index.reshape(-1)  # (S*k,) slot j of token t at t*k + j
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        out = torch.empty(S * k, x.shape[-1], dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
-        slot_weights = weights.reshape(-1, 1)
-        start = 0
-        for expert, n in enumerate(counts):
-            if n == 0:
-                continue
-            slots = order[start:start + n]
-            start += n
-            gate, up = F.linear(x[slots // k], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[expert])  # (n, D), model dtype
-            out[slots] = y * slot_weights[slots]
-        return out.view(S, k, -1).sum(dim=1).to(x.dtype)
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e's GeGLU on the rows routed to it: (n, D) -> (n, D) in x's dtype."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+
+
+def combine(x: Tensor, index: Tensor, weights: Tensor, num_experts: int,
+            expert: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """Run each routed expert once on the rows routed to it and sum every token's k slots: (S, D) in x's dtype.
+
+    Numerics of HF-MoE grouped_mm_experts_forward (transformers' default experts implementation): each (token, slot)
+    pair's expert output in the model dtype is multiplied by its fp32 routing weight, and the k slots of a token are
+    summed in fp32 in slot order, then cast to the model dtype once. Only experts some token was routed to are called
+    (decode: at most B * k of E), so only their weights are read. Shared by Experts and the fast path's QExperts.
+    """
+    S, k = index.shape
+    flat = index.reshape(-1)  # (S*k,) slot j of token t at t*k + j
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    out = torch.empty(S * k, x.shape[-1], dtype=torch.promote_types(x.dtype, weights.dtype), device=x.device)
+    slot_weights = weights.reshape(-1, 1)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        slots = order[start:start + n]
+        start += n
+        out[slots] = expert(e, x[slots // k]) * slot_weights[slots]  # (n, D) in the model dtype, times fp32
+    return out.view(S, k, -1).sum(dim=1).to(x.dtype)

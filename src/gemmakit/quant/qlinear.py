@@ -164,13 +164,14 @@ def quantize_q8(w: Tensor | np.ndarray) -> np.ndarray:
 
 
 class FastRMSNorm(nn.Module):
-    """Inference-only Gemma RMSNorm with (1 + w) precomputed; the native kernel for short inputs, torch otherwise."""
+    """Inference-only Gemma RMSNorm with (offset + w) precomputed (1 + w for Gemma 1-3, w for Gemma 4); the native
+    kernel for short inputs, torch otherwise."""
 
-    def __init__(self, weight: Tensor, eps: float) -> None:
+    def __init__(self, weight: Tensor, eps: float, offset: float = 1.0) -> None:
         super().__init__()
         self.eps = eps
         self.register_buffer("weight", weight.detach(), persistent=False)  # w, as RMSNorm stores it
-        self.register_buffer("scale", weight.detach().float() + 1.0, persistent=False)
+        self.register_buffer("scale", weight.detach().float() + offset, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         lib = kernels.library()
@@ -184,8 +185,9 @@ class FastRMSNorm(nn.Module):
 
 
 def swap_in_fast_norms(module: nn.Module, norm_type: type) -> None:
-    """Replace every `norm_type` (model.RMSNorm) by a FastRMSNorm holding the same weights."""
+    """Replace every `norm_type` (model.RMSNorm) with a weight by a FastRMSNorm holding the same weights (Gemma 4's
+    weightless v_norm stays as it is)."""
     for name, m in list(module.named_modules()):
-        if isinstance(m, norm_type):
+        if isinstance(m, norm_type) and m.weight is not None:
             parent_name, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent_name), child, FastRMSNorm(m.weight, m.eps))
+            setattr(module.get_submodule(parent_name), child, FastRMSNorm(m.weight, m.eps, m.offset))

@@ -187,8 +187,10 @@ def write_gguf(
 
 
 def _add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, qtype: str) -> None:
-    """1-D tensors stay F32 (as llama.cpp writes norms); matrices get the requested type."""
-    kind = GGUF_TYPES[qtype] if data.ndim > 1 else GGMLQuantizationType.F32
+    """1-D tensors stay F32 (as llama.cpp writes norms); matrices get the requested type, except the MoE router
+    (`ffn_gate_inp`), which llama.cpp's converter and quantizer always keep in F32: routing is sensitive to it."""
+    exact = data.ndim == 1 or name.endswith("ffn_gate_inp.weight")
+    kind = GGMLQuantizationType.F32 if exact else GGUF_TYPES[qtype]
     if kind == GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
         kind = GGMLQuantizationType.F16  # Q8_0 needs rows in blocks of 32 (llama.cpp falls back the same way)
     if kind == GGMLQuantizationType.F32:
