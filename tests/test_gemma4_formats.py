@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from gemmakit.errors import GemmaError
 from gemmakit.generate import generate_step
 from gemmakit.loader import GemmaNote
 from gemmakit.lora import LoRAConfig, inject, save_adapter
+from gemmakit.quant.qlinear import QLinear
 from gemmakit.sampling import SamplingParams
 from gemmakit.weights.gguf import read_gguf
 from gemmakit.weights.writers import write_gguf
@@ -87,19 +89,25 @@ def test_llama_cpp_runs_our_gemma4_gguf_with_the_same_greedy_tokens(folder, tmp_
     assert ours == theirs_greedy
 
 
-def test_quantized_gemma4_gguf_loads_on_the_reference_path(folder, tmp_path):
-    """quant="auto" keeps Gemma 1-3 GGUFs quantized; Gemma 4 ones are dequantized, with a one-line note."""
+def test_quantized_gemma4_gguf_loads_on_the_fast_path(folder, tmp_path):
+    """quant="auto" keeps a Gemma 4 GGUF's blocks (no note, no dequantized copy): its matrices are QLinears with
+    the PyTorch layers around them (no one-call native step for Gemma 4), close to the dequantized reference path."""
     m = _load(folder)
     path = write_gguf(tmp_path / "m.q8_0.gguf", m.module.state_dict(), m.config, m.tokenizer, qtype="q8_0")
     g = read_gguf(path)
     assert g.tensors["blk.0.attn_q.weight"].qtype == GGMLQuantizationType.Q8_0
-    with pytest.warns(GemmaNote, match="reference PyTorch path"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GemmaNote)
         q = gemmakit.load(path, progress=False)
-    assert q.module.fused_decode is None and q.module.dtype == torch.float32
-    assert torch.equal(q.logits(IDS), _load(path).logits(IDS))  # exactly the dequantized reference path
-    # ... of the model whose weights went through Q8_0 (the MoE router too: some routes flip)
-    cos = torch.nn.functional.cosine_similarity(q.logits(IDS), m.logits(IDS), dim=-1)
-    assert cos.min() > 0.95
+    assert q.module.fused_decode is None
+    assert isinstance(q.module.model.layers[0].self_attn.q_proj, QLinear)
+    ref = _load(path)  # the same Q8_0 weights, dequantized
+    if not m.config.enable_moe_block:  # int8 activations on these random weights (MoE: some routes flip)
+        assert rel_err(q.logits(IDS), ref.logits(IDS)) < 0.1
+    for other in (ref, m):  # ... and of the model whose weights went through Q8_0 (the MoE router stays F32; the
+        # per-layer bound with the reference's routes is test_gemma4_fast's)
+        cos = torch.nn.functional.cosine_similarity(q.logits(IDS), other.logits(IDS), dim=-1)
+        assert cos.mean() > 0.98 and cos.min() > 0.9  # measured MoE: mean 0.99, min 0.94 (a flipped route)
 
 
 def test_convert_command_writes_a_gemma4_gguf(folder, tmp_path):

@@ -31,7 +31,6 @@ from .weights.gguf import GGMLQuantizationType as QT
 from .weights.gguf import GGUFFile, hf_name, hf_tensor
 from .weights.names import ROPE_FREQS
 
-
 UNIT = 32  # the kernels read activations in units of 32 values (blocks.c UNIT)
 
 
@@ -42,7 +41,7 @@ def _is_matrix(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) in (2, 3) and not name.endswith("norm.weight") and shape[-1] % UNIT == 0
 
 
-def _blocks(g: GGUFFile, name: str, converted: dict[str, int]) -> tuple[torch.Tensor, GGMLQuantizationType]:
+def _blocks(g: GGUFFile, name: str, converted: dict[str, int]) -> tuple[torch.Tensor, QT]:
     """The tensor's bytes (a view of the mapped file) and block type; a type without a kernel is dequantized to an
     F16 copy (fp16 keeps 11 significant bits), counted in `converted` for the note."""
     t = g.tensors[name]

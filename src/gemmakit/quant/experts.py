@@ -28,7 +28,7 @@ class QExperts(nn.Module):
 
     def __init__(self, gate_up: list[QWeight], down: list[QWeight]) -> None:
         super().__init__()
-        if len(gate_up) != len(down) or any(g.cols != d.rows or g.rows != 2 * d.cols for g, d in zip(gate_up, down)):
+        if len(gate_up) != len(down) or any(g.cols != d.rows or g.rows != 2 * d.cols for g, d in zip(gate_up, down, strict=True)):
             raise ValueError("gate_up and down experts do not fit together ([2I, D] and [D, I] each)")
         self.num_experts = len(gate_up)
         self.gate_up, self.down = gate_up, down
