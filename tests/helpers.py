@@ -90,3 +90,45 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, ulps: float = 32) ->
     tol = ulps * torch.finfo(torch.float32).eps * scale
     err = float((got.float() - expected.float()).abs().max())
     assert err <= tol, f"max |diff| {err:.3g} exceeds {ulps:g} ulps of the largest logit ({tol:.3g})"
+
+
+# ---- shared checks of the parity tests (test_parity.py for Gemma 1-3, test_gemma4.py) ---------------------------
+
+GREEDY_PROMPT = [2, 17, 99, 240, 3, 77, 401, 12, 9, 300, 45]
+BATCH_PROMPTS = [[2, 5, 9, 100, 7, 8, 9, 10, 11, 12, 13], [2, 300], [2, 40, 41, 42, 43, 44]]
+
+
+def greedy_tokens(ref, module, prompt=GREEDY_PROMPT, n: int = 24) -> tuple[list[int], list[int]]:
+    """(transformers' greedy continuation, gemmakit's) of `prompt`, n tokens each, EOS ignored."""
+    from gemmakit.generate import generate_step
+    from gemmakit.sampling import SamplingParams
+
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                           pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist(), [int(t) for t in generate_step(module, [prompt], SamplingParams(), n)]
+
+
+def batched_and_single(module, prompts=BATCH_PROMPTS, n: int = 12) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy tokens of the prompts decoded as one left-padded batch, and one at a time."""
+    from gemmakit.generate import generate_step
+    from gemmakit.sampling import SamplingParams
+
+    batched = torch.stack(list(generate_step(module, prompts, SamplingParams(), n)), 1).tolist()
+    return batched, [[int(t) for t in generate_step(module, [p], SamplingParams(), n)] for p in prompts]
+
+
+def cached_logits(module, cfg: GemmaConfig, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ids (B, 30) through the KV cache: a 5-token prefill then one token at a time, and a chunked
+    prefill of 11 + 19 tokens (chunks longer than the tiny configs' window of 8)."""
+    from gemmakit.model import KVCache
+
+    B, T = ids.shape
+    with torch.no_grad():
+        cache = KVCache(cfg, B, T, dtype=torch.float32, device="cpu")
+        steps = [module(ids[:, :5], cache=cache)]
+        for t in range(5, T):
+            steps.append(module(ids[:, t:t + 1], torch.full((B, 1), t), cache))
+        cache2 = KVCache(cfg, B, T, dtype=torch.float32, device="cpu")
+        chunks = [module(ids[:, :11], cache=cache2), module(ids[:, 11:], torch.arange(11, T).expand(B, -1), cache2)]
+    return torch.cat(steps, 1), torch.cat(chunks, 1)

@@ -17,7 +17,15 @@ from gemmakit.loader import GemmaNote
 from gemmakit.model import KVCache
 from gemmakit.moe import Router
 from gemmakit.sampling import SamplingParams
-from helpers import TINY4, hf_model, tiny_config
+from helpers import (
+    BATCH_PROMPTS,
+    TINY4,
+    batched_and_single,
+    cached_logits,
+    greedy_tokens,
+    hf_model,
+    tiny_config,
+)
 
 TOL = 1e-4  # against transformers, relative to max |logit|
 # The same model two ways (cache vs full forward, batch vs single): other summation orders only. This model's own
@@ -79,38 +87,24 @@ def test_cache_decoding_equals_full_forward(pair):
     """Prefill 5 tokens then one at a time, and a chunked prefill (chunks longer than the window W=8): sliding
     rings wrap, shared layers read their source's keys of the same step."""
     _, model, cfg = pair
-    m = model.module
     ids = torch.randint(0, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
     full = model.logits(ids)
-    with torch.no_grad():
-        cache = KVCache(cfg, 2, 30, dtype=torch.float32, device="cpu")
-        steps = [m(ids[:, :5], cache=cache)]
-        for t in range(5, 30):
-            steps.append(m(ids[:, t:t + 1], torch.full((2, 1), t), cache))
-        cache2 = KVCache(cfg, 2, 30, dtype=torch.float32, device="cpu")
-        chunks = [m(ids[:, :11], cache=cache2), m(ids[:, 11:30], torch.arange(11, 30).expand(2, -1), cache2)]
-    assert rel_err(torch.cat(steps, 1), full) <= EXACT
-    assert rel_err(torch.cat(chunks, 1), full) <= EXACT
+    steps, chunks = cached_logits(model.module, cfg, ids)
+    assert rel_err(steps, full) <= EXACT
+    assert rel_err(chunks, full) <= EXACT
 
 
 def test_greedy_continuation_identical(pair):
     ref, model, _ = pair
-    prompt = [2, 17, 99, 240, 3, 77, 401, 12, 9, 300, 45]
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
-                           pad_token_id=0, eos_token_id=None)
-    expected = out[0, len(prompt):].tolist()
-    got = [int(t) for t in generate_step(model.module, [prompt], SamplingParams(), 24)]
+    expected, got = greedy_tokens(ref, model.module)
     assert got == expected
 
 
 def test_batched_equals_single(pair):
     _, model, _ = pair
-    prompts = [[2, 5, 9, 100, 7, 8, 9, 10, 11, 12, 13], [2, 300], [2, 40, 41, 42, 43, 44]]
-    batched = torch.stack(list(generate_step(model.module, prompts, SamplingParams(), 12)), 1).tolist()
-    single = [[int(t) for t in generate_step(model.module, [p], SamplingParams(), 12)] for p in prompts]
+    batched, single = batched_and_single(model.module)
     assert batched == single
-    a, b = prompts[0], prompts[1]
+    a, b = BATCH_PROMPTS[0], BATCH_PROMPTS[1]
     out = model.logits([a, b])
     assert rel_err(out[1, :2], model.logits(b)) <= EXACT
 

@@ -9,7 +9,7 @@ import gemmakit
 from gemmakit.generate import generate_step, left_pad
 from gemmakit.model import KVCache
 from gemmakit.sampling import SamplingParams
-from helpers import TINY, assert_close, hf_model
+from helpers import TINY, assert_close, batched_and_single, cached_logits, greedy_tokens, hf_model
 
 
 @pytest.fixture(scope="module", params=list(TINY))
@@ -49,34 +49,20 @@ def test_cache_decoding_equals_full_forward(pair):
     m = model.module
     ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
     full = model.logits(ids)
-    cache = KVCache(model.config, 2, 30, dtype=torch.float32, device="cpu")
-    with torch.no_grad():
-        steps = [m(ids[:, :5], cache=cache)]
-        for t in range(5, 30):
-            steps.append(m(ids[:, t:t + 1], torch.full((2, 1), t), cache))
-        # and a chunked prefill (chunks longer than the window)
-        cache2 = KVCache(model.config, 2, 30, dtype=torch.float32, device="cpu")
-        chunks = [m(ids[:, :11], cache=cache2), m(ids[:, 11:30], torch.arange(11, 30).expand(2, -1), cache2)]
-    assert_close(torch.cat(steps, 1), full)
-    assert_close(torch.cat(chunks, 1), full)
+    steps, chunks = cached_logits(m, model.config, ids)  # and a chunked prefill (chunks longer than the window)
+    assert_close(steps, full)
+    assert_close(chunks, full)
 
 
 def test_greedy_continuation_identical(pair):
     ref, model, _ = pair
-    prompt = [2, 17, 99, 240, 3, 77, 401, 12, 9, 300, 45]
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
-                           pad_token_id=0, eos_token_id=None)
-    expected = out[0, len(prompt):].tolist()
-    got = [int(t) for t in generate_step(model.module, [prompt], SamplingParams(), 24)]
+    expected, got = greedy_tokens(ref, model.module)
     assert got == expected
 
 
 def test_left_padded_batch_equals_single_runs(pair):
     _, model, _ = pair
-    prompts = [[2, 5, 9, 100, 7, 8, 9, 10, 11, 12, 13], [2, 300], [2, 40, 41, 42, 43, 44]]
-    batched = torch.stack(list(generate_step(model.module, prompts, SamplingParams(), 12)), 1).tolist()
-    single = [[int(t) for t in generate_step(model.module, [p], SamplingParams(), 12)] for p in prompts]
+    batched, single = batched_and_single(model.module)
     assert batched == single
 
 
