@@ -32,6 +32,15 @@ def check_prompt(ids: Sequence[int], context: int, vocab: int, *, room: int = 1)
         raise GemmaError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
 
 
+def stop_ids(config: Any, tokenizer: Tokenizer | None) -> set[int]:
+    """The ids that end a generation: <eos>, the end of a turn (<end_of_turn>, Gemma 4's <turn|>), and Gemma 4's
+    <|tool_response>, where a reply that called tools waits for their answers (Gemma 4's generation_config lists
+    eos_token_id [1, 106, 50]; found by the tokenizer, so tiny test vocabularies keep their own ids)."""
+    ids = {config.eos_token_id, config.end_of_turn_id}
+    response = tokenizer.token_id("<|tool_response>") if tokenizer is not None else None
+    return ids if response is None else ids | {response}
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """ids (B, T) and positions (B, T) with -1 on padding."""
     width = max(len(p) for p in prompts)
@@ -271,7 +280,7 @@ class Generation:
         self.parse = parse  # fills GenerationResult.parsed of the rows that ended with "stop"
         # Generation also ends at the context length, reported as "length".
         self.budget = min(max_new_tokens, cfg.max_position_embeddings - max(len(p) for p in prompts))
-        self.stop_ids = set() if ignore_eos else {cfg.eos_token_id, cfg.end_of_turn_id}
+        self.stop_ids = set() if ignore_eos else stop_ids(cfg, tokenizer)
         self.rows = [_Row(StreamDecoder(tokenizer), tuple(s for s in stop if s)) for _ in prompts]
         self.texts = [""] * len(prompts)
         self._started = False

@@ -24,7 +24,7 @@ from ..api import Model
 from ..chat import reasoning_splitter
 from ..chat_gemma4 import ReasoningSplitter
 from ..errors import GemmaError
-from ..generate import _Row, check_prompt
+from ..generate import _Row, check_prompt, stop_ids
 from ..model import KVCache
 from ..sampling import LogitsProcessor, Sampler, SamplingParams, make_sampler
 from ..tokenizer import StreamDecoder
@@ -55,6 +55,7 @@ class Event:
     completion_tokens: int  # tokens sampled so far (including a final end-of-turn / EOS)
     error: str | None = None  # an internal failure; the sequence is over
     reasoning: str = ""  # new reasoning text (Gemma 4 thinking), kept out of `text`
+    ids: list[int] = field(default_factory=list)  # the token chosen in this step, a final stop token included
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Engine:
         self.cache = KVCache(cfg, max_batch, self.context, dtype=model.dtype, device=model.device)
         self.rows: list[_Seq | None] = [None] * max_batch
         self.waiting: deque[Job] = deque()
-        self.stop_ids = {cfg.eos_token_id, cfg.end_of_turn_id}
+        self.stop_ids = stop_ids(cfg, model.tokenizer)
         self.tokens_generated = 0
         self.requests_done = 0
         self.peak_batch = 0  # most sequences decoded by one forward so far: evidence of batching
@@ -286,7 +287,7 @@ class Engine:
             reasoning, text = seq.splitter.split(text)
             if seq.row.finish_reason is not None:
                 reasoning += seq.splitter.finish()
-        _send(job, Event(text, info, seq.row.finish_reason, seq.generated, reasoning=reasoning))
+        _send(job, Event(text, info, seq.row.finish_reason, seq.generated, reasoning=reasoning, ids=[token]))
         if seq.row.finish_reason is not None:
             self._release(r)
             self.requests_done += 1
