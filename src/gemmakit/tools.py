@@ -11,6 +11,10 @@ chat_gemma4.py (tools rendered there, not here).
 
 Nothing here trusts the model: when a call is required, the output is constrained (grammar.py) to the schema
 `call_schema()` builds, so the name is one of the tools and the parameters validate against that tool's schema.
+
+Replies are read as they are generated (`JsonCallReader`): a reply that starts with '{' or '[' is calls, and each
+call's id and name go out as soon as its name is complete, then its arguments' JSON text piece by piece, as
+OpenAI streams `tool_calls`; the same deltas, joined, are the non-streamed reply.
 """
 
 from __future__ import annotations
@@ -38,11 +42,92 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]
     id: str = ""
+    text: str | None = None  # the arguments' JSON text as it was streamed (json.dumps(arguments) when None)
 
     def openai(self) -> dict[str, Any]:
         """As OpenAI's message.tool_calls[i]: arguments as JSON text."""
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
+        args = self.text if self.text is not None else json.dumps(self.arguments, ensure_ascii=False)
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": args}}
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """A piece of a call as it is generated: the first piece of each call carries its id and name (and empty
+    arguments), the next ones the following text of its arguments' JSON, as OpenAI streams tool_calls."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+    def openai(self) -> dict[str, Any]:
+        """As an element of OpenAI's streamed delta.tool_calls."""
+        if self.id is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        return {"index": self.index, "id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ReplyDelta:
+    """A piece of a reply: reasoning (Gemma 4's thinking), content, or a piece of a call; one of them is set."""
+
+    reasoning: str = ""
+    content: str = ""
+    call: CallDelta | None = None
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class CallLog:
+    """The calls of one reply as they are read: opened with a name, their arguments' JSON text appended."""
+
+    def __init__(self) -> None:
+        self.items: list[list[Any]] = []  # [id, name, arguments text, complete]
+
+    def open(self, name: str) -> ReplyDelta:
+        self.items.append([new_call_id(), name, "", False])
+        return ReplyDelta(call=CallDelta(len(self.items) - 1, "", self.items[-1][0], name))
+
+    def add(self, text: str) -> ReplyDelta | None:
+        if not text or not self.items:
+            return None
+        self.items[-1][2] += text
+        return ReplyDelta(call=CallDelta(len(self.items) - 1, text))
+
+    def close(self) -> None:
+        if self.items:
+            self.items[-1][3] = True
+
+    def calls(self) -> list[ToolCall]:
+        """The complete calls, in order."""
+        return [ToolCall(name, json.loads(text or "{}"), id, text or "{}") for id, name, text, done in self.items
+                if done]
+
+    def finish_reason(self, reason: str) -> str:
+        """"tool_calls" when the reply ended normally with every call complete, else the reply's own reason."""
+        return "tool_calls" if reason == "stop" and self.items and all(c[3] for c in self.items) else reason
+
+
+def merged(deltas: Sequence[ReplyDelta | None]) -> list[ReplyDelta]:
+    """Adjacent pieces of the same kind (reasoning, content, or the arguments of one call) joined into one."""
+    out: list[ReplyDelta] = []
+    for d in deltas:
+        if d is None or not (d.reasoning or d.content or d.call):
+            continue
+        last = out[-1] if out else None
+        if last and d.reasoning and last.reasoning:
+            out[-1] = ReplyDelta(reasoning=last.reasoning + d.reasoning)
+        elif last and d.content and last.content:
+            out[-1] = ReplyDelta(content=last.content + d.content)
+        elif last and d.call and last.call and d.call.id is None and last.call.id is None \
+                and last.call.index == d.call.index:  # the opening piece (id, name) stays on its own, as OpenAI's
+            out[-1] = ReplyDelta(call=CallDelta(d.call.index, last.call.arguments + d.call.arguments))
+        else:
+            out.append(d)
+    return out
 
 
 def checked_tools(tools: Any) -> list[dict[str, Any]]:
@@ -99,9 +184,12 @@ def chosen(tools: list[dict[str, Any]], choice: Any) -> tuple[str, list[dict[str
 
 def call_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
     """The JSON Schema of the model's answer when it must call: one call (or a list of calls when parallel) whose
-    name is a tool's and whose parameters validate against that tool's schema."""
+    name is a tool's and whose parameters validate against that tool's schema, closed to undeclared keys (as
+    Gemma 4's calls and OpenAI's strict mode are): a key the function does not take would break the call."""
+    from .grammar import closed
+
     one = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-            "properties": {"name": {"const": t["name"]}, "parameters": t["parameters"]}} for t in tools]
+            "properties": {"name": {"const": t["name"]}, "parameters": closed(t["parameters"])}} for t in tools]
     call = one[0] if len(one) == 1 else {"anyOf": one}
     return {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_CALLS} if parallel else call
 
@@ -176,19 +264,124 @@ def _text(content: Any, where: str) -> str:
 
 
 def parse_calls(text: str) -> list[ToolCall] | None:
-    """The calls in a reply, or None when the reply is plain text (it does not start with '{' or '[')."""
-    stripped = text.strip()
-    if not stripped.startswith(("{", "[")):
-        return None
-    try:
-        value = json.loads(stripped)
-    except json.JSONDecodeError:
-        return None
-    items = value if isinstance(value, list) else [value]
-    calls = []
-    for item in items:
-        if not (isinstance(item, dict) and isinstance(item.get("name"), str)
-                and isinstance(item.get("parameters", {}), dict)):
-            return None
-        calls.append(ToolCall(item["name"], item.get("parameters", {}), f"call_{uuid.uuid4().hex[:24]}"))
-    return calls or None
+    """The calls in a complete reply, or None when the reply is plain text (it does not start with '{' or '[') or
+    its calls are not complete."""
+    reader = JsonCallReader("auto")
+    reader.feed(text)
+    _, reason = reader.finish("stop")
+    return reader.calls() if reason == "tool_calls" else None
+
+
+class JsonCallReader:
+    """Reads a Gemma 1/2/3 reply as it streams: content, or (when it starts with '{' or '[', or always with mode
+    "required") calls `{"name": ..., "parameters": {...}}` / a list of them, as ReplyDeltas. Each call's first
+    delta (id, name) goes out once its name is complete; the parameters' JSON text follows as it is generated."""
+
+    def __init__(self, mode: str) -> None:
+        self.state = "calls" if mode == "required" else "undecided"  # -> "content" or "calls"
+        self.held = ""
+        self.log = CallLog()
+        self.scan = _JsonCalls(self.log)
+
+    def feed(self, text: str, ids: Sequence[int] = ()) -> list[ReplyDelta]:
+        if self.state == "undecided":
+            self.held += text
+            head = self.held.lstrip()
+            if not head:
+                return []
+            self.state = "calls" if head[0] in "{[" else "content"
+            text, self.held = self.held, ""
+        if self.state == "content":
+            return [ReplyDelta(content=text)] if text else []
+        return merged(self.scan.feed(text))
+
+    def finish(self, reason: str) -> tuple[list[ReplyDelta], str]:
+        """The closing deltas and the finish reason: "tool_calls" when the reply was complete calls."""
+        if self.state == "undecided":
+            return ([ReplyDelta(content=self.held)] if self.held else []), reason
+        return [], self.log.finish_reason(reason) if self.state == "calls" else reason
+
+    def calls(self) -> list[ToolCall]:
+        return self.log.calls()
+
+
+class _JsonCalls:
+    """A character scanner over '{"name": ..., "parameters": ...}' or '[{...}, ...]': finds each call object, its
+    name and the raw JSON text of its parameters, without waiting for the end of the document."""
+
+    def __init__(self, log: CallLog) -> None:
+        self.log = log
+        self.depth, self.call_depth = 0, 0  # container nesting; that of call objects (1, or 2 inside a list)
+        self.in_str = self.esc = False
+        self.key: str | None = None  # a key being read (its JSON text), at call depth
+        self.field: str | None = None  # the key whose value is being read
+        self.value: str | None = None  # that value's text so far
+        self.pending = ""  # parameters read before the name (sent once the call is opened)
+        self.opened = False
+
+    def feed(self, text: str) -> list[ReplyDelta | None]:
+        out: list[ReplyDelta | None] = []
+        for c in text:
+            self._char(c, out)
+        return out
+
+    def _char(self, c: str, out: list[ReplyDelta | None]) -> None:
+        if not self.call_depth:
+            if c.isspace():
+                return
+            self.call_depth = 1 if c == "{" else 2
+        if self.in_str:
+            self._string_char(c, out)
+            return
+        at_call = self.depth == self.call_depth
+        if self.value is not None and at_call and c in ",}":
+            self._end_value(out)
+        if self.value is not None:
+            if self.value or not c.isspace():
+                self._put(c, out)
+                self.in_str = c == '"'
+                self.depth += (c in "{[") - (c in "}]")
+            return
+        if c == '"':
+            self.in_str = True
+            self.key = '"' if at_call else None
+        elif c == ":" and at_call:
+            self.value = ""
+        elif c in "{[":
+            self.depth += 1
+            if self.depth == self.call_depth:
+                self.field, self.pending, self.opened = None, "", False
+        elif c in "}]":
+            if at_call and self.opened:
+                self.log.close()
+            self.depth -= 1
+
+    def _string_char(self, c: str, out: list[ReplyDelta | None]) -> None:
+        if self.key is not None:
+            self.key += c
+        elif self.value is not None:
+            self._put(c, out)
+        if self.esc:
+            self.esc = False
+        elif c == "\\":
+            self.esc = True
+        elif c == '"':
+            self.in_str = False
+            if self.key is not None:
+                self.field, self.key = json.loads(self.key), None
+
+    def _put(self, c: str, out: list[ReplyDelta | None]) -> None:
+        self.value = (self.value or "") + c
+        if self.field == "parameters":
+            if self.opened:
+                out.append(self.log.add(c))
+            else:
+                self.pending += c
+
+    def _end_value(self, out: list[ReplyDelta | None]) -> None:
+        if self.field == "name" and not self.opened:
+            out.append(self.log.open(json.loads(self.value or '""')))
+            self.opened = True
+            out.append(self.log.add(self.pending))
+            self.pending = ""
+        self.field = self.value = None
