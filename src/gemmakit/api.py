@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import calling
 from . import chat as chat_template
 from .config import GemmaConfig
 from .errors import GemmaError
@@ -17,6 +18,7 @@ from .grammar import Grammar, GrammarProcessor, compile_grammar, engine_tokenize
 from .model import Gemma
 from .sampling import LogitsProcessor, SamplingParams
 from .tokenizer import Tokenizer
+from .tools import CallDelta, ToolCall
 
 Prompt = str | Sequence[int]
 Messages = Sequence[chat_template.Message]
@@ -101,13 +103,14 @@ class Model:
                          parse=constraint.grammar.parse if constraint else None)
         return gen, batched
 
-    def constraint(self, *, json_schema: Any = None, regex: str | None = None, grammar: str | None = None
-                   ) -> Constraint:
-        """A compiled output constraint for this model's vocabulary (see grammar.py); GemmaError when invalid."""
+    def constraint(self, *, json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
+                   lark: str | None = None) -> Constraint:
+        """A compiled output constraint for this model's vocabulary (see grammar.py; `lark` is llguidance's Lark
+        as is, never read as GBNF); GemmaError when invalid."""
         if self.tokenizer is None:
             raise GemmaError("constrained decoding needs the model's tokenizer; put tokenizer.model next to it")
         cfg = self.config
-        compiled = compile_grammar(json_schema=json_schema, regex=regex, grammar=grammar)
+        compiled = compile_grammar(json_schema=json_schema, regex=regex, grammar=grammar, lark=lark)
         return Constraint(compiled, engine_tokenizer(self.tokenizer, cfg.vocab_size,
                                                      [cfg.eos_token_id, cfg.end_of_turn_id]))
 
@@ -160,45 +163,98 @@ class Model:
         """The chat template this model's tokenizer belongs to: "gemma4", or "gemma3" for Gemma 1/2/3's."""
         return chat_template.template_for(self.tokenizer)
 
-    def chat_ids(self, messages: Messages, *, tools: Tools | None = None, thinking: bool = False) -> list[int]:
+    def chat_ids(self, messages: Messages, *, tools: Tools | None = None, tool_choice: Any = None,
+                 parallel_tool_calls: bool = True, thinking: bool = False) -> list[int]:
         """The prompt ids of a conversation in the model's chat template (chat.py), ending with the model's turn.
 
-        `tools` (OpenAI function declarations) and `thinking` are Gemma 4 template options.
+        `tools` (OpenAI function declarations) are rendered natively by Gemma 4's template and in Google's prompt
+        format for Gemma 1/2/3 (tools.py); `thinking` is a Gemma 4 template option.
         """
+        return self._tool_plan(tools, tool_choice, parallel_tool_calls, thinking).encode(self.tokenizer, messages)
+
+    def _tool_plan(self, tools: Tools | None, tool_choice: Any, parallel: bool, thinking: bool) -> calling.ToolPlan:
         if self.tokenizer is None:
             raise GemmaError("this model was loaded without a tokenizer; chat needs one")
-        return chat_template.encode(self.tokenizer, messages, family=self.chat_template, tools=tools,
-                                    thinking=thinking)
+        return calling.plan(self.tokenizer, tools, tool_choice, parallel=parallel, thinking=thinking)
 
     def chat(self, messages: Messages, max_new_tokens: int = 256, *, tools: Tools | None = None,
-             thinking: bool = False, **sampling: Any) -> ChatResult:
-        """The assistant's reply to a conversation [{"role": "system"|"user"|"assistant", "content": ...}].
+             tool_choice: Any = None, parallel_tool_calls: bool = True, thinking: bool = False,
+             **sampling: Any) -> ChatResult:
+        """The assistant's reply to a conversation [{"role": "system"|"user"|"assistant"|"tool", "content": ...}].
 
         Takes generate()'s sampling options; the reply ends at the end of the model's turn. Gemma 4 has a system
         role and, with thinking=True, reasons before it answers: `.text` is the answer, `.reasoning` the
         reasoning (None when there was none). Gemma 1/2/3 fold a system message into the first user turn.
+
+        With `tools` (OpenAI's function declarations) the model may call them (tool_choice "auto", the default),
+        must ("required", or {"type": "function", "function": {"name": ...}}) or may not ("none"); calls are
+        constrained to each function's parameters schema and come back parsed in `.tool_calls`, with
+        finish_reason "tool_calls". Append `.message` to the history, run the calls, append each result as
+        {"role": "tool", "tool_call_id": call.id, "content": ...}, and chat again.
         """
-        deltas = self.chat_deltas(messages, max_new_tokens, tools=tools, thinking=thinking, **sampling)
-        reasoning = "".join(d.reasoning for d in deltas)  # consumes the stream; last_result holds the reply
+        deltas = self.chat_deltas(messages, max_new_tokens, tools=tools, tool_choice=tool_choice,
+                                  parallel_tool_calls=parallel_tool_calls, thinking=thinking, **sampling)
+        for _ in deltas:  # consumes the stream; last_result holds the reply
+            pass
         result = self.last_result
         assert isinstance(result, ChatResult)
-        result.reasoning = reasoning or None
         return result
 
     def chat_stream(self, messages: Messages, max_new_tokens: int = 256, *, tools: Tools | None = None,
-                    thinking: bool = False, **sampling: Any) -> Iterator[str]:
+                    tool_choice: Any = None, parallel_tool_calls: bool = True, thinking: bool = False,
+                    **sampling: Any) -> Iterator[str]:
         """Like chat(), yielding the reply's text pieces as they are produced; last_result holds the result."""
-        for d in self.chat_deltas(messages, max_new_tokens, tools=tools, thinking=thinking, **sampling):
+        for d in self.chat_deltas(messages, max_new_tokens, tools=tools, tool_choice=tool_choice,
+                                  parallel_tool_calls=parallel_tool_calls, thinking=thinking, **sampling):
             if d.content:
                 yield d.content
 
     def chat_deltas(self, messages: Messages, max_new_tokens: int = 256, *, tools: Tools | None = None,
-                    thinking: bool = False, **sampling: Any) -> Iterator[ChatDelta]:
-        """Like chat_stream(), yielding (reasoning, content) pieces: Gemma 4's reasoning streams apart from the
-        reply. last_result (a ChatResult) holds the reply and its reasoning when the stream ends."""
+                    tool_choice: Any = None, parallel_tool_calls: bool = True, thinking: bool = False,
+                    **sampling: Any) -> Iterator[ChatDelta]:
+        """Like chat_stream(), yielding (reasoning, content, call) pieces: Gemma 4's reasoning streams apart from
+        the reply, and each tool call as OpenAI streams it (its id and name, then its arguments' JSON text piece by
+        piece). last_result (a ChatResult) holds the whole reply when the stream ends."""
+        plan = self._tool_plan(tools, tool_choice, parallel_tool_calls, thinking)
+        prompt = plan.encode(self.tokenizer, messages)
+        reader = plan.reader(self.tokenizer)
         opts = {**_GENERATE_DEFAULTS, **sampling}
-        gen, _ = self._generation(self.chat_ids(messages, tools=tools, thinking=thinking),
-                                  max_new_tokens=max_new_tokens, **opts)
+        banned = plan.banned(self.tokenizer)
+        if reader is not None:
+            opts["logits_processors"] = self._call_processors(plan, opts)
+        elif banned:
+            extra = opts.get("logits_processors")
+            opts["logits_processors"] = lambda: [calling.BanTokens(banned), *(extra() if extra else ())]
+        gen, _ = self._generation(prompt, max_new_tokens=max_new_tokens, **opts)
+        if reader is None:
+            yield from self._text_deltas(gen)
+            return
+        row, seen, parts, reason = gen.rows[0], 0, [], "length"
+        for step in gen:
+            piece, finish = step[0]
+            deltas = reader.feed(piece, row.ids[seen:])
+            seen = len(row.ids)
+            if finish is not None:
+                closing, reason = reader.finish(finish)
+                deltas += closing
+            for d in deltas:
+                parts.append(d)
+                yield ChatDelta(d.reasoning, d.content, d.call)
+        r = gen.results()[0]
+        reasoning, content, _ = calling.assemble(parts)
+        self.last_result = ChatResult(content, r.token_ids, reason, r.prompt_tokens, None,
+                                      reasoning=reasoning or None, tool_calls=reader.calls() or None)
+
+    def _call_processors(self, plan: calling.ToolPlan, opts: dict[str, Any]) -> ProcessorFactory:
+        """The grammar of the plan's calls, then the caller's own processors (a watermark...)."""
+        given = [k for k in ("json_schema", "regex", "grammar") if opts.get(k) is not None]
+        if given or opts.get("stop") or opts.get("ignore_eos"):
+            raise GemmaError(f"{', '.join(given) or 'stop strings / ignore_eos'} cannot be combined with tools: the "
+                             "reply is a call or text under the tools' grammar (use tool_choice='none')")
+        return self.constraint(**plan.constraint(self.tokenizer)).processors(opts.get("logits_processors"))
+
+    def _text_deltas(self, gen: Generation) -> Iterator[ChatDelta]:
+        """A reply without tool calls, Gemma 4's reasoning split off by its channel tokens."""
         splitter = chat_template.reasoning_splitter(self.tokenizer)
         row, seen, reasoning, content = gen.rows[0], 0, [], []
         for step in gen:
@@ -238,15 +294,27 @@ _GENERATE_DEFAULTS: dict[str, Any] = dict(temperature=0.0, top_k=None, top_p=Non
 
 
 class ChatDelta(NamedTuple):
-    """A piece of a streamed chat reply: reasoning text (Gemma 4's thinking) and answer text; either may be ""."""
+    """A piece of a streamed chat reply: reasoning text (Gemma 4's thinking), answer text, or a piece of a tool
+    call (its id and name first, then its arguments' JSON text, as OpenAI streams tool_calls)."""
 
     reasoning: str
     content: str
+    call: CallDelta | None = None
 
 
 @dataclass
 class ChatResult(GenerationResult):
-    """A chat reply: `.text` is the answer; `.reasoning` is the reasoning before it (Gemma 4 thinking) or None.
-    `token_ids` are every generated token, the reasoning's and the channel markers included."""
+    """A chat reply: `.text` is the answer; `.reasoning` is the reasoning before it (Gemma 4 thinking) or None;
+    `.tool_calls` the calls it made (with finish_reason "tool_calls") or None. `token_ids` are every generated
+    token, the reasoning's, the calls' and the markers included."""
 
     reasoning: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @property
+    def message(self) -> dict[str, Any]:
+        """The reply as an OpenAI assistant message, to append to the conversation (calls as `tool_calls`)."""
+        out: dict[str, Any] = {"role": "assistant", "content": (self.text or None) if self.tool_calls else self.text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.openai() for c in self.tool_calls]
+        return out

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .. import __version__, calling
 from ..api import Model, ProcessorFactory
 from ..errors import GemmaError
 from ..safety.watermark import Watermark, with_watermark
@@ -182,11 +182,7 @@ def create_app(
         body = await parse(request, schemas.ChatRequest)
         body.check()
         engine = engine_for(body.model)
-        plan = structured.plan_chat(body, engine.model.tokenizer)
-        plan.thinking = body.thinking(thinking and plan.family == "gemma4")
-        if plan.thinking and plan.family != "gemma4":
-            raise ApiError(400, f"the model `{body.model}` has no thinking mode (a Gemma 4 chat template option)",
-                           param="chat_template_kwargs")
+        plan = structured.plan_chat(body, engine.model.tokenizer, thinking)
         try:
             prompt = plan.encode(engine.model.tokenizer)
         except GemmaError as e:
@@ -194,8 +190,13 @@ def create_app(
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = token_budget(engine, len(prompt), body.requested_tokens(), param, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        factory = await processors(engine, plan.constraint, "tools" if plan.mode != "none" else "response_format")
+        factory = await processors(engine, plan.constraint, "tools" if plan.mode != "none" else "response_format",
+                                   plan.tools.banned(engine.model.tokenizer))
         if moderator is not None:
+            if moderator.outputs and plan.family == "gemma4" and plan.mode != "none":
+                raise ApiError(400, "this server screens replies (--moderate output), which does not cover Gemma 4's "
+                                    "native tool calls yet; use tool_choice='none' or a server without output "
+                                    "moderation", param="tools")
             user = user_text(body.messages)
             await moderator.check_input([user], "messages")
         jobs = make_jobs(body, engine, [prompt], max_new, logprobs, with_watermark(factory, watermark),
@@ -205,12 +206,13 @@ def create_app(
             run = moderator.screen(run, [user] * len(jobs), stream=body.stream)
         meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model, len(prompt))
         if body.stream:
-            return sse_response(stream_chat(run, body, meta, engine, plan.mode))
+            return sse_response(stream_chat(run, body, meta, engine, plan))
         choices = await run.collect(request)
-        replies = [structured.chat_message(c.text, c.finish_reason, plan.mode) for c in choices]
-        for (message, _), c in zip(replies, choices, strict=True):
-            if c.reasoning:  # Gemma 4's thinking, as llama.cpp's server returns it
-                message["reasoning_content"] = c.reasoning
+        replies = []
+        for c in choices:
+            read = structured.reader(plan, engine.model.tokenizer)
+            reply, reason = structured.deltas(read, c.text, c.reasoning, c.ids, c.finish_reason, plan.mode)
+            replies.append((structured.chat_message(reply), reason))
         return JSONResponse(
             {
                 "id": meta.id,
@@ -353,16 +355,19 @@ def token_budget(
     return requested
 
 
-async def processors(engine: Engine, constraint: dict[str, Any], param: str) -> ProcessorFactory | None:
+async def processors(engine: Engine, constraint: dict[str, Any], param: str, banned: Sequence[int] = ()
+                     ) -> ProcessorFactory | None:
     """The per-sequence processors of a constrained request (compiled off the event loop: the first one also
-    builds the engine's tokenizer), or None; a bad schema or grammar is a 400 naming `param`."""
+    builds the engine's tokenizer), or None; a bad schema or grammar is a 400 naming `param`. `banned` token ids
+    are forbidden in every step (Gemma 4's <|tool_call> with tool_choice "none")."""
+    ban = (lambda: [calling.BanTokens(banned)]) if banned else None
     if not constraint:
-        return None
+        return ban
     try:
         compiled = await asyncio.to_thread(lambda: engine.model.constraint(**constraint))
     except GemmaError as e:
         raise ApiError(400, f"{param}: {e}", param=param) from None
-    return compiled.processors()
+    return compiled.processors(ban)
 
 
 def make_jobs(

@@ -14,9 +14,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .. import __version__
 from ..errors import GemmaError
-from . import schemas
+from . import schemas, structured
 from .engine import Engine, Event, Job, QueueFull, TokenLogprob
-from .structured import CallStream
 
 FINGERPRINT = f"gemmakit-{__version__}"
 RETRY_AFTER_S = 1
@@ -52,6 +51,7 @@ class Choice:
     text: str = ""
     reasoning: str = ""  # Gemma 4's thinking, returned as reasoning_content
     tokens: list[TokenLogprob] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # every generated token (Gemma 4's calls are read from them)
     finish_reason: str | None = None
     completion_tokens: int = 0
 
@@ -97,6 +97,7 @@ class Run:
             c.text += ev.text
             c.reasoning += ev.reasoning
             c.tokens += ev.tokens
+            c.ids += ev.ids
             c.completion_tokens = ev.completion_tokens
             if ev.error is not None:
                 raise ApiError(500, ev.error, type="server_error")
@@ -183,27 +184,22 @@ async def _stream(run: Run, meta: Meta, opts: schemas.StreamOptions, base: dict,
         run.cancel()
 
 
-def stream_chat(run: Run, body: schemas.ChatRequest, meta: Meta, engine: Engine, tool_mode: str = "none"
+def stream_chat(run: Run, body: schemas.ChatRequest, meta: Meta, engine: Engine, plan: structured.ChatPlan
                 ) -> AsyncIterator[str]:
-    """OpenAI's chunk sequence per choice: the role, content deltas (or tool_calls deltas, structured.py), an
-    empty delta with the finish reason."""
+    """OpenAI's chunk sequence per choice: the role, reasoning/content/tool_calls deltas as they are generated
+    (structured.py reads the calls), an empty delta with the finish reason."""
     opts = body.stream_options or schemas.StreamOptions()
     base, chunk = _chunker(run, meta, opts, "chat.completion.chunk", "delta")
-    calls = [CallStream(tool_mode) for _ in run.jobs]
+    readers = [structured.reader(plan, engine.model.tokenizer) for _ in run.jobs]
 
     def pieces(i: int, ev: Event) -> Iterable[str]:
         lp = chat_logprobs(engine, ev.tokens) if body.logprobs and ev.tokens else None
-        deltas = list(calls[i].feed(ev.text))
-        if ev.reasoning:  # Gemma 4's thinking, streamed as llama.cpp's server does
-            deltas.insert(0, {"reasoning_content": ev.reasoning})
+        deltas, reason = structured.deltas(readers[i], ev.text, ev.reasoning, ev.ids, ev.finish_reason, plan.mode)
         for k, delta in enumerate(deltas):
-            yield chunk(i, delta, lp if k == 0 else None)
+            yield chunk(i, structured.openai_delta(delta), lp if k == 0 else None)
         if lp is not None and not deltas:
             yield chunk(i, {"content": ""}, lp)
-        if ev.finish_reason is not None:
-            closing, reason = calls[i].finish(ev.finish_reason)
-            for delta in closing:
-                yield chunk(i, delta)
+        if reason is not None:
             yield chunk(i, {}, None, reason)
 
     opening = (chunk(i, {"role": "assistant", "content": ""}) for i in range(len(run.jobs)))

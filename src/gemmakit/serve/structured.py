@@ -3,41 +3,49 @@ constraint, and the model's reply turned back into OpenAI's message, tool_calls 
 
 - `response_format` {"type": "json_object"} constrains the reply to a JSON object; {"type": "json_schema",
   "json_schema": {"name", "schema", "strict"}} to the schema (always enforced, whatever `strict` says).
-- `tools` with `tool_choice` "required" or a named function constrain the reply to a call (grammar.py over
-  tools.call_schema: a known name, parameters valid for that function); "auto" lets the model answer in text or
-  call, a reply that starts like a call being held to the call grammar; "none" leaves tools out of the prompt.
-  `parallel_tool_calls` (default true) lets the reply be a list of calls.
-- The prompt: Gemma 4's own function-calling tokens through its template (chat_gemma4.py); Gemma 1/2/3 the
-  documented prompt format of tools.py. A reply with calls is answered with `tool_calls` and finish_reason
-  "tool_calls"; streamed, each call is one delta with its id, type and name, then one with its arguments.
+- `tools`, `tool_choice` and `parallel_tool_calls` go through calling.py, the plan Model.chat uses too: the prompt
+  (Gemma 4's native function-calling tokens; Gemma 1/2/3 the documented prompt format of tools.py), the grammar of
+  the calls (each function's JSON Schema), and a reader of the reply. "none" leaves the reply free text.
+- The reply is read as it is generated (Gemma 4's from its token ids, since text drops control tokens): streamed,
+  each call goes out as OpenAI does, a delta with its id, type and name, then its arguments' JSON text piece by
+  piece; not streamed, the message is those deltas joined, so both give the same call. A reply with complete calls
+  ends with finish_reason "tool_calls".
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import chat as chat_template
-from .. import tools as toolfmt
+from .. import calling
 from ..errors import GemmaError
+from ..tools import ReplyDelta
 from . import schemas
 
 
 @dataclass
 class ChatPlan:
-    """How one chat request is rendered and constrained."""
+    """How one chat request is rendered, constrained and read back."""
 
-    messages: list[dict[str, Any]]  # for the chat template
-    family: str
-    template_tools: list[dict[str, Any]] | None = None  # OpenAI tools for Gemma 4's native declarations
+    messages: list[dict[str, Any]]  # as the request gave them
+    tools: calling.ToolPlan  # family, tool mode, thinking
     constraint: dict[str, Any] = field(default_factory=dict)  # keyword arguments of Model.constraint()
-    mode: str = "none"  # tool mode: "none" (no calls read back), "auto" or "required"
-    thinking: bool = False  # Gemma 4's thinking mode (chat_template_kwargs.enable_thinking, reasoning_effort)
+
+    @property
+    def family(self) -> str:
+        return self.tools.family
+
+    @property
+    def mode(self) -> str:
+        return self.tools.mode
+
+    @property
+    def thinking(self) -> bool:
+        return self.tools.thinking
 
     def encode(self, tokenizer: Any) -> list[int]:
-        return chat_template.encode(tokenizer, self.messages, family=self.family, tools=self.template_tools,
-                                    thinking=self.thinking)
+        return self.tools.encode(tokenizer, self.messages)
 
 
 def response_constraint(body: schemas.Sampling) -> dict[str, Any]:
@@ -57,85 +65,78 @@ def response_constraint(body: schemas.Sampling) -> dict[str, Any]:
     return {"json_schema": schema}
 
 
-def plan_chat(body: schemas.ChatRequest, tokenizer: Any) -> ChatPlan:
-    """The prompt and constraint of a chat request (ParamError, a 400, for bad tools or formats)."""
-    family = chat_template.template_for(tokenizer)
+def plan_chat(body: schemas.ChatRequest, tokenizer: Any, thinking: bool = False) -> ChatPlan:
+    """The prompt, constraint and tool mode of a chat request (ParamError, a 400, for bad tools or formats).
+    `thinking` is the server's default of Gemma 4's thinking mode for requests that do not choose."""
+    from ..chat import template_for
+
+    family = template_for(tokenizer)
+    think = body.thinking(thinking and family == "gemma4")
+    if think and family != "gemma4":
+        raise schemas.ParamError("chat_template_kwargs", f"the model `{body.model}` has no thinking mode (a Gemma 4 "
+                                 "chat template option)")
     constraint = response_constraint(body)
-    messages = [dict(m) for m in body.messages]
-    tools: list[dict[str, Any]] = []
-    mode = "none"
-    if body.tools:
-        try:
-            tools = toolfmt.checked_tools(body.tools)
-            mode, tools = toolfmt.chosen(tools, body.tool_choice)
-        except GemmaError as e:
-            raise schemas.ParamError("tools", str(e)) from None
-    elif body.tool_choice not in (None, "none", "auto"):
-        raise schemas.ParamError("tool_choice", "tool_choice needs 'tools' to choose from")
-    parallel = body.parallel_tool_calls is not False
-    if mode != "none" and constraint:
-        raise schemas.ParamError("response_format", "response_format cannot be combined with tools; the reply "
-                                 "is either a tool call or text in that format (use tool_choice='none')")
-    if mode == "required":
-        constraint = {"json_schema": toolfmt.call_schema(tools, parallel)}
-    elif mode == "auto":
-        constraint = {"grammar": toolfmt.auto_grammar(tools, parallel)}
-    if family == "gemma4":
-        if mode != "none":
-            raise schemas.ParamError("tools", "tool calls with Gemma 4 are rendered by its template but not yet "
-                                     "read back by this server; use a Gemma 1/2/3 model or tool_choice='none'")
-        return ChatPlan(messages, family, body.tools if body.tools else None, constraint, mode)
     try:
-        plain = toolfmt.plain_messages(messages, tools if mode != "none" else None, parallel)
+        tools = calling.plan(tokenizer, body.tools, body.tool_choice, parallel=body.parallel_tool_calls is not False,
+                             thinking=think)
     except GemmaError as e:
-        raise schemas.ParamError("messages", str(e)) from None
-    return ChatPlan(plain, family, None, constraint, mode)
+        param = "tool_choice" if not body.tools else "tools"
+        raise schemas.ParamError(param, str(e)) from None
+    if tools.mode != "none":
+        if constraint:
+            raise schemas.ParamError("response_format", "response_format cannot be combined with tools; the reply "
+                                     "is either a tool call or text in that format (use tool_choice='none')")
+        if family == "gemma4" and body.stops():
+            raise schemas.ParamError("stop", "stop strings cannot be combined with tools on a Gemma 4 model: its "
+                                     "reply ends at the end of the turn or at the tool calls")
+        constraint = tools.constraint(tokenizer)
+    return ChatPlan([dict(m) for m in body.messages], tools, constraint)
 
 
-def chat_message(text: str, finish_reason: str | None, mode: str) -> tuple[dict[str, Any], str | None]:
-    """(OpenAI assistant message, finish_reason) for a complete reply: tool_calls when it is a call."""
-    calls = toolfmt.parse_calls(text) if mode != "none" and finish_reason == "stop" else None
+def reader(plan: ChatPlan, tokenizer: Any) -> calling.ReplyReader:
+    """A reader of one choice's reply: the plan's tool-call reader, or plain text (and Gemma 4's reasoning as the
+    engine split it) when no calls are read back."""
+    return plan.tools.reader(tokenizer) or _TextReader()
+
+
+class _TextReader:
+    """A reply read as the engine delivers it: its text is content (calls are not read back)."""
+
+    def feed(self, text: str, ids: Sequence[int]) -> list[ReplyDelta]:
+        return [ReplyDelta(content=text)] if text else []
+
+    def finish(self, reason: str) -> tuple[list[ReplyDelta], str]:
+        return [], reason
+
+    def calls(self) -> list:
+        return []
+
+
+def deltas(reader: calling.ReplyReader, text: str, reasoning: str, ids: Sequence[int], finish: str | None,
+           tool_mode: str) -> tuple[list[ReplyDelta], str | None]:
+    """The reply deltas of one engine event, and the choice's finish reason once it ends. A tool-call reader
+    reads reasoning from the ids itself; otherwise the engine's reasoning comes first."""
+    out: list[ReplyDelta] = [] if tool_mode != "none" or not reasoning else [ReplyDelta(reasoning=reasoning)]
+    out += reader.feed(text, ids)
+    if finish is not None:
+        closing, finish = reader.finish(finish)
+        out += closing
+    return out, finish
+
+
+def openai_delta(d: ReplyDelta) -> dict[str, Any]:
+    """A reply delta as OpenAI's chat.completion.chunk delta (reasoning_content as llama.cpp's server sends it)."""
+    if d.call is not None:
+        return {"tool_calls": [d.call.openai()]}
+    return {"reasoning_content": d.reasoning} if d.reasoning else {"content": d.content}
+
+
+def chat_message(reply: Sequence[ReplyDelta]) -> dict[str, Any]:
+    """The OpenAI assistant message of a whole reply: its deltas joined, as OpenAI's clients join a stream."""
+    reasoning, content, calls = calling.assemble(reply)
+    message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""), "refusal": None}
     if calls:
-        return {"role": "assistant", "content": None, "refusal": None,
-                "tool_calls": [c.openai() for c in calls]}, "tool_calls"
-    return {"role": "assistant", "content": text, "refusal": None}, finish_reason
-
-
-class CallStream:
-    """Turns one streamed reply into delta dicts: content as it comes, unless the reply starts like a tool call
-    ('{' or '['), which is held back and sent as OpenAI's tool_calls deltas once complete."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode, self.held, self.decided = mode, "", mode == "none"
-        self.calling = mode == "required"
-
-    def feed(self, text: str) -> Iterable[dict[str, Any]]:
-        if self.calling:
-            self.held += text
-            return
-        if not self.decided:
-            self.held += text
-            head = self.held.lstrip()
-            if not head:
-                return
-            self.decided, self.calling = True, head[0] in "{["
-            if self.calling:
-                return
-            text, self.held = self.held, ""
-        if text:
-            yield {"content": text}
-
-    def finish(self, reason: str) -> tuple[list[dict[str, Any]], str]:
-        """The closing deltas and the finish reason."""
-        if not self.calling and not self.decided and self.held:
-            return [{"content": self.held}], reason
-        calls = toolfmt.parse_calls(self.held) if self.calling and reason == "stop" else None
-        if not calls:
-            return ([{"content": self.held}] if self.held else []), reason
-        deltas = []
-        for i, c in enumerate(calls):
-            call = c.openai()
-            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                           "function": {"name": c.name, "arguments": ""}}]})
-            deltas.append({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]})
-        return deltas, "tool_calls"
+        message["tool_calls"] = calls
+    if reasoning:  # Gemma 4's thinking, as llama.cpp's server returns it
+        message["reasoning_content"] = reasoning
+    return message
