@@ -2,6 +2,8 @@
 
 One JSON object per line:
   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  loss on assistant turns only
+    (optionally "tools": OpenAI function declarations, with assistant "tool_calls" and "tool" results in the
+    messages, rendered as at inference: Gemma 4's native tokens, Gemma 1/2/3's prompt format of tools.py)
   {"prompt": "...", "completion": "..."}                                      loss on the completion (+ <eos>)
   {"text": "..."}                                                             loss on every token (+ <eos>)
 
@@ -29,6 +31,7 @@ from .. import chat_gemma4
 from ..chat import SYSTEM_ROLES, template_for, turns
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
+from ..tools import checked_tools, plain_messages
 
 
 @dataclass
@@ -69,8 +72,13 @@ class ChatFormat:
             )
         self.start, self.end = start, end
 
-    def render(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]:
-        """(ids, train flags) for a conversation; turn validation and text are chat.turns' (the one template)."""
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+               parallel: bool = True) -> tuple[list[int], list[bool]]:
+        """(ids, train flags) for a conversation; turn validation and text are chat.turns' (the one template).
+        Tools, calls and results become plain turns as the server renders them (tools.plain_messages): the
+        assistant's JSON calls are trained, the tool results (user turns) are not."""
+        if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages if isinstance(m, dict)):
+            messages = plain_messages(messages, checked_tools(tools) if tools else None, parallel)
         if (
             messages
             and isinstance(messages[0], dict)
@@ -105,11 +113,14 @@ class Gemma4ChatFormat:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tok = tokenizer
 
-    def render(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]:
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+               parallel: bool = True) -> tuple[list[int], list[bool]]:
+        """(ids, train flags); `tools` are declared in the system turn (never trained); calls and the
+        <|tool_response> that ends them are trained, the responses are not (parallel: Gemma 4 needs no switch)."""
         ids: list[int] = []
         train: list[bool] = []
         model = False  # inside a model turn, outside a tool's answer
-        for text, control in chat_gemma4.segments(messages, add_generation_prompt=False):
+        for text, control in chat_gemma4.segments(messages, tools=tools, add_generation_prompt=False):
             if control:  # a marker written inside a model turn (<turn|>, <|tool_call>, ...) is the model's
                 ids.append(self._marker(text))
                 train.append(model)
@@ -157,7 +168,10 @@ def encode_record(
             raise ValueError('"messages" must be a list of {"role", "content"} objects')
         if chat is None:
             raise ValueError("chat data needs a tokenizer with turn markers")
-        return ("messages", *chat.render(record["messages"]))
+        tools = record.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise ValueError('"tools" must be a list of OpenAI function declarations')
+        return ("messages", *chat.render(record["messages"], tools, record.get("parallel_tool_calls") is not False))
     if "prompt" in record or "completion" in record:
         prompt, completion = record.get("prompt"), record.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
