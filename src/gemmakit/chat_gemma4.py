@@ -520,14 +520,19 @@ class ReasoningSplitter:
         return held
 
     def _unlabel(self, chunk: str) -> str:
-        if self._label is None:
-            return chunk
-        held = self._label + chunk
-        if held.startswith(THOUGHT):
-            self._label = None
-            return held[len(THOUGHT) :]
-        if THOUGHT.startswith(held):
-            self._label = held
-            return ""
-        self._label = None
-        return held
+        self._label, out = unlabel(self._label, chunk)
+        return out
+
+
+def unlabel(label: str | None, chunk: str) -> tuple[str | None, str]:
+    """Drop the "thought\n" label at the start of a thought channel from streamed reasoning: (what is still held
+    back while it may be the label, or None once decided; the reasoning to release). `label` is "" at the start of a
+    channel, None after its label was decided."""
+    if label is None:
+        return None, chunk
+    held = label + chunk
+    if held.startswith(THOUGHT):
+        return None, held[len(THOUGHT) :]
+    if THOUGHT.startswith(held):
+        return held, ""
+    return None, held

@@ -456,7 +456,8 @@ class CallReader:
         if self.mode == "content":
             out.append(ReplyDelta(content=piece))
         elif self.mode == "reasoning":
-            out.append(ReplyDelta(reasoning=self._unlabel(piece)))
+            self.label, piece = g4.unlabel(self.label, piece)
+            out.append(ReplyDelta(reasoning=piece))
         elif self.args is not None:
             out.append(self.log.add(self.args.text(piece)))
         else:
@@ -466,16 +467,3 @@ class CallReader:
                 out.append(self.log.open(name.removeprefix("call:")))
                 self.args = ArgsJson()
                 out.append(self.log.add(self.args.text("{" + rest)))
-
-    def _unlabel(self, piece: str) -> str:
-        if self.label is None:
-            return piece
-        held = self.label + piece
-        if held.startswith(g4.THOUGHT):
-            self.label = None
-            return held[len(g4.THOUGHT):]
-        if g4.THOUGHT.startswith(held):
-            self.label = held
-            return ""
-        self.label = None
-        return held
