@@ -182,6 +182,11 @@ def test_server_streams_arguments_and_matches_the_plain_reply(server, model_name
         [(t.function.name, t.function.arguments) for t in plain.message.tool_calls]
     assert all(o.type == "function" and o.function.arguments == "" for o in openers)
     assert max(chunks.values()) >= 3  # the arguments arrive as they are generated
+    with c.chat.completions.stream(**kw) as events:  # the SDK's own stream reassembly
+        final = events.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls"
+    assert [(t.id.startswith("call_"), t.function.name, t.function.arguments) for t in final.message.tool_calls] == \
+        [(True, t.function.name, t.function.arguments) for t in plain.message.tool_calls]
     for x in calls:
         jsonschema.validate(json.loads(x["arguments"]), SCHEMAS[x["name"]])
     if model_name == "g4":  # the server and Model.chat read the same reply
