@@ -15,7 +15,10 @@ PROMPT = "\r\n> "
 
 
 def test_interactive_chat(tmp_path: Path):
-    cmd = [sys.executable, "-m", "gemmakit", "chat", "--ctx-size", "96", "--max-new-tokens", "400", "-t", "0"]
+    # A context of 384: replies may run to ~200-340 tokens (seconds even at 100 tok/s, so Ctrl-C arrives while one
+    # streams), and a prompt may hold 384 - 192 tokens: the second message (9 sentences, 184 tokens with the system
+    # prompt) fits alone but not with the first exchange (>= 23 tokens more).
+    cmd = [sys.executable, "-m", "gemmakit", "chat", "--ctx-size", "384", "--max-new-tokens", "400", "-t", "0"]
     child = pexpect.spawn(
         cmd[0],
         cmd[1:],
@@ -38,9 +41,7 @@ def test_interactive_chat(tmp_path: Path):
         child.expect(r"system prompt set")
         child.expect(PROMPT)
         # the next message no longer fits with the history: the oldest exchange is dropped, visibly
-        child.sendline(
-            "Now tell me everything you know about castles, moats, towers and drawbridges in Europe."
-        )
+        child.sendline(" ".join(["Now tell me everything you know about castles, moats, towers and drawbridges in Europe."] * 9))
         child.expect(r"history trimmed: dropped the 1 oldest exchange")
         child.expect(r"\r\n\r\n")
         child.expect(r"\S{3}")
