@@ -43,14 +43,42 @@ def sized_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def random_state(cfg: GemmaConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
-    """HF-named random bf16 weights of `cfg` (norm weights 0, i.e. scale 1), built shape by shape."""
+    """HF-named random bf16 weights of `cfg`, built shape by shape; norms scale by 1 (weights 0 where the norm adds
+    1, as Gemma 1-3 do; 1 for Gemma 4, whose norms and router scales multiply by the weight itself)."""
     from ..model import Gemma
 
     torch.manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Gemma(cfg).state_dict().items()}
-    return {k: torch.zeros(s, dtype=torch.bfloat16) if k.endswith("norm.weight")
+    one = 1.0 - cfg.norm_offset
+    return {k: torch.full(s, one, dtype=torch.bfloat16) if _is_scale(cfg, k)
             else torch.randn(s, dtype=torch.bfloat16) * std for k, s in shapes.items()}
+
+
+def _is_scale(cfg: GemmaConfig, name: str) -> bool:
+    return name.endswith("norm.weight") or (cfg.family == "gemma4" and (name.endswith("scale")
+                                                                          or name.endswith("layer_scalar")))
+
+
+def shortened(cfg: GemmaConfig, layers: int | None = None, vocab: int | None = None) -> GemmaConfig:
+    """`cfg` with only its first `layers` layers (Gemma 4: the last made global, as transformers does) and a `vocab`-row
+    vocabulary: every matrix keeps its real width, so per-layer speed carries over to the full model at a fraction
+    of the file. Gemma 4 KV sharing is scaled down and starts after a global layer, as llama.cpp requires."""
+    changes: dict = {}
+    if layers is not None and layers < cfg.num_hidden_layers:
+        types = list(cfg.layer_types[:layers])
+        if cfg.family == "gemma4":  # Gemma 1-3 GGUFs imply the layer pattern from the index: keep the prefix
+            types[-1] = "full_attention"
+        changes.update(num_hidden_layers=layers, layer_types=tuple(types))
+        if cfg.num_kv_shared_layers:
+            target = round(layers * cfg.num_kv_shared_layers / cfg.num_hidden_layers)
+            changes["num_kv_shared_layers"] = max(
+                (k for k in range(1, target + 1) if types[layers - k - 1] == "full_attention"), default=0)
+    if vocab is not None:
+        changes["vocab_size"] = vocab
+        if cfg.vocab_size_per_layer_input:
+            changes["vocab_size_per_layer_input"] = vocab
+    return cfg.replace(**changes) if changes else cfg
 
 
 def quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
@@ -68,13 +96,15 @@ def quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
     os.replace(tmp, dst)
 
 
-def make(name: str, out: Path, ftype: str = "Q4_K_M", *, seed: int = 0, threads: int | None = None) -> Path:
-    """Write `out`: a random model of preset `name` as a GGUF of llama.cpp type `ftype` (or F16)."""
+def make(name: str, out: Path, ftype: str = "Q4_K_M", *, seed: int = 0, threads: int | None = None,
+         layers: int | None = None, vocab: int | None = None) -> Path:
+    """Write `out`: a random model of preset `name` (optionally `shortened`) as a GGUF of llama.cpp type `ftype`
+    (or F16)."""
     from ..weights.writers import write_gguf
 
     if ftype not in FTYPES and ftype != "F16":
         raise GemmaError(f"unknown type {ftype!r}; choose F16 or one of {', '.join(FTYPES)}")
-    cfg = preset(name)
+    cfg = shortened(preset(name), layers, vocab)
     out = Path(out)
     f16 = out if ftype == "F16" else out.with_name(f".{out.stem}.f16.gguf")
     write_gguf(f16, random_state(cfg, seed), cfg, sized_tokenizer(cfg.vocab_size), qtype="f16")
@@ -92,8 +122,10 @@ def main() -> None:
     p.add_argument("-o", "--out", type=Path, required=True)
     p.add_argument("--type", default="Q4_K_M", help=f"F16 or one of {', '.join(FTYPES)} (default Q4_K_M)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, help="only the first N layers (real widths; a smaller file)")
+    p.add_argument("--vocab", type=int, help="a vocabulary of N rows instead of the preset's")
     a = p.parse_args()
-    print(make(a.preset, a.out, a.type.upper(), seed=a.seed))
+    print(make(a.preset, a.out, a.type.upper(), seed=a.seed, layers=a.layers, vocab=a.vocab))
 
 
 if __name__ == "__main__":
