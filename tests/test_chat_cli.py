@@ -4,6 +4,7 @@ reply without leaving, /system, history trimming with a visible note, /save, /lo
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,10 @@ def test_interactive_chat(tmp_path: Path):
         timeout=60,
         dimensions=(50, 200),
         env={"COLUMNS": "200", "TERM": "dumb", "PYTHONUNBUFFERED": "1"},
+        # Ctrl-C must reach the chat even when the suite itself runs with SIGINT ignored (`make test &` from a
+        # script: the child would inherit SIG_IGN, Python would install no KeyboardInterrupt handler, and the
+        # reply would run to its end)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         child.expect("gemmakit chat")
