@@ -358,6 +358,25 @@ static inline __m256i udot(__m256i w, __m256i a) {
 #endif
 }
 
+/* Without VNNI, 4- and 5-bit weights (Q4_0, Q5_0, Q4_K, Q5_K) keep maddubs' 16 int16 pair sums per unit (each at
+ * most 2 x 31 x 127 = 7874) and reduce them with two rounds of hadd_epi16 (at most 4 x 7874 = 31496: no wrap)
+ * before one madd to int32: 2 multiplies per 4 units instead of 4 madds, the same integers. Q8_0 (pair sums up to
+ * 32258) and VNNI builds reduce int32 partial sums. */
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define NARROW 0
+#else
+#define NARROW 1
+#endif
+
+/* udot's partial sums, or (NARROW) the int16 pair sums: for the reduce*n functions only. */
+static inline __m256i udot_n(__m256i w, __m256i a) {
+#if NARROW
+    return _mm256_maddubs_epi16(w, a);
+#else
+    return udot(w, a);
+#endif
+}
+
 /* Q6_K: per 16 values, the sub-block scale multiplies the integer sums (exact). */
 static inline __m256i udot_scaled(__m256i w, __m256i a, __m256i sc16) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), sc16);
@@ -386,6 +405,28 @@ static inline __m256i reduce8(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __
                               __m256i p7) {
     const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
     const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* Per 128-bit half, the sums of p0..p3 over that half as int32 (udot_n's partial sums). */
+static inline __m256i halves4n(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
+#if NARROW
+    return _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3)),
+                             _mm256_set1_epi16(1));
+#else
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+#endif
+}
+
+/* reduce4 and reduce8 over udot_n's partial sums: the same integers, in the same lanes. */
+static inline __m128i reduce4n(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {
+    const __m256i c = halves4n(p0, p1, p2, p3);
+    return _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+}
+
+static inline __m256i reduce8n(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5, __m256i p6,
+                               __m256i p7) {
+    const __m256i a = halves4n(p0, p1, p2, p3), b = halves4n(p4, p5, p6, p7);
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
@@ -418,9 +459,9 @@ static inline __attribute__((always_inline)) __m256i group_z(const group_t *G, l
         const __m256i corr = _mm256_madd_epi16(sc, _mm256_loadu_si256((const __m256i *)as16));
         return _mm256_sub_epi32(z, _mm256_slli_epi32(corr, 5));
     }
-    return reduce8(unit_dot(G, type, 0, aq), unit_dot(G, type, 1, aq), unit_dot(G, type, 2, aq),
-                   unit_dot(G, type, 3, aq), unit_dot(G, type, 4, aq), unit_dot(G, type, 5, aq),
-                   unit_dot(G, type, 6, aq), unit_dot(G, type, 7, aq));
+#define UD(u) udot_n(_mm256_load_si256((const __m256i *)G->w[u]), _mm256_loadu_si256((const __m256i *)(aq + (u) * UNIT)))
+    return reduce8n(UD(0), UD(1), UD(2), UD(3), UD(4), UD(5), UD(6), UD(7));  /* Q4_K, Q5_K: unsigned, <= 31 */
+#undef UD
 }
 #endif
 
@@ -517,7 +558,13 @@ static inline __attribute__((always_inline)) __m256i b32_dot(const uint8_t *b, l
         memcpy(&qh, b + 2, 4);
         w = _mm256_or_si256(w, bits_to_0x10(qh));
     }
-    return udot(w, a);
+    return udot_n(w, a);  /* Q4_0 / Q5_0: reduced by reduce4t */
+}
+
+/* The 4 unit sums of a quad of b32_dot results. */
+static inline __attribute__((always_inline)) __m128i reduce4t(long type, __m256i p0, __m256i p1, __m256i p2,
+                                                              __m256i p3) {
+    return type == T_Q8_0 ? reduce4(p0, p1, p2, p3) : reduce4n(p0, p1, p2, p3);
 }
 
 /* Q4_0 / Q5_0 / Q8_0 row, in quads of 4 blocks (128 values: every Gemma width is a multiple, 640 included); the
@@ -533,10 +580,10 @@ static inline __attribute__((always_inline)) float row1_b32(const uint8_t *row, 
         _mm_prefetch((const char *)(blk + 16 * bsz), _MM_HINT_T0);
         _mm_prefetch((const char *)(blk + 16 * bsz + 64), _MM_HINT_T0);
         const int8_t *a = aq + q0 * UNIT;
-        const __m128i z = reduce4(b32_dot(blk, type, _mm256_load_si256((const __m256i *)a)),
-                                  b32_dot(blk + bsz, type, _mm256_load_si256((const __m256i *)(a + 32))),
-                                  b32_dot(blk + 2 * bsz, type, _mm256_load_si256((const __m256i *)(a + 64))),
-                                  b32_dot(blk + 3 * bsz, type, _mm256_load_si256((const __m256i *)(a + 96))));
+        const __m128i z = reduce4t(type, b32_dot(blk, type, _mm256_load_si256((const __m256i *)a)),
+                                   b32_dot(blk + bsz, type, _mm256_load_si256((const __m256i *)(a + 32))),
+                                   b32_dot(blk + 2 * bsz, type, _mm256_load_si256((const __m256i *)(a + 64))),
+                                   b32_dot(blk + 3 * bsz, type, _mm256_load_si256((const __m256i *)(a + 96))));
         const __m128 dw = f16x4(blk, bsz, 4);
         acc = _mm_fmadd_ps(_mm_cvtepi32_ps(z), _mm_mul_ps(dw, _mm_load_ps(ad + q0)), acc);
         if (type != T_Q8_0) acc_off = _mm_fmadd_ps(dw, _mm_load_ps(afs + q0), acc_off);
@@ -549,7 +596,8 @@ static inline __attribute__((always_inline)) float row1_b32(const uint8_t *row, 
             p[u] = u < n ? b32_dot(blk + u * bsz, type, _mm256_load_si256((const __m256i *)(aq + (q0 + u) * UNIT)))
                          : _mm256_setzero_si256();
         const __m128 dw = f16x4(blk, bsz, n);
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p[0], p[1], p[2], p[3])), _mm_mul_ps(dw, _mm_load_ps(ad + q0)), acc);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4t(type, p[0], p[1], p[2], p[3])), _mm_mul_ps(dw, _mm_load_ps(ad + q0)),
+                           acc);
         if (type != T_Q8_0) acc_off = _mm_fmadd_ps(dw, _mm_load_ps(afs + q0), acc_off);
     }
     if (type == T_Q8_0) return hsum4(acc);
@@ -581,10 +629,10 @@ static inline __attribute__((always_inline)) float row1_k45(const uint8_t *row, 
                 hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m1), m1), x10));
                 h = _mm256_srli_epi16(h, 2);
             }
-            p[2 * i] = udot(lo, _mm256_load_si256((const __m256i *)(a + 64 * i)));
-            p[2 * i + 1] = udot(hi, _mm256_load_si256((const __m256i *)(a + 64 * i + 32)));
+            p[2 * i] = udot_n(lo, _mm256_load_si256((const __m256i *)(a + 64 * i)));
+            p[2 * i + 1] = udot_n(hi, _mm256_load_si256((const __m256i *)(a + 64 * i + 32)));
         }
-        const __m256i z = reduce8(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+        const __m256i z = reduce8n(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
         const float d = fp16_to_fp32(rd16(b)), dmin = fp16_to_fp32(rd16(b + 2));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_set1_ps(d)),
                                                                    _mm256_load_ps(ad + 8 * g)), acc);
@@ -711,10 +759,10 @@ static inline __attribute__((always_inline)) void b32_rows(const uint8_t *row, l
             __m256i p[4];
             for (int u = 0; u < 4; u++) {
                 const __m256i av = _mm256_load_si256((const __m256i *)(a + u * UNIT));
-                p[u] = udot(uw[u], type == T_Q8_0 ? _mm256_sign_epi8(av, w[u]) : av);
+                p[u] = type == T_Q8_0 ? udot(uw[u], _mm256_sign_epi8(av, w[u])) : udot_n(uw[u], av);
             }
             const __m128 f = _mm_mul_ps(dw, _mm_load_ps(A->d + (m + r) * U + q0));
-            acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p[0], p[1], p[2], p[3])), f, acc[r]);
+            acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4t(type, p[0], p[1], p[2], p[3])), f, acc[r]);
             if (type != T_Q8_0) acc_off[r] = _mm_fmadd_ps(dw, _mm_load_ps(A->fs + (m + r) * U + q0), acc_off[r]);
         }
     }
