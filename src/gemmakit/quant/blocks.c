@@ -608,6 +608,16 @@ static inline __attribute__((always_inline)) float row1_b32(const uint8_t *row, 
     return hsum4(_mm_fnmadd_ps(acc_off, _mm_set1_ps(off), acc));
 }
 
+/* Prefetch `lines` cache lines at p: into L1, or for long rows into L2 only (a row of 16384 values has 20 KB of
+ * activations that L1 must keep while the weights stream past: +5-10% there, -5-10% on short rows). */
+#define LONG_ROW 32  /* super-blocks: rows of 8192 values and more */
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *p, int lines, int long_row) {
+    for (int c = 0; c < lines; c++) {
+        if (long_row) _mm_prefetch((const char *)(p + 64 * c), _MM_HINT_T1);
+        else _mm_prefetch((const char *)(p + 64 * c), _MM_HINT_T0);
+    }
+}
+
 /* Q4_K / Q5_K row: per super-block, 8 sub-blocks with 6-bit scales and mins. */
 static inline __attribute__((always_inline)) float row1_k45(const uint8_t *row, long type, long nsb,
                                                             const int8_t *aq, const float *ad, const float *afs) {
@@ -615,9 +625,7 @@ static inline __attribute__((always_inline)) float row1_k45(const uint8_t *row, 
     __m256 acc = _mm256_setzero_ps(), acc_off = _mm256_setzero_ps();
     for (long g = 0; g < nsb; g++) {
         const uint8_t *b = row + g * bsz;
-        _mm_prefetch((const char *)(b + AHEAD_K45 * bsz), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + AHEAD_K45 * bsz + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + AHEAD_K45 * bsz + 128), _MM_HINT_T0);
+        prefetch_ahead(b + AHEAD_K45 * bsz, 3, nsb >= LONG_ROW);
         __m256 sc, mn;
         k_scales(b + 4, &sc, &mn);
         const int8_t *a = aq + g * 256;
@@ -651,7 +659,7 @@ static float row1_q6k(const uint8_t *row, long nsb, const int8_t *aq, const floa
     const __m256i m3 = _mm256_set1_epi8(3);
     for (long g = 0; g < nsb; g++) {
         const uint8_t *b = row + g * 210;
-        for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(b + AHEAD_Q6K * 210 + 64 * c), _MM_HINT_T0);
+        prefetch_ahead(b + AHEAD_Q6K * 210, 4, nsb >= LONG_ROW);
         const __m256i scv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
         const int8_t *a = aq + g * 256;
         __m256i p[8];
