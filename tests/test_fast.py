@@ -76,6 +76,38 @@ def test_block_kernels_equal_their_reference(qtype):
 
 
 @needs_native
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0], ids=lambda t: t.name)
+def test_integer_sums_at_their_extremes(qtype):
+    """Every weight at its largest value (15, 31 or 63 unsigned; Q8_0 +-127 as its quantizer writes) against
+    activations all at +-127: the sums the kernels keep in 16-bit lanes (without VNNI) are at their bound and must
+    not wrap. Exact against the dequantized weights, at 1 and 5 rows."""
+    n, k = 9, 512
+    if qtype == QT.Q8_0:
+        w = np.where(np.arange(n * k).reshape(n, k) % 3 == 0, -1.0, 1.0).astype(np.float32)
+        raw = quantize(w, qtype).reshape(n, -1)
+    else:
+        block, size = GGML_QUANT_SIZES[qtype]
+        raw = np.full((n, k // block, size), 0xFF, dtype=np.uint8)
+        one = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+        if qtype in (QT.Q4_0, QT.Q5_0):
+            raw[..., 0:2] = one
+        elif qtype == QT.Q6_K:
+            raw[..., 192:208] = 0x7F  # int8 scales 127 (0xFF would read -1)
+            raw[..., 208:210] = one
+        else:
+            raw[..., 0:2], raw[..., 2:4] = one, 0  # d, dmin 0
+        raw = raw.reshape(n, -1)
+    w = QWeight.from_bytes(raw, qtype, n, k)
+    ref = torch.from_numpy(dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32)).double()
+    for sign in (1.0, -1.0):
+        x = torch.full((5, k), sign)
+        expected = quantize_activations(x) @ ref.T
+        got = w.matmul(x).double()
+        assert (got - expected).abs().max() <= 3e-5 * expected.abs().max(), (qtype, sign)
+        assert torch.equal(w.matmul(x[:1])[0], got[0].float())
+
+
+@needs_native
 @pytest.mark.parametrize("native", [True, False], ids=["bf16-tiles", "int8"])
 def test_long_inputs_of_integer_blocks(native, monkeypatch):
     """From BF16_ROWS rows, CPUs with native bf16 multiply bf16 tiles of the dequantized rows (more than one tile
@@ -368,6 +400,8 @@ def test_native_kernels_built_for_older_cpus(monkeypatch, flags):
         assert kernels.available()
         for qtype in TYPES:
             test_block_kernels_equal_their_reference(qtype)
+        for qtype in (QT.Q4_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0):
+            test_integer_sums_at_their_extremes(qtype)
         for name in ("gemma2", "gemma3-mqa"):
             for weights in ("f32", "mixed"):
                 test_native_decode_step_equals_modules(name, weights)
