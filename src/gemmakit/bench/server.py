@@ -129,12 +129,16 @@ def run_load_test(
     ctx_size: int = 1024,
     device: str = "auto",
     startup_timeout: float = 300.0,
+    kernel_flags: str = "",
 ) -> dict:
     """Serve `source` (None: the embedded model) in a subprocess and measure aggregate decode throughput.
 
     -> {"model", "device", "max_tokens", "max_batch", "rounds": [{"clients", "aggregate_tok_s", ...}, ...]}.
-    The server gets max_batch = the largest client count unless given, so every round fits in one batch.
+    The server gets max_batch = the largest client count unless given, so every round fits in one batch;
+    `kernel_flags` (GEMMAKIT_CFLAGS, e.g. -mno-avx512f) are the server's kernel build flags.
     """
+    from .common import isa, machine
+
     if not clients or min(clients) < 1:
         raise GemmaError("clients must be a non-empty list of positive counts")
     if max_tokens < 1:
@@ -163,7 +167,7 @@ def run_load_test(
     ]
     log = tempfile.NamedTemporaryFile("w+", prefix="gemmakit-loadtest-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **({"GEMMAKIT_CFLAGS": kernel_flags} if kernel_flags else {})}
     )
     try:
         _wait_ready(proc, port, startup_timeout, Path(log.name))
@@ -186,7 +190,17 @@ def run_load_test(
         "ctx_size": ctx_size,
         "requests_per_client": requests_per_client,
         "rounds": rounds,
+        "machine": machine(),
+        "isa": isa(),
+        "kernel_flags": kernel_flags,
     }
+
+
+def save(result: dict, folder: Path, name: str | None = None) -> Path:
+    """Write server-<date>-<machine>.json (or name.json) and .md atomically; returns the .json path."""
+    from .common import machine_slug, write_results
+
+    return write_results(folder, name or f"server-{machine_slug()}", result, markdown(result))
 
 
 def markdown(result: dict) -> str:

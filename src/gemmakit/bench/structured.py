@@ -153,8 +153,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(result: dict, folder: Path) -> Path:
-    return write_results(folder, f"structured-{machine_slug()}", result, markdown(result))
+def save(result: dict, folder: Path, name: str | None = None) -> Path:
+    return write_results(folder, name or f"structured-{machine_slug()}", result, markdown(result))
 
 
 if __name__ == "__main__":

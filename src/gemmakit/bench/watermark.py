@@ -133,8 +133,8 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def save(result: dict[str, Any], out: Path) -> Path:
-    return write_results(out, f"watermark-{machine_slug()}", result, markdown(result))
+def save(result: dict[str, Any], out: Path, name: str | None = None) -> Path:
+    return write_results(out, name or f"watermark-{machine_slug()}", result, markdown(result))
 
 
 def write_calibration(path: Path, source: str | None = None, *, samples: int = 128, tokens: int = 96) -> None:

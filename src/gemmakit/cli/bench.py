@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +11,6 @@ from rich.markdown import Markdown
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..bench import inference as inference_bench
-from ..bench.common import machine_slug
 
 
 def bench(
@@ -61,51 +59,43 @@ def bench(
 
         if server:
             from ..bench import server as server_bench
-            from ..bench.common import isa, machine, write_results
 
             step("server load test (1, 4, 8 clients)")
-            if cflags:  # the server subprocess builds and loads its kernels with these flags
-                os.environ["GEMMAKIT_CFLAGS"] = cflags
-            result = server_bench.run_load_test(model)
-            result.update(machine=machine(), isa=isa(), kernel_flags=cflags)
-            path = write_results(out, name or f"server-{machine_slug()}", result, server_bench.markdown(result))
-            console.print(Markdown(server_bench.markdown(result)))
-            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            result = server_bench.run_load_test(model, kernel_flags=cflags)
+            _report(console, server_bench, result, out, name)
             return
         elif structured:
             from ..bench import structured as structured_bench
 
             step("constrained decoding: engines, then decode with and without masks")
             result = structured_bench.run(model, repeats=repeats)
-            _report(console, structured_bench, result, out)
+            _report(console, structured_bench, result, out, name)
             return
         elif watermark:
             from ..bench import watermark as watermark_bench
 
             step(f"watermark: {samples} watermarked and {samples} plain samples, then detection")
             result = watermark_bench.run(model, samples=samples)
-            _report(console, watermark_bench, result, out)
+            _report(console, watermark_bench, result, out, name)
             return
         elif finetune:
             from ..bench import finetune as finetune_bench
 
             result = finetune_bench.run_finetune_bench(model, repeats=repeats, threads=threads, dtype=dtype,
                                                        on_step=lambda s: step(f"fine-tuning: {s}"))
-            _report(console, finetune_bench, result, out)
+            _report(console, finetune_bench, result, out, name)
             return
         else:
             result = inference_bench.run(model, engines=[e.strip() for e in engines.split(",") if e.strip()],
                                          repeats=repeats, threads=threads, prompt_tokens=prompt_tokens,
                                          decode_tokens=decode_tokens, kernel_flags=cflags, llama_path=llama_path,
                                          on_step=lambda s: step(f"running {s}"))
-            path = inference_bench.save(result, out, name)
-            console.print(Markdown(inference_bench.markdown(result)))
-            console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+            _report(console, inference_bench, result, out, name)
             return
 
 
-def _report(console: Console, bench_module: Any, result: dict, out: Path) -> None:
+def _report(console: Console, bench_module: Any, result: dict, out: Path, name: str | None) -> None:
     """Save a benchmark's result (JSON + markdown, through its own save()) and print its table."""
-    path = bench_module.save(result, out)
+    path = bench_module.save(result, out, name)
     console.print(Markdown(bench_module.markdown(result)))
     console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
