@@ -3,6 +3,8 @@ quality budget; the native decode step equals the modules, and verifies drafts b
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -304,6 +306,47 @@ def test_native_decode_step_equals_modules(name, weights):
     tol = 1e-4 if weights == "f32" else 2e-2
     worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(native, modules, strict=True))
     assert worst <= tol, worst
+
+
+@needs_native
+def test_native_decode_step_is_the_same_for_any_team_and_thread():
+    """decode_layers runs one OpenMP region per step whose workers meet at a spinning barrier: 1, 2 or more
+    workers than CPUs (the barrier then yields), called from the main thread or another one (a server's engine
+    thread), give bit-identical logits."""
+    import threading
+
+    from gemmakit.model import KVCache
+
+    module = _tiny_fast("gemma3", "mixed")
+    cfg = module.config
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (5, 11, 3)]
+    steps = torch.randint(0, cfg.vocab_size, (12, 3))
+
+    def run(threads: int) -> torch.Tensor:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            cache = KVCache(cfg, 3, 64, dtype=torch.float32, device="cpu", slack=4)
+            out = []
+            with torch.inference_mode():
+                for r, p in enumerate(prompts):
+                    module(torch.tensor([p]), cache=cache, rows=[r], last_only=True)
+                for step in range(12):
+                    pos = torch.tensor([[cache.lengths[r]] for r in range(3)])
+                    out.append(module(steps[step, :, None], pos, cache=cache)[:, -1])
+            return torch.stack(out)
+        finally:
+            torch.set_num_threads(before)
+
+    one = run(1)
+    for threads in (2, 2 * (os.cpu_count() or 1) + 1):
+        assert torch.equal(run(threads), one)
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(x=run(2)))
+    worker.start()
+    worker.join()
+    assert torch.equal(got["x"], one)
 
 
 @needs_native

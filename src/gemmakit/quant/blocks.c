@@ -18,9 +18,12 @@
  * computed by the same instructions in the same order whatever M is, so verifying k draft tokens in one call gives
  * bit-identical logits to k single steps.
  */
+#define _GNU_SOURCE  /* sched_yield */
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <sched.h>
+#include <omp.h>
 #include <immintrin.h>
 
 #include "blocks.h"
@@ -31,6 +34,7 @@
  * 2-thread decode read rows of 16384 values at 22-24 GB/s, with these at 28-30 GB/s (Zen 4, AVX2 build). */
 #define AHEAD_K45 24
 #define AHEAD_Q6K 16
+#define SPINS 4096  /* pauses (~20-40 ns each) a team_barrier waits before it yields the CPU */
 #define QUAD 4    /* blocks of 32 (Q4_0, Q5_0, Q8_0) are reduced 4 at a time: 128 values, every Gemma width */
 
 static inline long is_b32(long type) { return type == 2 || type == 6 || type == 8; }  /* Q4_0, Q5_0, Q8_0 */
@@ -855,60 +859,128 @@ int qtype_supported(long type) {
 #define NB 16   /* weight rows per task: their bytes stay in L2 while every activation tile passes */
 #define MC_BYTES (192 << 10)  /* int8 activation bytes per pass over a task's weight rows: they stay in L2 */
 
-/* Several products sharing one activation (q, k and v of a layer; gate and up) in one parallel region: the tasks
- * are NB-row blocks of every matrix, split statically. Y_i[m, :] is written at y[i] + m * ldy[i]. Each weight row
- * is unpacked once per MC activation rows (once per call in decode and batches; MC keeps those rows' int8 values in
- * L2), then every row reads it from L1. */
-static void matmuls(const qmat_t *W, int n_mats, const act_t *A, float *const *y, const long *ldy, int threads) {
-    long first[9], total = 0, widest = 0;
-    for (int i = 0; i < n_mats; i++) {
-        first[i] = total, total += (W[i].rows + NB - 1) / NB;
-        if (W[i].cols > widest) widest = W[i].cols;
-    }
+/* Worker `tid` of `nth`'s share [*a, *b) of `total` tasks: contiguous, sizes differing by at most one (as OpenMP's
+ * schedule(static) splits a loop). */
+static inline void share(long total, int tid, int nth, long *a, long *b) {
+    const long q = total / nth, r = total % nth;
+    *a = q * tid + (tid < r ? tid : r);
+    *b = *a + q + (tid < r);
+}
+
+/* Several products sharing one activation (q, k and v of a layer; gate and up): the tasks are NB-row blocks of every
+ * matrix, and worker `tid` of `nth` runs its static share of them. Y_i[m, :] is written at y[i] + m * ldy[i]. Each
+ * weight row is unpacked once per MC activation rows (once per call in decode and batches; MC keeps those rows'
+ * int8 values in L2), then every row reads it from L1. G: this worker's group buffer (group_bytes). */
+static void matmuls_share(const qmat_t *W, int n_mats, const act_t *A, float *const *y, const long *ldy, int tid,
+                          int nth, group_t *G) {
+    long first[9], total = 0;
+    for (int i = 0; i < n_mats; i++) first[i] = total, total += (W[i].rows + NB - 1) / NB;
     first[n_mats] = total;
-    const long M = A->rows, max_groups = (widest / UNIT + QUAD - 1) / QUAD;
+    const long M = A->rows;
     long MC = MC_BYTES / (A->units * UNIT);
     MC = MC < 4 ? 4 : MC > 256 ? 256 : MC;
+    long t0, t1;
+    share(total, tid, nth, &t0, &t1);
+    for (long t = t0; t < t1; t++) {
+        int i = 0;
+        while (t >= first[i + 1]) i++;
+        const qmat_t *w = W + i;
+        const long n0 = (t - first[i]) * NB, n1 = n0 + NB < w->rows ? n0 + NB : w->rows;
+        const long groups = (w->cols / UNIT + group_units(w->type) - 1) / group_units(w->type);
+        for (long m0 = 0; m0 < M; m0 += MC) {
+            const long m1 = m0 + MC < M ? m0 + MC : M;
+            for (long n = n0; n < n1; n++) {
+                if (is_float(w->type)) {
+                    for (long m = m0; m < m1; m += MR)
+                        row_float(w, n, A, m, (int)(m1 - m < MR ? m1 - m : MR), y[i], ldy[i]);
+                    continue;
+                }
+#if defined(__AVX2__)
+                if (M == 1) {
+                    y[i][n] = row1(w, n, A, 0);
+                    continue;
+                }
+#endif
+                const uint8_t *row = w->data + n * w->row_bytes;
+#if defined(__AVX2__)
+                if (is_b32(w->type)) {  /* blocks of 32: unpacked in registers, a quad at a time */
+                    rows_b32(row, w->type, w->cols, A, m0, m1, y[i], ldy[i], n);
+                    continue;
+                }
+#endif
+                for (long g = 0; g < groups; g++) prep_group(G + g, row, w->type, g, w->cols);
+                rows_int(G, groups, w->type, A, m0, m1, y[i], ldy[i], n);
+            }
+        }
+    }
+}
+
+/* Bytes of one worker's group buffer for rows of up to K values (64-byte multiples, so buffers can sit side by side). */
+long group_bytes(long K) {
+    const long max_groups = (K / UNIT + QUAD - 1) / QUAD;
+    return (long)((sizeof(group_t) * max_groups + 63) / 64 * 64);
+}
+
+/* ---- a team of workers inside one parallel region (decode.c): a spinning barrier ----------------------------
+ * A decode step is ~100 short phases (products, attention, norms). As separate OpenMP regions each paid a fork and
+ * a join; libgomp spins ~300k iterations on those only while it manages no more threads than CPUs, and a second
+ * Python thread that ever ran OpenMP (a server's engine thread, a web UI's worker) tips it into futex sleeps: the
+ * 270M decoded 65 instead of 100 tok/s from a non-main thread (2 cores). One region per step with this barrier
+ * spins briefly, then yields the CPU, whatever libgomp decides. */
+void team_barrier(team_t *b) {
+    if (b->n <= 1) return;
+    const int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == b->n) {
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->gen, gen + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (long spins = 0; __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == gen; spins++) {
+        if (spins < SPINS) _mm_pause();
+        else sched_yield();  /* oversubscribed (another busy thread on our cores): let it run */
+    }
+}
+
+/* Y_i = X @ W_i^T for n_mats matrices of the same K (at most 8), by a team: every worker calls it with the same
+ * arguments and its own group buffer. X [M, K] fp32 (complete before the call: the team waits at a barrier first)
+ * is quantized once, each worker a share of its units; Y is complete only after the caller's next barrier. */
+void qmatmul_team(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
+                  void *scratch, void *groups, int tid, team_t *team) {
+    act_t A;
+    const long K = W[0].cols;
+    act_bind(&A, scratch, x, M, K);
+    int quantized = 0;
+    for (int i = 0; i < n_mats; i++) quantized |= !is_float(W[i].type);
+    team_barrier(team);
+    if (quantized) {
+        const long u = A.units;
+        long a, b;
+        share(M * (u / GROUP), tid, team->n, &a, &b);  /* GROUP units at a time */
+        for (long j = a; j < b; j++) {
+            const long m = j / (u / GROUP), u0 = j % (u / GROUP) * GROUP;
+            quantize_row(x + m * K + u0 * UNIT, K - u0 * UNIT, GROUP, A.q + (m * u + u0) * UNIT, A.d + m * u + u0,
+                         A.fs + m * u + u0, A.s16 + (m * u + u0) * 2);
+        }
+        team_barrier(team);
+    }
+    matmuls_share(W, n_mats, &A, y, ldy, tid, team->n, groups);
+}
+
+/* The same from outside a region: a parallel region of its own. */
+static void matmuls(const qmat_t *W, int n_mats, const act_t *A, float *const *y, const long *ldy, int threads) {
+    long total = 0, widest = 0;
+    for (int i = 0; i < n_mats; i++) {
+        total += (W[i].rows + NB - 1) / NB;
+        if (W[i].cols > widest) widest = W[i].cols;
+    }
 #pragma omp parallel num_threads(threads) if (total > 1)
     {
 #if defined(__AVX2__)
-        group_t *G = M > 1 ? aligned_alloc(64, sizeof(group_t) * max_groups) : NULL;  /* M == 1: row1, no buffer */
+        group_t *G = A->rows > 1 ? aligned_alloc(64, group_bytes(widest)) : NULL;  /* M == 1: row1, no buffer */
 #else
-        group_t *G = aligned_alloc(64, sizeof(group_t) * max_groups);
+        group_t *G = aligned_alloc(64, group_bytes(widest));
 #endif
-#pragma omp for schedule(static)
-        for (long t = 0; t < total; t++) {
-            int i = 0;
-            while (t >= first[i + 1]) i++;
-            const qmat_t *w = W + i;
-            const long n0 = (t - first[i]) * NB, n1 = n0 + NB < w->rows ? n0 + NB : w->rows;
-            const long groups = (w->cols / UNIT + group_units(w->type) - 1) / group_units(w->type);
-            for (long m0 = 0; m0 < M; m0 += MC) {
-                const long m1 = m0 + MC < M ? m0 + MC : M;
-                for (long n = n0; n < n1; n++) {
-                    if (is_float(w->type)) {
-                        for (long m = m0; m < m1; m += MR)
-                            row_float(w, n, A, m, (int)(m1 - m < MR ? m1 - m : MR), y[i], ldy[i]);
-                        continue;
-                    }
-#if defined(__AVX2__)
-                    if (M == 1) {
-                        y[i][n] = row1(w, n, A, 0);
-                        continue;
-                    }
-#endif
-                    const uint8_t *row = w->data + n * w->row_bytes;
-#if defined(__AVX2__)
-                    if (is_b32(w->type)) {  /* blocks of 32: unpacked in registers, a quad at a time */
-                        rows_b32(row, w->type, w->cols, A, m0, m1, y[i], ldy[i], n);
-                        continue;
-                    }
-#endif
-                    for (long g = 0; g < groups; g++) prep_group(G + g, row, w->type, g, w->cols);
-                    rows_int(G, groups, w->type, A, m0, m1, y[i], ldy[i], n);
-                }
-            }
-        }
+        matmuls_share(W, n_mats, A, y, ldy, omp_get_thread_num(), omp_get_num_threads(), G);
         free(G);
     }
 }

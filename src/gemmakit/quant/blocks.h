@@ -14,3 +14,13 @@ long act_bytes(long M, long K);
 int qtype_supported(long type);
 void qmatmul_multi(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
                    void *scratch, int threads);
+
+/* Workers of one OpenMP region that synchronise without leaving it (decode.c's one region per step). */
+typedef struct {
+    int count, gen, n;  /* arrivals, generation, workers */
+} team_t;
+
+void team_barrier(team_t *b);
+long group_bytes(long K);
+void qmatmul_team(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
+                  void *scratch, void *groups, int tid, team_t *team);

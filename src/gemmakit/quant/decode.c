@@ -15,6 +15,7 @@
 #include <string.h>
 #include <math.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include "blocks.h"
 
@@ -240,114 +241,160 @@ static void attend_chunk(const float *q, long rep, const float *k, const float *
     }
 }
 
-/* Attention for M tokens over `span` slots: tasks (token, KV head, chunk) in parallel, then per query head the
- * chunks are merged in chunk order (flash-decoding's rescaling by exp(chunk max - overall max)). */
+/* Worker `tid` of `nth`'s contiguous share [*a, *b) of `total` items. */
+static inline void share(long total, int tid, int nth, long *a, long *b) {
+    const long q = total / nth, r = total % nth;
+    *a = q * tid + (tid < r ? tid : r);
+    *b = *a + q + (tid < r);
+}
+
+/* Attention for M tokens over `span` slots, by a team: tasks (token, KV head, chunk) split between the workers, a
+ * barrier, then per (token, query head) the chunks are merged in chunk order (flash-decoding's rescaling by
+ * exp(chunk max - overall max)). `part` holds M * KV * chunks * rep * (H + 2) floats. */
 static void attention(const layer_t *L, const dims_t *dm, const float *qkv, long QKV, long M, long T,
-                      const int64_t *pos, long span, float *att, int threads) {
+                      const int64_t *pos, long span, float *att, float *part, int tid, team_t *team) {
     const long N = dm->n_heads, KV = dm->n_kv, H = dm->head_dim, rep = N / KV, S = L->slots;
     const long chunks = (span + CHUNK - 1) / CHUNK, stride = rep * (H + 2), tasks = M * KV * chunks;
-    float *part = malloc(sizeof(float) * tasks * stride);  /* per task: rep maxima, rep sums, rep * H values */
-#pragma omp parallel for schedule(static) num_threads(threads) if (tasks > 1)
-    for (long t = 0; t < tasks; t++) {
-        const long m = t / (KV * chunks), kv = t / chunks % KV, c = t % chunks, b = m / T;
+    long a, b;
+    share(tasks, tid, team->n, &a, &b);
+    for (long t = a; t < b; t++) {
+        const long m = t / (KV * chunks), kv = t / chunks % KV, c = t % chunks, row = m / T;
         float *p = part + t * stride;
         const long j0 = c * CHUNK, j1 = j0 + CHUNK < span ? j0 + CHUNK : span;
-        attend_chunk(qkv + m * QKV + kv * rep * H, rep, L->k_cache + (b * KV + kv) * S * H,
-                     L->v_cache + (b * KV + kv) * S * H, L->slot_pos + b * S, j0, j1, H, pos[m], L->window,
+        attend_chunk(qkv + m * QKV + kv * rep * H, rep, L->k_cache + (row * KV + kv) * S * H,
+                     L->v_cache + (row * KV + kv) * S * H, L->slot_pos + row * S, j0, j1, H, pos[m], L->window,
                      dm->scaling, dm->softcap, p, p + rep, p + 2 * rep);
     }
-    for (long m = 0; m < M; m++)
-        for (long n = 0; n < N; n++) {
-            const long kv = n / rep, r = n % rep;
-            const float *first = part + (m * KV + kv) * chunks * stride;
-            float *out = att + (m * N + n) * H, top = -INFINITY, total = 0.0f;
-            memset(out, 0, H * sizeof(float));
-            for (long c = 0; c < chunks; c++)
-                if (first[c * stride + r] > top) top = first[c * stride + r];
-            if (top == -INFINITY) continue;  /* padding token: its output is discarded */
-            for (long c = 0; c < chunks; c++) {
-                const float *p = first + c * stride;
-                if (p[r] == -INFINITY) continue;
-                const float w = expf(p[r] - top);
-                total += w * p[rep + r];
-                axpy(w, p + 2 * rep + r * H, out, H);
-            }
-            const float inv = 1.0f / total;
-            for (long i = 0; i < H; i++) out[i] *= inv;
+    team_barrier(team);
+    share(M * N, tid, team->n, &a, &b);
+    for (long j = a; j < b; j++) {
+        const long m = j / N, n = j % N, kv = n / rep, r = n % rep;
+        const float *first = part + (m * KV + kv) * chunks * stride;
+        float *out = att + (m * N + n) * H, top = -INFINITY, total = 0.0f;
+        memset(out, 0, H * sizeof(float));
+        for (long c = 0; c < chunks; c++)
+            if (first[c * stride + r] > top) top = first[c * stride + r];
+        if (top == -INFINITY) continue;  /* padding token: its output is discarded */
+        for (long c = 0; c < chunks; c++) {
+            const float *p = first + c * stride;
+            if (p[r] == -INFINITY) continue;
+            const float w = expf(p[r] - top);
+            total += w * p[rep + r];
+            axpy(w, p + 2 * rep + r * H, out, H);
         }
-    free(part);
+        const float inv = 1.0f / total;
+        for (long i = 0; i < H; i++) out[i] *= inv;
+    }
 }
 
 /* x: [M, D] hidden states of M = B * T new tokens (T per cache row, row-major), updated in place. Token m belongs
  * to cache row m / T, sits at position pos[m] (-1: padding) and writes column cols[m] (slot cols[m] % S on ring
  * layers). Every token's keys and values are written before any attends: masks by position keep causality, and
  * ring slack of at least T - 1 slots (checked by the caller) keeps the slots a query still needs. Tokens attend
- * over slots [0, end) (all S on ring layers). */
+ * over slots [0, end) (all S on ring layers).
+ *
+ * The whole step is one OpenMP region: the workers split every product, the attention tasks and the elementwise
+ * work, and meet at team_barrier (blocks.c) between phases; short serial parts (norms, RoPE, cache writes) are
+ * worker 0's. Every value is computed by the same code in the same order as with one worker. */
 void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float *x, long M, long T,
                    const int64_t *pos, const int64_t *cols, long end, int threads) {
     const long D = dm->dim, N = dm->n_heads, KV = dm->n_kv, H = dm->head_dim, I = dm->inter;
-    const long QKV = (N + 2 * KV) * H;
+    const long QKV = (N + 2 * KV) * H, rep = N / KV;
     float *h = malloc(sizeof(float) * M * (D + QKV + N * H + 2 * I + I + D));
     float *qkv = h + M * D, *att = qkv + M * QKV, *gu = att + M * N * H, *act = gu + M * 2 * I, *o = act + M * I;
     const long widest = D > I ? (D > N * H ? D : N * H) : (I > N * H ? I : N * H);
-    void *scratch = malloc(act_bytes(M, widest));
+    long chunks = 1;
     for (long l = 0; l < n_layers; l++) {
-        const layer_t *L = layers + l;
-        const long S = L->slots, span = L->ring ? S : end;
-        rms_norm(x, L->attn_norm, h, M, D, dm->eps);
-        {
-            const qmat_t w[3] = {L->q, L->k, L->v};
-            float *const y[3] = {qkv, qkv + N * H, qkv + (N + KV) * H};
-            const long ld[3] = {QKV, QKV, QKV};
-            qmatmul_multi(w, 3, h, M, y, ld, scratch, threads);
-        }
-        for (long m = 0; m < M; m++) {
-            float *q = qkv + m * QKV, *k = q + N * H, *v = k + KV * H;
-            const long b = m / T;
-            if (L->q_norm) {
-                rms_norm(q, L->q_norm, q, N, H, dm->eps);
-                rms_norm(k, L->k_norm, k, KV, H, dm->eps);
-            }
-            float c[H / 2], sn[H / 2];
-            rope_cs(pos[m] < 0 ? 0 : pos[m], L->inv_freq, H / 2, c, sn);
-            rope(q, N, H, c, sn);
-            rope(k, KV, H, c, sn);
-            const long slot = L->ring ? cols[m] % S : cols[m];
-            for (long kv = 0; kv < KV; kv++) {
-                memcpy(L->k_cache + ((b * KV + kv) * S + slot) * H, k + kv * H, H * sizeof(float));
-                memcpy(L->v_cache + ((b * KV + kv) * S + slot) * H, v + kv * H, H * sizeof(float));
-            }
-            L->slot_pos[b * S + slot] = pos[m];
-        }
-        attention(L, dm, qkv, QKV, M, T, pos, span, att, threads);
-        {
-            float *const y[1] = {o};
-            const long ld[1] = {D};
-            qmatmul_multi(&L->o, 1, att, M, y, ld, scratch, threads);
-        }
-        if (L->pre_ffw_norm) {  /* Gemma 2/3: x += post_attn_norm(o); h = pre_ffw_norm(x) */
-            rms_norm(o, L->post_attn_norm, o, M, D, dm->eps);
-            for (long i = 0; i < M * D; i++) x[i] += o[i];
-            rms_norm(x, L->pre_ffw_norm, h, M, D, dm->eps);
-        } else {  /* Gemma 1: x += o; h = post_attention_layernorm(x) */
-            for (long i = 0; i < M * D; i++) x[i] += o[i];
-            rms_norm(x, L->post_attn_norm, h, M, D, dm->eps);
-        }
-        {
-            const qmat_t w[2] = {L->gate, L->up};
-            float *const y[2] = {gu, gu + I};
-            const long ld[2] = {2 * I, 2 * I};
-            qmatmul_multi(w, 2, h, M, y, ld, scratch, threads);
-        }
-        for (long m = 0; m < M; m++) geglu(gu + m * 2 * I, gu + m * 2 * I + I, act + m * I, I);
-        {
-            float *const y[1] = {o};
-            const long ld[1] = {D};
-            qmatmul_multi(&L->down, 1, act, M, y, ld, scratch, threads);
-        }
-        if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, o, M, D, dm->eps);
-        for (long i = 0; i < M * D; i++) x[i] += o[i];
+        const long span = layers[l].ring ? layers[l].slots : end, c = (span + CHUNK - 1) / CHUNK;
+        if (c > chunks) chunks = c;
     }
+    float *part = malloc(sizeof(float) * M * KV * chunks * rep * (H + 2));
+    void *scratch = malloc(act_bytes(M, widest));
+    const long gb = group_bytes(widest);
+    uint8_t *groups = aligned_alloc(64, gb * (threads > 0 ? threads : 1));
+    team_t team = {0, 0, 1};
+#pragma omp parallel num_threads(threads)
+    {
+        const int tid = omp_get_thread_num();
+#pragma omp single
+        team.n = omp_get_num_threads();  /* (the implicit barrier after `single` publishes it) */
+        void *G = groups + tid * gb;
+        for (long l = 0; l < n_layers; l++) {
+            const layer_t *L = layers + l;
+            const long S = L->slots, span = L->ring ? S : end;
+            long a, b;
+            if (tid == 0) rms_norm(x, L->attn_norm, h, M, D, dm->eps);
+            {
+                const qmat_t w[3] = {L->q, L->k, L->v};
+                float *const y[3] = {qkv, qkv + N * H, qkv + (N + KV) * H};
+                const long ld[3] = {QKV, QKV, QKV};
+                qmatmul_team(w, 3, h, M, y, ld, scratch, G, tid, &team);
+            }
+            team_barrier(&team);
+            share(M, tid, team.n, &a, &b);
+            for (long m = a; m < b; m++) {
+                float *q = qkv + m * QKV, *k = q + N * H, *v = k + KV * H;
+                const long row = m / T;
+                if (L->q_norm) {
+                    rms_norm(q, L->q_norm, q, N, H, dm->eps);
+                    rms_norm(k, L->k_norm, k, KV, H, dm->eps);
+                }
+                float c[H / 2], sn[H / 2];
+                rope_cs(pos[m] < 0 ? 0 : pos[m], L->inv_freq, H / 2, c, sn);
+                rope(q, N, H, c, sn);
+                rope(k, KV, H, c, sn);
+                const long slot = L->ring ? cols[m] % S : cols[m];
+                for (long kv = 0; kv < KV; kv++) {
+                    memcpy(L->k_cache + ((row * KV + kv) * S + slot) * H, k + kv * H, H * sizeof(float));
+                    memcpy(L->v_cache + ((row * KV + kv) * S + slot) * H, v + kv * H, H * sizeof(float));
+                }
+                L->slot_pos[row * S + slot] = pos[m];
+            }
+            team_barrier(&team);
+            attention(L, dm, qkv, QKV, M, T, pos, span, att, part, tid, &team);
+            {
+                float *const y[1] = {o};
+                const long ld[1] = {D};
+                qmatmul_team(&L->o, 1, att, M, y, ld, scratch, G, tid, &team);
+            }
+            team_barrier(&team);
+            if (tid == 0) {
+                if (L->pre_ffw_norm) {  /* Gemma 2/3: x += post_attn_norm(o); h = pre_ffw_norm(x) */
+                    rms_norm(o, L->post_attn_norm, o, M, D, dm->eps);
+                    for (long i = 0; i < M * D; i++) x[i] += o[i];
+                    rms_norm(x, L->pre_ffw_norm, h, M, D, dm->eps);
+                } else {  /* Gemma 1: x += o; h = post_attention_layernorm(x) */
+                    for (long i = 0; i < M * D; i++) x[i] += o[i];
+                    rms_norm(x, L->post_attn_norm, h, M, D, dm->eps);
+                }
+            }
+            {
+                const qmat_t w[2] = {L->gate, L->up};
+                float *const y[2] = {gu, gu + I};
+                const long ld[2] = {2 * I, 2 * I};
+                qmatmul_team(w, 2, h, M, y, ld, scratch, G, tid, &team);
+            }
+            team_barrier(&team);
+            const long pieces = (I + 63) / 64;  /* tanh-GeGLU in pieces of 64 values (vector lengths divide 64) */
+            share(M * pieces, tid, team.n, &a, &b);
+            for (long j = a; j < b; j++) {
+                const long m = j / pieces, i0 = j % pieces * 64, len = I - i0 < 64 ? I - i0 : 64;
+                geglu(gu + m * 2 * I + i0, gu + m * 2 * I + I + i0, act + m * I + i0, len);
+            }
+            {
+                float *const y[1] = {o};
+                const long ld[1] = {D};
+                qmatmul_team(&L->down, 1, act, M, y, ld, scratch, G, tid, &team);
+            }
+            team_barrier(&team);
+            if (tid == 0) {
+                if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, o, M, D, dm->eps);
+                for (long i = 0; i < M * D; i++) x[i] += o[i];
+            }
+        }
+    }
+    free(groups);
     free(scratch);
+    free(part);
     free(h);
 }
