@@ -224,9 +224,13 @@ class Engine:
         for r in rows:
             if self.rows[r] is None:
                 self.cache.reset(r)  # drop the dummy column: free rows stay empty
+        # Rows that take the plain arg-max (greedy, no penalty, bias or processor) share one reduction over the
+        # batch's logits: 8 separate (1, V) reductions cost ~8% of a 270M batch-8 step.
+        plain = [r for r, seq in live if _plain_greedy(seq)]
+        chosen = dict(zip(plain, logits.max(dim=-1).indices[plain].tolist(), strict=True)) if plain else {}
         for r, seq in live:
             seq.position += 1
-            self._emit(r, seq, logits[r : r + 1])
+            self._emit(r, seq, logits[r : r + 1], chosen.get(r))
 
     def _new_seq(self, job: Job) -> _Seq:
         device, V = self.model.device, self.vocab_size
@@ -249,10 +253,12 @@ class Engine:
         splitter = reasoning_splitter(self.model.tokenizer) if job.split_reasoning else None
         return _Seq(job, row, sample, seen, counts, bias, splitter)
 
-    def _emit(self, r: int, seq: _Seq, logits: Tensor) -> None:
-        """Sample this row's next token from its logits (1, V), stream the text, finish if it is over."""
+    def _emit(self, r: int, seq: _Seq, logits: Tensor, token: int | None = None) -> None:
+        """Sample this row's next token from its logits (1, V) unless `token` was chosen already, stream the text,
+        finish if it is over."""
         job = seq.job
-        token = self._choose(seq, logits)
+        if token is None:
+            token = self._choose(seq, logits)
         info = []
         if job.logprobs is not None and token not in self.stop_ids:
             lp = torch.log_softmax(logits.float(), dim=-1)[
@@ -314,6 +320,13 @@ class Engine:
                 self.rows[r] = None
         for r in range(self.max_batch):
             self.cache.reset(r)
+
+
+def _plain_greedy(seq: _Seq) -> bool:
+    """The next token is the first maximum of the raw logits (what _choose gives for such a row)."""
+    job = seq.job
+    return (job.params.greedy and seq.seen is None and seq.counts is None and seq.bias is None
+            and not job.processors)
 
 
 def _send(job: Job, event: Event) -> None:
