@@ -348,6 +348,26 @@ def test_native_decode_step_is_the_same_for_any_team_and_thread():
 
 
 @needs_native
+def test_threads_hand_back_their_openmp_workers():
+    """load() and every generation end by handing back the thread's OpenMP pool (kernels.release_threads: libgomp
+    stops spinning once it manages more threads than CPUs); the next computation starts a new pool and gives the
+    same tokens, on the main thread and on others."""
+    import threading
+
+    import gemmakit
+
+    model = gemmakit.load(progress=False)
+    first = model.generate("The history of the printing press", 12).token_ids
+    kernels.release_threads()
+    kernels.release_threads()  # nothing left to hand back: still fine
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(ids=model.generate("The history of the printing press", 12).token_ids))
+    worker.start()
+    worker.join()
+    assert got["ids"] == first == model.generate("The history of the printing press", 12).token_ids
+
+
+@needs_native
 def test_native_attention_across_chunks():
     """Global layers past 256 slots split attention into chunks merged by their maxima: still the module path's
     logits, and a draft straddling a chunk boundary still verifies bit-identically."""

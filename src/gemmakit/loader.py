@@ -14,6 +14,7 @@ from .api import Model
 from .config import GemmaConfig, preset
 from .errors import GemmaError
 from .model import Gemma
+from .quant.kernels import release_threads
 from .tokenizer import Tokenizer
 from .weights.ckpt import read_ckpt
 from .weights.gguf import config_from_gguf, read_gguf, state_dict_from_gguf, tokenizer_from_gguf
@@ -119,6 +120,15 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     tokenizer: a tokenizer.model/tokenizer.json to use instead of the one found with the weights.
     adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to attach.
     """
+    model = _load(source, dtype=dtype, device=device, quant=quant, variant=variant, tokenizer=tokenizer,
+                  progress=progress, adapter=adapter)
+    release_threads()  # loading is done here: the thread that generates may be another one (generate.py)
+    return model
+
+
+def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device: str | torch.device,
+          quant: str | None, variant: str | GemmaConfig | None, tokenizer: str | Path | None, progress: bool,
+          adapter: str | Path | None) -> Model:
     if adapter is not None:  # a LoRA adapter folder (PEFT format), injected into the float linears
         from .lora.adapter import load_adapter
 

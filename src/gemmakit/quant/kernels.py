@@ -82,6 +82,8 @@ def library() -> ctypes.CDLL | None:
     lib.decode_layers.argtypes = [ptr, long_, ptr, ptr, long_, long_, ptr, ptr, long_, int_]
     for f in (lib.qmatmul, lib.dequant_rows, lib.dequant_rows_bf16, lib.rms_norm, lib.decode_layers):
         f.restype = None
+    lib.release_threads.argtypes = []
+    lib.release_threads.restype = int_
     lib.act_bytes.argtypes = [long_, long_]
     lib.act_bytes.restype = long_
     lib.qtype_supported.argtypes = [long_]
@@ -91,6 +93,14 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def release_threads() -> None:
+    """Hand back the calling thread's OpenMP workers (blocks.c release_threads): for a thread done computing for
+    now, e.g. the one that loaded a model another thread will run. A no-op until the native library is loaded (it
+    is never built for this)."""
+    if library.cache_info().currsize and (lib := library()) is not None:
+        lib.release_threads()
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:

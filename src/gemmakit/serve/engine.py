@@ -125,6 +125,11 @@ class Engine:
     # ---- public, any thread -------------------------------------------------------------------------
 
     def start(self) -> None:
+        # The engine thread does all the computing from here: the starting thread (which loaded the model) hands
+        # back its OpenMP workers, so libgomp keeps spinning between the engine's regions instead of sleeping.
+        from ..quant.kernels import release_threads
+
+        release_threads()
         self._thread.start()
 
     def stop(self) -> None:

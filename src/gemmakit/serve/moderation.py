@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 
 from ..chat import content_text
 from ..errors import GemmaError
+from ..quant.kernels import release_threads
 from ..safety.guard import Guard, GuardResult
 from ..safety.policies import resolve
 from . import schemas
@@ -92,8 +93,11 @@ class Moderator:
         """Scores of (prompt, response or None) pairs, computed off the event loop and logged."""
 
         def work() -> list[GuardResult]:
-            with self._lock:
-                return self.guard.batch(items)
+            try:
+                with self._lock:
+                    return self.guard.batch(items)
+            finally:
+                release_threads()  # this pool thread's OpenMP workers must not make the engine's stop spinning
 
         results = await asyncio.to_thread(work)
         for r in results:
