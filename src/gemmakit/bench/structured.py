@@ -2,7 +2,8 @@
 
 1. Overhead: greedy decode steps of the embedded model at batch 1 and 8, without and with a JSON-Schema grammar
    per row (GrammarProcessor), the next mask computed on the worker thread during the forward ("background") and
-   inline in process() ("inline"). Steps are timed only while every row is still inside its grammar; the plain
+   inline in process() ("inline"; the default unless a core is free for the worker thread). Steps are timed only
+   while every row is still inside its grammar; the plain
    run decodes the same number of steps. Runs alternate; medians. The target is <= 10 % fewer tok/s.
 2. Engines, on gemmakit's own tokenizer: building the engine tokenizer, compiling a schema, and the mean time of
    one token mask along a real JSON document; xgrammar only when it is installed (it is not a dependency).
