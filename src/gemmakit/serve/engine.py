@@ -5,7 +5,8 @@ Each cache row holds one sequence. Between two decode steps, waiting sequences a
 along with a dummy token at position -1, which attention masks out (model.py); they are reset after each step so
 they hold nothing. A finished or cancelled sequence frees its row at once, so a new request joins the running
 batch without waiting for the others to end. Sampling is per row: every request has its own parameters and its
-own seeded generator, so a seeded request gives the same text as `Model.generate` with that seed.
+own seeded generator, so a seeded request gives the same text as `Model.generate` with that seed (rows that
+only take the arg-max share one reduction over the batch).
 """
 
 from __future__ import annotations
