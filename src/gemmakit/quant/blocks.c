@@ -926,7 +926,8 @@ long group_bytes(long K) {
  * a join; libgomp spins ~300k iterations on those only while it manages no more threads than CPUs, and a second
  * Python thread that ever ran OpenMP (a server's engine thread, a web UI's worker) tips it into futex sleeps: the
  * 270M decoded 65 instead of 100 tok/s from a non-main thread (2 cores). One region per step with this barrier
- * spins briefly, then yields the CPU, whatever libgomp decides. */
+ * spins briefly, then yields the CPU, whatever libgomp decides. (Sleeping on a futex after the spin measured
+ * worse: with grammar masks computed on another thread, a yielding waiter hands it its core at once.) */
 void team_barrier(team_t *b) {
     if (b->n <= 1) return;
     const int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
