@@ -56,8 +56,10 @@ def machine_slug() -> str:
     return f"{date.today().isoformat()}-{platform.node() or 'machine'}"
 
 
-def write_results(folder: Path, name: str, result: dict, table: str) -> Path:
-    """Write folder/name.json (the result) and name.md (its table), each atomically; returns the .json path."""
+def write_results(folder: Path, name: str | None, result: dict, table: str, kind: str = "") -> Path:
+    """Write folder/name.json (the result) and name.md (its table), each atomically; returns the .json path.
+    Without a name: <kind>-<date>-<machine> (<date>-<machine> for the inference benchmark, kind "")."""
+    name = name or "-".join(filter(None, (kind, machine_slug())))
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{name}.json"
     for path, text in ((out, json.dumps(result, indent=1)), (out.with_suffix(".md"), table)):

@@ -113,9 +113,9 @@ def markdown(r: dict[str, Any]) -> str:
 
 def save(result: dict[str, Any], folder: Path = Path("benchmarks/results"), name: str | None = None) -> Path:
     """Write finetune-<date>-<machine>.json (or name.json) and .md atomically; returns the .json path."""
-    from .common import machine_slug, write_results
+    from .common import write_results
 
-    return write_results(folder, name or f"finetune-{machine_slug()}", result, markdown(result))
+    return write_results(folder, name, result, markdown(result), "finetune")
 
 
 def _prepare(source: str | None, folder: Path, data: Path, *, seq_len: int, rows: int) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
 
-from .common import isa, machine, machine_slug, peak_rss_mb, write_results
+from .common import isa, machine, peak_rss_mb, write_results
 
 ENGINES = ("gemmakit", "llama.cpp", "transformers")
 PROMPT_TOKENS, DECODE_TOKENS = 512, 128
@@ -253,7 +253,7 @@ def markdown(result: dict) -> str:
 
 def save(result: dict, folder: Path = Path("benchmarks/results"), name: str | None = None) -> Path:
     """Write <date>-<machine>.json and .md; returns the .json path."""
-    return write_results(folder, name or machine_slug(), result, markdown(result))
+    return write_results(folder, name, result, markdown(result))
 
 
 def _worker_main() -> None:

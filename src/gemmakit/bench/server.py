@@ -166,9 +166,10 @@ def run_load_test(
         f"{MODEL_NAME}={source}" if source else f"{MODEL_NAME}=" + _embedded(),
     ]
     log = tempfile.NamedTemporaryFile("w+", prefix="gemmakit-loadtest-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **({"GEMMAKIT_CFLAGS": kernel_flags} if kernel_flags else {})}
-    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if kernel_flags:
+        env["GEMMAKIT_CFLAGS"] = kernel_flags
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         _wait_ready(proc, port, startup_timeout, Path(log.name))
         stream_completion(port, PROMPTS[0], min(8, max_tokens))  # warm-up: first-call allocations, kernels
@@ -198,9 +199,9 @@ def run_load_test(
 
 def save(result: dict, folder: Path, name: str | None = None) -> Path:
     """Write server-<date>-<machine>.json (or name.json) and .md atomically; returns the .json path."""
-    from .common import machine_slug, write_results
+    from .common import write_results
 
-    return write_results(folder, name or f"server-{machine_slug()}", result, markdown(result))
+    return write_results(folder, name, result, markdown(result), "server")
 
 
 def markdown(result: dict) -> str:

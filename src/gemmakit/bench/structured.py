@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .common import machine, machine_slug, peak_rss_mb, write_results
+from .common import machine, peak_rss_mb, write_results
 
 SCHEMA = {"type": "array", "maxItems": 1000, "items": {
     "type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
@@ -155,7 +155,7 @@ def markdown(result: dict) -> str:
 
 
 def save(result: dict, folder: Path, name: str | None = None) -> Path:
-    return write_results(folder, name or f"structured-{machine_slug()}", result, markdown(result))
+    return write_results(folder, name, result, markdown(result), "structured")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 from ..api import Model
 from ..safety.detect import CALIBRATION_FILE, Detection, detect, score_ids
 from ..safety.watermark import Watermark, WatermarkConfig
-from .common import machine, machine_slug, write_results
+from .common import machine, write_results
 
 # Openings of many kinds of text, so the samples do not share their topics.
 PROMPTS = [
@@ -134,7 +134,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def save(result: dict[str, Any], out: Path, name: str | None = None) -> Path:
-    return write_results(out, name or f"watermark-{machine_slug()}", result, markdown(result))
+    return write_results(out, name, result, markdown(result), "watermark")
 
 
 def write_calibration(path: Path, source: str | None = None, *, samples: int = 128, tokens: int = 96) -> None:

@@ -40,7 +40,7 @@
 static inline long is_b32(long type) { return type == 2 || type == 6 || type == 8; }  /* Q4_0, Q5_0, Q8_0 */
 static inline long group_units(long type) { return is_b32(type) ? QUAD : GROUP; }
 
-/* Quantized activations of M rows (see quantize_rows): per row `units` (padded to a multiple of GROUP) units of
+/* Quantized activations of M rows (see qmatmul_team): per row `units` (padded to a multiple of GROUP) units of
  * 32 int8 with an fp32 scale d, the fp32 sum d * sum(q) of each unit, and the int16 sums of each 16 values. */
 typedef struct {
     int8_t *q;       /* [M][units * 32], zero past K */
@@ -148,13 +148,6 @@ static void quantize_row(const float *x, long K, long units, int8_t *q, float *d
         fs[u] = du * (float)(s0 + s1);
         s16[2 * u] = (int16_t)s0, s16[2 * u + 1] = (int16_t)s1;
     }
-}
-
-static void quantize_rows(act_t *a, int threads) {
-    const long M = a->rows, K = a->cols, u = a->units;
-#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= (1 << 16))
-    for (long m = 0; m < M; m++)
-        quantize_row(a->x + m * K, K, u, a->q + m * u * UNIT, a->d + m * u, a->fs + m * u, a->s16 + m * u * 2);
 }
 
 /* ---- one weight group (8 units of 32) unpacked to unsigned or signed bytes, with its fp32 factors -------------
@@ -859,14 +852,6 @@ int qtype_supported(long type) {
 #define NB 16   /* weight rows per task: their bytes stay in L2 while every activation tile passes */
 #define MC_BYTES (192 << 10)  /* int8 activation bytes per pass over a task's weight rows: they stay in L2 */
 
-/* Worker `tid` of `nth`'s share [*a, *b) of `total` tasks: contiguous, sizes differing by at most one (as OpenMP's
- * schedule(static) splits a loop). */
-static inline void share(long total, int tid, int nth, long *a, long *b) {
-    const long q = total / nth, r = total % nth;
-    *a = q * tid + (tid < r ? tid : r);
-    *b = *a + q + (tid < r);
-}
-
 /* Several products sharing one activation (q, k and v of a layer; gate and up): the tasks are NB-row blocks of every
  * matrix, and worker `tid` of `nth` runs its static share of them. Y_i[m, :] is written at y[i] + m * ldy[i]. Each
  * weight row is unpacked once per MC activation rows (once per call in decode and batches; MC keeps those rows'
@@ -928,10 +913,10 @@ long group_bytes(long K) {
  * 270M decoded 65 instead of 100 tok/s from a non-main thread (2 cores). One region per step with this barrier
  * spins briefly, then yields the CPU, whatever libgomp decides. (Sleeping on a futex after the spin measured
  * worse: with grammar masks computed on another thread, a yielding waiter hands it its core at once.) */
-void team_barrier(team_t *b) {
-    if (b->n <= 1) return;
+void team_barrier(team_t *b, int n) {
+    if (n <= 1) return;
     const int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == b->n) {
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == n) {
         __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&b->gen, gen + 1, __ATOMIC_RELEASE);
         return;
@@ -956,69 +941,50 @@ int release_threads(void) {
     return -1;
 }
 
-/* Y_i = X @ W_i^T for n_mats matrices of the same K (at most 8), by a team: every worker calls it with the same
- * arguments and its own group buffer. X [M, K] fp32 (complete before the call: the team waits at a barrier first)
- * is quantized once, each worker a share of its units; Y is complete only after the caller's next barrier. */
+/* Y_i = X @ W_i^T for n_mats matrices of the same K (at most 8), by worker `tid` of `nth`: every worker calls it
+ * with the same arguments and its own group buffer (group_bytes; unused by one-row AVX2 products). X [M, K] fp32
+ * (complete before the call: the team waits at a barrier first) is quantized once, each worker a share of its
+ * units; Y is complete only after the caller's next barrier. */
 void qmatmul_team(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
-                  void *scratch, void *groups, int tid, team_t *team) {
+                  void *scratch, void *groups, int tid, int nth, team_t *team) {
     act_t A;
     const long K = W[0].cols;
     act_bind(&A, scratch, x, M, K);
     int quantized = 0;
     for (int i = 0; i < n_mats; i++) quantized |= !is_float(W[i].type);
-    team_barrier(team);
+    team_barrier(team, nth);
     if (quantized) {
         const long u = A.units;
         long a, b;
-        share(M * (u / GROUP), tid, team->n, &a, &b);  /* GROUP units at a time */
+        share(M * (u / GROUP), tid, nth, &a, &b);  /* GROUP units at a time */
         for (long j = a; j < b; j++) {
             const long m = j / (u / GROUP), u0 = j % (u / GROUP) * GROUP;
             quantize_row(x + m * K + u0 * UNIT, K - u0 * UNIT, GROUP, A.q + (m * u + u0) * UNIT, A.d + m * u + u0,
                          A.fs + m * u + u0, A.s16 + (m * u + u0) * 2);
         }
-        team_barrier(team);
+        team_barrier(team, nth);
     }
-    matmuls_share(W, n_mats, &A, y, ldy, tid, team->n, groups);
+    matmuls_share(W, n_mats, &A, y, ldy, tid, nth, groups);
 }
 
-/* The same from outside a region: a parallel region of its own. */
-static void matmuls(const qmat_t *W, int n_mats, const act_t *A, float *const *y, const long *ldy, int threads) {
-    long total = 0, widest = 0;
-    for (int i = 0; i < n_mats; i++) {
-        total += (W[i].rows + NB - 1) / NB;
-        if (W[i].cols > widest) widest = W[i].cols;
-    }
-#pragma omp parallel num_threads(threads) if (total > 1)
-    {
-#if defined(__AVX2__)
-        group_t *G = A->rows > 1 ? aligned_alloc(64, group_bytes(widest)) : NULL;  /* M == 1: row1, no buffer */
-#else
-        group_t *G = aligned_alloc(64, group_bytes(widest));
-#endif
-        matmuls_share(W, n_mats, A, y, ldy, omp_get_thread_num(), omp_get_num_threads(), G);
-        free(G);
-    }
-}
-
-/* Y_i = X @ W_i^T for n_mats matrices of the same K (at most 8): X [M, K] fp32 is quantized once. */
-void qmatmul_multi(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
-                   void *scratch, int threads) {
-    act_t A;
-    const long K = W[0].cols;
-    act_bind(&A, scratch, x, M, K);
-    int quantized = 0;
-    for (int i = 0; i < n_mats; i++) quantized |= !is_float(W[i].type);
-    if (quantized) quantize_rows(&A, threads);
-    matmuls(W, n_mats, &A, y, ldy, threads);
-}
-
-/* Y[M, N] = X[M, K] @ W^T, scratch from the caller (act_bytes(M, K)); the entry point for Python. */
+/* Y[M, N] = X[M, K] @ W^T, scratch from the caller (act_bytes(M, K)); the entry point for Python: qmatmul_team in
+ * a parallel region of its own. */
 void qmatmul(const uint8_t *data, long type, long N, long K, long row_bytes, const float *x, long M, float *y,
              void *scratch, int threads) {
     const qmat_t w = {data, type, N, K, row_bytes};
-    float *ys[1] = {y};
+    float *const ys[1] = {y};
     const long ld[1] = {N};
-    qmatmul_multi(&w, 1, x, M, ys, ld, scratch, threads);
+    team_t team = {0, 0};
+#pragma omp parallel num_threads(threads) if ((N + NB - 1) / NB > 1)
+    {
+#if defined(__AVX2__)
+        void *G = M > 1 ? aligned_alloc(64, group_bytes(K)) : NULL;  /* M == 1: row1, no buffer */
+#else
+        void *G = aligned_alloc(64, group_bytes(K));
+#endif
+        qmatmul_team(&w, 1, x, M, ys, ld, scratch, G, omp_get_thread_num(), omp_get_num_threads(), &team);
+        free(G);
+    }
 }
 
 /* ---- dequantization of rows (embedding lookups, and float copies where a caller needs them) ------------------- */

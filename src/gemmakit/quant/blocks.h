@@ -12,15 +12,22 @@ typedef struct {
 
 long act_bytes(long M, long K);
 int qtype_supported(long type);
-void qmatmul_multi(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
-                   void *scratch, int threads);
 
-/* Workers of one OpenMP region that synchronise without leaving it (decode.c's one region per step). */
+/* Workers of one OpenMP region that synchronise without leaving it (decode.c's one region per step); each worker
+ * passes the team's size, omp_get_num_threads(). */
 typedef struct {
-    int count, gen, n;  /* arrivals, generation, workers */
+    int count, gen;  /* arrivals, generation */
 } team_t;
 
-void team_barrier(team_t *b);
+void team_barrier(team_t *b, int n);
 long group_bytes(long K);
 void qmatmul_team(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
-                  void *scratch, void *groups, int tid, team_t *team);
+                  void *scratch, void *groups, int tid, int nth, team_t *team);
+
+/* Worker `tid` of `nth`'s share [*a, *b) of `total` items: contiguous, sizes differing by at most one (as OpenMP's
+ * schedule(static) splits a loop). */
+static inline void share(long total, int tid, int nth, long *a, long *b) {
+    const long q = total / nth, r = total % nth;
+    *a = q * tid + (tid < r ? tid : r);
+    *b = *a + q + (tid < r);
+}

@@ -241,22 +241,15 @@ static void attend_chunk(const float *q, long rep, const float *k, const float *
     }
 }
 
-/* Worker `tid` of `nth`'s contiguous share [*a, *b) of `total` items. */
-static inline void share(long total, int tid, int nth, long *a, long *b) {
-    const long q = total / nth, r = total % nth;
-    *a = q * tid + (tid < r ? tid : r);
-    *b = *a + q + (tid < r);
-}
-
 /* Attention for M tokens over `span` slots, by a team: tasks (token, KV head, chunk) split between the workers, a
  * barrier, then per (token, query head) the chunks are merged in chunk order (flash-decoding's rescaling by
  * exp(chunk max - overall max)). `part` holds M * KV * chunks * rep * (H + 2) floats. */
 static void attention(const layer_t *L, const dims_t *dm, const float *qkv, long QKV, long M, long T,
-                      const int64_t *pos, long span, float *att, float *part, int tid, team_t *team) {
+                      const int64_t *pos, long span, float *att, float *part, int tid, int nth, team_t *team) {
     const long N = dm->n_heads, KV = dm->n_kv, H = dm->head_dim, rep = N / KV, S = L->slots;
     const long chunks = (span + CHUNK - 1) / CHUNK, stride = rep * (H + 2), tasks = M * KV * chunks;
     long a, b;
-    share(tasks, tid, team->n, &a, &b);
+    share(tasks, tid, nth, &a, &b);
     for (long t = a; t < b; t++) {
         const long m = t / (KV * chunks), kv = t / chunks % KV, c = t % chunks, row = m / T;
         float *p = part + t * stride;
@@ -265,8 +258,8 @@ static void attention(const layer_t *L, const dims_t *dm, const float *qkv, long
                      L->v_cache + (row * KV + kv) * S * H, L->slot_pos + row * S, j0, j1, H, pos[m], L->window,
                      dm->scaling, dm->softcap, p, p + rep, p + 2 * rep);
     }
-    team_barrier(team);
-    share(M * N, tid, team->n, &a, &b);
+    team_barrier(team, nth);
+    share(M * N, tid, nth, &a, &b);
     for (long j = a; j < b; j++) {
         const long m = j / N, n = j % N, kv = n / rep, r = n % rep;
         const float *first = part + (m * KV + kv) * chunks * stride;
@@ -312,12 +305,10 @@ void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float
     void *scratch = malloc(act_bytes(M, widest));
     const long gb = group_bytes(widest);
     uint8_t *groups = aligned_alloc(64, gb * (threads > 0 ? threads : 1));
-    team_t team = {0, 0, 1};
+    team_t team = {0, 0};
 #pragma omp parallel num_threads(threads)
     {
-        const int tid = omp_get_thread_num();
-#pragma omp single
-        team.n = omp_get_num_threads();  /* (the implicit barrier after `single` publishes it) */
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         void *G = groups + tid * gb;
         for (long l = 0; l < n_layers; l++) {
             const layer_t *L = layers + l;
@@ -328,10 +319,10 @@ void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float
                 const qmat_t w[3] = {L->q, L->k, L->v};
                 float *const y[3] = {qkv, qkv + N * H, qkv + (N + KV) * H};
                 const long ld[3] = {QKV, QKV, QKV};
-                qmatmul_team(w, 3, h, M, y, ld, scratch, G, tid, &team);
+                qmatmul_team(w, 3, h, M, y, ld, scratch, G, tid, nth, &team);
             }
-            team_barrier(&team);
-            share(M, tid, team.n, &a, &b);
+            team_barrier(&team, nth);
+            share(M, tid, nth, &a, &b);
             for (long m = a; m < b; m++) {
                 float *q = qkv + m * QKV, *k = q + N * H, *v = k + KV * H;
                 const long row = m / T;
@@ -350,14 +341,14 @@ void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float
                 }
                 L->slot_pos[row * S + slot] = pos[m];
             }
-            team_barrier(&team);
-            attention(L, dm, qkv, QKV, M, T, pos, span, att, part, tid, &team);
+            team_barrier(&team, nth);
+            attention(L, dm, qkv, QKV, M, T, pos, span, att, part, tid, nth, &team);
             {
                 float *const y[1] = {o};
                 const long ld[1] = {D};
-                qmatmul_team(&L->o, 1, att, M, y, ld, scratch, G, tid, &team);
+                qmatmul_team(&L->o, 1, att, M, y, ld, scratch, G, tid, nth, &team);
             }
-            team_barrier(&team);
+            team_barrier(&team, nth);
             if (tid == 0) {
                 if (L->pre_ffw_norm) {  /* Gemma 2/3: x += post_attn_norm(o); h = pre_ffw_norm(x) */
                     rms_norm(o, L->post_attn_norm, o, M, D, dm->eps);
@@ -372,11 +363,11 @@ void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float
                 const qmat_t w[2] = {L->gate, L->up};
                 float *const y[2] = {gu, gu + I};
                 const long ld[2] = {2 * I, 2 * I};
-                qmatmul_team(w, 2, h, M, y, ld, scratch, G, tid, &team);
+                qmatmul_team(w, 2, h, M, y, ld, scratch, G, tid, nth, &team);
             }
-            team_barrier(&team);
+            team_barrier(&team, nth);
             const long pieces = (I + 63) / 64;  /* tanh-GeGLU in pieces of 64 values (vector lengths divide 64) */
-            share(M * pieces, tid, team.n, &a, &b);
+            share(M * pieces, tid, nth, &a, &b);
             for (long j = a; j < b; j++) {
                 const long m = j / pieces, i0 = j % pieces * 64, len = I - i0 < 64 ? I - i0 : 64;
                 geglu(gu + m * 2 * I + i0, gu + m * 2 * I + I + i0, act + m * I + i0, len);
@@ -384,9 +375,9 @@ void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float
             {
                 float *const y[1] = {o};
                 const long ld[1] = {D};
-                qmatmul_team(&L->down, 1, act, M, y, ld, scratch, G, tid, &team);
+                qmatmul_team(&L->down, 1, act, M, y, ld, scratch, G, tid, nth, &team);
             }
-            team_barrier(&team);
+            team_barrier(&team, nth);
             if (tid == 0) {
                 if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, o, M, D, dm->eps);
                 for (long i = 0; i < M * D; i++) x[i] += o[i];

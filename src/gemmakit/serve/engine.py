@@ -27,6 +27,7 @@ from ..chat_gemma4 import ReasoningSplitter
 from ..errors import GemmaError
 from ..generate import _Row, check_prompt, stop_ids
 from ..model import KVCache
+from ..quant.kernels import release_threads
 from ..sampling import LogitsProcessor, Sampler, SamplingParams, make_sampler
 from ..tokenizer import StreamDecoder
 
@@ -128,8 +129,6 @@ class Engine:
     def start(self) -> None:
         # The engine thread does all the computing from here: the starting thread (which loaded the model) hands
         # back its OpenMP workers, so libgomp keeps spinning between the engine's regions instead of sleeping.
-        from ..quant.kernels import release_threads
-
         release_threads()
         self._thread.start()
 
