@@ -54,6 +54,8 @@ TINY4 = {
     "gemma4-moe-keqv": tiny_config("gemma4", enable_moe_block=True, num_experts=4, top_k_experts=2,
                                    moe_intermediate_size=24, **K_EQ_V),
 }
+# Gemma 4 12B Unified style (transformers' gemma4_unified_text): dense, no per-layer embeddings, no experts.
+TINY4_UNIFIED = tiny_config("gemma4", unified=True, name="gemma4-unified")
 
 
 def hf_model(cfg: GemmaConfig, seed: int = 0, attn: str = "eager"):

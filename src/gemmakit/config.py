@@ -56,6 +56,7 @@ class GemmaConfig:
     num_experts: int = 0  # E experts per MoE layer
     top_k_experts: int = 0  # experts each token is routed to
     moe_intermediate_size: int = 0  # width of each expert's gate/up
+    unified: bool = False  # Gemma 4 12B Unified (transformers `gemma4_unified_text`): the same decoder, never PLE/MoE
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -211,15 +212,15 @@ def default_layer_types(family: str, n_layers: int) -> tuple[str, ...]:
 
 def from_hf(cfg: dict[str, Any]) -> GemmaConfig:
     """Read a transformers config.json (v4 or v5 field spellings; multimodal Gemma 3 nests a text_config)."""
-    if "text_config" in cfg and cfg.get("model_type") in ("gemma3", "gemma4"):
+    if "text_config" in cfg and cfg.get("model_type") in ("gemma3", "gemma4", "gemma4_unified"):
         cfg = {**cfg["text_config"], "model_type": cfg["model_type"] + "_text"}
     model_type = cfg.get("model_type")
-    if model_type == "gemma4_text":
+    if model_type in ("gemma4_text", "gemma4_unified_text"):
         return gemma4_from_hf(cfg)
     family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(model_type)
     if family is None:
         raise GemmaError(f"config.json has model_type {model_type!r}; gemmakit supports gemma, gemma2, gemma3_text, "
-                         "gemma4_text (and the text part of gemma3/gemma4)")
+                         "gemma4_text, gemma4_unified_text (and the text part of gemma3/gemma4/gemma4_unified)")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu", "gelu_pytorch_tanh"):  # Gemma 1 Hub configs say "gelu" but mean tanh-GELU (spec §1.6)
         raise GemmaError(f"config.json has activation {act!r}; Gemma uses gelu_pytorch_tanh")
@@ -260,7 +261,7 @@ _G4_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GemmaConfig)
                 if f.name in ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v",
                               "partial_rotary_factor", "hidden_size_per_layer_input", "vocab_size_per_layer_input",
                               "num_kv_shared_layers", "use_double_wide_mlp", "enable_moe_block", "num_experts",
-                              "top_k_experts", "moe_intermediate_size")}
+                              "top_k_experts", "moe_intermediate_size", "unified")}
 
 
 def check_gemma4(cfg: GemmaConfig) -> None:
@@ -280,6 +281,9 @@ def check_gemma4(cfg: GemmaConfig) -> None:
         raise GemmaError(f"partial_rotary_factor={cfg.partial_rotary_factor} must lie in (0, 1]")
     if cfg.hidden_size_per_layer_input and not cfg.vocab_size_per_layer_input:
         raise GemmaError("per-layer embeddings need vocab_size_per_layer_input > 0")
+    if cfg.unified and (cfg.hidden_size_per_layer_input or cfg.enable_moe_block):
+        raise GemmaError("a Gemma 4 Unified config has no per-layer embeddings and no experts (transformers' "
+                         "Gemma4UnifiedTextConfig removes both)")
     if cfg.enable_moe_block and not (0 < cfg.top_k_experts <= cfg.num_experts and cfg.moe_intermediate_size > 0):
         raise GemmaError("an MoE config needs 0 < top_k_experts <= num_experts and moe_intermediate_size > 0")
 
@@ -318,6 +322,12 @@ def gemma4_to_hf(cfg: GemmaConfig) -> dict[str, Any]:
     )
     if cfg.num_global_key_value_heads:
         d["num_global_key_value_heads"] = cfg.num_global_key_value_heads
+    if cfg.unified:  # Gemma4UnifiedTextConfig has no PLE/MoE fields at all
+        for k in ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block", "num_experts",
+                  "top_k_experts", "moe_intermediate_size"):
+            del d[k]
+        d.update(architectures=["Gemma4UnifiedForCausalLM"], model_type="gemma4_unified_text",
+                 use_bidirectional_attention=None)
     return d
 
 
@@ -347,6 +357,7 @@ def gemma4_from_hf(cfg: dict[str, Any]) -> GemmaConfig:
         raise GemmaError("config.json's activation or attention_bias is not Gemma 4's (gelu_pytorch_tanh, no bias)")
     if cfg.get("use_bidirectional_attention") == "all":
         raise GemmaError("this Gemma 4 config attends bidirectionally (an encoder); gemmakit runs causal decoders")
+    unified = cfg.get("model_type") == "gemma4_unified_text"  # Gemma4UnifiedTextConfig: other defaults, no PLE/MoE
     layers = cfg.get("num_hidden_layers", 30)
     types = list(cfg.get("layer_types") or default_layer_types("gemma4", layers))
     types[-1] = GLOBAL  # transformers forces the last layer to full attention
@@ -359,17 +370,18 @@ def gemma4_from_hf(cfg: dict[str, Any]) -> GemmaConfig:
                          "uses proportional (full attention) and default (sliding)")
     proportional = full.get("rope_type") == "proportional"
     global_dim, global_kv = _gemma4_global_overrides(cfg, types)
-    moe = bool(cfg.get("enable_moe_block"))
-    ple = int(cfg.get("hidden_size_per_layer_input", 256) or 0)
+    moe = bool(cfg.get("enable_moe_block")) and not unified
+    ple = 0 if unified else int(cfg.get("hidden_size_per_layer_input", 256) or 0)
     return GemmaConfig(
         family="gemma4", vocab_size=cfg.get("vocab_size", 262144), hidden_size=cfg.get("hidden_size", 2304),
         intermediate_size=cfg.get("intermediate_size", 9216), num_hidden_layers=layers,
         num_attention_heads=cfg.get("num_attention_heads", 8), num_key_value_heads=cfg.get("num_key_value_heads", 4),
         head_dim=cfg.get("head_dim", 256), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=cfg.get("max_position_embeddings", 131072),
+        max_position_embeddings=cfg.get("max_position_embeddings", 262144 if unified else 131072),
         rope_theta=float(full.get("rope_theta", 1e6)), rope_local_base_freq=float(local.get("rope_theta", 1e4)),
         rope_scaling_factor=float(full.get("factor", 1.0)) if proportional else 1.0,
-        final_logit_softcapping=cfg.get("final_logit_softcapping"), sliding_window=cfg.get("sliding_window", 512),
+        final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        sliding_window=cfg.get("sliding_window", 1024 if unified else 512),
         layer_types=tuple(types), tie_word_embeddings=cfg.get("tie_word_embeddings", True),
         bos_token_id=_first(cfg.get("bos_token_id"), 2), eos_token_id=_first(cfg.get("eos_token_id"), 1),
         pad_token_id=_first(cfg.get("pad_token_id"), 0), name=cfg.get("_name_or_path", "") or "",
@@ -382,7 +394,7 @@ def gemma4_from_hf(cfg: dict[str, Any]) -> GemmaConfig:
         use_double_wide_mlp=bool(cfg.get("use_double_wide_mlp", False)), enable_moe_block=moe,
         num_experts=int(cfg.get("num_experts") or 0) if moe else 0,
         top_k_experts=int(cfg.get("top_k_experts") or 0) if moe else 0,
-        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0) if moe else 0,
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0) if moe else 0, unified=unified,
     )
 
 
@@ -462,6 +474,13 @@ PRESETS: dict[str, GemmaConfig] = {
                            num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2,
                            attention_k_eq_v=True, enable_moe_block=True, num_experts=128, top_k_experts=8,
                            moe_intermediate_size=704, sliding_window=1024, max_position_embeddings=262144),
+    # Gemma 4 12B Unified (transformers 5.25 `gemma4_unified`): dense, no PLE, no MoE, 48 layers, global head dim
+    # 512; window 1024 and context 262144 are Gemma4UnifiedTextConfig's defaults, and 3840 is its vision embedder's
+    # default output width (= the text width). transformers ships no convert script with the Hub numbers: the head
+    # counts and F are Gemma 3 12B's, to be checked against google/gemma-4-12B-it's config.json.
+    "gemma-4-12b": _g4(name="gemma-4-12b", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=8, sliding_window=1024,
+                       max_position_embeddings=262144, unified=True),
 }
 
 

@@ -17,7 +17,8 @@ _PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "mod
              ("language_model.lm_head.", "lm_head."))
 # Image/audio towers and their projections into the text model (Gemma 3; Gemma 4 adds audio): never loaded.
 _NOT_TEXT = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
-             "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+             "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
+             "model.vision_embedder.", "model.audio_embedder.")  # the last two: Gemma 4 Unified's encoder-free towers
 
 
 def read_hf_config(folder: Path) -> GemmaConfig:
