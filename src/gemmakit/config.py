@@ -2,7 +2,8 @@
 
 One config drives the one model definition in model.py; generation differences (Gemma 1/2/3/4) are fields here.
 Numbers and their sources: shared/docs/gemma-spec.md §1-2; Gemma 4: transformers 5.24
-`models/gemma4/configuration_gemma4.py` (Gemma4TextConfig) and `modeling_gemma4.py` (cited as HF-G4 below).
+`models/gemma4/configuration_gemma4.py` (Gemma4TextConfig) and `modeling_gemma4.py` (cited as HF-G4 below);
+Gemma 3n: transformers `models/gemma3n/configuration_gemma3n.py` (Gemma3nTextConfig, cited as HF-3N).
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from typing import Any
 
 from .errors import GemmaError
 
-FAMILIES = ("gemma", "gemma2", "gemma3", "gemma4")
+FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3n", "gemma4")
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
 
 
 @dataclass(frozen=True)
 class GemmaConfig:
-    family: str  # "gemma" (Gemma 1), "gemma2", "gemma3" or "gemma4": norm layout, QK-norm, default layer pattern
+    family: str  # "gemma" (Gemma 1), "gemma2", "gemma3", "gemma3n" or "gemma4": norms, QK-norm, layer pattern
     vocab_size: int  # rows of the (tied) embedding
     hidden_size: int  # D
-    intermediate_size: int  # F, width of each of gate/up
+    intermediate_size: int  # F, width of each of gate/up (Gemma 3n: of layer 0; see intermediate_sizes)
     num_hidden_layers: int  # L
     num_attention_heads: int  # N query heads
     num_key_value_heads: int  # K kv heads (1 = MQA)
@@ -57,6 +58,15 @@ class GemmaConfig:
     top_k_experts: int = 0  # experts each token is routed to
     moe_intermediate_size: int = 0  # width of each expert's gate/up
     unified: bool = False  # Gemma 4 12B Unified (transformers `gemma4_unified_text`): the same decoder, never PLE/MoE
+    # Gemma 3n (HF-3N Gemma3nTextConfig names). It also uses the per-layer embedding and KV-sharing fields above.
+    altup_num_inputs: int = 0  # AltUp: parallel copies ("streams") of the residual stream; 0 = no AltUp
+    altup_active_idx: int = 0  # the stream a layer computes on; the others are predicted and corrected
+    altup_coef_clip: float | None = None  # training only: AltUp coefficient weights clamped to +-this (HF-3N)
+    altup_correct_scale: bool = False  # the corrected active stream is scaled by correct_output_scale before PLE
+    laurel_rank: int = 0  # LAuReL: width of the low-rank residual branch beside attention; 0 = none
+    activation_sparsity_pattern: tuple[float, ...] = ()  # per layer: share of gate activations a Gaussian top-k
+    #   zeroes (E2B/E4B: 0.95 in the first 10 layers); () = none
+    intermediate_sizes: tuple[int, ...] = ()  # per-layer MLP widths (HF-3N intermediate_size given as a list)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -66,9 +76,16 @@ class GemmaConfig:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.family == "gemma":  # Gemma 1 always scales queries by head_dim ** -0.5 (HF GemmaAttention)
             object.__setattr__(self, "query_pre_attn_scalar", float(self.head_dim))
-        if self.family == "gemma4":  # Gemma 4 does not scale queries: scaling = 1.0, q_norm sets the scale (HF-G4)
+        if self.family in ("gemma3n", "gemma4"):  # no query scale: scaling = 1.0, q_norm sets it (HF-G4, HF-3N)
             object.__setattr__(self, "query_pre_attn_scalar", 1.0)
+        if self.family == "gemma4":
             object.__setattr__(self, "global_head_dim", self.global_head_dim or self.head_dim)
+        for name, kind in (("activation_sparsity_pattern", float), ("intermediate_sizes", int)):
+            object.__setattr__(self, name, tuple(kind(v) for v in getattr(self, name)))
+        if self.family == "gemma3n":  # one entry per layer, as transformers stores them (HF-3N __post_init__)
+            n = self.num_hidden_layers
+            object.__setattr__(self, "intermediate_sizes", self.intermediate_sizes or (self.intermediate_size,) * n)
+            object.__setattr__(self, "activation_sparsity_pattern", self.activation_sparsity_pattern or (0.0,) * n)
         if len(self.layer_types) != self.num_hidden_layers:
             raise GemmaError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         if SLIDING in self.layer_types and not self.sliding_window:
@@ -78,8 +95,9 @@ class GemmaConfig:
             raise GemmaError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.family == "gemma4":
             check_gemma4(self)
-        else:
-            _check_not_gemma4(self)
+        elif self.family == "gemma3n":
+            check_gemma3n(self)
+        _check_family_fields(self)
 
     # Derived facts, named so the model code reads like the spec.
     @property
@@ -89,12 +107,17 @@ class GemmaConfig:
 
     @property
     def qk_norm(self) -> bool:
-        return self.family in ("gemma3", "gemma4")
+        return self.family in ("gemma3", "gemma3n", "gemma4")
+
+    @property
+    def v_norm(self) -> bool:
+        """Gemma 3n and 4 RMS-normalise the values too, without a weight (HF-G4, HF-3N)."""
+        return self.family in ("gemma3n", "gemma4")
 
     @property
     def norm_offset(self) -> float:
-        """Gemma 1-3 norms scale by (1 + w) (spec §1.3); Gemma 4's Gemma4RMSNorm by w itself (HF-G4)."""
-        return 0.0 if self.family == "gemma4" else 1.0
+        """Gemma 1-3 norms scale by (1 + w) (spec §1.3); Gemma 3n and 4 by w itself (Gemma3nRMSNorm, HF-G4)."""
+        return 0.0 if self.family in ("gemma3n", "gemma4") else 1.0
 
     @property
     def first_kv_shared_layer(self) -> int:
@@ -123,9 +146,14 @@ class GemmaConfig:
         return self.attention_k_eq_v and self.layer_types[layer] == GLOBAL
 
     def layer_intermediate(self, layer: int) -> int:
-        """MLP width: doubled on KV-shared layers when use_double_wide_mlp (HF-G4 Gemma4TextMLP)."""
+        """MLP width: Gemma 3n's per-layer list; doubled on KV-shared layers when use_double_wide_mlp (HF-G4)."""
+        if self.intermediate_sizes:
+            return self.intermediate_sizes[layer]
         wide = self.use_double_wide_mlp and layer >= self.first_kv_shared_layer
         return self.intermediate_size * (2 if wide else 1)
+
+    def activation_sparsity(self, layer: int) -> float:
+        return self.activation_sparsity_pattern[layer] if self.activation_sparsity_pattern else 0.0
 
     def rotary_fraction(self, layer: int) -> float:
         """Share of the head's frequency pairs RoPE rotates: partial_rotary_factor on full-attention layers."""
@@ -144,7 +172,7 @@ class GemmaConfig:
     @property
     def end_of_turn_id(self) -> int:
         """<end_of_turn> id, a stop token for instruction-tuned models (spec §5.2)."""
-        return 106 if self.family in ("gemma3", "gemma4") else 107
+        return 106 if self.family in ("gemma3", "gemma3n", "gemma4") else 107
 
     def replace(self, **changes: Any) -> GemmaConfig:
         return dataclasses.replace(self, **changes)
@@ -159,6 +187,11 @@ class GemmaConfig:
         if self.enable_moe_block:  # router (proj, scale, per-expert scale), experts, three extra norms
             e, i = self.num_experts, self.moe_intermediate_size
             total += L * (d * e + d + e + 3 * e * i * d + 3 * d)
+        if self.altup_num_inputs:  # stream (un)embedding projections; per layer the router, its norm, coefficients
+            s = self.altup_num_inputs
+            total += 2 * (s - 1) * d * d + L * (d * s + d + s * s + s**3 + d)
+        if self.laurel_rank:  # per layer: left and right factors, post-norm
+            total += L * (2 * d * self.laurel_rank + d)
         for layer in range(L):
             h, k = self.layer_head_dim(layer), self.layer_kv_heads(layer)
             total += 2 * d * n * h + (h if self.qk_norm else 0)  # q, o, q_norm
@@ -171,6 +204,10 @@ class GemmaConfig:
         """The equivalent transformers config.json dict (the reference the parity tests build)."""
         if self.family == "gemma4":
             return gemma4_to_hf(self)
+        if self.family == "gemma3n":
+            from .config_gemma3n import gemma3n_to_hf
+
+            return gemma3n_to_hf(self)
         model_type = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}[self.family]
         arch = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[self.family]
         d: dict[str, Any] = dict(
@@ -201,7 +238,10 @@ class GemmaConfig:
 
 def default_layer_types(family: str, n_layers: int) -> tuple[str, ...]:
     """Gemma 1: all global. Gemma 2: even layers slide. Gemma 3: every 6th layer (i % 6 == 5) is global (spec §1.5).
-    Gemma 4: the same 5:1 pattern with the last layer forced to global (HF-G4 Gemma4TextConfig.__post_init__)."""
+    Gemma 4: the same 5:1 pattern with the last layer forced to global (HF-G4 Gemma4TextConfig.__post_init__).
+    Gemma 3n: every 5th layer is global (HF-3N Gemma3nTextConfig.__post_init__)."""
+    if family == "gemma3n":
+        return tuple(GLOBAL if (i + 1) % 5 == 0 else SLIDING for i in range(n_layers))
     if family == "gemma":
         return (GLOBAL,) * n_layers
     if family == "gemma2":
@@ -212,15 +252,20 @@ def default_layer_types(family: str, n_layers: int) -> tuple[str, ...]:
 
 def from_hf(cfg: dict[str, Any]) -> GemmaConfig:
     """Read a transformers config.json (v4 or v5 field spellings; multimodal Gemma 3 nests a text_config)."""
-    if "text_config" in cfg and cfg.get("model_type") in ("gemma3", "gemma4", "gemma4_unified"):
+    if "text_config" in cfg and cfg.get("model_type") in ("gemma3", "gemma3n", "gemma4", "gemma4_unified"):
         cfg = {**cfg["text_config"], "model_type": cfg["model_type"] + "_text"}
     model_type = cfg.get("model_type")
     if model_type in ("gemma4_text", "gemma4_unified_text"):
         return gemma4_from_hf(cfg)
+    if model_type == "gemma3n_text":
+        from .config_gemma3n import gemma3n_from_hf
+
+        return gemma3n_from_hf(cfg)
     family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(model_type)
     if family is None:
         raise GemmaError(f"config.json has model_type {model_type!r}; gemmakit supports gemma, gemma2, gemma3_text, "
-                         "gemma4_text, gemma4_unified_text (and the text part of gemma3/gemma4/gemma4_unified)")
+                         "gemma3n_text, gemma4_text, gemma4_unified_text (and the text part of gemma3/gemma3n/gemma4/"
+                         "gemma4_unified)")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu", "gelu_pytorch_tanh"):  # Gemma 1 Hub configs say "gelu" but mean tanh-GELU (spec §1.6)
         raise GemmaError(f"config.json has activation {act!r}; Gemma uses gelu_pytorch_tanh")
@@ -257,24 +302,23 @@ def from_hf(cfg: dict[str, Any]) -> GemmaConfig:
     )
 
 
-_G4_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GemmaConfig)
-                if f.name in ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v",
-                              "partial_rotary_factor", "hidden_size_per_layer_input", "vocab_size_per_layer_input",
-                              "num_kv_shared_layers", "use_double_wide_mlp", "enable_moe_block", "num_experts",
-                              "top_k_experts", "moe_intermediate_size", "unified")}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GemmaConfig)}
+# Fields that only some families use; any other family must leave them at their defaults (off).
+_FAMILY_FIELDS = {
+    "gemma4": ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v", "partial_rotary_factor",
+               "use_double_wide_mlp", "enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size",
+               "unified"),
+    "gemma3n": ("altup_num_inputs", "altup_active_idx", "altup_coef_clip", "altup_correct_scale", "laurel_rank",
+                "activation_sparsity_pattern", "intermediate_sizes"),
+    "gemma3n+gemma4": ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers"),
+}
 
 
 def check_gemma4(cfg: GemmaConfig) -> None:
     """Refuse Gemma 4 configs that transformers would reject or silently change (HF-G4 Gemma4TextConfig)."""
-    n = cfg.num_hidden_layers
     if cfg.layer_types[-1] != GLOBAL:
         raise GemmaError("a Gemma 4 config's last layer must be full_attention (transformers forces it)")
-    if not 0 <= cfg.num_kv_shared_layers < n:
-        raise GemmaError(f"num_kv_shared_layers={cfg.num_kv_shared_layers} must lie in [0, {n}): some layer must "
-                         "compute the keys and values the shared layers reuse")
-    first = cfg.first_kv_shared_layer
-    if not set(cfg.layer_types[first:]) <= set(cfg.layer_types[:first]):
-        raise GemmaError("a KV-shared layer has a layer type that no earlier layer computes keys/values for")
+    check_kv_sharing(cfg)
     if cfg.num_global_key_value_heads and not cfg.attention_k_eq_v:
         raise GemmaError("num_global_key_value_heads applies only with attention_k_eq_v (as in transformers)")
     if not 0.0 < cfg.partial_rotary_factor <= 1.0:
@@ -288,10 +332,43 @@ def check_gemma4(cfg: GemmaConfig) -> None:
         raise GemmaError("an MoE config needs 0 < top_k_experts <= num_experts and moe_intermediate_size > 0")
 
 
-def _check_not_gemma4(cfg: GemmaConfig) -> None:
-    odd = [k for k, v in _G4_DEFAULTS.items() if getattr(cfg, k) != v]
-    if odd:
-        raise GemmaError(f"{odd[0]} is a Gemma 4 setting; this config is family {cfg.family!r}")
+def check_kv_sharing(cfg: GemmaConfig) -> None:
+    """The shared layers need an earlier layer of each of their types to compute keys/values (HF kv_sharing_modes)."""
+    n = cfg.num_hidden_layers
+    if not 0 <= cfg.num_kv_shared_layers < n:
+        raise GemmaError(f"num_kv_shared_layers={cfg.num_kv_shared_layers} must lie in [0, {n}): some layer must "
+                         "compute the keys and values the shared layers reuse")
+    first = cfg.first_kv_shared_layer
+    if not set(cfg.layer_types[first:]) <= set(cfg.layer_types[:first]):
+        raise GemmaError("a KV-shared layer has a layer type that no earlier layer computes keys/values for")
+
+
+def check_gemma3n(cfg: GemmaConfig) -> None:
+    """Refuse Gemma 3n configs that transformers would reject or that the model cannot build (HF-3N)."""
+    n = cfg.num_hidden_layers
+    check_kv_sharing(cfg)
+    if cfg.altup_num_inputs < 1 or not 0 <= cfg.altup_active_idx < cfg.altup_num_inputs:
+        raise GemmaError(f"altup_num_inputs={cfg.altup_num_inputs} / altup_active_idx={cfg.altup_active_idx}: "
+                         "Gemma 3n needs at least one AltUp stream and an active index among them")
+    if cfg.altup_coef_clip is None:
+        raise GemmaError("Gemma 3n needs altup_coef_clip (transformers' default: 120.0)")
+    if not cfg.hidden_size_per_layer_input or not cfg.vocab_size_per_layer_input or cfg.laurel_rank < 1:
+        raise GemmaError("Gemma 3n needs per-layer embeddings (hidden/vocab_size_per_layer_input) and laurel_rank")
+    for name in ("activation_sparsity_pattern", "intermediate_sizes"):
+        if getattr(cfg, name) and len(getattr(cfg, name)) != n:
+            raise GemmaError(f"{name} has {len(getattr(cfg, name))} entries for {n} layers; give one per layer")
+    if any(not 0.0 <= s < 1.0 for s in cfg.activation_sparsity_pattern):
+        raise GemmaError("activation_sparsity_pattern values must lie in [0, 1)")
+
+
+def _check_family_fields(cfg: GemmaConfig) -> None:
+    for owners, names in _FAMILY_FIELDS.items():
+        if cfg.family in owners.split("+"):
+            continue
+        odd = [k for k in names if getattr(cfg, k) != _DEFAULTS[k]]
+        if odd:
+            names = owners.replace("gemma3n", "Gemma 3n").replace("gemma4", "Gemma 4").replace("+", "/")
+            raise GemmaError(f"{odd[0]} is a {names} setting; this config is family {cfg.family!r}")
 
 
 def gemma4_to_hf(cfg: GemmaConfig) -> dict[str, Any]:
@@ -432,6 +509,18 @@ def _g4(*, layer_types: tuple[str, ...] = (SLIDING,) * 5 + (GLOBAL,), **kw: Any)
                        layer_types=layer_types * (kw["num_hidden_layers"] // len(layer_types)), **kw)
 
 
+def _g3n(**kw: Any) -> GemmaConfig:
+    """A Gemma 3n preset: transformers' Gemma3nTextConfig defaults (the E4B Hub config) where not given."""
+    n = kw["num_hidden_layers"]
+    return GemmaConfig(family="gemma3n", vocab_size=262400, hidden_size=2048, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=256, max_position_embeddings=32768, rope_theta=1e6,
+                       rope_local_base_freq=1e4, sliding_window=512, final_logit_softcapping=30.0,
+                       hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144, altup_num_inputs=4,
+                       altup_coef_clip=120.0, altup_correct_scale=True, laurel_rank=64,
+                       activation_sparsity_pattern=(0.95,) * 10 + (0.0,) * (n - 10),
+                       **kw)
+
+
 PRESETS: dict[str, GemmaConfig] = {
     "gemma-2b": _g1(name="gemma-2b", hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
                     num_attention_heads=8, num_key_value_heads=1),
@@ -481,6 +570,12 @@ PRESETS: dict[str, GemmaConfig] = {
     "gemma-4-12b": _g4(name="gemma-4-12b", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
                        num_attention_heads=16, num_key_value_heads=8, sliding_window=1024,
                        max_position_embeddings=262144, unified=True),
+    # Gemma 3n text decoders (google/gemma-3n-E2B / -E4B text_config; E4B = transformers' Gemma3nTextConfig
+    # defaults; E2B: 30 layers of width 8192, the last 10 KV-shared; both: 20 layers that compute keys/values, as
+    # llama.cpp's gemma3n loader assumes).
+    "gemma-3n-e2b": _g3n(name="gemma-3n-e2b", num_hidden_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
+    "gemma-3n-e4b": _g3n(name="gemma-3n-e4b", num_hidden_layers=35, intermediate_size=16384,
+                         num_kv_shared_layers=15),
 }
 
 

@@ -1,9 +1,10 @@
-"""The one Gemma 1/2/3/4 text decoder, driven by GemmaConfig, with Hugging Face parameter names.
+"""The one Gemma 1/2/3/3n/4 text decoder, driven by GemmaConfig, with Hugging Face parameter names.
 
-Read top to bottom: RMSNorm -> RoPE -> attention (GQA, sliding window, soft-cap, QK-norm, Gemma 4's per-layer head
-dims, k=v and KV sharing) -> GeGLU MLP -> block (Gemma 4: + experts, per-layer input) -> model, then the KV cache.
-Numerics follow shared/docs/gemma-spec.md §1 and §3; Gemma 4 follows transformers 5.24
-`models/gemma4/modeling_gemma4.py` (cited as HF-G4); comments cite the sections.
+Read top to bottom: RoPE -> attention (GQA, sliding window, soft-cap, QK-norm, Gemma 4's per-layer head dims, k=v
+and KV sharing) -> GeGLU MLP -> block (Gemma 4: + experts, per-layer input; Gemma 3n: AltUp streams and LAuReL,
+altup.py) -> model, then the KV cache. Numerics follow shared/docs/gemma-spec.md §1 and §3; Gemma 4 follows
+transformers 5.24 `models/gemma4/modeling_gemma4.py` (cited as HF-G4), Gemma 3n `models/gemma3n/modeling_gemma3n.py`
+(HF-3N); comments cite the sections.
 """
 
 from __future__ import annotations
@@ -15,28 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .altup import AltUp, Laurel, altup_layer, expand_streams, gaussian_topk, merge_streams, std_multiplier
 from .config import SLIDING, GemmaConfig
 from .moe import Experts, Router
-
-
-class RMSNorm(nn.Module):
-    """Gemma RMSNorm: computed in fp32, scaled by (offset + w), one rounding at the end (spec §1.3).
-
-    Gemma 1-3 store a zero-centred weight and scale by 1 + w (GGUF files carry 1 + w; the loader subtracts the 1,
-    spec §4.4). Gemma 4 scales by w itself (offset 0, HF-G4 Gemma4RMSNorm), and its v_norm has no weight at all.
-    """
-
-    def __init__(self, dim: int, eps: float, offset: float = 1.0, scale: bool = True) -> None:
-        super().__init__()
-        self.eps, self.offset, self.dim = eps, offset, dim
-        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset)) if scale else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        # One fused op: x * rsqrt(mean(x^2) + eps) * (offset + w), all in fp32, rounded once.
-        w = self.weight.float() if self.weight is not None else None
-        if w is not None and self.offset:
-            w = w + self.offset
-        return F.rms_norm(x.float(), (self.dim,), w, self.eps).to(x.dtype)
+from .norm import RMSNorm
 
 
 def rope_inv_freq(head_dim: int, base: float, scale: float, device: torch.device | None = None,
@@ -107,7 +90,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(h, eps, cfg.norm_offset)
             if not self.shared:
                 self.k_norm = RMSNorm(h, eps, cfg.norm_offset)
-        if cfg.family == "gemma4" and not self.shared:  # HF-G4 v_norm: RMSNorm without a weight
+        if cfg.v_norm and not self.shared:  # HF-G4 / HF-3N v_norm: RMSNorm without a weight
             self.v_norm = RMSNorm(h, eps, scale=False)
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -176,17 +159,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GeGLU with tanh-approximated GELU (spec §1.6; exact-erf GELU is wrong even where configs say "gelu")."""
+    """GeGLU with tanh-approximated GELU (spec §1.6; exact-erf GELU is wrong even where configs say "gelu").
+    Gemma 3n's sparse layers pass the gate through a Gaussian top-k first (HF-3N Gemma3nTextMLP)."""
 
     def __init__(self, cfg: GemmaConfig, layer: int) -> None:
         super().__init__()
-        f = cfg.layer_intermediate(layer)  # Gemma 4 E2B: 2F on KV-shared layers (use_double_wide_mlp)
+        f = cfg.layer_intermediate(layer)  # Gemma 4 E2B: 2F on KV-shared layers; Gemma 3n: a per-layer list
         self.gate_proj = nn.Linear(cfg.hidden_size, f, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, f, bias=False)
         self.down_proj = nn.Linear(f, cfg.hidden_size, bias=False)
+        sparsity = cfg.activation_sparsity(layer)
+        self.std_multiplier = std_multiplier(sparsity) if sparsity > 0.0 else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate = self.gate_proj(x)
+        if self.std_multiplier is not None:
+            gate = gaussian_topk(gate, self.std_multiplier)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -213,6 +202,10 @@ class Block(nn.Module):
             self.per_layer_input_gate = nn.Linear(d, self.ple, bias=False)
             self.per_layer_projection = nn.Linear(self.ple, d, bias=False)
             self.post_per_layer_input_norm = RMSNorm(d, eps, off)
+        self.altup = AltUp(cfg) if cfg.altup_num_inputs else None
+        if self.altup is not None:  # Gemma 3n: AltUp streams around the layer, LAuReL beside attention (HF-3N)
+            self.laurel = Laurel(cfg)
+            self.correct_scale = cfg.altup_correct_scale
         if cfg.family == "gemma4":  # a loaded per-layer output scale (HF-G4 layer_scalar: a persistent buffer)
             self.register_buffer("layer_scalar", torch.ones(1))
         else:
@@ -220,6 +213,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None,
                 masks: dict, shared: dict | None = None, per_layer_input: Tensor | None = None) -> Tensor:
+        """x: (B, T, D), or for Gemma 3n the stacked AltUp streams (S, B, T, D)."""
+        if self.altup is not None:
+            return altup_layer(self, x, lambda h: self.self_attn(h, rope, qpos, cache, masks, shared), per_layer_input)
         h = self.self_attn(self.input_layernorm(x), rope, qpos, cache, masks, shared)
         if not self.post_norms:
             x = x + h
@@ -272,6 +268,10 @@ class Gemma(nn.Module):
             self.model.per_layer_model_projection = nn.Linear(cfg.hidden_size, width, bias=False)
             self.model.per_layer_projection_norm = RMSNorm(cfg.hidden_size_per_layer_input, cfg.rms_norm_eps,
                                                            cfg.norm_offset)
+        if cfg.altup_num_inputs:  # Gemma 3n: the streams' projections from the embedding and back (HF-3N)
+            d, extra = cfg.hidden_size, cfg.altup_num_inputs - 1
+            self.model.altup_projections = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(extra))
+            self.model.altup_unembed_projections = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(extra))
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: dict[tuple, Tensor] = {}
@@ -317,6 +317,8 @@ class Gemma(nn.Module):
         (* D^-0.5 as a Python float, RMSNorm per layer), combined as (proj + table) * 2^-0.5."""
         cfg, m = self.config, self.model
         shape = (*ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+        # Gemma 3n's table has fewer rows than the vocabulary (262144 of 262400): other ids read row 0 (HF-3N).
+        ids = torch.where((ids >= 0) & (ids < cfg.vocab_size_per_layer_input), ids, 0)
         table = m.embed_tokens_per_layer(ids)
         scale = torch.tensor(cfg.hidden_size_per_layer_input**0.5, dtype=table.dtype, device=table.device)
         table = (table * scale).reshape(shape)
@@ -344,10 +346,15 @@ class Gemma(nn.Module):
         if cache is not None and self.fused_decode is not None and self.fused_decode.applies(x, cache):
             x = self.fused_decode(x, positions, cache)  # plain decode step: all layers in one native call
         else:
+            altup = self.config.altup_num_inputs > 0
+            if altup:
+                x = expand_streams(x, self.model.altup_projections)  # (S, B, T, D)
             for i, block in enumerate(self.model.layers):
                 layer_cache = cache.layers[i] if cache is not None else None
                 x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache, masks, shared,
                           None if ple is None else ple[:, :, i])
+            if altup:
+                x = merge_streams(x, self.model.altup_unembed_projections)
         if cache is not None:
             cache.advance()
         return self.model.norm(x)
