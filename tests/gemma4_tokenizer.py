@@ -6,7 +6,7 @@ transformers' DiffusionGemma chat test (tests/models/diffusion_gemma/test_modeli
 "<bos><|turn>user\\nWrite a long essay about Portugal.<turn|>\\n<|turn>model\\n<|channel>thought\\n<channel|>" with
 the Gemma 4 tokenizer to [2, 105, 2364, 107, 6974, 496, 1440, 20494, 1003, 23613, 236761, 106, 107, 105, 4368,
 107, 100, 45518, 107, 101]; every non-marker id there is the Gemma 3 tokenizer's id for the same text (checked in
-test_chat_gemma4.py). The marker ids:
+test_chat_templates_gemma4.py). The marker ids:
 - <|turn> 105, <turn|> 106, <|tool_response> 50, <|image> 255999, <|audio> 256000, <|image|> 258880,
   <|audio|> 258881, <image|> 258882, <audio|> 258883: google-deepmind/gemma, gemma/gm/text/_tokenizer.py
   (_Gemma4SpecialTokens);

@@ -32,7 +32,7 @@ from gemmakit.weights import writers
 from gemmakit.weights.gguf import read_gguf
 from gemmakit.weights.names import hf_to_gguf
 from helpers import TINY4, hf_model
-from test_fast import quantize_activations
+from test_fast_path import quantize_activations
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels not built")
 KINDS = ["gemma4-e", "gemma4-dense-keqv", "gemma4-moe"]
@@ -206,7 +206,7 @@ def test_expert_slices_of_k_quant_blocks_and_row_independence():
     """Experts over K-quant bytes (256-value super-blocks): expert e's products equal its dequantized slice times
     the int8-rounded activations, and a token's expert output does not depend on how many tokens share the call
     (what keeps batched decoding and verified drafts equal to single steps)."""
-    from test_fast import random_blocks
+    from test_fast_path import random_blocks
 
     e, d, inter = 3, 256, 256
     for qtype in (QT.Q4_K, QT.Q6_K, QT.Q5_0):

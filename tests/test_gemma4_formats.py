@@ -176,7 +176,7 @@ def test_peft_reads_our_gemma4_adapter_with_same_logits(folder, tmp_path):
 def test_gemma4_chat_data_renders_in_the_official_turn_format():
     """Training chats with a Gemma 4 tokenizer: the template's own pieces (native system turn), loss on the
     assistant's text and its <turn|>."""
-    from gemmakit import chat_gemma4
+    from gemmakit.chat_templates import gemma4 as chat_gemma4
     from gemmakit.train.data import chat_format
 
     tok = tiny_tokenizer(512, gemma4=True)

@@ -11,9 +11,9 @@ import torch
 from pydantic import BaseModel, Field
 
 from gemmakit import GemmaError
-from gemmakit import chat as ct
-from gemmakit import tools as tf
+from gemmakit import chat_templates as ct
 from gemmakit.grammar import GrammarProcessor, compile_grammar, engine_tokenizer, token_bytes
+from gemmakit.tool_calls import gemma3_json as tf
 
 
 @pytest.fixture(scope="module")

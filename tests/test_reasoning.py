@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gemma4_tokenizer import gemma4_tokenizer
-from gemmakit import chat as ct
+from gemmakit import chat_templates as ct
 from test_serve import running_server, tiny_model
 
 MESSAGES = [{"role": "system", "content": "Think, then answer."}, {"role": "user", "content": "What is 2+2?"}]

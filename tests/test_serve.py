@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gemmakit import Model
-from gemmakit import chat as ct
+from gemmakit import chat_templates as ct
 from gemmakit.model import Gemma
 from helpers import tiny_config
 

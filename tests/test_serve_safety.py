@@ -14,9 +14,9 @@ import openai
 import pytest
 
 from gemmakit.safety import Guard, Policy
-from gemmakit.safety.detect import score_ids
-from gemmakit.safety.watermark import Watermark, WatermarkConfig
 from gemmakit.serve.moderation import Moderator
+from gemmakit.watermark.detector import score_ids
+from gemmakit.watermark.synthid import Watermark, WatermarkConfig
 from test_serve import running_server, sse_events, tiny_model
 
 PIRATE = Policy("pirate", "Pirate Talk", "is written in pirate speech (e.g., 'arr', 'matey', 'ahoy').")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gemma4_tokenizer import TEMPLATE, gemma4_hf_tokenizer, gemma4_tokenizer
-from gemmakit import chat as ct
+from gemmakit import chat_templates as ct
 from test_serve import running_server, tiny_model
 
 MESSAGES = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "Weather in Paris?"}]

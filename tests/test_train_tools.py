@@ -9,8 +9,8 @@ import json
 
 from finetune_helpers import write_jsonl
 from gemma4_tokenizer import gemma4_tokenizer
-from gemmakit import chat as ct
-from gemmakit import tools as tf
+from gemmakit import chat_templates as ct
+from gemmakit.tool_calls import gemma3_json as tf
 from gemmakit.train.data import chat_format, load_jsonl
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {

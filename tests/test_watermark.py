@@ -19,8 +19,8 @@ from transformers.generation.logits_process import SynthIDTextWatermarkLogitsPro
 import gemmakit
 from gemmakit import GemmaError
 from gemmakit.loader import load_tokenizer
-from gemmakit.safety import detect as det
-from gemmakit.safety.watermark import GValues, Watermark, WatermarkConfig, WatermarkState
+from gemmakit.watermark import detector as det
+from gemmakit.watermark.synthid import GValues, Watermark, WatermarkConfig, WatermarkState
 from helpers import TINY, hf_model
 from reference import hf_gguf_tokenizer_dir
 

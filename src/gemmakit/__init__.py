@@ -1,5 +1,6 @@
 """gemmakit: run, chat with, serve and fine-tune Google's Gemma models locally, CPU first."""
 
+from . import chat_templates as chat  # gemmakit.chat.render(...): the name before chat_templates/
 from . import watermark  # gemmakit.watermark.detect / Watermark / WatermarkConfig
 from .api import Model
 from .config import PRESETS, GemmaConfig

@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import calling
-from . import chat as chat_template
+from . import chat_templates as chat_template
+from . import tool_calls
 from .config import GemmaConfig
 from .errors import GemmaError
 from .generate import Generation, GenerationResult, check_prompt
@@ -18,7 +18,7 @@ from .grammar import Grammar, GrammarProcessor, compile_grammar, engine_tokenize
 from .model import Gemma
 from .sampling import LogitsProcessor, SamplingParams
 from .tokenizer import Tokenizer
-from .tools import CallDelta, ToolCall
+from .tool_calls.gemma3_json import CallDelta, ToolCall
 
 Prompt = str | Sequence[int]
 Messages = Sequence[chat_template.Message]
@@ -172,10 +172,10 @@ class Model:
         """
         return self._tool_plan(tools, tool_choice, parallel_tool_calls, thinking).encode(self.tokenizer, messages)
 
-    def _tool_plan(self, tools: Tools | None, tool_choice: Any, parallel: bool, thinking: bool) -> calling.ToolPlan:
+    def _tool_plan(self, tools: Tools | None, tool_choice: Any, parallel: bool, thinking: bool) -> tool_calls.ToolPlan:
         if self.tokenizer is None:
             raise GemmaError("this model was loaded without a tokenizer; chat needs one")
-        return calling.plan(self.tokenizer, tools, tool_choice, parallel=parallel, thinking=thinking)
+        return tool_calls.plan(self.tokenizer, tools, tool_choice, parallel=parallel, thinking=thinking)
 
     def chat(self, messages: Messages, max_new_tokens: int = 256, *, tools: Tools | None = None,
              tool_choice: Any = None, parallel_tool_calls: bool = True, thinking: bool = False,
@@ -224,7 +224,7 @@ class Model:
             opts["logits_processors"] = self._call_processors(plan, opts)
         elif banned:
             extra = opts.get("logits_processors")
-            opts["logits_processors"] = lambda: [calling.BanTokens(banned), *(extra() if extra else ())]
+            opts["logits_processors"] = lambda: [tool_calls.BanTokens(banned), *(extra() if extra else ())]
         gen, _ = self._generation(prompt, max_new_tokens=max_new_tokens, **opts)
         if reader is None:
             yield from self._text_deltas(gen)
@@ -241,11 +241,11 @@ class Model:
                 parts.append(d)
                 yield ChatDelta(d.reasoning, d.content, d.call)
         r = gen.results()[0]
-        reasoning, content, _ = calling.assemble(parts)
+        reasoning, content, _ = tool_calls.assemble(parts)
         self.last_result = ChatResult(content, r.token_ids, reason, r.prompt_tokens, None,
                                       reasoning=reasoning or None, tool_calls=reader.calls() or None)
 
-    def _call_processors(self, plan: calling.ToolPlan, opts: dict[str, Any]) -> ProcessorFactory:
+    def _call_processors(self, plan: tool_calls.ToolPlan, opts: dict[str, Any]) -> ProcessorFactory:
         """The grammar of the plan's calls, then the caller's own processors (a watermark...)."""
         given = [k for k in ("json_schema", "regex", "grammar") if opts.get(k) is not None]
         if given or opts.get("stop") or opts.get("ignore_eos"):

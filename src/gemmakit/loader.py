@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from . import fast
 from .api import Model
 from .config import GemmaConfig, preset
 from .errors import GemmaError
 from .model import Gemma
+from .quant import fast_path as fast
 from .quant.kernels import release_threads
 from .tokenizer import Tokenizer
 from .weights.ckpt import read_ckpt

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from ..api import Model
-from ..safety.detect import CALIBRATION_FILE, Detection, detect, score_ids
-from ..safety.watermark import Watermark, WatermarkConfig
+from ..watermark.detector import CALIBRATION_FILE, Detection, detect, score_ids
+from ..watermark.synthid import Watermark, WatermarkConfig
 from .common import machine, write_results
 
 # Openings of many kinds of text, so the samples do not share their topics.
@@ -79,7 +79,7 @@ def separation(marked: Sequence[Detection], plain: Sequence[Detection]) -> dict[
 def null_rates(model: Model, *, key_sets: int = 25, tokens: int = 64) -> dict[str, Any]:
     """How often unwatermarked text is called watermarked: the shipped unwatermarked samples (safety/data), each
     cut to `tokens`, tested against `key_sets` fresh key sets; the rates should sit at (or below) the nominal."""
-    text = resources.files("gemmakit.safety").joinpath("data", CALIBRATION_FILE).read_text(encoding="utf-8")
+    text = resources.files("gemmakit.watermark").joinpath("data", CALIBRATION_FILE).read_text(encoding="utf-8")
     samples = [ids[:tokens] for para in text.split("\n\n")
                if len(ids := model.tokenizer.encode(para, bos=False)) >= tokens * 5 // 8]
     p = np.array([score_ids(ids, WatermarkConfig.generate(depth=30, ngram_len=5)).p_value

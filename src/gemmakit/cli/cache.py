@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import cache as disk_cache
+from .. import disk_cache
 from ..embedded import cache_dir
 
 app = typer.Typer(no_args_is_help=False, invoke_without_command=True, add_completion=False,

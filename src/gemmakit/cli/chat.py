@@ -11,11 +11,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .. import chat as chat_template
+from .. import chat_templates as chat_template
 from ..api import Model
 from ..errors import GemmaError
 from ..loader import load
-from ..safety.watermark import Watermark
+from ..watermark.synthid import Watermark
 from .run import ModelOpt
 
 HELP = (

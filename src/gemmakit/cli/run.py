@@ -12,7 +12,7 @@ from rich.console import Console
 
 from ..errors import GemmaError
 from ..loader import load
-from ..safety.watermark import Watermark
+from ..watermark.synthid import Watermark
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or .ckpt (default: embedded)")]
 

@@ -98,9 +98,9 @@ def serve(
                curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
                  -d '{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
     """
-    from ..safety.watermark import Watermark
     from ..serve import moderation
     from ..serve import serve as run_server
+    from ..watermark.synthid import Watermark
 
     err = Console(stderr=True)
     moderator = moderation.build(moderate, guard_model, guard_policy, threshold=threshold,

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 from ..errors import GemmaError
-from ..safety.detect import DEFAULT_FPR, detect
-from ..safety.watermark import WatermarkConfig
+from ..watermark.detector import DEFAULT_FPR, detect
+from ..watermark.synthid import WatermarkConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="SynthID-Text watermarking: make keys, check texts. Generate with --watermark KEYS.json "

@@ -26,7 +26,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from .. import chat as chat_template
+from .. import chat_templates as chat_template
 from ..api import Model
 from ..errors import GemmaError
 from ..loader import load

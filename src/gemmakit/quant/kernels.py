@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import prune
+from ..disk_cache import prune
 from ..embedded import cache_dir
 
 SOURCES = [Path(__file__).with_name("blocks.c"), Path(__file__).with_name("decode.c")]

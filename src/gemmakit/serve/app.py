@@ -24,11 +24,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, calling
+from .. import __version__, tool_calls
 from ..api import Model, ProcessorFactory
 from ..errors import GemmaError
-from ..safety.watermark import Watermark, with_watermark
 from ..sampling import SamplingParams
+from ..watermark.synthid import Watermark, with_watermark
 from . import schemas, structured
 from .engine import Engine, Event, Job
 from .moderation import Moderator, user_text
@@ -360,7 +360,7 @@ async def processors(engine: Engine, constraint: dict[str, Any], param: str, ban
     """The per-sequence processors of a constrained request (compiled off the event loop: the first one also
     builds the engine's tokenizer), or None; a bad schema or grammar is a 400 naming `param`. `banned` token ids
     are forbidden in every step (Gemma 4's <|tool_call> with tool_choice "none")."""
-    ban = (lambda: [calling.BanTokens(banned)]) if banned else None
+    ban = (lambda: [tool_calls.BanTokens(banned)]) if banned else None
     if not constraint:
         return ban
     try:

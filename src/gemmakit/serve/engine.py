@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ..api import Model
-from ..chat import reasoning_splitter
-from ..chat_gemma4 import ReasoningSplitter
+from ..chat_templates import reasoning_splitter
+from ..chat_templates.gemma4 import ReasoningSplitter
 from ..errors import GemmaError
 from ..generate import _Row, check_prompt, stop_ids
 from ..model import KVCache

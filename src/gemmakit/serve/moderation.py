@@ -28,7 +28,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from ..chat import content_text
+from ..chat_templates import content_text
 from ..errors import GemmaError
 from ..quant.kernels import release_threads
 from ..safety.guard import Guard, GuardResult

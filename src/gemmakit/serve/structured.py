@@ -3,7 +3,7 @@ constraint, and the model's reply turned back into OpenAI's message, tool_calls 
 
 - `response_format` {"type": "json_object"} constrains the reply to a JSON object; {"type": "json_schema",
   "json_schema": {"name", "schema", "strict"}} to the schema (always enforced, whatever `strict` says).
-- `tools`, `tool_choice` and `parallel_tool_calls` go through calling.py, the plan Model.chat uses too: the prompt
+- `tools`, `tool_choice` and `parallel_tool_calls` go through tool_calls.py, the plan Model.chat uses too: the prompt
   (Gemma 4's native function-calling tokens; Gemma 1/2/3 the documented prompt format of tools.py), the grammar of
   the calls (each function's JSON Schema), and a reader of the reply. "none" leaves the reply free text.
 - The reply is read as it is generated (Gemma 4's from its token ids, since text drops control tokens): streamed,
@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import calling
+from .. import tool_calls
 from ..errors import GemmaError
-from ..tools import ReplyDelta
+from ..tool_calls.gemma3_json import ReplyDelta
 from . import schemas
 
 
@@ -29,7 +29,7 @@ class ChatPlan:
     """How one chat request is rendered, constrained and read back."""
 
     messages: list[dict[str, Any]]  # as the request gave them
-    tools: calling.ToolPlan  # family, tool mode, thinking
+    tools: tool_calls.ToolPlan  # family, tool mode, thinking
     constraint: dict[str, Any] = field(default_factory=dict)  # keyword arguments of Model.constraint()
 
     @property
@@ -68,7 +68,7 @@ def response_constraint(body: schemas.Sampling) -> dict[str, Any]:
 def plan_chat(body: schemas.ChatRequest, tokenizer: Any, thinking: bool = False) -> ChatPlan:
     """The prompt, constraint and tool mode of a chat request (ParamError, a 400, for bad tools or formats).
     `thinking` is the server's default of Gemma 4's thinking mode for requests that do not choose."""
-    from ..chat import template_for
+    from ..chat_templates import template_for
 
     family = template_for(tokenizer)
     think = body.thinking(thinking and family == "gemma4")
@@ -77,7 +77,7 @@ def plan_chat(body: schemas.ChatRequest, tokenizer: Any, thinking: bool = False)
                                  "chat template option)")
     constraint = response_constraint(body)
     try:
-        tools = calling.plan(tokenizer, body.tools, body.tool_choice, parallel=body.parallel_tool_calls is not False,
+        tools = tool_calls.plan(tokenizer, body.tools, body.tool_choice, parallel=body.parallel_tool_calls is not False,
                              thinking=think)
     except GemmaError as e:
         param = "tool_choice" if not body.tools else "tools"
@@ -93,7 +93,7 @@ def plan_chat(body: schemas.ChatRequest, tokenizer: Any, thinking: bool = False)
     return ChatPlan([dict(m) for m in body.messages], tools, constraint)
 
 
-def reader(plan: ChatPlan, tokenizer: Any) -> calling.ReplyReader:
+def reader(plan: ChatPlan, tokenizer: Any) -> tool_calls.ReplyReader:
     """A reader of one choice's reply: the plan's tool-call reader, or plain text (and Gemma 4's reasoning as the
     engine split it) when no calls are read back."""
     return plan.tools.reader(tokenizer) or _TextReader()
@@ -112,7 +112,7 @@ class _TextReader:
         return []
 
 
-def deltas(reader: calling.ReplyReader, text: str, reasoning: str, ids: Sequence[int], finish: str | None,
+def deltas(reader: tool_calls.ReplyReader, text: str, reasoning: str, ids: Sequence[int], finish: str | None,
            tool_mode: str) -> tuple[list[ReplyDelta], str | None]:
     """The reply deltas of one engine event, and the choice's finish reason once it ends. A tool-call reader
     reads reasoning from the ids itself; otherwise the engine's reasoning comes first."""
@@ -133,7 +133,7 @@ def openai_delta(d: ReplyDelta) -> dict[str, Any]:
 
 def chat_message(reply: Sequence[ReplyDelta]) -> dict[str, Any]:
     """The OpenAI assistant message of a whole reply: its deltas joined, as OpenAI's clients join a stream."""
-    reasoning, content, calls = calling.assemble(reply)
+    reasoning, content, calls = tool_calls.assemble(reply)
     message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""), "refusal": None}
     if calls:
         message["tool_calls"] = calls

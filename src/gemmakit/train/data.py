@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import chat_gemma4
-from ..chat import SYSTEM_ROLES, template_for, turns
+from ..chat_templates import SYSTEM_ROLES, template_for, turns
+from ..chat_templates import gemma4 as chat_gemma4
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
-from ..tools import checked_tools, plain_messages
+from ..tool_calls.gemma3_json import checked_tools, plain_messages
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: F401  (re-exported)
 from gguf.quants import dequantize
 
-from ..cache import prune
 from ..config import FAMILIES, GLOBAL, SLIDING, GemmaConfig, default_layer_types
+from ..disk_cache import prune
 from ..embedded import cache_dir
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer

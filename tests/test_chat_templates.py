@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gemmakit import GemmaError
-from gemmakit import chat as ct
+from gemmakit import chat_templates as ct
 from reference import hf_gguf_tokenizer_dir
 
 G12_TEMPLATE = (

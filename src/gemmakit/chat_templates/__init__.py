@@ -1,6 +1,6 @@
 """Gemma chat turns: the official templates per generation, rendered and tokenized (spec §5.7). No torch here.
 
-Gemma 4 has its own turn format, with a system role, a thinking mode and function calling (chat_gemma4.py); the
+Gemma 4 has its own turn format, with a system role, a thinking mode and function calling (gemma4.py); the
 template is chosen by the tokenizer (`template_for`), as a checkpoint's chat template ships with its tokenizer.
 Gemma 1, 2 and 3 use the same turn format:
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from . import chat_gemma4
-from .errors import GemmaError
+from ..errors import GemmaError
+from . import gemma4
 
 FAMILIES = ("gemma", "gemma2", "gemma3", "gemma4")  # template names: Gemma 1/2/3 share one
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer clients call the system message "developer"
@@ -115,7 +115,7 @@ def template_for(tokenizer: Any) -> str:
     """The chat template a tokenizer belongs to: "gemma4" when it has Gemma 4's <|turn> marker, else "gemma3"
     (the Gemma 1/2/3 turn format; their templates differ only in system handling, unified here)."""
     token_id = getattr(tokenizer, "token_id", None)
-    return "gemma4" if token_id is not None and token_id(chat_gemma4.TURN) is not None else "gemma3"
+    return "gemma4" if token_id is not None and token_id(gemma4.TURN) is not None else "gemma3"
 
 
 def segments(
@@ -128,7 +128,7 @@ def segments(
 ) -> list[tuple[str, bool]]:
     """The rendered prompt as (text, is_control_marker) pieces, in order, in `family`'s template."""
     if family == "gemma4":
-        return chat_gemma4.segments(messages, tools=tools, thinking=thinking,
+        return gemma4.segments(messages, tools=tools, thinking=thinking,
                                     add_generation_prompt=add_generation_prompt)
     if family not in FAMILIES:
         raise GemmaError(f"unknown chat template {family!r}; expected one of {', '.join(FAMILIES)}")
@@ -179,12 +179,12 @@ def encode(
     return ids
 
 
-def reasoning_splitter(tokenizer: Any) -> chat_gemma4.ReasoningSplitter | None:
+def reasoning_splitter(tokenizer: Any) -> gemma4.ReasoningSplitter | None:
     """A splitter of generated text into reasoning and reply for a Gemma 4 tokenizer; None for other tokenizers."""
     token_id = getattr(tokenizer, "token_id", None)
-    start = token_id(chat_gemma4.CHANNEL) if token_id is not None else None
-    end = token_id(chat_gemma4.CHANNEL_END) if token_id is not None else None
-    return chat_gemma4.ReasoningSplitter(start, end) if start is not None and end is not None else None
+    start = token_id(gemma4.CHANNEL) if token_id is not None else None
+    end = token_id(gemma4.CHANNEL_END) if token_id is not None else None
+    return gemma4.ReasoningSplitter(start, end) if start is not None and end is not None else None
 
 
 def fit(

@@ -5,7 +5,7 @@
     gemmakit.watermark.detect(text, keys).watermarked              # True: p-value <= 0.01
 """
 
-from .safety.detect import DEFAULT_FPR, Detection, detect
-from .safety.watermark import Watermark, WatermarkConfig
+from .detector import DEFAULT_FPR, Detection, detect
+from .synthid import Watermark, WatermarkConfig
 
 __all__ = ["DEFAULT_FPR", "Detection", "Watermark", "WatermarkConfig", "detect"]

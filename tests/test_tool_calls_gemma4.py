@@ -10,11 +10,12 @@ import llguidance as llg
 import pytest
 
 from gemma4_tokenizer import gemma4_tokenizer
-from gemmakit import GemmaError, calling, chat_gemma4
-from gemmakit import tools as tf
-from gemmakit import tools_gemma4 as t4
+from gemmakit import GemmaError, tool_calls
+from gemmakit.chat_templates import gemma4 as chat_gemma4
 from gemmakit.generate import stop_ids
 from gemmakit.grammar import compile_grammar, engine_tokenizer
+from gemmakit.tool_calls import gemma3_json as tf
+from gemmakit.tool_calls import gemma4 as t4
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": {
     "type": "object", "required": ["city"], "properties": {
@@ -103,7 +104,7 @@ def test_grammar_accepts_the_templates_calls_and_reads_them_back(tok, grammar):
     pieces = [d.call.arguments for d in deltas if d.call and d.call.id is None and d.call.index == 0]
     assert len(pieces) > 10 and "".join(pieces) == calls[0].text  # streamed as generated, not in one piece
     _, whole, _ = read(tok, ids, one_by_one=False)
-    assert [c["function"] for c in calling.assemble(whole)[2]] == [c.openai()["function"] for c in calls]
+    assert [c["function"] for c in tool_calls.assemble(whole)[2]] == [c.openai()["function"] for c in calls]
 
 
 @pytest.mark.parametrize("name, args", BAD)
@@ -139,7 +140,7 @@ def test_reasoning_content_and_partial_calls(tok):
            *template_ids(tok, "get_weather", {"city": "Oslo"})]
     reader, deltas, reason = read(tok, ids[:-3])  # cut inside the call: no complete call
     assert reason == "stop" and reader.calls() == []
-    reasoning, content, calls = calling.assemble(deltas)
+    reasoning, content, calls = tool_calls.assemble(deltas)
     assert (reasoning, content) == ("Let me see.", "Sure.")
     assert calls[0]["function"]["name"] == "get_weather" and calls[0]["function"]["arguments"].startswith('{"city"')
     reader, deltas, reason = read(tok, [*ids, 50])
@@ -157,7 +158,7 @@ def test_reasoning_content_and_partial_calls(tok):
 def test_schemas_the_call_grammar_cannot_express_are_refused(tok, parameters, match):
     tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
     with pytest.raises(GemmaError, match=match):
-        calling.plan(tok, tools, "required")
+        tool_calls.plan(tok, tools, "required")
 
 
 def test_stop_tokens(tok, embedded_model):

@@ -15,8 +15,8 @@ import pytest
 
 from gemma4_tokenizer import TEMPLATE, TEMPLATE_MD5, gemma4_hf_tokenizer, gemma4_tokenizer
 from gemmakit import GemmaError
-from gemmakit import chat as ct
-from gemmakit.chat_gemma4 import ReasoningSplitter
+from gemmakit import chat_templates as ct
+from gemmakit.chat_templates.gemma4 import ReasoningSplitter
 from gemmakit.generate import _Row
 from gemmakit.tokenizer import StreamDecoder
 

@@ -178,7 +178,7 @@ def test_fast_path_maps_the_file_without_copies():
 
 def test_without_a_compiler_load_takes_the_reference_path(monkeypatch):
     import gemmakit
-    from gemmakit import fast
+    from gemmakit.quant import fast_path as fast
 
     monkeypatch.setattr(fast, "available", lambda: False)
     model = gemmakit.load(progress=False)
@@ -475,7 +475,7 @@ def test_native_kernels_built_for_older_cpus(monkeypatch, flags):
 def test_unsupported_block_types_fall_back_to_f16_with_a_note(monkeypatch, capsys):
     """A matrix in a type without a kernel is dequantized to F16 once, with a one-line note, never a crash."""
     import gemmakit
-    from gemmakit import fast
+    from gemmakit.quant import fast_path as fast
     from gemmakit.quant.qlinear import QLinear
 
     monkeypatch.setattr(fast, "NATIVE_TYPES", (QT.F16, QT.BF16, QT.F32, QT.Q4_0, QT.Q5_0, QT.Q4_K, QT.Q6_K))

@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import chat_gemma4 as g4
-from .errors import GemmaError
-from .tools import MAX_CALLS, CallLog, ReplyDelta, ToolCall, merged
+from ..chat_templates import gemma4 as g4
+from ..errors import GemmaError
+from .gemma3_json import MAX_CALLS, CallLog, ReplyDelta, ToolCall, merged
 
 INT = r"0|-?[1-9][0-9]{0,18}"
 FRACTION = r"\.(0|[0-9]{0,14}[1-9])"
@@ -400,7 +400,7 @@ class CallReader:
     delta (id, name) goes out when its name is complete, then its arguments as JSON text, piece by piece."""
 
     def __init__(self, tokenizer: Any, markers: Markers) -> None:
-        from .tokenizer import StreamDecoder
+        from ..tokenizer import StreamDecoder
 
         self.tok, self.m = tokenizer, markers
         self.decoder = StreamDecoder(tokenizer)

@@ -3,9 +3,9 @@ tool_choice become a prompt, a constraint and a reader of the reply.
 
 - Gemma 1/2/3 (tools.py): tools in Google's documented prompt format; calls are JSON, constrained by a JSON Schema
   ("required", a named function) or a Lark grammar of "a call or text" ("auto"); read by tools.JsonCallReader.
-- Gemma 4 (tools_gemma4.py): declarations, calls and results in its own template; calls in its native syntax,
+- Gemma 4 (gemma4.py): declarations, calls and results in its own template; calls in its native syntax,
   constrained by a Lark grammar built from each function's JSON Schema, generation stopping at <|tool_response>
-  (a stop token of every Gemma 4 generation, see generate.stop_ids); read from token ids by tools_gemma4.CallReader.
+  (a stop token of every Gemma 4 generation, see generate.stop_ids); read from token ids by gemma4.CallReader.
 - tool_choice "none": Gemma 1/2/3 leave the tools out of the prompt; Gemma 4 keeps the declarations (the history
   may hold calls) and bans <|tool_call>, so the reply is text.
 
@@ -23,16 +23,15 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from . import chat as chat_template
-from . import tools as toolfmt
-from . import tools_gemma4
-from .errors import GemmaError
-from .sampling import LogitsProcessor
-from .tools import ReplyDelta, ToolCall
+from .. import chat_templates
+from ..errors import GemmaError
+from ..sampling import LogitsProcessor
+from . import gemma3_json, gemma4
+from .gemma3_json import ReplyDelta, ToolCall
 
 
 class ReplyReader(Protocol):
-    """Turns a reply into ReplyDeltas as it is generated (tools.JsonCallReader, tools_gemma4.CallReader)."""
+    """Turns a reply into ReplyDeltas as it is generated (tools.JsonCallReader, gemma4.CallReader)."""
 
     def feed(self, text: str, ids: Sequence[int]) -> list[ReplyDelta]: ...
 
@@ -57,11 +56,11 @@ class ToolPlan:
         """The conversation for the chat template: Gemma 1/2/3 get tools, calls and results as plain turns."""
         if self.family == "gemma4":
             return [dict(m) for m in messages]
-        return toolfmt.plain_messages(messages, self.tools if self.mode != "none" else None, self.parallel)
+        return gemma3_json.plain_messages(messages, self.tools if self.mode != "none" else None, self.parallel)
 
     def encode(self, tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The prompt ids (GemmaError for a conversation the template refuses)."""
-        return chat_template.encode(tokenizer, self.messages(messages), family=self.family,
+        return chat_templates.encode(tokenizer, self.messages(messages), family=self.family,
                                     tools=self.declared if self.family == "gemma4" else None,
                                     thinking=self.thinking)
 
@@ -70,17 +69,17 @@ class ToolPlan:
         if self.mode == "none":
             return {}
         if self.family == "gemma4":
-            return {"lark": tools_gemma4.call_grammar(self.tools, tools_gemma4.Markers.of(tokenizer),
+            return {"lark": gemma4.call_grammar(self.tools, gemma4.Markers.of(tokenizer),
                                                       required=self.mode == "required", parallel=self.parallel,
                                                       thinking=self.thinking)}
         if self.mode == "required":
-            return {"json_schema": toolfmt.call_schema(self.tools, self.parallel)}
-        return {"lark": toolfmt.auto_grammar(self.tools, self.parallel)}
+            return {"json_schema": gemma3_json.call_schema(self.tools, self.parallel)}
+        return {"lark": gemma3_json.auto_grammar(self.tools, self.parallel)}
 
     def banned(self, tokenizer: Any) -> list[int]:
         """Token ids the reply may not contain: Gemma 4's <|tool_call> when tools are declared but not to be used."""
         if self.family == "gemma4" and self.mode == "none" and self.declared:
-            return [tools_gemma4.Markers.of(tokenizer).call]
+            return [gemma4.Markers.of(tokenizer).call]
         return []
 
     def reader(self, tokenizer: Any) -> ReplyReader | None:
@@ -88,21 +87,21 @@ class ToolPlan:
         if self.mode == "none":
             return None
         if self.family == "gemma4":
-            return tools_gemma4.CallReader(tokenizer, tools_gemma4.Markers.of(tokenizer))
-        return toolfmt.JsonCallReader(self.mode)
+            return gemma4.CallReader(tokenizer, gemma4.Markers.of(tokenizer))
+        return gemma3_json.JsonCallReader(self.mode)
 
 
 def plan(tokenizer: Any, tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any = None, *,
          parallel: bool = True, thinking: bool = False) -> ToolPlan:
     """The ToolPlan of a request; GemmaError for bad tools or tool_choice (the tool schemas are compiled once
     here, so a schema the grammar cannot express fails before anything is generated)."""
-    family = chat_template.template_for(tokenizer)
+    family = chat_templates.template_for(tokenizer)
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise GemmaError("tool_choice needs 'tools' to choose from")
         return ToolPlan(family, thinking=thinking)
-    checked = toolfmt.checked_tools(tools)
-    mode, usable = toolfmt.chosen(checked, tool_choice)
+    checked = gemma3_json.checked_tools(tools)
+    mode, usable = gemma3_json.chosen(checked, tool_choice)
     out = ToolPlan(family, mode, usable, list(tools) if family == "gemma4" else None, parallel, thinking)
     if family == "gemma4":
         out.constraint(tokenizer)  # a schema Gemma 4's argument grammar cannot express: GemmaError now

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import GemmaError
+from ..errors import GemmaError
 
 INSTRUCTIONS = (
     "You have access to functions. If you decide to invoke any of the function(s), you MUST put it in the "
@@ -133,7 +133,7 @@ def merged(deltas: Sequence[ReplyDelta | None]) -> list[ReplyDelta]:
 def checked_tools(tools: Any) -> list[dict[str, Any]]:
     """OpenAI `tools` validated: [{"type": "function", "function": {"name", "description"?, "parameters"?}}].
     Each parameters schema must itself be a valid JSON Schema of an object (checked by compiling it)."""
-    from .grammar import compile_grammar
+    from ..grammar import compile_grammar
 
     if not isinstance(tools, Sequence) or isinstance(tools, str) or not tools:
         raise GemmaError("tools must be a non-empty list of {'type': 'function', 'function': {...}} objects")
@@ -186,7 +186,7 @@ def call_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
     """The JSON Schema of the model's answer when it must call: one call (or a list of calls when parallel) whose
     name is a tool's and whose parameters validate against that tool's schema, closed to undeclared keys (as
     Gemma 4's calls and OpenAI's strict mode are): a key the function does not take would break the call."""
-    from .grammar import closed
+    from ..grammar import closed
 
     one = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
             "properties": {"name": {"const": t["name"]}, "parameters": closed(t["parameters"])}} for t in tools]

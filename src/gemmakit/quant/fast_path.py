@@ -20,16 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import GemmaConfig
-from .model import Gemma, RMSNorm
-from .moe import Experts
-from .quant import kernels
-from .quant.experts import expert_slices, swap_in_experts
-from .quant.fused import attach as attach_fused_decode
-from .quant.qlinear import NATIVE_TYPES, QWeight, quantize_q8, swap_in, swap_in_fast_norms
-from .weights.gguf import GGMLQuantizationType as QT
-from .weights.gguf import GGUFFile, hf_name, hf_tensor
-from .weights.names import ROPE_FREQS
+from ..config import GemmaConfig
+from ..model import Gemma, RMSNorm
+from ..moe import Experts
+from ..weights.gguf import GGMLQuantizationType as QT
+from ..weights.gguf import GGUFFile, hf_name, hf_tensor
+from ..weights.names import ROPE_FREQS
+from . import kernels
+from .experts import expert_slices, swap_in_experts
+from .fused import attach as attach_fused_decode
+from .qlinear import NATIVE_TYPES, QWeight, quantize_q8, swap_in, swap_in_fast_norms
 
 UNIT = 32  # the kernels read activations in units of 32 values (blocks.c UNIT)
 

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
-from .watermark import GValues, WatermarkConfig, gvalues_for, load_config
+from .synthid import GValues, WatermarkConfig, gvalues_for, load_config
 
 DEFAULT_FPR = 0.01
 FFT_LIMIT = 2**23  # lattice points of the N-window score; beyond, the tilted tail uses Bahadur-Rao's formula
@@ -125,7 +125,7 @@ def window_pmf(gvalues: GValues, weights: np.ndarray, tokenizer: Tokenizer | Non
 
 def calibration_ids(tokenizer: Tokenizer) -> list[int]:
     """The shipped unwatermarked text, tokenized (each paragraph on its own, without <bos>)."""
-    text = resources.files("gemmakit.safety").joinpath("data", CALIBRATION_FILE).read_text(encoding="utf-8")
+    text = resources.files("gemmakit.watermark").joinpath("data", CALIBRATION_FILE).read_text(encoding="utf-8")
     return [t for para in text.split("\n\n") if para.strip() for t in tokenizer.encode(para, bos=False)]
 
 

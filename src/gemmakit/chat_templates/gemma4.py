@@ -27,7 +27,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import GemmaError
+from ..errors import GemmaError
 
 BOS, TURN, TURN_END, THINK = "<bos>", "<|turn>", "<turn|>", "<|think|>"
 CHANNEL, CHANNEL_END, THOUGHT = "<|channel>", "<channel|>", "thought\n"
