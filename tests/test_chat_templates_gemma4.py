@@ -17,7 +17,7 @@ from gemma4_tokenizer import TEMPLATE, TEMPLATE_MD5, gemma4_hf_tokenizer, gemma4
 from gemmakit import GemmaError
 from gemmakit import chat_templates as ct
 from gemmakit.chat_templates.gemma4 import ReasoningSplitter
-from gemmakit.generate import _Row
+from gemmakit.generate import TextRow
 from gemmakit.tokenizer import StreamDecoder
 
 
@@ -230,7 +230,7 @@ def test_fit_keeps_tool_exchanges_whole():
 
 def run_split(tok, ids, stop=()):
     """Push ids through a real generation row (decoder, stop strings) and the splitter, as Model.chat does."""
-    row = _Row(StreamDecoder(tok), tuple(stop))
+    row = TextRow(StreamDecoder(tok), tuple(stop))
     splitter = ct.reasoning_splitter(tok)
     reasoning, reply = [], []
     for t in ids:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemmakit.generate import _Row
+from gemmakit.generate import TextRow
 from gemmakit.sampling import (
     SamplingParams,
     apply_min_p,
@@ -77,7 +77,7 @@ def test_row_stops_on_eos_and_holds_back_stop_prefix(embedded_model):
     from gemmakit.tokenizer import StreamDecoder
 
     tok = embedded_model.tokenizer
-    row = _Row(StreamDecoder(tok), ("END",))
+    row = TextRow(StreamDecoder(tok), ("END",))
     ids = tok.encode("hello EN", bos=False)
     emitted = "".join(row.push(t, {1}) for t in ids)
     assert emitted == "hello "  # "EN" may become "END": held back

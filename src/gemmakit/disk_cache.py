@@ -8,10 +8,9 @@ transformers reference outputs. Weights are never converted or copied: GGUFs are
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
-
-from .embedded import cache_dir
 
 KINDS = {
     "kernels": "native kernels compiled for this CPU (rebuilt in ~2 s on first use)",
@@ -20,6 +19,11 @@ KINDS = {
     "test-cache": "test-suite fixtures",
     "q8": "Q8_0 copies written by gemmakit 0.1 (no longer used)",
 }
+
+
+def cache_dir() -> Path:
+    """The cache's root: GEMMAKIT_CACHE, else ~/.cache/gemmakit."""
+    return Path(os.environ.get("GEMMAKIT_CACHE", Path.home() / ".cache" / "gemmakit"))
 
 
 def prune(folder: Path, pattern: str, keep: int) -> None:

@@ -8,11 +8,9 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .disk_cache import cache_dir
+
 NAME = "gemma-3-270m (Q4_K_M GGUF, embedded)"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GEMMAKIT_CACHE", Path.home() / ".cache" / "gemmakit"))
 
 
 def embedded_path(progress: bool = True) -> Path:

@@ -215,7 +215,7 @@ class GenerationResult:
 
 
 @dataclass
-class _Row:
+class TextRow:
     """One sequence's text state: incremental detokenizing, stop strings, and what may already be streamed."""
 
     decoder: StreamDecoder
@@ -282,7 +282,7 @@ class Generation:
         # Generation also ends at the context length, reported as "length".
         self.budget = min(max_new_tokens, cfg.max_position_embeddings - max(len(p) for p in prompts))
         self.stop_ids = set() if ignore_eos else stop_ids(cfg, tokenizer)
-        self.rows = [_Row(StreamDecoder(tokenizer), tuple(s for s in stop if s)) for _ in prompts]
+        self.rows = [TextRow(StreamDecoder(tokenizer), tuple(s for s in stop if s)) for _ in prompts]
         self.texts = [""] * len(prompts)
         self._started = False
         # Speculation only where it cannot change the result: greedy, one sequence, no penalty.

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import disk_cache
-from ..embedded import cache_dir
+from ..disk_cache import cache_dir
 
 app = typer.Typer(no_args_is_help=False, invoke_without_command=True, add_completion=False,
                   help="Show the cache folder's contents (`gemmakit cache`) or empty it (`gemmakit cache clear`).")

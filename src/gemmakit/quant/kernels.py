@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..disk_cache import prune
-from ..embedded import cache_dir
+from ..disk_cache import cache_dir, prune
 
 SOURCES = [Path(__file__).with_name("blocks.c"), Path(__file__).with_name("decode.c")]
 HEADERS = [Path(__file__).with_name("blocks.h")]

@@ -25,7 +25,7 @@ from ..api import Model
 from ..chat_templates import reasoning_splitter
 from ..chat_templates.gemma4 import ReasoningSplitter
 from ..errors import GemmaError
-from ..generate import _Row, check_prompt, stop_ids
+from ..generate import TextRow, check_prompt, stop_ids
 from ..model import KVCache
 from ..quant.kernels import release_threads
 from ..sampling import LogitsProcessor, Sampler, SamplingParams, make_sampler
@@ -84,7 +84,7 @@ class _Seq:
     """A job placed in a cache row."""
 
     job: Job
-    row: _Row
+    row: TextRow
     sample: Sampler
     seen: Tensor | None  # (1, V) bool for the repetition penalty
     counts: Tensor | None  # (1, V) generated-token counts for frequency/presence penalties
@@ -254,7 +254,7 @@ class Engine:
             bias = (ids, torch.tensor(list(job.logit_bias.values()), device=device))
         for proc in job.processors:
             proc.begin(job.prompt)
-        row = _Row(StreamDecoder(self.model.tokenizer), tuple(s for s in job.stop if s))
+        row = TextRow(StreamDecoder(self.model.tokenizer), tuple(s for s in job.stop if s))
         splitter = reasoning_splitter(self.model.tokenizer) if job.split_reasoning else None
         return _Seq(job, row, sample, seen, counts, bias, splitter)
 

@@ -21,8 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: F401  (re-expor
 from gguf.quants import dequantize
 
 from ..config import FAMILIES, GLOBAL, SLIDING, GemmaConfig, default_layer_types
-from ..disk_cache import prune
-from ..embedded import cache_dir
+from ..disk_cache import cache_dir, prune
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
 from .names import ROPE_FREQS, gguf_to_hf
