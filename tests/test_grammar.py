@@ -1,4 +1,4 @@
-"""Constrained decoding (grammar.py) and the Gemma 1/2/3 tool format (tools.py): masks against brute force over the
+"""Constrained decoding (grammar.py) and the Gemma 1/2/3 tool format (tool_calls/gemma3_json.py): masks against brute force over the
 whole real vocabulary, the tool prompt text, and the Python API on the embedded model."""
 
 from __future__ import annotations

@@ -11,5 +11,5 @@ from .safety import Guard, GuardResult, Policy
 from .safety.guard import guard
 
 __all__ = ["GemmaConfig", "GemmaError", "GenerationResult", "Guard", "GuardResult", "Model", "PRESETS", "Policy",
-           "guard", "load", "watermark"]
+           "chat", "guard", "load", "watermark"]
 __version__ = "0.1.0"

@@ -165,10 +165,10 @@ class Model:
 
     def chat_ids(self, messages: Messages, *, tools: Tools | None = None, tool_choice: Any = None,
                  parallel_tool_calls: bool = True, thinking: bool = False) -> list[int]:
-        """The prompt ids of a conversation in the model's chat template (chat.py), ending with the model's turn.
+        """The prompt ids of a conversation in the model's chat template (chat_templates/), ending with the model's turn.
 
         `tools` (OpenAI function declarations) are rendered natively by Gemma 4's template and in Google's prompt
-        format for Gemma 1/2/3 (tools.py); `thinking` is a Gemma 4 template option.
+        format for Gemma 1/2/3 (tool_calls/gemma3_json.py); `thinking` is a Gemma 4 template option.
         """
         return self._tool_plan(tools, tool_choice, parallel_tool_calls, thinking).encode(self.tokenizer, messages)
 

@@ -103,7 +103,7 @@ class GemmakitLM(TemplateLM):
         return self.tok.decode(ids)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The model's own chat template (chat.py), rendered as text with <bos> in front, as transformers does.
+        """The model's own chat template (chat_templates/), rendered as text with <bos> in front, as transformers does.
         Without a generation prompt, a final assistant message stays open for the model to continue (what
         lm-eval asks for; HFLM's continue_final_message)."""
         family = chat_template.template_for(self.tok)

@@ -1,4 +1,4 @@
-"""Responsible use: a policy classifier (ShieldGemma method) and SynthID-Text watermarking with a detector."""
+"""Responsible use: a policy classifier (ShieldGemma method). SynthID-Text watermarking is gemmakit.watermark."""
 
 from .guard import Guard, GuardResult
 from .policies import BUILTIN, Policy, load_policies

@@ -3,8 +3,8 @@ constraint, and the model's reply turned back into OpenAI's message, tool_calls 
 
 - `response_format` {"type": "json_object"} constrains the reply to a JSON object; {"type": "json_schema",
   "json_schema": {"name", "schema", "strict"}} to the schema (always enforced, whatever `strict` says).
-- `tools`, `tool_choice` and `parallel_tool_calls` go through tool_calls.py, the plan Model.chat uses too: the prompt
-  (Gemma 4's native function-calling tokens; Gemma 1/2/3 the documented prompt format of tools.py), the grammar of
+- `tools`, `tool_choice` and `parallel_tool_calls` go through tool_calls/, the plan Model.chat uses too: the prompt
+  (Gemma 4's native function-calling tokens; Gemma 1/2/3 the documented prompt format of tool_calls/gemma3_json.py), the grammar of
   the calls (each function's JSON Schema), and a reader of the reply. "none" leaves the reply free text.
 - The reply is read as it is generated (Gemma 4's from its token ids, since text drops control tokens): streamed,
   each call goes out as OpenAI does, a delta with its id, type and name, then its arguments' JSON text piece by

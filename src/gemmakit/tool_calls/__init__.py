@@ -1,8 +1,8 @@
 """Tool calling for every generation, one plan shared by `Model.chat` and the server: how a request's tools and
 tool_choice become a prompt, a constraint and a reader of the reply.
 
-- Gemma 1/2/3 (tools.py): tools in Google's documented prompt format; calls are JSON, constrained by a JSON Schema
-  ("required", a named function) or a Lark grammar of "a call or text" ("auto"); read by tools.JsonCallReader.
+- Gemma 1/2/3 (gemma3_json.py): tools in Google's documented prompt format; calls are JSON, constrained by a JSON Schema
+  ("required", a named function) or a Lark grammar of "a call or text" ("auto"); read by gemma3_json.JsonCallReader.
 - Gemma 4 (gemma4.py): declarations, calls and results in its own template; calls in its native syntax,
   constrained by a Lark grammar built from each function's JSON Schema, generation stopping at <|tool_response>
   (a stop token of every Gemma 4 generation, see generate.stop_ids); read from token ids by gemma4.CallReader.
@@ -11,7 +11,7 @@ tool_choice become a prompt, a constraint and a reader of the reply.
 
 OpenAI's tool_choice: "auto" (the default) lets the model answer or call, "required" makes it call, and
 {"type": "function", "function": {"name": ...}} makes it call that function; parallel_tool_calls (default true)
-allows up to tools.MAX_CALLS calls in one reply.
+allows up to gemma3_json.MAX_CALLS calls in one reply.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .gemma3_json import ReplyDelta, ToolCall
 
 
 class ReplyReader(Protocol):
-    """Turns a reply into ReplyDeltas as it is generated (tools.JsonCallReader, gemma4.CallReader)."""
+    """Turns a reply into ReplyDeltas as it is generated (gemma3_json.JsonCallReader, gemma4.CallReader)."""
 
     def feed(self, text: str, ids: Sequence[int]) -> list[ReplyDelta]: ...
 
@@ -47,7 +47,7 @@ class ToolPlan:
 
     family: str  # the chat template: "gemma4" or "gemma3" (Gemma 1/2/3)
     mode: str = "none"
-    tools: list[dict[str, Any]] = field(default_factory=list)  # tools.checked_tools' shape: what a call may use
+    tools: list[dict[str, Any]] = field(default_factory=list)  # gemma3_json.checked_tools' shape: what a call may use
     declared: list[Mapping[str, Any]] | None = None  # OpenAI tools as given (Gemma 4's declarations)
     parallel: bool = True
     thinking: bool = False

@@ -7,7 +7,7 @@ functions' JSON definitions come before the user's request, and the model answer
 results we follow Google's agentic guide (https://ai.google.dev/gemma/docs/meme-generator, "Gemma is expecting
 to get its result back wrapped with ```tool_output```"): each result goes back as a user turn in a ```tool_output
 fence. Parallel calls are a JSON list of such calls. Gemma 4 has native function-calling tokens; its template is
-chat_gemma4.py (tools rendered there, not here).
+chat_templates/gemma4.py (tools rendered there, not here).
 
 Nothing here trusts the model: when a call is required, the output is constrained (grammar.py) to the schema
 `call_schema()` builds, so the name is one of the tools and the parameters validate against that tool's schema.

@@ -1,7 +1,7 @@
 """Gemma 4's native function calls: the grammar that constrains them, and the reader that turns them into OpenAI
 tool calls as they are generated.
 
-The official chat template (chat_gemma4.py) writes a model's calls as
+The official chat template (chat_templates/gemma4.py) writes a model's calls as
 
     <|tool_call>call:NAME{key:value,...}<tool_call|>[<|tool_call>...<tool_call|>]<|tool_response>
 
@@ -272,7 +272,7 @@ def _lark_str(s: str) -> str:
 
 def call_grammar(tools: Sequence[Mapping[str, Any]], markers: Markers, *, required: bool, parallel: bool,
                  thinking: bool) -> str:
-    """Lark (llguidance) for a Gemma 4 reply to a request with `tools` (tools.checked_tools' shape): a call, or
+    """Lark (llguidance) for a Gemma 4 reply to a request with `tools` (gemma3_json.checked_tools' shape): a call, or
     `parallel` calls (up to MAX_CALLS), of those tools followed by <|tool_response>; unless `required`, plain text
     instead, or text and then calls. With `thinking`, a thought channel may come first."""
     lines, names = [], []
@@ -396,7 +396,7 @@ def _scalar(text: str) -> str:
 
 class CallReader:
     """Reads a Gemma 4 reply from its token ids as it is generated: reasoning (<|channel>thought\\n...<channel|>),
-    content, and <|tool_call>call:NAME{...}<tool_call|> calls, as ReplyDeltas (tools.py). Every call's first
+    content, and <|tool_call>call:NAME{...}<tool_call|> calls, as ReplyDeltas (gemma3_json.py). Every call's first
     delta (id, name) goes out when its name is complete, then its arguments as JSON text, piece by piece."""
 
     def __init__(self, tokenizer: Any, markers: Markers) -> None:

@@ -1,1 +1,3 @@
-"""Fine-tuning: JSONL data with loss masks, LoRA/QLoRA training on one process or many (torchrun), benchmarks."""
+"""Fine-tuning: JSONL data with loss masks, LoRA/QLoRA training on one process or many (torchrun), checkpoints.
+
+Its benchmark lives in bench/finetune.py."""

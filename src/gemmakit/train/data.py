@@ -3,11 +3,11 @@
 One JSON object per line:
   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  loss on assistant turns only
     (optionally "tools": OpenAI function declarations, with assistant "tool_calls" and "tool" results in the
-    messages, rendered as at inference: Gemma 4's native tokens, Gemma 1/2/3's prompt format of tools.py)
+    messages, rendered as at inference: Gemma 4's native tokens, Gemma 1/2/3's prompt format of tool_calls/gemma3_json.py)
   {"prompt": "...", "completion": "..."}                                      loss on the completion (+ <eos>)
   {"text": "..."}                                                             loss on every token (+ <eos>)
 
-Chat rendering follows the Gemma chat templates exactly (spec §5.7; turns from chat.py): `<bos>`, then per turn
+Chat rendering follows the Gemma chat templates exactly (spec §5.7; turns from chat_templates/): `<bos>`, then per turn
 `<start_of_turn>{user|model}\\n{content.strip()}<end_of_turn>\\n`, a Gemma 3 system prompt folded into the first user
 turn as `{system}\\n\\n`, Gemma 1/2 refusing system turns. A Gemma 4 tokenizer (one with `<|turn>`) gets Gemma 4's
 official template instead (chat_gemma4.segments: native system turn, `<|turn>{role}\\n...<turn|>\\n`). Turn markers
@@ -75,7 +75,7 @@ class ChatFormat:
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                parallel: bool = True) -> tuple[list[int], list[bool]]:
         """(ids, train flags) for a conversation; turn validation and text are chat.turns' (the one template).
-        Tools, calls and results become plain turns as the server renders them (tools.plain_messages): the
+        Tools, calls and results become plain turns as the server renders them (gemma3_json.plain_messages): the
         assistant's JSON calls are trained, the tool results (user turns) are not."""
         if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages if isinstance(m, dict)):
             messages = plain_messages(messages, checked_tools(tools) if tools else None, parallel)

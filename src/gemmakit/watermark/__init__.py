@@ -1,4 +1,4 @@
-"""gemmakit.watermark: SynthID-Text in one namespace (the code lives in safety/watermark.py and safety/detect.py).
+"""gemmakit.watermark: SynthID-Text in one namespace (the code lives in synthid.py and detector.py).
 
     keys = gemmakit.watermark.WatermarkConfig.generate()          # or WatermarkConfig.load("keys.json")
     text = model.generate(prompt, 64, temperature=0.8, logits_processors=gemmakit.watermark.Watermark(keys)).text
