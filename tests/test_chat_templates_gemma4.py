@@ -16,7 +16,7 @@ import pytest
 from gemma4_tokenizer import TEMPLATE, TEMPLATE_MD5, gemma4_hf_tokenizer, gemma4_tokenizer
 from gemmakit import GemmaError
 from gemmakit import chat_templates as ct
-from gemmakit.chat_templates.gemma4 import ReasoningSplitter
+from gemmakit.chat_templates.reasoning import ReasoningSplitter
 from gemmakit.generate import TextRow
 from gemmakit.tokenizer import StreamDecoder
 

@@ -14,6 +14,7 @@ from gemmakit import GemmaError
 from gemmakit import chat_templates as ct
 from gemmakit.grammar import GrammarProcessor, compile_grammar, engine_tokenizer, token_bytes
 from gemmakit.tool_calls import gemma3_json as tf
+from gemmakit.tool_calls.calls import checked_tools, chosen
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ TOOLS = [{"type": "function", "function": {
 
 
 def test_tool_prompt_follows_googles_format():
-    tools = tf.checked_tools(TOOLS)
+    tools = checked_tools(TOOLS)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},
             {"role": "assistant", "content": None, "tool_calls": [
                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
@@ -134,8 +135,8 @@ def test_tool_prompt_follows_googles_format():
 
 
 def test_call_schema_and_parsing():
-    tools = tf.checked_tools([*TOOLS, {"type": "function", "function": {"name": "now"}}])
-    mode, only = tf.chosen(tools, {"type": "function", "function": {"name": "now"}})
+    tools = checked_tools([*TOOLS, {"type": "function", "function": {"name": "now"}}])
+    mode, only = chosen(tools, {"type": "function", "function": {"name": "now"}})
     assert mode == "required" and [t["name"] for t in only] == ["now"]
     schema = tf.call_schema(tools, parallel=True)
     jsonschema.validate([{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}], schema)
@@ -150,9 +151,9 @@ def test_call_schema_and_parsing():
                 [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                                                                               "properties": {"a": {"type": 3}}}}}]):
         with pytest.raises(GemmaError):
-            tf.checked_tools(bad)
+            checked_tools(bad)
     with pytest.raises(GemmaError):
-        tf.chosen(tools, {"type": "function", "function": {"name": "missing"}})
+        chosen(tools, {"type": "function", "function": {"name": "missing"}})
 
 
 class Pet(BaseModel):

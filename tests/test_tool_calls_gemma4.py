@@ -14,8 +14,8 @@ from gemmakit import GemmaError, tool_calls
 from gemmakit.chat_templates import gemma4 as chat_gemma4
 from gemmakit.generate import stop_ids
 from gemmakit.grammar import compile_grammar, engine_tokenizer
-from gemmakit.tool_calls import gemma3_json as tf
 from gemmakit.tool_calls import gemma4 as t4
+from gemmakit.tool_calls.calls import checked_tools
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": {
     "type": "object", "required": ["city"], "properties": {
@@ -60,7 +60,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def grammar(tok):
-    tools = tf.checked_tools([WEATHER, NOW, PET])
+    tools = checked_tools([WEATHER, NOW, PET])
     lark = t4.call_grammar(tools, t4.Markers.of(tok), required=False, parallel=True, thinking=True)
     return compile_grammar(lark=lark), engine_tokenizer(tok, tok.vocab_size, [1, 106])
 
@@ -126,7 +126,7 @@ def test_grammar_shapes(tok, grammar):
         ids = [48, *tok.encode(f"call:get_weather{{Alpha:{number},city:", bos=False), 52, 52,
                *tok.encode("}", bos=False), 49, 50]
         assert accepts(grammar, ids) == ok, number  # numbers as str() writes them, so they come back unchanged
-    tools = tf.checked_tools([WEATHER, NOW])
+    tools = checked_tools([WEATHER, NOW])
     markers = t4.Markers.of(tok)
     engine = grammar[1]
     single = compile_grammar(lark=t4.call_grammar(tools, markers, required=True, parallel=False, thinking=False))

@@ -11,6 +11,7 @@ from finetune_helpers import write_jsonl
 from gemma4_tokenizer import gemma4_tokenizer
 from gemmakit import chat_templates as ct
 from gemmakit.tool_calls import gemma3_json as tf
+from gemmakit.tool_calls.calls import checked_tools
 from gemmakit.train.data import chat_format, load_jsonl
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {
@@ -38,7 +39,7 @@ def test_gemma4_chat_with_tools_in_the_native_format():
 def test_gemma3_chat_with_tools_in_googles_prompt_format(embedded_model, tmp_path):
     tok = embedded_model.tokenizer
     ids, train = chat_format(tok, "gemma3").render(MESSAGES, TOOLS)
-    plain = tf.plain_messages(MESSAGES, tf.checked_tools(TOOLS), True)
+    plain = tf.plain_messages(MESSAGES, checked_tools(TOOLS), True)
     assert ids == ct.encode(tok, plain, add_generation_prompt=False)
     assert trained(tok, ids, train) == ('[{"name": "get_weather", "parameters": {"city": "Oslo"}}]<end_of_turn>'
                                         "3 degrees.<end_of_turn>Bye.<end_of_turn>")

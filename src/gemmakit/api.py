@@ -18,7 +18,7 @@ from .grammar import Grammar, GrammarProcessor, compile_grammar, engine_tokenize
 from .model import Gemma
 from .sampling import LogitsProcessor, SamplingParams
 from .tokenizer import Tokenizer
-from .tool_calls.gemma3_json import CallDelta, ToolCall
+from .tool_calls.calls import CallDelta, ToolCall
 
 Prompt = str | Sequence[int]
 Messages = Sequence[chat_template.Message]

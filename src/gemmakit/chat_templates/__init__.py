@@ -1,14 +1,8 @@
 """Gemma chat turns: the official templates per generation, rendered and tokenized (spec §5.7). No torch here.
 
-Gemma 4 has its own turn format, with a system role, a thinking mode and function calling (gemma4.py); the
-template is chosen by the tokenizer (`template_for`), as a checkpoint's chat template ships with its tokenizer.
-Gemma 1, 2 and 3 use the same turn format:
-
-    <bos><start_of_turn>user\\n{content}<end_of_turn>\\n<start_of_turn>model\\n{content}<end_of_turn>\\n...
-
-Gemma 3's template has no system turn either: it prepends the system text (untrimmed) + "\\n\\n" to the first user
-turn. Gemma 1/2's official template rejects a system message outright; since OpenAI clients nearly always send
-one, we fold it into the first user turn exactly as Gemma 3 does instead of failing.
+One file per turn format: gemma3.py (Gemma 1, 2 and 3 share one) and gemma4.py (a system role, a thinking mode and
+function calling; its reasoning is split from the reply by reasoning.py). The template is chosen by the tokenizer
+(`template_for`), as a checkpoint's chat template ships with its tokenizer.
 
 Token ids are built so that message text cannot forge control tokens: only the template's own markers
 (<bos>, <start_of_turn>, <end_of_turn>) become control ids; everything else is tokenized as plain text. Between
@@ -22,93 +16,19 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..errors import GemmaError
-from . import gemma4
+from . import gemma3, gemma4
+from .gemma3 import END, turns
+from .messages import SYSTEM_ROLES, Message, content_text
+from .reasoning import ReasoningSplitter, reasoning_splitter
+
+__all__ = ["END", "FAMILIES", "SYSTEM_ROLES", "Message", "ReasoningSplitter", "TextTokenizer", "content_text",
+           "encode", "fit", "reasoning_splitter", "render", "segments", "template_for", "turns"]
 
 FAMILIES = ("gemma", "gemma2", "gemma3", "gemma4")  # template names: Gemma 1/2/3 share one
-SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer clients call the system message "developer"
-BOS, START, END = "<bos>", "<start_of_turn>", "<end_of_turn>"
-
-Message = Mapping[str, Any]
 
 
 class TextTokenizer(Protocol):
     def encode(self, text: str, *, bos: bool = True, special: bool = False) -> list[int]: ...
-
-
-def content_text(content: Any, *, where: str) -> str:
-    """The text of a message's content: a string, or OpenAI content parts [{"type": "text", "text": ...}].
-
-    Parts are trimmed one by one and joined, as Gemma 3's template does; images are refused (text models only).
-    """
-    if isinstance(content, str):
-        return content.strip()
-    if isinstance(content, Sequence) and not isinstance(content, bytes | bytearray):
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, Mapping) or "type" not in part:
-                raise GemmaError(f"{where}.content[{i}] must be an object with a 'type'")
-            if part["type"] != "text":
-                raise GemmaError(
-                    f"{where}.content[{i}] has type {part['type']!r}; gemmakit serves text-only "
-                    "models, so only 'text' parts are accepted"
-                )
-            if not isinstance(part.get("text"), str):
-                raise GemmaError(f"{where}.content[{i}].text must be a string")
-            texts.append(part["text"].strip())
-        return "".join(texts)
-    raise GemmaError(
-        f"{where}.content must be a string or a list of text parts, got {type(content).__name__}"
-    )
-
-
-def _system_text(content: Any, where: str) -> str:
-    """System text goes in untrimmed (Gemma 3 template); from parts, their texts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence) and not isinstance(content, bytes | bytearray):
-        content_text(content, where=where)  # validates the parts
-        return "".join(part["text"] for part in content)
-    raise GemmaError(
-        f"{where}.content must be a string or a list of text parts, got {type(content).__name__}"
-    )
-
-
-def turns(messages: Sequence[Message]) -> list[tuple[str, str]]:
-    """(role, text) per turn, role "user" or "model", the system text folded into the first user turn.
-
-    Roles must alternate user/assistant starting with user, as every Gemma template demands.
-    """
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise GemmaError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise GemmaError(f"messages[{i}] must be an object with 'role' and 'content'")
-    prefix, start = "", 0
-    if messages[0]["role"] in SYSTEM_ROLES:
-        prefix, start = _system_text(messages[0]["content"], "messages[0]") + "\n\n", 1
-    out: list[tuple[str, str]] = []
-    for i, m in enumerate(messages[start:], start):
-        role = m["role"]
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if role in SYSTEM_ROLES:
-            raise GemmaError(
-                f"messages[{i}] is a {role} message; Gemma has no system turn, so only the first "
-                "message may be one (it is folded into the first user turn)"
-            )
-        if role not in ("user", "assistant"):
-            raise GemmaError(f"messages[{i}] has role {role!r}; Gemma chat takes system, user and assistant")
-        if role != expected:
-            raise GemmaError(
-                f"messages[{i}] has role {role!r} but {expected!r} was expected: conversation roles "
-                "must alternate user/assistant/user/assistant/..."
-            )
-        text = content_text(m["content"], where=f"messages[{i}]")
-        if not out:
-            text = prefix + text
-        out.append(("model" if role == "assistant" else "user", text))
-    if not out:
-        raise GemmaError("the conversation needs at least one user message")
-    return out
 
 
 def template_for(tokenizer: Any) -> str:
@@ -136,12 +56,7 @@ def segments(
         raise GemmaError(f"tool declarations need Gemma 4's chat template; the {family} template has none")
     if thinking:
         raise GemmaError(f"thinking is a Gemma 4 template option; the {family} template has no thinking mode")
-    out: list[tuple[str, bool]] = [(BOS, True)]
-    for role, text in turns(messages):
-        out += [(START, True), (f"{role}\n{text}", False), (END, True), ("\n", False)]
-    if add_generation_prompt:
-        out += [(START, True), ("model\n", False)]
-    return out
+    return gemma3.segments(messages, add_generation_prompt=add_generation_prompt)
 
 
 def render(
@@ -177,14 +92,6 @@ def encode(
                              "use the tokenizer that came with the model")
         ids += piece
     return ids
-
-
-def reasoning_splitter(tokenizer: Any) -> gemma4.ReasoningSplitter | None:
-    """A splitter of generated text into reasoning and reply for a Gemma 4 tokenizer; None for other tokenizers."""
-    token_id = getattr(tokenizer, "token_id", None)
-    start = token_id(gemma4.CHANNEL) if token_id is not None else None
-    end = token_id(gemma4.CHANNEL_END) if token_id is not None else None
-    return gemma4.ReasoningSplitter(start, end) if start is not None and end is not None else None
 
 
 def fit(

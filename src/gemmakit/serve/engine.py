@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..api import Model
 from ..chat_templates import reasoning_splitter
-from ..chat_templates.gemma4 import ReasoningSplitter
+from ..chat_templates.reasoning import ReasoningSplitter
 from ..errors import GemmaError
 from ..generate import TextRow, check_prompt, stop_ids
 from ..model import KVCache

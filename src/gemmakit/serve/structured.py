@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import tool_calls
 from ..errors import GemmaError
-from ..tool_calls.gemma3_json import ReplyDelta
+from ..tool_calls.calls import ReplyDelta
 from . import schemas
 
 

@@ -11,7 +11,7 @@ tool_choice become a prompt, a constraint and a reader of the reply.
 
 OpenAI's tool_choice: "auto" (the default) lets the model answer or call, "required" makes it call, and
 {"type": "function", "function": {"name": ...}} makes it call that function; parallel_tool_calls (default true)
-allows up to gemma3_json.MAX_CALLS calls in one reply.
+allows up to calls.MAX_CALLS calls in one reply.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .. import chat_templates
 from ..errors import GemmaError
 from ..sampling import LogitsProcessor
 from . import gemma3_json, gemma4
-from .gemma3_json import ReplyDelta, ToolCall
+from .calls import ReplyDelta, ToolCall, checked_tools, chosen
 
 
 class ReplyReader(Protocol):
@@ -47,7 +47,7 @@ class ToolPlan:
 
     family: str  # the chat template: "gemma4" or "gemma3" (Gemma 1/2/3)
     mode: str = "none"
-    tools: list[dict[str, Any]] = field(default_factory=list)  # gemma3_json.checked_tools' shape: what a call may use
+    tools: list[dict[str, Any]] = field(default_factory=list)  # calls.checked_tools' shape: what a call may use
     declared: list[Mapping[str, Any]] | None = None  # OpenAI tools as given (Gemma 4's declarations)
     parallel: bool = True
     thinking: bool = False
@@ -100,8 +100,8 @@ def plan(tokenizer: Any, tools: Sequence[Mapping[str, Any]] | None, tool_choice:
         if tool_choice not in (None, "none", "auto"):
             raise GemmaError("tool_choice needs 'tools' to choose from")
         return ToolPlan(family, thinking=thinking)
-    checked = gemma3_json.checked_tools(tools)
-    mode, usable = gemma3_json.chosen(checked, tool_choice)
+    checked = checked_tools(tools)
+    mode, usable = chosen(checked, tool_choice)
     out = ToolPlan(family, mode, usable, list(tools) if family == "gemma4" else None, parallel, thinking)
     if family == "gemma4":
         out.constraint(tokenizer)  # a schema Gemma 4's argument grammar cannot express: GemmaError now

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..chat_templates import gemma4 as g4
+from ..chat_templates.reasoning import unlabel
 from ..errors import GemmaError
-from .gemma3_json import MAX_CALLS, CallLog, ReplyDelta, ToolCall, merged
+from .calls import MAX_CALLS, CallLog, ReplyDelta, ToolCall, merged
 
 INT = r"0|-?[1-9][0-9]{0,18}"
 FRACTION = r"\.(0|[0-9]{0,14}[1-9])"
@@ -272,7 +273,7 @@ def _lark_str(s: str) -> str:
 
 def call_grammar(tools: Sequence[Mapping[str, Any]], markers: Markers, *, required: bool, parallel: bool,
                  thinking: bool) -> str:
-    """Lark (llguidance) for a Gemma 4 reply to a request with `tools` (gemma3_json.checked_tools' shape): a call, or
+    """Lark (llguidance) for a Gemma 4 reply to a request with `tools` (calls.checked_tools' shape): a call, or
     `parallel` calls (up to MAX_CALLS), of those tools followed by <|tool_response>; unless `required`, plain text
     instead, or text and then calls. With `thinking`, a thought channel may come first."""
     lines, names = [], []
@@ -396,7 +397,7 @@ def _scalar(text: str) -> str:
 
 class CallReader:
     """Reads a Gemma 4 reply from its token ids as it is generated: reasoning (<|channel>thought\\n...<channel|>),
-    content, and <|tool_call>call:NAME{...}<tool_call|> calls, as ReplyDeltas (gemma3_json.py). Every call's first
+    content, and <|tool_call>call:NAME{...}<tool_call|> calls, as ReplyDeltas (calls.py). Every call's first
     delta (id, name) goes out when its name is complete, then its arguments as JSON text, piece by piece."""
 
     def __init__(self, tokenizer: Any, markers: Markers) -> None:
@@ -456,7 +457,7 @@ class CallReader:
         if self.mode == "content":
             out.append(ReplyDelta(content=piece))
         elif self.mode == "reasoning":
-            self.label, piece = g4.unlabel(self.label, piece)
+            self.label, piece = unlabel(self.label, piece)
             out.append(ReplyDelta(reasoning=piece))
         elif self.args is not None:
             out.append(self.log.add(self.args.text(piece)))

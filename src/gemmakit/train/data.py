@@ -31,7 +31,8 @@ from ..chat_templates import SYSTEM_ROLES, template_for, turns
 from ..chat_templates import gemma4 as chat_gemma4
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
-from ..tool_calls.gemma3_json import checked_tools, plain_messages
+from ..tool_calls.calls import checked_tools
+from ..tool_calls.gemma3_json import plain_messages
 
 
 @dataclass
