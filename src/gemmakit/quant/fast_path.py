@@ -8,8 +8,10 @@ the reference path.
 
 Gemma 4 runs its PyTorch layers (per-layer embeddings, shared KV, experts) with these products: every matrix,
 including the packed per-layer embedding table (a row lookup) and each expert's slice of the 3-D expert tensors
-(quant/experts.py: a token reads only its routed experts' blocks). The one-call native decode step (quant/fused.py)
-covers Gemma 1, 2 and 3 only.
+(quant/experts.py: a token reads only its routed experts' blocks). Gemma 3n likewise: every matrix, including each
+of the AltUp stream projections (one stacked tensor in the file, sliced per stream like the experts), the router
+and LAuReL factors where their rows are whole units. The one-call native decode step (quant/fused.py) covers
+Gemma 1, 2 and 3 only.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..model import Gemma, RMSNorm
 from ..moe import Experts
 from ..weights.gguf import GGMLQuantizationType as QT
 from ..weights.gguf import GGUFFile, hf_name, hf_tensor
-from ..weights.names import ROPE_FREQS
+from ..weights.names import ROPE_FREQS, STACKED, split_stacked, unused_shared_kv
 from . import kernels
 from .experts import expert_slices, swap_in_experts
 from .fused import attach as attach_fused_decode
@@ -71,11 +73,16 @@ def load_gguf_fast(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progres
         if cfg.family == "gemma4" and name == ROPE_FREQS:
             continue  # a RoPE mask, read into the config (partial_rotary_factor), not a weight
         hf = hf_name(g, name, cfg.family)
+        if cfg.family == "gemma3n" and unused_shared_kv(hf, cfg.first_kv_shared_layer):
+            continue
         if not _is_matrix(name, t.shape) or _ragged_experts(g, name):
             floats[name] = hf
             continue
         raw, qtype = _blocks(g, name, converted)
-        if len(t.shape) == 3:  # experts [E, rows, cols]: expert e's matrix starts at byte e * rows * row_bytes
+        if hf.removesuffix(".weight") in STACKED:  # Gemma 3n's AltUp projections [S-1, D, D]: one matrix per stream
+            stem = hf.removesuffix(".weight")
+            weights.update({f"{stem}.{i}.weight": w for i, w in enumerate(expert_slices(raw, qtype, *t.shape))})
+        elif len(t.shape) == 3:  # experts [E, rows, cols]: expert e's matrix starts at byte e * rows * row_bytes
             parent, _, kind = hf.rpartition(".")
             experts.setdefault(parent, {})[kind] = expert_slices(raw, qtype, *t.shape)
         else:
@@ -88,7 +95,7 @@ def load_gguf_fast(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progres
         module = Gemma(cfg)
     swap_in(module, weights)
     swap_in_experts(module, {k: (v["gate_up_proj"], v["down_proj"]) for k, v in experts.items()})
-    state = {hf: hf_tensor(g, name).to(dtype) for name, hf in floats.items()}
+    state = dict(pair for name, hf in floats.items() for pair in split_stacked(hf, hf_tensor(g, name).to(dtype)))
     missing = set(module.state_dict()) - set(state)
     if missing:
         raise ValueError(f"{g.path}: no tensor for {sorted(missing)[0]}")

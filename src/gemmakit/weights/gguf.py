@@ -24,7 +24,7 @@ from ..config import FAMILIES, GLOBAL, SLIDING, GemmaConfig, default_layer_types
 from ..disk_cache import cache_dir, prune
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
-from .names import ROPE_FREQS, gguf_to_hf
+from .names import ROPE_FREQS, gguf_to_hf, split_stacked, unused_shared_kv
 
 MAGIC = b"GGUF"
 TOKENIZER_CACHE = "1"
@@ -228,6 +228,8 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
                          f"(GGUF architectures {', '.join(FAMILIES)})")
     if arch == "gemma4":
         return _gemma4_config(g)
+    if arch == "gemma3n":
+        return _gemma3n_config(g)
 
     def need(key: str) -> Any:
         value = g.arch_get(key)
@@ -308,6 +310,46 @@ def _gemma4_config(g: GGUFFile) -> GemmaConfig:
     )
 
 
+def _gemma3n_config(g: GGUFFile) -> GemmaConfig:
+    """GemmaConfig from llama.cpp's gemma3n metadata (convert_hf_to_gguf Gemma3NModel.set_gguf_parameters, src/models/
+    gemma3n.cpp). The LAuReL rank is read off the tensors (llama.cpp fixes it at 64); the coefficient clip (training
+    only) is not stored; llama.cpp always applies altup_correct_scale."""
+
+    def get(key: str, default: Any = None) -> Any:
+        value = g.arch_get(key, default)
+        if value is None:
+            raise GemmaError(f"{g.path} lacks the metadata key gemma3n.{key}; the file is incomplete: re-convert it")
+        return value
+
+    n, d = int(get("block_count")), int(get("embedding_length"))
+    swa = g.arch_get("attention.sliding_window_pattern")
+    types = tuple(SLIDING if s else GLOBAL for s in swa) if swa is not None else default_layer_types("gemma3n", n)
+    ff = get("feed_forward_length")
+    ff = [int(f) for f in ff] if isinstance(ff, np.ndarray | list) else [int(ff)] * n
+    scales = g.arch_get("activation_sparsity_scale")  # Normal(0, 1).icdf(sparsity) per layer; -inf = dense
+    if scales is None:  # older files: transformers' default, the first 10 of more than 10 layers at 0.95
+        sparsity = [0.95 if n > 10 and i < 10 else 0.0 for i in range(n)]
+    else:
+        cdf = torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(np.asarray(scales, dtype=np.float64)))
+        sparsity = [round(float(p), 6) for p in cdf]
+    heads = int(get("attention.head_count"))
+    return GemmaConfig(
+        family="gemma3n", hidden_size=d, intermediate_size=ff[0], intermediate_sizes=tuple(ff), num_hidden_layers=n,
+        num_attention_heads=heads, num_key_value_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", d // heads)), layer_types=types,
+        max_position_embeddings=int(g.arch_get("context_length", 32768)),
+        rope_theta=float(g.arch_get("rope.freq_base", 1e6)), rope_local_base_freq=float(g.arch_get("rope.freq_base_swa", 1e4)),
+        sliding_window=int(get("attention.sliding_window", 512)),
+        final_logit_softcapping=float(g.arch_get("final_logit_softcapping", 30.0)),
+        hidden_size_per_layer_input=int(get("embedding_length_per_layer_input")),
+        vocab_size_per_layer_input=g.tensors["per_layer_token_embd.weight"].shape[0],
+        num_kv_shared_layers=int(g.arch_get("attention.shared_kv_layers", 0)),
+        altup_num_inputs=int(get("altup.num_inputs", 4)), altup_active_idx=int(get("altup.active_idx", 0)),
+        altup_coef_clip=120.0, altup_correct_scale=True, laurel_rank=g.tensors["blk.0.laurel_l.weight"].shape[0],
+        activation_sparsity_pattern=tuple(sparsity), **_common_config_fields(g, "gemma3n"),
+    )
+
+
 def _rotary_fraction(g: GGUFFile, global_dim: int) -> float:
     """partial_rotary_factor from the rope_freqs tensor LCPP writes: [1.0] * rotated pairs + [1e30] * the rest."""
     if ROPE_FREQS not in g.tensors:
@@ -350,7 +392,7 @@ def hf_tensor(g: GGUFFile, name: str, dtype: torch.dtype = torch.float32) -> tor
     full-size float32 temporaries (the 270M's 262144 x 640 Q8_0 embedding: +2.1 GB peak RSS at once)."""
     if name.endswith("norm.weight") or len(g.tensors[name].shape) < 2:
         w = torch.from_numpy(g.dequantize(name).copy())
-        shifted = name.endswith("norm.weight") and g.architecture != "gemma4"  # Gemma 4 stores w itself (LCPP)
+        shifted = name.endswith("norm.weight") and g.architecture not in ("gemma3n", "gemma4")  # those store w
         return (w - 1.0 if shifted else w).to(dtype)
     shape = g.tensors[name].shape
     out = torch.empty(shape, dtype=dtype)
@@ -365,12 +407,16 @@ def state_dict_from_gguf(g: GGUFFile, family: str, on_tensor: Callable[[int, int
     """Every tensor dequantized under its HF name, cast to `dtype` one at a time: a bf16 load never holds the
     whole model in fp32 beside its bf16 copy (the 270M: peak RSS 2.39 GB before)."""
     out: dict[str, torch.Tensor] = {}
+    first_shared = int(g.arch_get("block_count", 0)) - int(g.arch_get("attention.shared_kv_layers", 0))
     for i, name in enumerate(g.tensors):
         if on_tensor is not None:
             on_tensor(i, len(g.tensors))
         if family == "gemma4" and name == ROPE_FREQS:
             continue  # a RoPE mask, read into the config (partial_rotary_factor), not a weight
-        out[hf_name(g, name, family)] = hf_tensor(g, name, dtype)
+        hf = hf_name(g, name, family)
+        if family == "gemma3n" and unused_shared_kv(hf, first_shared):
+            continue
+        out.update(split_stacked(hf, hf_tensor(g, name, dtype)))
     return out
 
 

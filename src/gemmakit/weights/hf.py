@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from ..config import GemmaConfig, from_hf
 from ..errors import GemmaError
+from .names import unused_shared_kv
 
 # Multimodal Gemma 3/4 nest the text decoder; old and new transformers spell the prefix differently (spec §4.1).
 _PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
@@ -137,4 +138,6 @@ def read_hf_state_dict(folder: Path, cfg: GemmaConfig, dtype: torch.dtype | None
             out[name] = t
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)  # tied: an explicit copy of the embedding, if saved
+    if cfg.family == "gemma3n":  # the Hub checkpoints keep k/v weights in the KV-shared layers, never used
+        out = {k: v for k, v in out.items() if not unused_shared_kv(k, cfg.first_kv_shared_layer)}
     return out

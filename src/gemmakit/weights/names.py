@@ -96,10 +96,86 @@ def _gemma4_hf_to_gguf(name: str) -> str:
     raise KeyError(name)
 
 
+# Gemma 3n: gguf-py's MODEL_TENSORS[MODEL_ARCH.GEMMA3N] named as llama.cpp's converter names them (convert_hf_to_gguf
+# Gemma3NModel: "*_scale" gets ".weight"; the AltUp stream projections are stacked into one [S-1, D, D] tensor, which
+# gemmakit reads under "model.altup_projections.weight" and splits, see split_stacked).
+_G3N_LAYER: dict[MODEL_TENSOR, str] = {
+    T.ATTN_NORM: "input_layernorm", T.ATTN_Q: "self_attn.q_proj", T.ATTN_K: "self_attn.k_proj",
+    T.ATTN_V: "self_attn.v_proj", T.ATTN_OUT: "self_attn.o_proj", T.ATTN_Q_NORM: "self_attn.q_norm",
+    T.ATTN_K_NORM: "self_attn.k_norm", T.ATTN_POST_NORM: "post_attention_layernorm",
+    T.FFN_PRE_NORM: "pre_feedforward_layernorm", T.FFN_POST_NORM: "post_feedforward_layernorm",
+    T.FFN_GATE: "mlp.gate_proj", T.FFN_UP: "mlp.up_proj", T.FFN_DOWN: "mlp.down_proj",
+    T.PER_LAYER_INP_GATE: "per_layer_input_gate", T.PER_LAYER_PROJ: "per_layer_projection",
+    T.PER_LAYER_POST_NORM: "post_per_layer_input_norm", T.ALTUP_CORRECT_COEF: "altup.correction_coefs",
+    T.ALTUP_CORRECT_SCALE: "altup.correct_output_scale", T.ALTUP_PREDICT_COEF: "altup.prediction_coefs",
+    T.ALTUP_ROUTER: "altup.modality_router", T.ALTUP_ROUTER_NORM: "altup.router_norm",
+    T.LAUREL_L: "laurel.linear_left", T.LAUREL_R: "laurel.linear_right", T.LAUREL_POST_NORM: "laurel.post_laurel_norm",
+}
+_G3N_TOP: dict[MODEL_TENSOR, str] = {
+    T.TOKEN_EMBD: "model.embed_tokens", T.OUTPUT_NORM: "model.norm", T.OUTPUT: "lm_head",
+    T.PER_LAYER_TOKEN_EMBD: "model.embed_tokens_per_layer", T.PER_LAYER_MODEL_PROJ: "model.per_layer_model_projection",
+    T.PER_LAYER_PROJ_NORM: "model.per_layer_projection_norm", T.ALTUP_PROJ: "model.altup_projections",
+    T.ALTUP_UNEMBD_PROJ: "model.altup_unembed_projections",
+}
+assert set(_G3N_LAYER) | set(_G3N_TOP) == set(MODEL_TENSORS[MODEL_ARCH.GEMMA3N])
+
+
+def _hf_leaf(hf: str) -> str:
+    """correct_output_scale is a bare parameter in transformers; every other tensor is a module's .weight."""
+    return hf if hf.endswith("correct_output_scale") else f"{hf}.weight"
+
+
+_G3N_FROM_GGUF = {f"{TENSOR_NAMES[t].removeprefix('blk.{bid}.')}.weight": _hf_leaf(hf) for t, hf in _G3N_LAYER.items()}
+_G3N_TOP_FROM_GGUF = {f"{TENSOR_NAMES[t]}.weight": f"{hf}.weight" for t, hf in _G3N_TOP.items()}
+STACKED = ("model.altup_projections", "model.altup_unembed_projections")  # one GGUF tensor, S-1 HF matrices
+
+
+def split_stacked(name: str, t):
+    """[(HF name, tensor)] for a tensor read under its HF name: the stacked AltUp projections split into theirs."""
+    stem = name.removesuffix(".weight")
+    if stem not in STACKED:
+        return [(name, t)]
+    return [(f"{stem}.{i}.weight", t[i]) for i in range(t.shape[0])]
+
+
+def stack_streams(state: dict) -> dict:
+    """The inverse for writers: the AltUp projections stacked under "model.altup_projections.weight" etc."""
+    import torch
+
+    out = {k: v for k, v in state.items() if not k.startswith(tuple(f"{s}." for s in STACKED))}
+    for stem in STACKED:
+        parts = sorted((int(k[len(stem) + 1:].split(".")[0]), v) for k, v in state.items() if k.startswith(f"{stem}."))
+        if parts:
+            out[f"{stem}.weight"] = torch.stack([v for _, v in parts])
+    return out
+
+
+def _table_gguf_to_hf(name: str, top: dict[str, str], layer: dict[str, str]) -> str | None:
+    if name in top:
+        return top[name]
+    m = re.match(r"^blk\.(\d+)\.(.+)$", name)
+    hf = layer.get(m.group(2)) if m else None
+    return None if hf is None else f"model.layers.{m.group(1)}.{hf}"
+
+
+def _table_hf_to_gguf(name: str, top: dict[str, str], layer: dict[str, str]) -> str:
+    for gguf_name, hf in top.items():
+        if name == hf:
+            return gguf_name
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
+    if m:
+        for gguf_suffix, hf in layer.items():
+            if hf == m.group(2):
+                return f"blk.{m.group(1)}.{gguf_suffix}"
+    raise KeyError(name)
+
+
 def gguf_to_hf(name: str, family: str) -> str | None:
     """HF name for a GGUF tensor name, or None if the name is not part of a Gemma text decoder."""
     if family == "gemma4":
         return _gemma4_gguf_to_hf(name)
+    if family == "gemma3n":
+        return _table_gguf_to_hf(name, _G3N_TOP_FROM_GGUF, _G3N_FROM_GGUF)
     stem, _, kind = name.rpartition(".")
     if stem in _GGUF_TOP:
         return f"{_GGUF_TOP[stem]}.{kind}"
@@ -115,9 +191,11 @@ def gguf_to_hf(name: str, family: str) -> str | None:
 
 
 def hf_to_gguf(name: str, family: str) -> str:
-    """Inverse of gguf_to_hf, for writers."""
+    """Inverse of gguf_to_hf, for writers (Gemma 3n's AltUp projections: stacked first, see stack_streams)."""
     if family == "gemma4":
         return _gemma4_hf_to_gguf(name)
+    if family == "gemma3n":
+        return _table_hf_to_gguf(name, _G3N_TOP_FROM_GGUF, _G3N_FROM_GGUF)
     for stem, hf in _GGUF_TOP.items():
         if name == f"{hf}.weight":
             return f"{stem}.weight"
@@ -142,3 +220,14 @@ def ckpt_to_hf(name: str) -> str:
     for old, new in _CKPT_PARTS.items():
         name = name.replace(old, new)
     return name
+
+
+_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)(\.weight)?$")
+
+
+def unused_shared_kv(name: str, first_shared: int) -> bool:
+    """A key/value weight of a KV-shared layer (index >= first_shared). Gemma 3n checkpoints on the Hub and the GGUF
+    files llama.cpp writes carry them, but those layers read their source layer's keys and values: transformers
+    ignores them on load (Gemma3nTextModel._keys_to_ignore_on_load_unexpected) and so does gemmakit."""
+    m = _KV.match(name)
+    return m is not None and int(m.group(1)) >= first_shared

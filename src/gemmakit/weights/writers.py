@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from ..config import SLIDING, GemmaConfig
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
-from .names import ROPE_FREQS, hf_to_gguf
+from .names import ROPE_FREQS, hf_to_gguf, stack_streams
 
 GGUF_TYPES = {
     "f32": GGMLQuantizationType.F32,
@@ -73,6 +74,7 @@ def _float_state(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, 
 
 def _known(name: str, family: str) -> bool:
     """A tensor of the plain model (one GGUF can name), not a quantized layer's blocks or scales."""
+    name = re.sub(r"^(model\.altup_(?:unembed_)?projections)\.\d+\.weight$", r"\1.weight", name)  # Gemma 3n streams
     try:
         hf_to_gguf(name, family)
     except KeyError:
@@ -109,7 +111,7 @@ def check_gguf_representable(cfg: GemmaConfig) -> None:
     """GGUF does not store the query scale or the local RoPE base; refuse configs readers would get wrong."""
     big = (cfg.family, cfg.num_hidden_layers) in (("gemma2", 46), ("gemma3", 62))
     inferred = float(cfg.hidden_size // cfg.num_attention_heads if big else cfg.head_dim)
-    if cfg.family not in ("gemma", "gemma4") and cfg.query_pre_attn_scalar != inferred:
+    if cfg.family not in ("gemma", "gemma3n", "gemma4") and cfg.query_pre_attn_scalar != inferred:
         raise GemmaError(
             f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} cannot be written to GGUF: llama.cpp "
             f"and gemmakit infer {inferred} from the layer count (spec §4.5); write a Hugging Face "
@@ -123,6 +125,9 @@ def check_gguf_representable(cfg: GemmaConfig) -> None:
             cfg.hidden_size_per_layer_input and cfg.vocab_size_per_layer_input != cfg.vocab_size)):
         raise GemmaError("this Gemma 4 config has a RoPE scaling factor or a per-layer embedding vocabulary that "
                          "llama.cpp's gemma4 GGUF cannot express; write a Hugging Face folder instead")
+    if cfg.family == "gemma3n" and not cfg.altup_correct_scale:
+        raise GemmaError("llama.cpp's gemma3n always scales the corrected AltUp stream (altup_correct_scale); this "
+                         "config does not, so write a Hugging Face folder instead")
     if cfg.family == "gemma3" and cfg.layer_types != tuple(
         SLIDING if i % 6 != 5 else "full_attention" for i in range(cfg.num_hidden_layers)
     ):
@@ -148,13 +153,16 @@ def write_gguf(
         raise GemmaError(
             "a GGUF file must carry its tokenizer; this model was loaded without one (pass tokenizer=)"
         )
-    if tokenizer.vocab_size != cfg.vocab_size:
+    trim = cfg.family == "gemma3n" and tokenizer.vocab_size < cfg.vocab_size
+    if tokenizer.vocab_size != cfg.vocab_size and not trim:
         raise GemmaError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model {cfg.vocab_size} rows"
         )
     check_gguf_representable(cfg)
     path = Path(path)
     tensors = _float_state(state, cfg)
+    if cfg.family == "gemma3n":
+        tensors = _gemma3n_tensors(tensors, cfg, tokenizer.vocab_size if trim else None)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -165,7 +173,7 @@ def write_gguf(
             if on_tensor is not None:
                 on_tensor(i, len(tensors))
             data = t.float().cpu().numpy()
-            if name.endswith("norm.weight") and cfg.family != "gemma4":  # 1 + w stored (spec §4.4); Gemma 4: w
+            if name.endswith("norm.weight") and cfg.family not in ("gemma3n", "gemma4"):  # 1 + w (spec §4.4)
                 data = data + np.float32(1.0)
             _add_tensor(writer, hf_to_gguf(name, cfg.family), data, qtype)
         if cfg.family == "gemma4":
@@ -199,6 +207,41 @@ def _add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, qtype: str) -> 
         writer.add_tensor(name, np.ascontiguousarray(data.astype(np.float16)))
     else:
         writer.add_tensor(name, quantize(np.ascontiguousarray(data, dtype=np.float32), kind), raw_dtype=kind)
+
+
+def _gemma3n_tensors(tensors: dict[str, torch.Tensor], cfg: GemmaConfig, rows: int | None) -> dict[str, torch.Tensor]:
+    """Gemma 3n as llama.cpp's converter lays it out (convert_hf_to_gguf Gemma3NModel): the AltUp projections stacked
+    into one tensor each; the embedding cut to the tokenizer's `rows` (the Hub's 262400 rows hold 256 ids no text
+    encodes to); and, because llama.cpp's loader requires attn_k/attn_v/attn_k_norm in every layer, zeros for the
+    KV-shared layers, whose keys and values neither llama.cpp nor gemmakit ever computes."""
+    out = stack_streams(tensors)
+    if rows is not None:
+        out["model.embed_tokens.weight"] = out["model.embed_tokens.weight"][:rows]
+    d, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+    for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}.self_attn"
+        out[f"{prefix}.k_proj.weight"] = torch.zeros(kv, d)
+        out[f"{prefix}.v_proj.weight"] = torch.zeros(kv, d)
+        out[f"{prefix}.k_norm.weight"] = torch.zeros(cfg.head_dim)
+    return out
+
+
+def _write_gemma3n_metadata(w: GGUFWriter, cfg: GemmaConfig) -> None:
+    """The gemma3n keys of convert_hf_to_gguf Gemma3NModel.set_gguf_parameters, plus the local RoPE base."""
+    from ..altup import std_multiplier
+
+    n = cfg.num_hidden_layers
+    w.add_feed_forward_length([cfg.layer_intermediate(i) for i in range(n)])
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_altup_active_idx(cfg.altup_active_idx)
+    w.add_altup_num_inputs(cfg.altup_num_inputs)
+    w.add_embedding_length_per_layer_input(cfg.hidden_size_per_layer_input)
+    w.add_shared_kv_layers(cfg.num_kv_shared_layers)
+    w.add_activation_sparsity_scale([std_multiplier(cfg.activation_sparsity(i)) for i in range(n)])
+    w.add_sliding_window_pattern([t == SLIDING for t in cfg.layer_types])
+    w.add_rope_freq_base_swa(cfg.rope_local_base_freq)
 
 
 def rope_freqs(cfg: GemmaConfig) -> np.ndarray:
@@ -245,6 +288,8 @@ def _write_metadata(w: GGUFWriter, cfg: GemmaConfig, qtype: str) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if cfg.family == "gemma4":
         _write_gemma4_metadata(w, cfg)
+    elif cfg.family == "gemma3n":
+        _write_gemma3n_metadata(w, cfg)
     else:
         w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count_kv(cfg.num_key_value_heads)
@@ -256,7 +301,7 @@ def _write_metadata(w: GGUFWriter, cfg: GemmaConfig, qtype: str) -> None:
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     if cfg.sliding_window is not None:
         w.add_sliding_window(cfg.sliding_window)
-    if cfg.family in ("gemma3", "gemma4") or cfg.rope_theta != 10_000.0:
+    if cfg.family in ("gemma3", "gemma3n", "gemma4") or cfg.rope_theta != 10_000.0:
         w.add_rope_freq_base(cfg.rope_theta)
     if cfg.family == "gemma3" and cfg.rope_local_base_freq != 10_000.0:
         w.add_rope_freq_base_swa(cfg.rope_local_base_freq)
