@@ -5,6 +5,7 @@ KV-shared layers still carry k/v weights."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,40 @@ def test_config_json_of_the_llama_cpp_model_is_transformers(tmp_path):
     cfg = _llama_cpp_config()
     assert cfg.first_kv_shared_layer == 20 and cfg.kv_source(24) == 19 and cfg.kv_source(20) == 18
     assert json.loads(json.dumps(cfg.to_hf()))["laurel_rank"] == 64
+
+
+def test_info_shows_gemma3n_structure(folder):
+    out = subprocess.run([str(BIN / "gemmakit"), "info", "-m", str(folder)], check=True, capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "160"}).stdout
+    assert "gemma3n" in out and "4 streams, stream 0 active" in out and "rank 8" in out
+    assert "0.95 in layers 0-2" in out and "64 / 64, 96, 128 by layer" in out
+    assert "8 per layer, table 262144 x 56" in out and "layers 5-6 reuse the keys/values of layer(s) 3, 4" in out
+
+
+def test_peft_reads_our_gemma3n_adapter_with_same_logits(folder, tmp_path):
+    """LoRA on attention and the MLP (the KV-shared layers have no k/v_proj): transformers + PEFT load the adapter
+    with our logits, and gemmakit loads it back onto the base."""
+    import peft
+    import transformers
+
+    from gemmakit.lora import LoRAConfig, inject, save_adapter
+
+    m = _load(folder)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    wrapped = inject(m.module, LoRAConfig(r=4, alpha=16, targets=targets))
+    cfg = m.config
+    assert len(wrapped) == cfg.num_hidden_layers * 5 + 2 * cfg.first_kv_shared_layer
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.module.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    save_adapter(m.module, tmp_path)
+    ours = m.logits(IDS)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        base = ref(IDS).logits
+        theirs = peft.PeftModel.from_pretrained(ref, tmp_path).eval()(IDS).logits
+    assert rel_err(theirs, base) > 1e-2  # the adapter does something
+    assert rel_err(ours, theirs) <= 1e-4
+    assert rel_err(_load(folder, adapter=tmp_path).logits(IDS), theirs) <= 1e-4

@@ -62,8 +62,8 @@ def _table(cfg: GemmaConfig, rows: list[tuple[str, str]]) -> Table:
         ("soft-caps (attn / final)", f"{cfg.attn_logit_softcapping or '-'} / {cfg.final_logit_softcapping or '-'}"),
         ("vocab", str(cfg.vocab_size)),
     ]
-    if cfg.family == "gemma4":
-        replaced = dict(gemma4_rows(cfg))
+    if cfg.family in ("gemma3n", "gemma4"):
+        replaced = dict(gemma4_rows(cfg) if cfg.family == "gemma4" else gemma3n_rows(cfg))
         arch = [(k, replaced.pop(k, v)) for k, v in arch]
         arch[5:5] = list(replaced.items())  # after parameters, layers, hidden / ffn and heads
     for k, v in rows[:2] + arch + rows[2:]:
@@ -102,4 +102,42 @@ def gemma4_rows(cfg: GemmaConfig) -> list[tuple[str, str]]:
         rows.append(("KV sharing", "-"))
     rows.append(("experts", f"{cfg.num_experts} x {cfg.moe_intermediate_size}, top {cfg.top_k_experts} per token, "
                  "beside the dense MLP" if cfg.enable_moe_block else "-"))
+    return rows
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out: list[str] = []
+    for i in layers:
+        if out and int(out[-1].split("-")[-1]) == i - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out)
+
+
+def gemma3n_rows(cfg: GemmaConfig) -> list[tuple[str, str]]:
+    """Gemma 3n's facts: AltUp streams, LAuReL, sparse layers, per-layer MLP widths, PLE, KV sharing."""
+    n, first = cfg.num_hidden_layers, cfg.first_kv_shared_layer
+    table = cfg.vocab_size_per_layer_input * cfg.hidden_size_per_layer_input * n
+    widths = sorted(set(cfg.intermediate_sizes))
+    ffn = f"{cfg.hidden_size} / " + (str(widths[0]) if len(widths) == 1 else f"{', '.join(map(str, widths))} by layer")
+    sparse: dict[float, list[int]] = {}
+    for i in range(n):
+        if cfg.activation_sparsity(i) > 0:
+            sparse.setdefault(cfg.activation_sparsity(i), []).append(i)
+    rows = [
+        ("parameters", f"{cfg.num_params() / 1e6:.1f} M ({(cfg.num_params() - table) / 1e6:.1f} M without the "
+                       "per-layer embedding table)"),
+        ("hidden / ffn", ffn),
+        ("AltUp", f"{cfg.altup_num_inputs} streams, stream {cfg.altup_active_idx} active"),
+        ("LAuReL", f"rank {cfg.laurel_rank}"),
+        ("activation sparsity", "; ".join(f"{s:g} in layers {_ranges(ls)}" for s, ls in sparse.items()) or "-"),
+        ("per-layer embeddings", f"{cfg.hidden_size_per_layer_input} per layer, table "
+                                 f"{cfg.vocab_size_per_layer_input} x {cfg.hidden_size_per_layer_input * n}"),
+    ]
+    if cfg.num_kv_shared_layers:
+        sources = sorted({cfg.kv_source(i) for i in range(first, n)})
+        rows.append(("KV sharing", f"layers {first}-{n - 1} reuse the keys/values of layer(s) "
+                     f"{', '.join(map(str, sources))}"))
     return rows
