@@ -179,3 +179,35 @@ def test_peft_reads_our_gemma3n_adapter_with_same_logits(folder, tmp_path):
     assert rel_err(theirs, base) > 1e-2  # the adapter does something
     assert rel_err(ours, theirs) <= 1e-4
     assert rel_err(_load(folder, adapter=tmp_path).logits(IDS), theirs) <= 1e-4
+
+
+def test_server_chats_in_the_gemma3_turn_format_and_batches_exactly():
+    """Gemma 3n's tokenizer is Gemma 3's (no Gemma 4 <|turn> marker): its chats use the <start_of_turn> format and
+    stop at <end_of_turn> (106). The server's answers equal Model.chat / Model.generate, also for streams decoded
+    together in one batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from gemmakit import Model
+    from gemmakit.model import Gemma
+    from test_serve import MESSAGES, running_server
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    model = Model(Gemma(tiny3n(vocab_size=V)).eval(), tok, "tiny-3n", "hf")
+    assert model.chat_template == "gemma3" and model.config.end_of_turn_id == 106
+    with running_server({"g3n": model}, max_batch=4, max_queue=16, context=128) as (url, app):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        res = client.chat.completions.create(model="g3n", messages=MESSAGES, max_tokens=10, temperature=0)
+        assert res.choices[0].message.content == model.chat(MESSAGES, 10).text
+        prompts = ["The cat", "A dog and", "Owls are", "Fox"]
+
+        def run(p):
+            stream = client.completions.create(model="g3n", prompt=p, max_tokens=12, temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].text for c in stream)
+
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(run, prompts))
+    assert texts == [model.generate(p, 12, ignore_eos=True).text for p in prompts]
