@@ -1,13 +1,14 @@
 """Next-token selection: logits processors and a sampler factory, in transformers' order.
 
 Order (as HF `generate`): repetition penalty -> per-row "mask" processors -> temperature -> top-k -> top-p ->
-min-p -> per-row "warp" processors -> sample. Greedy when temperature is 0. Every function takes fp32 logits
-(B, V) and returns new logits; nothing here touches the model. The per-row processors (LogitsProcessor below)
+min-p -> per-row "warp" processors -> sample. Greedy when temperature is 0 (or below MIN_TEMPERATURE) or top_p
+is 0. Every function takes fp32 logits (B, V) and returns new logits; nothing here touches the model. The per-row processors (LogitsProcessor below)
 are the one hook through which grammar masks (structured output) and watermarks reshape a sequence's logits.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,31 +19,56 @@ from torch import Tensor
 
 from .errors import GemmaError
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+# Below this temperature sampling is arg-max in all but ties, and logits / temperature would leave fp32's range
+# (30 / 1e-300 = inf, softmax -> nan): taken as greedy, as vLLM does with its _SAMPLING_EPS of 1e-5.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0  # far flatter than any use; beyond it -inf / t turns masked tokens into nan
+PENALTY_RANGE = (1e-4, 1e4)  # repetition penalties keeping (penalised logits / temperature) finite in fp32
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_k: int | None = None
-    top_p: float | None = None
+    top_p: float | None = None  # 0 = greedy (the limit of keeping the smallest set), as OpenAI takes it
     min_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise GemmaError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise GemmaError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GemmaError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
+        t = self.temperature
+        if not _number(t) or not 0 <= t <= MAX_TEMPERATURE:
+            raise GemmaError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {t}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise GemmaError(f"top_k must be an integer >= 1, got {self.top_k}")
+        if self.top_p is not None and (not _number(self.top_p) or not 0 <= self.top_p <= 1):
+            raise GemmaError(f"top_p must be in [0, 1] (0 = greedy), got {self.top_p}")
+        if self.min_p is not None and (not _number(self.min_p) or not 0 <= self.min_p <= 1):
             raise GemmaError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise GemmaError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        r = self.repetition_penalty
+        if r is not None and (not _number(r) or not PENALTY_RANGE[0] <= r <= PENALTY_RANGE[1]):
+            raise GemmaError(f"repetition_penalty must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}] "
+                             f"(1 = off, > 1 discourages repeats), got {r}")
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE or self.top_p == 0
+
+
+def _number(x: object) -> bool:
+    """A finite real number (bools are not numbers here: True as a temperature is a caller's bug)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_seed(seed: int | None, what: str = "seed") -> None:
+    """A seed torch's generators take: an integer in [-2**63, 2**64 - 1]."""
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX:
+        shown = seed if not isinstance(seed, int) or seed.bit_length() < 80 else f"a {seed.bit_length()}-bit integer"
+        raise GemmaError(f"{what} must be an integer in [-2**63, 2**64 - 1], got {shown}")
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:

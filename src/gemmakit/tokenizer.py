@@ -219,6 +219,8 @@ class Tokenizer:
         """Token ids for ``text``; ``special=True`` also reads control tokens such as ``<start_of_turn>``."""
         if not isinstance(text, str):
             raise GemmaError(f"encode() takes a str, got {type(text).__name__}; decode bytes to text first")
+        if not text.isascii():
+            check_text(text)
         ids = [self.bos_id] if bos else []
         if not special:
             ids += self._sp.encode(text)
@@ -391,3 +393,13 @@ def _existing_file(path: str | os.PathLike[str], what: str, default_name: str | 
     if not path.is_file():
         raise GemmaError(f"{path}: no such file; pass the path of {what}")
     return path
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """GemmaError unless `text` encodes as UTF-8: a lone surrogate ("\\ud800", from a broken JSON escape or a
+    cut UTF-16 pair) is no character, and the tokenizer fails on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GemmaError(f"{what} holds {text[e.start:e.end]!a} at index {e.start}, a lone UTF-16 surrogate "
+                         "that is no character; send valid Unicode text") from None

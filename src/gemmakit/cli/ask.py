@@ -33,7 +33,8 @@ def ask(
     from ..recipes.ask import ask as run_ask
 
     err = Console(stderr=True)
-    Index.open(docs, on_reindex=lambda rel: err.print(f"[dim]indexing {escape(rel)}[/]"))
+    index = Index.open(docs, on_reindex=lambda rel: err.print(f"[dim]indexing {escape(rel)}[/]"),
+                       on_skip=lambda rel, why: err.print(f"[yellow]skipped {escape(rel)}: {escape(why)}[/]"))
     m = load(model, adapter=adapter)
     shown = False
 
@@ -53,3 +54,5 @@ def ask(
     elif not shown:
         files = dict.fromkeys(p.file for p in answer.sources)
         err.print("[dim]sources: " + " ".join(escape(f"[{f}]") for f in files) + "[/]")
+    if index.skipped:
+        err.print(f"[yellow]{len(index.skipped)} file(s) skipped because they could not be read (see above)[/]")

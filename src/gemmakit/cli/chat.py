@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from .. import chat_templates as chat_template
 from ..api import Model
 from ..errors import GemmaError
 from ..loader import load
+from ..sampling import SamplingParams
 from ..watermark.synthid import Watermark
 from .run import ModelOpt
 
@@ -98,7 +100,20 @@ class Session:
         return answer, interrupted
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"messages": self.messages()}, ensure_ascii=False, indent=2) + "\n")
+        """Write the conversation as JSON, atomically; a path that cannot be written is a GemmaError and the
+        conversation stays as it is."""
+        if path.is_dir():
+            raise GemmaError(f"{path} is a folder; give a file name, e.g. /save {path / 'chat.json'}")
+        if not path.parent.is_dir():
+            raise GemmaError(f"{path}: the folder {path.parent} does not exist; create it or choose another path")
+        text = json.dumps({"messages": self.messages()}, ensure_ascii=False, indent=2) + "\n"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise GemmaError(f"{path}: cannot save the conversation ({e.strerror or e}); choose another path") from None
 
     def load(self, path: Path) -> None:
         try:
@@ -167,6 +182,7 @@ def chat(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
+    SamplingParams(**sampling)  # bad numbers (-t nan, a seed beyond 64 bits) fail now, not at the first reply
     if watermark:
         sampling["logits_processors"] = Watermark(watermark)
     if thinking and m.chat_template != "gemma4":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,7 @@ def convert(
     variant: Annotated[
         str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
     """Convert a model to GGUF (f32, f16 or q8_0; llama.cpp reads it) or to a Hugging Face folder.
 
@@ -39,10 +41,12 @@ def convert(
     """
     if to not in ("gguf", "hf"):
         raise GemmaError(f"--to must be gguf or hf, not {to!r}")
+    check_output(out, to, force=force)  # before the conversion, which takes minutes
     m = load(model, dtype="float32", device="cpu", quant=None, variant=variant, adapter=adapter)
     if adapter is not None:
         merge_lora(m.module)
     state = m.module.state_dict()
+    out.parent.mkdir(parents=True, exist_ok=True)
     if to == "hf":
         write_hf(out, state, m.config, m.tokenizer)
     else:
@@ -64,3 +68,22 @@ def convert(
                 on_tensor=lambda i, n: bar.update(task, completed=i + 1, total=n),
             )
     Console(stderr=True).print(f"wrote {out}")
+
+
+def check_output(out: Path, to: str, *, force: bool) -> None:
+    """GemmaError unless `out` can be written: a file for GGUF, a folder for HF; an existing model is replaced only
+    with --force; missing folders are created, so the nearest existing one must be a writable folder."""
+    if to == "gguf" and out.is_dir():
+        raise GemmaError(f"-o {out} is a folder; give a file name, e.g. -o {out / 'model.gguf'}")
+    if to == "hf" and out.exists() and not out.is_dir():
+        raise GemmaError(f"-o {out} is a file; --to hf writes a folder: give a folder name")
+    existing = [out] if to == "gguf" else [out / "config.json", out / "model.safetensors"]
+    if not force and any(p.exists() for p in existing):
+        raise GemmaError(f"-o {out} already holds a model; pass --force to overwrite it or choose another path")
+    folder = out if to == "hf" else out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise GemmaError(f"-o {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GemmaError(f"-o {out}: the folder {folder} is not writable; choose another path")

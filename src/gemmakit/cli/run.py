@@ -12,6 +12,7 @@ from rich.console import Console
 
 from ..errors import GemmaError
 from ..loader import load
+from ..sampling import SamplingParams
 from ..watermark.synthid import Watermark
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or .ckpt (default: embedded)")]
@@ -21,7 +22,7 @@ def run(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 (or below 1e-5) = greedy.")] = 0.0,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
@@ -49,6 +50,9 @@ def run(
                gemmakit run "Answer yes or no: is ice cold? " --grammar yesno.gbnf
     """
     constraint = {"json_schema": _read(json_schema, "JSON Schema"), "grammar": _read(grammar, "grammar")}
+    # bad numbers (-t nan, a seed beyond 64 bits) fail before the model loads
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, seed=seed)
     err = Console(stderr=True)
     m = load(model, device=device, variant=variant, quant=None if quant == "none" else quant,
              adapter=adapter)

@@ -52,7 +52,8 @@ def serve(
         typer.Option(envvar="GEMMAKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes."),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together per model (KV cache rows).")] = 8,
-    max_queue: Annotated[int, typer.Option(help="Sequences allowed to wait; beyond, requests get 429.")] = 64,
+    max_queue: Annotated[int, typer.Option(help="Sequences allowed to wait; beyond, requests get 429 (a request of "
+                                           "more sequences than this, prompts x n, gets 400).")] = 64,
     ctx_size: Annotated[
         int, typer.Option(help="Context per sequence in tokens (capped at the model's).")
     ] = 4096,
@@ -83,12 +84,25 @@ def serve(
         typer.Option(help="dangerous, harassment, hate, sexual, all, or a YAML/JSON file (repeatable; default: "
                      "the four built-in policies)."),
     ] = None,
+    guard_classifier: Annotated[
+        bool, typer.Option(help="--guard-model is a policy classifier that its name does not tell (your own "
+                           "ShieldGemma fine-tune).")
+    ] = False,
     threshold: Annotated[float, typer.Option(help="A policy score at or above this flags the text.")] = 0.5,
     moderation_window: Annotated[
         int, typer.Option(help="Streamed replies are screened every N characters; text waits until screened.")
     ] = 64,
     watermark: Annotated[
         str | None, typer.Option(help="SynthID-Text keys file: watermark every generated text.")
+    ] = None,
+    max_tokens_default: Annotated[
+        int, typer.Option(help="Tokens a reply may have when the request sets no max_tokens (0: up to the end of "
+                          "the context).")
+    ] = 2048,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Let web pages from this origin call the API, e.g. http://localhost:3000 (repeatable; "
+                     "'*' for any; default: none)."),
     ] = None,
 ) -> None:
     """Serve models over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health.
@@ -103,8 +117,11 @@ def serve(
     from ..watermark.synthid import Watermark
 
     err = Console(stderr=True)
+    if max_tokens_default < 0:
+        raise GemmaError(f"--max-tokens-default must be >= 0 (0: up to the end of the context), got "
+                         f"{max_tokens_default}")
     moderator = moderation.build(moderate, guard_model, guard_policy, threshold=threshold,
-                                 window=moderation_window, device=device)
+                                 window=moderation_window, device=device, classifier=guard_classifier)
     marks = Watermark(watermark) if watermark else None
     specs = parse_models(model)
     adapters: dict[str, str] = {}
@@ -123,9 +140,6 @@ def serve(
         err.print(f"[dim]loaded {name}: {models[name].source}[/]", highlight=False)
     if moderator is not None:
         err.print(f"[dim]{moderator.describe()}[/]", highlight=False)
-        if guard_model is None:
-            err.print("[bold yellow]warning:[/] the embedded model is a base model, not a trained classifier: "
-                      "its scores are illustrative; pass --guard-model with a ShieldGemma checkpoint", highlight=False)
     if api_key is None and not _is_loopback(host):
         err.print(
             f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach this "
@@ -144,6 +158,8 @@ def serve(
         thinking=thinking,
         moderator=moderator,
         watermark=marks,
+        max_tokens_default=max_tokens_default or None,
+        cors_origins=cors_origin or (),
     )
 
 

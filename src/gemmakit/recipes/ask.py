@@ -69,34 +69,46 @@ def _passages(path: Path) -> list[dict]:
 class Index:
     """The passages of a docs folder and their BM25 index; `Index.open(docs)` builds or refreshes the cache."""
 
-    def __init__(self, docs: Path, files: dict[str, dict], retriever) -> None:
+    def __init__(self, docs: Path, files: dict[str, dict], retriever, skipped: dict[str, str] | None = None) -> None:
         self.docs, self.files, self.retriever = docs, files, retriever
+        self.skipped = skipped or {}  # file -> why it could not be read (unreadable, not UTF-8, a broken PDF)
         self.passages = [Passage(rel, p["start"], p["text"]) for rel, f in files.items() for p in f["passages"]]
 
     @classmethod
-    def open(cls, docs: str | Path, *, on_reindex: Callable[[str], None] | None = None) -> Index:
+    def open(cls, docs: str | Path, *, on_reindex: Callable[[str], None] | None = None,
+             on_skip: Callable[[str, str], None] | None = None) -> Index:
+        """The folder's index, refreshed for changed files. A file that cannot be read (permissions, not UTF-8, a
+        broken PDF) is left out, reported to `on_skip(file, reason)` and listed in `.skipped`: one bad file in a
+        folder of many must not stop the rest."""
         import bm25s
 
         docs = Path(docs)
         root = docs / INDEX_DIR
         old = _read_manifest(root)
-        files, changed = {}, False
+        files, skipped, changed = {}, {}, False
         for rel, path in _files(docs).items():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            known = old.get("files", {}).get(rel)
-            if known is not None and known["sha256"] == digest:
-                files[rel] = known
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                known = old.get("files", {}).get(rel)
+                if known is not None and known["sha256"] == digest:
+                    files[rel] = known
+                    continue
+                if on_reindex is not None:
+                    on_reindex(rel)
+                files[rel] = {"sha256": digest, "passages": _passages(path)}
+            except (OSError, GemmaError) as e:
+                skipped[rel] = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                if on_skip is not None:
+                    on_skip(rel, skipped[rel])
                 continue
-            if on_reindex is not None:
-                on_reindex(rel)
-            files[rel] = {"sha256": digest, "passages": _passages(path)}
             changed = True
         changed |= set(files) != set(old.get("files", {}))
         if not changed and (root / old.get("bm25", "-")).is_dir():
-            return cls(docs, files, bm25s.BM25.load(str(root / old["bm25"]), show_progress=False))
-        index = cls(docs, files, None)
+            return cls(docs, files, bm25s.BM25.load(str(root / old["bm25"]), show_progress=False), skipped)
+        index = cls(docs, files, None, skipped)
         if not index.passages:
-            raise GemmaError(f"{docs}: the documents have no text to search")
+            raise GemmaError(f"{docs}: the documents have no text to search"
+                             + (f" ({len(skipped)} file(s) could not be read)" if skipped else ""))
         retriever = bm25s.BM25()
         retriever.index(_tokens([p.text for p in index.passages]), show_progress=False)
         index.retriever = retriever

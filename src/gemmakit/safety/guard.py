@@ -3,12 +3,14 @@
 The model reads a prompt that states one policy and asks whether the text violates it; the probability mass it
 puts on "Yes" versus "No" as the first answer token, renormalised over those two, is the score. Any Gemma
 checkpoint can be asked; a ShieldGemma checkpoint (google/shieldgemma-2b/9b/27b) is trained to answer it, and a
-plain model's scores mean little. Prompts of several policies (and several texts) run as one left-padded batch,
+plain model's scores mean little, so a Guard says whether its model is known to be a classifier (`classifier`,
+`warning`, and the same on every GuardResult). Prompts of several policies (and several texts) run as one left-padded batch,
 each scored at its own last position.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ class GuardResult:
     threshold: float = DEFAULT_THRESHOLD
     response: bool = False  # scored as a chatbot response to the prompt (else as a user prompt)
     harm_types: dict[str, str] = field(default_factory=dict)  # policy name -> harm type, for display
+    classifier: bool = True  # the model is known to be a policy classifier (else the scores are illustrative)
+    warning: str | None = None  # why the scores may mean little, and the fix, when `classifier` is False
 
     @property
     def violations(self) -> list[str]:
@@ -44,7 +48,15 @@ class GuardResult:
 
     def to_dict(self) -> dict:
         return {"flagged": self.flagged, "threshold": self.threshold, "scores": self.scores,
-                "violations": self.violations, "kind": "response" if self.response else "prompt"}
+                "violations": self.violations, "kind": "response" if self.response else "prompt",
+                "classifier": self.classifier, "warning": self.warning}
+
+
+def known_classifier(model: Model) -> bool:
+    """Whether the model is a ShieldGemma checkpoint by its name: GGUF general.name, the HF config's _name_or_path
+    or folder name (GemmaConfig.name), or the file/folder it was loaded from ("ShieldGemma 2b", shieldgemma-2b...)."""
+    names = (model.config.name, Path(model.source).name)
+    return any("shieldgemma" in re.sub(r"[^a-z0-9]", "", n.lower()) for n in names)
 
 
 def check_threshold(threshold: float) -> float:
@@ -57,7 +69,9 @@ class Guard:
     """A loaded model used as a policy classifier: `guard("text")`, `guard("prompt", response="reply")`."""
 
     def __init__(self, model: Model, policies: str | Policy | Iterable[str | Policy] | None = None, *,
-                 threshold: float = DEFAULT_THRESHOLD, batch_size: int = 4) -> None:
+                 threshold: float = DEFAULT_THRESHOLD, batch_size: int = 4, classifier: bool | None = None) -> None:
+        """`classifier`: True for a classifier the name does not tell (your own fine-tune), None to tell by the
+        model's name (known_classifier)."""
         if model.tokenizer is None:
             raise GemmaError(f"{model.source}: the classifier needs a tokenizer; put tokenizer.model next to "
                              "the weights")
@@ -70,6 +84,11 @@ class Guard:
         self.yes_id, self.no_id = ids
         self.policies = pol.resolve(policies)
         self.threshold = check_threshold(threshold)
+        self.classifier = known_classifier(model) if classifier is None else classifier
+        self.warning = None if self.classifier else (
+            f"{model.config.name or model.source} is not known to be a ShieldGemma checkpoint, so its scores are "
+            "illustrative, not a trained classifier's; use a ShieldGemma model (e.g. shieldgemma-2b), or mark your "
+            "own fine-tuned classifier as one (--classifier, Guard(..., classifier=True))")
 
     def prompt_ids(self, policy: Policy, user: str, response: str | None = None) -> list[int]:
         """<bos> + the classifier prompt; equal to transformers' `tokenizer(prompt)` for ordinary text."""
@@ -110,7 +129,8 @@ class Guard:
         for k, (_, response) in enumerate(items):
             row = scores[k * len(chosen):(k + 1) * len(chosen)]
             results.append(GuardResult({p.name: s for p, s in zip(chosen, row, strict=True)}, self.threshold,
-                                       response is not None, {p.name: p.harm_type for p in chosen}))
+                                       response is not None, {p.name: p.harm_type for p in chosen},
+                                       self.classifier, self.warning))
         return results
 
     def __call__(self, text: str, response: str | None = None,
@@ -120,7 +140,8 @@ class Guard:
 
 
 def guard(text: str, response: str | None = None, *, policy: str | Policy | Iterable[str | Policy] | None = None,
-          threshold: float = DEFAULT_THRESHOLD, model: Model | str | Path | None = None) -> GuardResult:
+          threshold: float = DEFAULT_THRESHOLD, model: Model | str | Path | None = None,
+          classifier: bool | None = None) -> GuardResult:
     """Scores of `text` (a user prompt, or with `response` a reply to it) under each policy -> GuardResult.
 
     policy: built-in names ("dangerous", "harassment", "hate", "sexual"), "all", a YAML/JSON file of your own
@@ -131,4 +152,4 @@ def guard(text: str, response: str | None = None, *, policy: str | Policy | Iter
         from ..loader import load
 
         model = load(model, progress=False)
-    return Guard(model, policy, threshold=threshold)(text, response)
+    return Guard(model, policy, threshold=threshold, classifier=classifier)(text, response)

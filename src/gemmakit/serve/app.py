@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one continuous-batching Engine per served model.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health. Every error is
-OpenAI's JSON shape {"error": {"message", "type", "param", "code"}} with a 4xx status for bad requests; internal
-failures are logged and answered with a generic 500, never a traceback.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET (and HEAD) /v1/models[/{id}] and /health. Every
+error is OpenAI's JSON shape {"error": {"message", "type", "param", "code"}} with a 4xx status for bad requests;
+internal failures are logged and answered with a generic 500, never a traceback. Browsers may call it from the
+origins given as `cors_origins` (none by default; "*" for any), preflight OPTIONS requests included.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -48,6 +50,7 @@ from .output import (
 
 log = logging.getLogger("gemmakit.serve")
 MAX_BODY = 16 * 2**20
+MAX_TOKENS_DEFAULT = 2048  # a chat reply's budget when the request sets none (a base model may never end its turn)
 
 
 def create_app(
@@ -60,8 +63,13 @@ def create_app(
     thinking: bool = False,
     moderator: Moderator | None = None,
     watermark: Watermark | None = None,
+    max_tokens_default: int | None = MAX_TOKENS_DEFAULT,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """An app serving each model under its name; engines start and stop with the app's lifespan.
+
+    `max_tokens_default` caps a chat reply whose request sets no max_tokens (None: up to the end of the context);
+    `cors_origins` are the browser origins allowed to call the API ("*" for any).
 
     `moderator` screens requests and replies and answers /v1/moderations (moderation.py); with `watermark` every
     generated sequence carries that SynthID-Text watermark.
@@ -78,6 +86,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if moderator is not None and not moderator.guard.classifier:
+            log.warning("moderation: %s", moderator.guard.warning)
         for e in engines.values():
             e.start()
         try:
@@ -86,8 +96,13 @@ def create_app(
             for e in engines.values():
                 e.stop()
 
+    if max_tokens_default is not None and max_tokens_default < 1:
+        raise GemmaError(f"--max-tokens-default must be >= 1 (or 0 for the whole context), got {max_tokens_default}")
     app = FastAPI(title="gemmakit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engines = engines
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], max_age=600)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -153,7 +168,7 @@ def create_app(
             "max_model_len": engines[name].context,
         }
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         """200 while every model's engine runs; 503 otherwise (for load balancers and the load test)."""
         ok = all(e.alive for e in engines.values())
@@ -165,12 +180,12 @@ def create_app(
             {"status": "ok" if ok else "error", "models": models}, status_code=200 if ok else 503
         )
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models(request: Request) -> dict:
         authorize(request)
         return {"object": "list", "data": [model_card(name) for name in engines]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def get_model(name: str, request: Request) -> dict:
         authorize(request)
         engine_for(name)
@@ -188,7 +203,7 @@ def create_app(
         except GemmaError as e:
             raise ApiError(400, str(e), param="messages") from None
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_new = token_budget(engine, len(prompt), body.requested_tokens(), param, "messages")
+        max_new = token_budget(engine, len(prompt), body.requested_tokens(), param, "messages", max_tokens_default)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         factory = await processors(engine, plan.constraint, "tools" if plan.mode != "none" else "response_format",
                                    plan.tools.banned(engine.model.tokenizer))
@@ -256,7 +271,8 @@ def create_app(
                         param="prompt",
                     )
                 prompts.append(list(p))
-        max_new = min(token_budget(engine, len(p), body.max_tokens, "max_tokens", "prompt") for p in prompts)
+        max_new = min(token_budget(engine, len(p), body.max_tokens, "max_tokens", "prompt", max_tokens_default)
+                      for p in prompts)
         factory = await processors(engine, structured.response_constraint(body), "response_format")
         if moderator is not None:
             users = [tok.decode(p) for p in prompts]
@@ -300,8 +316,10 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
     if len(raw) > MAX_BODY:
         raise ApiError(413, f"the request body is larger than {MAX_BODY // 2**20} MiB")
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, f"the JSON body is nested too deeply (at most {schemas.MAX_DEPTH} levels)") from None
+    except ValueError as e:  # bad JSON or bytes, NaN/Infinity, an integer of thousands of digits
         raise ApiError(
             400,
             f"We could not parse the JSON body of your request ({e}). The API expects a JSON "
@@ -310,6 +328,7 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
+        schemas.check_json(data)
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
@@ -327,10 +346,16 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number; send finite numbers")
+
+
 def token_budget(
-    engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str
+    engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str,
+    default: int | None = None,
 ) -> int:
-    """Tokens a request may generate: as asked, or up to the end of the context; refuse what cannot fit."""
+    """Tokens a request may generate: as asked, or `default` (None: up to the end of the context) capped by the
+    room left; refuse what cannot fit."""
     ctx = engine.context
     if prompt_len >= ctx:
         raise ApiError(
@@ -342,7 +367,7 @@ def token_budget(
         )
     room = ctx - prompt_len
     if requested is None:
-        return room
+        return room if default is None else min(room, default)
     if requested > room:
         raise ApiError(
             400,
@@ -428,8 +453,11 @@ def serve(
     thinking: bool = False,
     moderator: Moderator | None = None,
     watermark: Watermark | None = None,
+    max_tokens_default: int | None = MAX_TOKENS_DEFAULT,
+    cors_origins: Sequence[str] = (),
 ) -> None:
     """Run the server until interrupted."""
     app = create_app(models, api_key=api_key, max_batch=max_batch, max_queue=max_queue, context=context,
-                     thinking=thinking, moderator=moderator, watermark=watermark)
+                     thinking=thinking, moderator=moderator, watermark=watermark,
+                     max_tokens_default=max_tokens_default, cors_origins=cors_origins)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

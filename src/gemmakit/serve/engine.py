@@ -7,6 +7,10 @@ they hold nothing. A finished or cancelled sequence frees its row at once, so a 
 batch without waiting for the others to end. Sampling is per row: every request has its own parameters and its
 own seeded generator, so a seeded request gives the same text as `Model.generate` with that seed (rows that
 only take the arg-max share one reduction over the batch).
+
+One sequence's failure is its own: an exception while a sequence starts (its sampler, processors, prefill) or
+while its token is chosen, its processors advanced or its text decoded ends that sequence alone, with an error
+event, and its neighbours carry on. Only a failure of the shared forward pass fails every running sequence.
 """
 
 from __future__ import annotations
@@ -139,23 +143,32 @@ class Engine:
         self._thread.join(timeout=30)
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queue jobs together (all or none); QueueFull when more than max_queue would be waiting."""
+        """Queue jobs together (all or none); QueueFull when more than max_queue would be waiting, GemmaError when
+        they could never all wait at once. A job of 0 new tokens finishes at once ("length"), never queued."""
         for job in jobs:
             check_prompt(job.prompt, self.context, self.vocab_size)
-            if job.max_new_tokens < 1:
-                raise GemmaError(f"max_new_tokens must be >= 1, got {job.max_new_tokens}")
+            if job.max_new_tokens < 0:
+                raise GemmaError(f"max_new_tokens must be >= 0, got {job.max_new_tokens}")
             if len(job.prompt) + job.max_new_tokens > self.context:
                 raise GemmaError(
                     f"the prompt ({len(job.prompt)} tokens) plus max_new_tokens "
                     f"({job.max_new_tokens}) exceed the context of {self.context} tokens"
                 )
+        run = [job for job in jobs if job.max_new_tokens > 0]
+        if len(run) > self.max_queue:  # a 429 would be retried forever: this can never fit
+            raise GemmaError(f"this request needs {len(run)} sequences (prompts x n) but the server queues at most "
+                             f"{self.max_queue}; send fewer prompts or choices per request, or start the server "
+                             "with a larger --max-queue")
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) + len(jobs) > self.max_queue:
+            if len(self.waiting) + len(run) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} sequences are already waiting (limit {self.max_queue})")
-            self.waiting.extend(jobs)
+            self.waiting.extend(run)
             self._cond.notify()
+        for job in jobs:
+            if job.max_new_tokens == 0:
+                _send(job, Event("", [], "length", 0))
 
     @property
     def alive(self) -> bool:
@@ -182,16 +195,19 @@ class Engine:
                 for r in range(self.max_batch):
                     if self.rows[r] is None and self.waiting:
                         admitted.append((r, self.waiting.popleft()))
-            try:
-                for r, job in admitted:
-                    if not job.cancelled:
+            for r, job in admitted:
+                if not job.cancelled:
+                    try:
                         self._prefill(r, job)
+                    except Exception as e:
+                        self._fail_one(r, job, e)
+            try:
                 for r, seq in enumerate(self.rows):
                     if seq is not None and seq.job.cancelled:
                         self._release(r)
                 if self.active:
                     self._decode()
-            except Exception as e:  # one failure must not take the server down: fail the batch, carry on
+            except Exception as e:  # the shared forward failed: every running sequence is lost, the server carries on
                 log.exception("engine step failed")
                 self._fail_all(f"internal error while generating: {type(e).__name__}")
         self._fail_all("the server is shutting down")
@@ -235,7 +251,10 @@ class Engine:
         chosen = dict(zip(plain, logits.max(dim=-1).indices[plain].tolist(), strict=True)) if plain else {}
         for r, seq in live:
             seq.position += 1
-            self._emit(r, seq, logits[r : r + 1], chosen.get(r))
+            try:
+                self._emit(r, seq, logits[r : r + 1], chosen.get(r))
+            except Exception as e:
+                self._fail_one(r, seq.job, e)
 
     def _new_seq(self, job: Job) -> _Seq:
         device, V = self.model.device, self.vocab_size
@@ -317,6 +336,14 @@ class Engine:
     def _release(self, r: int) -> None:
         self.rows[r] = None
         self.cache.reset(r)
+
+    def _fail_one(self, r: int, job: Job, error: Exception) -> None:
+        """End one sequence that failed while starting or emitting: an error event to its job, its row freed."""
+        log.error("sequence in row %d failed: %s: %s", r, type(error).__name__, error, exc_info=error)
+        seq = self.rows[r]
+        generated = seq.generated if seq is not None and seq.job is job else 0
+        _send(job, Event("", [], None, generated, error=f"internal error while generating: {type(error).__name__}"))
+        self._release(r)
 
     def _fail_all(self, message: str) -> None:
         for r, seq in enumerate(self.rows):

@@ -51,7 +51,7 @@ def parse_kinds(spec: str | None) -> tuple[bool, bool]:
 
 
 def build(moderate: str | None, guard_model: str | None, policies: Sequence[str] | None, *, threshold: float,
-          window: int, device: str = "auto") -> Moderator | None:
+          window: int, device: str = "auto", classifier: bool = False) -> Moderator | None:
     """The server's Moderator from its command-line options; None when neither is given."""
     inputs, outputs = parse_kinds(moderate)
     if not (inputs or outputs) and guard_model is None:
@@ -61,7 +61,8 @@ def build(moderate: str | None, guard_model: str | None, policies: Sequence[str]
     chosen = resolve(policies)
     if window < 1:
         raise GemmaError(f"--moderation-window must be at least 1 character, got {window}")
-    guard = Guard(load(guard_model, device=device, progress=False), chosen, threshold=threshold)
+    guard = Guard(load(guard_model, device=device, progress=False), chosen, threshold=threshold,
+                  classifier=classifier or None)
     name = Path(guard_model).name.removesuffix(".gguf") if guard_model else "gemma-3-270m"
     return Moderator(guard, inputs=inputs, outputs=outputs, window=window, name=name)
 

@@ -4,6 +4,10 @@ Fields follow OpenAI's API reference. Those that change nothing for a local text
 `store`, ...) are accepted and ignored; those gemmakit cannot honour (audio, logprobs with echo, ...) are
 refused when set to anything but their default, so a client never gets silently different behaviour. `top_k`,
 `min_p`, `repetition_penalty` and `ignore_eos` are extensions, as in vLLM and llama.cpp.
+
+Every field is checked completely here, before anything reaches the engine: integers in range (a seed fits 64 bits
+for each of the n choices), floats finite and usable, text that encodes (`check_json`: no lone surrogates, no
+nesting deeper than MAX_DEPTH). A request the engine cannot run is a 400 here, never a failure beside others.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import GemmaError
+from ..sampling import PENALTY_RANGE, SEED_MAX, SEED_MIN
 
 MAX_N = 16
+MAX_DEPTH = 100  # JSON nesting a request may use (tool schemas nest a few levels; 10,000 would recurse away)
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
@@ -37,12 +43,12 @@ class Sampling(Strict):
 
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0 = greedy, as OpenAI takes it
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -51,8 +57,15 @@ class Sampling(Strict):
     # extensions (vLLM / llama.cpp names)
     top_k: int | None = Field(None, ge=1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     ignore_eos: bool = False
+
+    def check_sampling(self) -> None:
+        """What field constraints cannot say: choice j samples with seed + j, which must fit 64 bits too."""
+        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
+            raise ParamError("seed", f"seed + n - 1 must fit 64 bits (choice j samples with seed + j): use a seed "
+                             f"<= {SEED_MAX - self.n + 1} with n={self.n}")
+        self.stops()
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -63,7 +76,7 @@ class Sampling(Strict):
     def bias(self, vocab_size: int) -> dict[int, float]:
         out = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            if not (key.isascii() and key.isdigit() and len(key) <= 12) or not 0 <= int(key) < vocab_size:
                 raise ParamError(
                     "logit_bias", f"logit_bias keys must be token ids in 0..{vocab_size - 1}, got {key!r}"
                 )
@@ -75,8 +88,8 @@ class Sampling(Strict):
 
 class ChatRequest(Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: an empty reply with its usage, as OpenAI answers it
+    max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # accepted and ignored: nothing to do for them locally
@@ -103,6 +116,7 @@ class ChatRequest(Sampling):
 
     def check(self) -> None:
         """Refuse what this server cannot honour (run after validation: raises ParamError, a 400)."""
+        self.check_sampling()
         if self.functions or self.function_call not in (None, "none"):
             raise ParamError("functions", "the deprecated 'functions'/'function_call' are not supported; "
                              "use 'tools' and 'tool_choice'")
@@ -137,7 +151,7 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 echoes/usage only
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -145,6 +159,7 @@ class CompletionRequest(Sampling):
 
     def check(self) -> None:
         """Refuse what this server cannot honour (run after validation: raises ParamError, a 400)."""
+        self.check_sampling()
         if self.suffix:
             raise ParamError("suffix", "suffix (fill-in-the-middle) is not supported by this server")
         if self.best_of not in (None, self.n):
@@ -169,3 +184,37 @@ class ParamError(GemmaError):
     def __init__(self, param: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.param, self.code = param, code
+
+
+def check_json(data: Any) -> None:
+    """ParamError (a 400 naming the field) for JSON deeper than MAX_DEPTH or a string that is not text (a lone
+    surrogate such as "\\ud800", which JSON's escapes allow but no tokenizer or UTF-8 writer takes). Iterative, so
+    a hostile depth cannot exhaust the stack here."""
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ParamError(_top(path), f"{path or 'the body'} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path)
+                stack.append((item, depth + 1, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def _check_text(text: str, path: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParamError(_top(path), f"{path or 'a key'} holds {text[e.start:e.end]!a} at index {e.start}, a lone "
+                         "UTF-16 surrogate that is no character; send valid Unicode text") from None
+
+
+def _top(path: str) -> str | None:
+    """The request field a path is under (OpenAI's `param`): messages[3].content -> messages."""
+    return path.split(".")[0].split("[")[0] or None

@@ -86,9 +86,10 @@ def plan_chat(body: schemas.ChatRequest, tokenizer: Any, thinking: bool = False)
         if constraint:
             raise schemas.ParamError("response_format", "response_format cannot be combined with tools; the reply "
                                      "is either a tool call or text in that format (use tool_choice='none')")
-        if family == "gemma4" and body.stops():
-            raise schemas.ParamError("stop", "stop strings cannot be combined with tools on a Gemma 4 model: its "
-                                     "reply ends at the end of the turn or at the tool calls")
+        if body.stops():  # as Model.chat: a stop string inside a call's arguments would cut the call
+            raise schemas.ParamError("stop", "stop strings cannot be combined with tools: the reply ends at the end "
+                                     "of the turn or after its tool calls, and a stop string inside a call's "
+                                     "arguments would cut the call; drop 'stop' or use tool_choice='none'")
         constraint = tools.constraint(tokenizer)
     return ChatPlan([dict(m) for m in body.messages], tools, constraint)
 
