@@ -24,8 +24,8 @@ from gemmakit.sampling import LogitsProcessor, SamplingParams
 from gemmakit.serve.engine import Engine, Event, Job, wait_idle
 from test_serve import running_server, sse_events, tiny_model
 
-LONG = 300  # tokens of the long request: it must still be decoding while the bad requests arrive
-STEP_S = 0.01  # each forward of the served model waits this long, so the long request lasts >= 3 s at any load
+LONG = 200  # tokens of the long request: it must still be decoding while the bad requests arrive
+STEP_S = 0.015  # each forward of the served model waits this long, so the long request lasts >= 3 s at any load
 
 
 @pytest.fixture(scope="module")
