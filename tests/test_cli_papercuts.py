@@ -132,7 +132,7 @@ def test_convert_checks_the_output_first(tmp_path: Path, monkeypatch, capsys):
 def test_convert_creates_missing_folders(tmp_path: Path, monkeypatch, capsys):
     from finetune_helpers import tiny_model_folder
 
-    folder = tiny_model_folder(tmp_path / "m")
+    folder = tiny_model_folder(tmp_path / "m", "gemma3", query_pre_attn_scalar=32.0)
     out = tmp_path / "a" / "b" / "m.gguf"
     code, _, err = cli(monkeypatch, capsys, "convert", "-m", str(folder), "-o", str(out), "--type", "f32")
     assert code == 0 and out.is_file(), err

@@ -121,7 +121,7 @@ def test_bad_input(classifier):
 def test_cli_json(tmp_path: Path):
     (tmp_path / "p.json").write_text(json.dumps([{"name": "pirate", "description": "is pirate speech."}]))
     cmd = [sys.executable, "-m", "gemmakit", "guard", "Arr matey!", "--policy", str(tmp_path / "p.json"),
-           "--policy", "hate", "--threshold", "0.0", "--json"]
+           "--policy", "hate", "--threshold", "0.0", "--json", "--classifier"]  # a verdict, as from a classifier
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     assert out["flagged"] and out["threshold"] == 0.0 and out["kind"] == "prompt"
     assert list(out["scores"]) == ["pirate", "hate"] and out["violations"] == ["pirate", "hate"]
