@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROMPT ?= The three most useful things to know about the Gemma language models are
 TORCH := torch==2.13.0
 
-.PHONY: run test test-slow lint clean
+.PHONY: run test test-slow test-ports lint clean
 
 # torch first, pinned: it takes the CPU wheel; an unpinned torch would pull several GB of CUDA packages.
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,11 @@ test: $(VENV)/.dev
 
 test-slow: $(VENV)/.dev
 	$(BIN)/python -m pytest -m slow
+
+# The native kernels built for ARM64 (gcc and clang, run under qemu) and without OpenMP, each checked bit for bit
+# against the scalar build (tests/ports/run.sh; installs its Debian packages when run as root).
+test-ports:
+	bash tests/ports/run.sh
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests

@@ -446,11 +446,11 @@ def test_native_verification_is_bit_identical_to_single_steps(name):
 
 
 @needs_native
-@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c"]],
-                         ids=["avx2", "scalar"])
+@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c"],
+                                   ["-fno-openmp"]], ids=["avx2", "scalar", "pthreads"])
 def test_native_kernels_built_for_older_cpus(monkeypatch, flags):
-    """Laptops without AVX-512 get the 8-lane AVX2 build, CPUs without AVX2 the scalar loops: the same equality
-    and bit-identity checks hold for both."""
+    """Laptops without AVX-512 get the 8-lane AVX2 build, CPUs without AVX2 the scalar loops, compilers without
+    OpenMP (Apple's clang) team.c's pthread pool: the same equality and bit-identity checks hold for all."""
     from pathlib import Path
 
     if flags == ["-mno-avx512f"] and " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
@@ -459,6 +459,7 @@ def test_native_kernels_built_for_older_cpus(monkeypatch, flags):
     kernels.library.cache_clear()
     try:
         assert kernels.available()
+        assert kernels.threading() == ("pthreads" if "-fno-openmp" in flags else "openmp")
         for qtype in TYPES:
             test_block_kernels_equal_their_reference(qtype)
         for qtype in (QT.Q4_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0):

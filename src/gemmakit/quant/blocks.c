@@ -18,15 +18,25 @@
  * computed by the same instructions in the same order whatever M is, so verifying k draft tokens in one call gives
  * bit-identical logits to k single steps.
  */
-#define _GNU_SOURCE  /* sched_yield */
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#include <sched.h>
-#include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include "blocks.h"
+
+/* Elsewhere (ARM64: Apple M-series, Snapdragon X, Graviton, Ampere) the same kernels run on NEON (neon.h). Every
+ * build, the scalar one included, computes each product with the float operations of the AVX2 path in the same
+ * order (fused multiply-adds where it fuses), so results are bit-identical across CPUs; GEMMAKIT_SCALAR forces the
+ * portable C (the ports test's reference). */
+#if defined(__ARM_NEON) && defined(__aarch64__) && !defined(GEMMAKIT_SCALAR)
+#define NEON 1
+#include <arm_neon.h>
+#else
+#define NEON 0
+#endif
 
 #define UNIT 32   /* values per activation scale */
 #define GROUP 8   /* units reduced together: 256 values (K-quants: a super-block) */
@@ -34,7 +44,6 @@
  * 2-thread decode read rows of 16384 values at 22-24 GB/s, with these at 28-30 GB/s (Zen 4, AVX2 build). */
 #define AHEAD_K45 24
 #define AHEAD_Q6K 16
-#define SPINS 4096  /* pauses (~20-40 ns each) a team_barrier waits before it yields the CPU */
 #define QUAD 4    /* blocks of 32 (Q4_0, Q5_0, Q8_0) are reduced 4 at a time: 128 values, every Gemma width */
 
 static inline long is_b32(long type) { return type == 2 || type == 6 || type == 8; }  /* Q4_0, Q5_0, Q8_0 */
@@ -54,10 +63,23 @@ typedef struct {
 static inline float fp16_to_fp32(uint16_t h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
-#else
-    _Float16 f;
+#elif defined(__aarch64__)
+    __fp16 f;
     memcpy(&f, &h, 2);
     return (float)f;
+#else  /* exact in software: sign, exponent rebiased, subnormals normalised */
+    uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ff, u = (uint32_t)(h & 0x8000) << 16;
+    if (e == 31) {
+        u |= 0x7f800000 | (m << 13);
+    } else if (e != 0) {
+        u |= ((e + 112) << 23) | (m << 13);
+    } else if (m != 0) {
+        for (e = 113; !(m & 0x400); e--) m <<= 1;
+        u |= (e << 23) | ((m & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 #endif
 }
 
@@ -69,6 +91,24 @@ static inline float bf16_to_fp32(uint16_t h) {
 }
 
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+/* ---- one weight group (8 units of 32) unpacked to unsigned or signed bytes, with its fp32 factors -------------
+ * Every row of a group computes  sum_u  fw[u] * d_a[u] * (sum_i w[u][i] * q_a[u][i])  -  om[u] * fs_a[u]
+ * except Q6_K, whose 16-value scales multiply in the integer domain (sc16) and whose -32 offset is exact there.
+ * Units past K (tails of Q4_0/Q5_0/Q8_0 rows of 640 values...) are zero with zero factors. */
+typedef struct {
+    uint8_t w[GROUP][UNIT] __attribute__((aligned(32)));
+    float fw[GROUP] __attribute__((aligned(32)));
+    float om[GROUP] __attribute__((aligned(32)));
+    int16_t sc16[GROUP][16] __attribute__((aligned(32)));  /* Q6_K: each unit's two sub-block scales, x8 each */
+    int8_t sc[16];                                         /* Q6_K: the 16 scales of the group */
+    int nu;                                                /* units present */
+    int signed_w;                                          /* Q8_0: w holds int8 */
+} group_t;
+
+#if NEON
+#include "neon.h"
+#endif
 
 /* ---- activation quantization ------------------------------------------------------------------------------- */
 
@@ -116,7 +156,7 @@ static void quantize_row(const float *x, long K, long units, int8_t *q, float *d
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         du = _mm_cvtss_f32(m4) / 127.0f;
         const __m256 id = _mm256_set1_ps(du != 0.0f ? 1.0f / du : 0.0f);
-        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        enum { rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC };  /* a constant, as clang requires */
         const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x0, id), rnd));
         const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x1, id), rnd));
         const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(x2, id), rnd));
@@ -133,6 +173,8 @@ static void quantize_row(const float *x, long K, long units, int8_t *q, float *d
         t = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
         s1 = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+#elif NEON
+        du = neon_quantize_unit(xu, q + u * UNIT, &s0, &s1);
 #else
         float amax = 0.0f;
         for (int i = 0; i < UNIT; i++) amax = fmaxf(amax, fabsf(xu[i]));
@@ -150,19 +192,6 @@ static void quantize_row(const float *x, long K, long units, int8_t *q, float *d
     }
 }
 
-/* ---- one weight group (8 units of 32) unpacked to unsigned or signed bytes, with its fp32 factors -------------
- * Every row of a group computes  sum_u  fw[u] * d_a[u] * (sum_i w[u][i] * q_a[u][i])  -  om[u] * fs_a[u]
- * except Q6_K, whose 16-value scales multiply in the integer domain (sc16) and whose -32 offset is exact there.
- * Units past K (tails of Q4_0/Q5_0/Q8_0 rows of 640 values...) are zero with zero factors. */
-typedef struct {
-    uint8_t w[GROUP][UNIT] __attribute__((aligned(32)));
-    float fw[GROUP] __attribute__((aligned(32)));
-    float om[GROUP] __attribute__((aligned(32)));
-    int16_t sc16[GROUP][16] __attribute__((aligned(32)));  /* Q6_K: each unit's two sub-block scales, x8 each */
-    int8_t sc[16];                                         /* Q6_K: the 16 scales of the group */
-    int nu;                                                /* units present */
-    int signed_w;                                          /* Q8_0: w holds int8 */
-} group_t;
 
 #if !defined(__AVX2__)
 static void kmins(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {  /* Q4_K/Q5_K 6-bit scales and mins */
@@ -434,13 +463,16 @@ static inline __m256i reduce8n(__m256i p0, __m256i p1, __m256i p2, __m256i p3, _
 #endif
 
 
-/* acc[0] += sum_u fw*d_a*isum_u ; acc[1] += sum_u om*fs_a  (vectors of 8 lanes, or scalars without AVX2) */
+/* Per lane (one per unit): dot += isum * (fw * d_a), off += om * fs_a (blocks of 32: off += fw * fs_a, times the
+ * offset at the end, as row1_b32); the total is the lanes' sum, dot - off, in the AVX2 path's order. */
 typedef struct {
 #if defined(__AVX2__)
     __m256 dot, off;     /* K-quants: 8 lanes, one per unit of a super-block */
     __m128 dot4, off4;   /* Q4_0 / Q5_0 / Q8_0: 4 lanes, one per block of a quad */
+#elif NEON
+    float32x4_t dot[2], off[2];  /* lanes 0-3 and 4-7 (blocks of 32: 0-3 only) */
 #else
-    float dot, off;
+    float dot[GROUP], off[GROUP];
 #endif
 } acc_t;
 
@@ -466,39 +498,69 @@ static inline __attribute__((always_inline)) __m256i group_z(const group_t *G, l
 }
 #endif
 
-/* Accumulators go in and out by value, so they stay in registers (through a pointer GCC kept them on the stack:
- * a store-to-load round trip per group). */
-static inline __attribute__((always_inline)) acc_t group_row(const group_t *G, long type, const int8_t *aq,
-                                                             const float *ad, const float *afs, const int16_t *as16,
-                                                             acc_t acc) {
-#if defined(__AVX2__)
-    if (type == T_Q8_0 || type == T_Q4_0) {  /* blocks of 32 (Q5_0 too): one quad, as row1_b32 */
-        const __m128i z = reduce4(unit_dot(G, type, 0, aq), unit_dot(G, type, 1, aq), unit_dot(G, type, 2, aq),
-                                  unit_dot(G, type, 3, aq));
-        const __m128 f = _mm_mul_ps(_mm_load_ps(G->fw), _mm_loadu_ps(ad));
-        acc.dot4 = _mm_fmadd_ps(_mm_cvtepi32_ps(z), f, acc.dot4);
-        acc.off4 = _mm_fmadd_ps(_mm_load_ps(G->om), _mm_loadu_ps(afs), acc.off4);
-        return acc;
-    }
-    const __m256i z = group_z(G, type, aq, as16);
-    const __m256 f = _mm256_mul_ps(_mm256_load_ps(G->fw), _mm256_loadu_ps(ad));
-    acc.dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), f, acc.dot);
-    acc.off = _mm256_fmadd_ps(_mm256_load_ps(G->om), _mm256_loadu_ps(afs), acc.off);
-#else
-    for (int u = 0; u < G->nu; u++) {
+#if !defined(__AVX2__) && !NEON
+/* The exact integer sum of each unit of a group with one activation row (Q6_K: scales and -32 offset applied). */
+static inline __attribute__((always_inline)) void group_sums(const group_t *G, long type, const int8_t *aq,
+                                                             const int16_t *as16, int32_t z[GROUP]) {
+    for (int u = 0; u < group_units(type); u++) {
         int32_t s = 0;
         if (type == T_Q6_K) {
             int32_t s0 = 0, s1 = 0;
             for (int i = 0; i < 16; i++) s0 += (int32_t)G->w[u][i] * aq[u * UNIT + i];
             for (int i = 16; i < 32; i++) s1 += (int32_t)G->w[u][i] * aq[u * UNIT + i];
             s = G->sc[2 * u] * (s0 - 32 * as16[2 * u]) + G->sc[2 * u + 1] * (s1 - 32 * as16[2 * u + 1]);
-        } else if (G->signed_w) {
+        } else if (type == T_Q8_0) {
             for (int i = 0; i < UNIT; i++) s += (int32_t)(int8_t)G->w[u][i] * aq[u * UNIT + i];
         } else {
             for (int i = 0; i < UNIT; i++) s += (int32_t)G->w[u][i] * aq[u * UNIT + i];
         }
-        acc.dot += (float)s * (G->fw[u] * ad[u]);
-        acc.off += G->om[u] * afs[u];
+        z[u] = s;
+    }
+}
+
+/* The AVX2 path's horizontal sum of 8 lanes (hsum): ((0+4) + (2+6)) + ((1+5) + (3+7)); of 4 lanes (hsum4):
+ * (0+2) + (1+3). */
+static inline float lanes_sum8(const float *t) {
+    return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+}
+static inline float lanes_sum4(const float *t) { return (t[0] + t[2]) + (t[1] + t[3]); }
+#endif
+
+static inline float b32_offset(long type) { return type == T_Q4_0 ? 8.0f : 16.0f; }  /* Q4_0: -8, Q5_0: -16 */
+
+/* Accumulators go in and out by value, so they stay in registers (through a pointer GCC kept them on the stack:
+ * a store-to-load round trip per group). */
+static inline __attribute__((always_inline)) acc_t group_row(const group_t *G, long type, const int8_t *aq,
+                                                             const float *ad, const float *afs, const int16_t *as16,
+                                                             acc_t acc) {
+#if defined(__AVX2__)
+    if (is_b32(type)) {  /* blocks of 32: one quad (unused: rows_b32 reads these blocks directly) */
+        const __m128i z = reduce4(unit_dot(G, type, 0, aq), unit_dot(G, type, 1, aq), unit_dot(G, type, 2, aq),
+                                  unit_dot(G, type, 3, aq));
+        const __m128 f = _mm_mul_ps(_mm_load_ps(G->fw), _mm_loadu_ps(ad));
+        acc.dot4 = _mm_fmadd_ps(_mm_cvtepi32_ps(z), f, acc.dot4);
+        acc.off4 = _mm_fmadd_ps(_mm_load_ps(G->fw), _mm_loadu_ps(afs), acc.off4);
+        return acc;
+    }
+    const __m256i z = group_z(G, type, aq, as16);
+    const __m256 f = _mm256_mul_ps(_mm256_load_ps(G->fw), _mm256_loadu_ps(ad));
+    acc.dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), f, acc.dot);
+    acc.off = _mm256_fmadd_ps(_mm256_load_ps(G->om), _mm256_loadu_ps(afs), acc.off);
+#elif NEON
+    const int b32 = is_b32(type);
+    int32x4_t z[2];
+    neon_group_sums(G, type, aq, as16, z);
+    for (int h = 0; h < 2 - b32; h++) {
+        const float32x4_t f = vmulq_f32(vld1q_f32(G->fw + 4 * h), vld1q_f32(ad + 4 * h));
+        acc.dot[h] = vfmaq_f32(acc.dot[h], vcvtq_f32_s32(z[h]), f);
+        acc.off[h] = vfmaq_f32(acc.off[h], vld1q_f32((b32 ? G->fw : G->om) + 4 * h), vld1q_f32(afs + 4 * h));
+    }
+#else
+    int32_t z[GROUP];
+    group_sums(G, type, aq, as16, z);
+    for (int u = 0; u < group_units(type); u++) {
+        acc.dot[u] = fmaf((float)z[u], G->fw[u] * ad[u], acc.dot[u]);
+        acc.off[u] = fmaf(is_b32(type) ? G->fw[u] : G->om[u], afs[u], acc.off[u]);
     }
 #endif
     return acc;
@@ -506,13 +568,29 @@ static inline __attribute__((always_inline)) acc_t group_row(const group_t *G, l
 
 static inline __attribute__((always_inline)) float acc_total(acc_t acc, long type) {
 #if defined(__AVX2__)
-    if (type == T_Q8_0 || type == T_Q4_0) return hsum4(_mm_sub_ps(acc.dot4, acc.off4));
+    if (is_b32(type))
+        return hsum4(type == T_Q8_0 ? acc.dot4 : _mm_fnmadd_ps(acc.off4, _mm_set1_ps(b32_offset(type)), acc.dot4));
     const __m256 v = _mm256_sub_ps(acc.dot, acc.off);
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#elif NEON
+    float32x4_t v;
+    if (is_b32(type))
+        v = type == T_Q8_0 ? acc.dot[0] : vfmsq_f32(acc.dot[0], acc.off[0], vdupq_n_f32(b32_offset(type)));
+    else
+        v = vaddq_f32(vsubq_f32(acc.dot[0], acc.off[0]), vsubq_f32(acc.dot[1], acc.off[1]));
+    const float32x2_t s = vadd_f32(vget_low_f32(v), vget_high_f32(v));
+    return vget_lane_f32(s, 0) + vget_lane_f32(s, 1);
 #else
-    return acc.dot - acc.off;
+    float t[GROUP];
+    if (is_b32(type)) {
+        for (int u = 0; u < QUAD; u++)
+            t[u] = type == T_Q8_0 ? acc.dot[u] : fmaf(-acc.off[u], b32_offset(type), acc.dot[u]);
+        return lanes_sum4(t);
+    }
+    for (int u = 0; u < GROUP; u++) t[u] = acc.dot[u] - acc.off[u];
+    return lanes_sum8(t);
 #endif
 }
 
@@ -521,8 +599,10 @@ static inline __attribute__((always_inline)) acc_t acc_zero(void) {
 #if defined(__AVX2__)
     acc.dot = acc.off = _mm256_setzero_ps();
     acc.dot4 = acc.off4 = _mm_setzero_ps();
+#elif NEON
+    acc.dot[0] = acc.dot[1] = acc.off[0] = acc.off[1] = vdupq_n_f32(0.0f);
 #else
-    acc.dot = acc.off = 0.0f;
+    for (int u = 0; u < GROUP; u++) acc.dot[u] = acc.off[u] = 0.0f;
 #endif
     return acc;
 }
@@ -794,7 +874,8 @@ static void rows_int(const group_t *G, long groups, long type, const act_t *A, l
                      long n) {
     switch (type) {  /* one specialised loop per block type: the type tests leave the inner loop */
         case T_Q8_0: rows_int_t(G, groups, T_Q8_0, A, m0, m1, y, ldy, n); break;
-        case T_Q4_0: case T_Q5_0: rows_int_t(G, groups, T_Q4_0, A, m0, m1, y, ldy, n); break;  /* unsigned, 32 */
+        case T_Q4_0: rows_int_t(G, groups, T_Q4_0, A, m0, m1, y, ldy, n); break;  /* unsigned, 32 */
+        case T_Q5_0: rows_int_t(G, groups, T_Q5_0, A, m0, m1, y, ldy, n); break;
         case T_Q6_K: rows_int_t(G, groups, T_Q6_K, A, m0, m1, y, ldy, n); break;
         default: rows_int_t(G, groups, T_Q4_K, A, m0, m1, y, ldy, n); break;  /* Q4_K, Q5_K: unsigned, mins */
     }
@@ -830,9 +911,22 @@ static void row_float(const qmat_t *W, long n, const act_t *A, long m0, int mr, 
         s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         out[r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
     }
-#else
+#elif NEON
     float out[MR];
-    for (int r = 0; r < mr; r++) out[r] = 0.0f;
+    neon_row_float(W->type, row, A->x + m0 * K, K, mr, out);
+    k = K / 8 * 8;
+#else  /* the AVX2 loop's 8 lanes, fused multiply-adds and horizontal sum */
+    float acc[MR][8], out[MR];
+    for (int r = 0; r < mr; r++)
+        for (int i = 0; i < 8; i++) acc[r][i] = 0.0f;
+    for (; k + 8 <= K; k += 8)
+        for (int i = 0; i < 8; i++) {
+            const float w = W->type == T_F32 ? ((const float *)row)[k + i]
+                            : W->type == T_F16 ? fp16_to_fp32(rd16(row + 2 * (k + i)))
+                                               : bf16_to_fp32(rd16(row + 2 * (k + i)));
+            for (int r = 0; r < mr; r++) acc[r][i] = fmaf(w, A->x[(m0 + r) * K + k + i], acc[r][i]);
+        }
+    for (int r = 0; r < mr; r++) out[r] = lanes_sum8(acc[r]);
 #endif
     for (; k < K; k++) {
         const float w = W->type == T_F32 ? ((const float *)row)[k]
@@ -862,7 +956,7 @@ static void matmuls_share(const qmat_t *W, int n_mats, const act_t *A, float *co
     for (int i = 0; i < n_mats; i++) first[i] = total, total += (W[i].rows + NB - 1) / NB;
     first[n_mats] = total;
     const long M = A->rows;
-    long MC = MC_BYTES / (A->units * UNIT);
+    long MC = A->units ? MC_BYTES / (A->units * UNIT) : 256;  /* no units: float rows narrower than 32 */
     MC = MC < 4 ? 4 : MC > 256 ? 256 : MC;
     long t0, t1;
     share(total, tid, nth, &t0, &t1);
@@ -906,41 +1000,6 @@ long group_bytes(long K) {
     return (long)((sizeof(group_t) * max_groups + 63) / 64 * 64);
 }
 
-/* ---- a team of workers inside one parallel region (decode.c): a spinning barrier ----------------------------
- * A decode step is ~100 short phases (products, attention, norms). As separate OpenMP regions each paid a fork and
- * a join; libgomp spins ~300k iterations on those only while it manages no more threads than CPUs, and a second
- * Python thread that ever ran OpenMP (a server's engine thread, a web UI's worker) tips it into futex sleeps: the
- * 270M decoded 65 instead of 100 tok/s from a non-main thread (2 cores). One region per step with this barrier
- * spins briefly, then yields the CPU, whatever libgomp decides. (Sleeping on a futex after the spin measured
- * worse: with grammar masks computed on another thread, a yielding waiter hands it its core at once.) */
-void team_barrier(team_t *b, int n) {
-    if (n <= 1) return;
-    const int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == n) {
-        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->gen, gen + 1, __ATOMIC_RELEASE);
-        return;
-    }
-    for (long spins = 0; __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == gen; spins++) {
-        if (spins < SPINS) _mm_pause();
-        else sched_yield();  /* oversubscribed (another busy thread on our cores): let it run */
-    }
-}
-
-/* Ends the calling thread's OpenMP pool (its docked workers exit; the next region starts a new one). libgomp
- * spins on its barriers only while it manages no more threads than CPUs, and every thread that ever ran a region
- * keeps its pool: a model loaded on the main thread and decoded on a server's engine thread put Gemma 4's per-matrix
- * regions into futex sleeps (E2B: 20 instead of 30 tok/s on 2 cores). 0 on success, -1 without it. */
-#if defined(_OPENMP)
-#pragma weak omp_pause_resource_all  /* libgomp has it since GCC 9 (OpenMP 5.0); an older one leaves it NULL */
-#endif
-int release_threads(void) {
-#if defined(_OPENMP)
-    if (omp_pause_resource_all) return omp_pause_resource_all(omp_pause_hard);
-#endif
-    return -1;
-}
-
 /* Y_i = X @ W_i^T for n_mats matrices of the same K (at most 8), by worker `tid` of `nth`: every worker calls it
  * with the same arguments and its own group buffer (group_bytes; unused by one-row AVX2 products). X [M, K] fp32
  * (complete before the call: the team waits at a barrier first) is quantized once, each worker a share of its
@@ -968,23 +1027,33 @@ void qmatmul_team(const qmat_t *W, int n_mats, const float *x, long M, float *co
 }
 
 /* Y[M, N] = X[M, K] @ W^T, scratch from the caller (act_bytes(M, K)); the entry point for Python: qmatmul_team in
- * a parallel region of its own. */
+ * a region of its own. */
+typedef struct {
+    qmat_t w;
+    const float *x;
+    long M;
+    float *y;
+    void *scratch;
+    team_t team;
+} qmatmul_job;
+
+static void qmatmul_worker(void *arg, int tid, int nth) {
+    qmatmul_job *j = arg;
+    float *const ys[1] = {j->y};
+    const long ld[1] = {j->w.rows};
+#if defined(__AVX2__)
+    void *G = j->M > 1 ? aligned_alloc(64, group_bytes(j->w.cols)) : NULL;  /* M == 1: row1, no buffer */
+#else
+    void *G = aligned_alloc(64, group_bytes(j->w.cols));
+#endif
+    qmatmul_team(&j->w, 1, j->x, j->M, ys, ld, j->scratch, G, tid, nth, &j->team);
+    free(G);
+}
+
 void qmatmul(const uint8_t *data, long type, long N, long K, long row_bytes, const float *x, long M, float *y,
              void *scratch, int threads) {
-    const qmat_t w = {data, type, N, K, row_bytes};
-    float *const ys[1] = {y};
-    const long ld[1] = {N};
-    team_t team = {0, 0};
-#pragma omp parallel num_threads(threads) if ((N + NB - 1) / NB > 1)
-    {
-#if defined(__AVX2__)
-        void *G = M > 1 ? aligned_alloc(64, group_bytes(K)) : NULL;  /* M == 1: row1, no buffer */
-#else
-        void *G = aligned_alloc(64, group_bytes(K));
-#endif
-        qmatmul_team(&w, 1, x, M, ys, ld, scratch, G, omp_get_thread_num(), omp_get_num_threads(), &team);
-        free(G);
-    }
+    qmatmul_job j = {{data, type, N, K, row_bytes}, x, M, y, scratch, {0, 0}};
+    team_run((N + NB - 1) / NB > 1 ? threads : 1, qmatmul_worker, &j);
 }
 
 /* ---- dequantization of rows (embedding lookups, and float copies where a caller needs them) ------------------- */
@@ -1054,16 +1123,34 @@ static void dequant_row(const uint8_t *row, long type, long K, float *out, uint1
     }
 }
 
+typedef struct {
+    const uint8_t *data;
+    long type, K, row_bytes, row0, n_rows;
+    const int64_t *rows;  /* NULL: rows row0 .. row0 + n_rows - 1 */
+    float *out;           /* NULL: bf16 into out16 */
+    uint16_t *out16;
+} dequant_job;
+
+static void dequant_worker(void *arg, int tid, int nth) {
+    const dequant_job *j = arg;
+    long a, b;
+    share(j->n_rows, tid, nth, &a, &b);
+    for (long r = a; r < b; r++) {
+        const uint8_t *row = j->data + (j->rows ? j->rows[r] : j->row0 + r) * j->row_bytes;
+        dequant_row(row, j->type, j->K, j->out ? j->out + r * j->K : NULL, j->out ? NULL : j->out16 + r * j->K);
+    }
+}
+
 void dequant_rows(const uint8_t *data, long type, long K, long row_bytes, const int64_t *rows, long n_rows,
                   float *out, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (n_rows > 64)
-    for (long r = 0; r < n_rows; r++) dequant_row(data + rows[r] * row_bytes, type, K, out + r * K, NULL);
+    dequant_job j = {data, type, K, row_bytes, 0, n_rows, rows, out, NULL};
+    team_run(n_rows > 64 ? threads : 1, dequant_worker, &j);
 }
 
 /* Rows row0 .. row0+n_rows-1 as bf16: tiles for the bf16 GEMM of long prefills on CPUs that multiply bf16
  * natively (AVX512-BF16, AMX), where it beats the int8 kernels; no whole-matrix copy is ever made. */
 void dequant_rows_bf16(const uint8_t *data, long type, long K, long row_bytes, long row0, long n_rows,
                        uint16_t *out, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (n_rows > 16)
-    for (long r = 0; r < n_rows; r++) dequant_row(data + (row0 + r) * row_bytes, type, K, NULL, out + r * K);
+    dequant_job j = {data, type, K, row_bytes, row0, n_rows, NULL, NULL, out};
+    team_run(n_rows > 16 ? threads : 1, dequant_worker, &j);
 }

@@ -13,13 +13,26 @@ typedef struct {
 long act_bytes(long M, long K);
 int qtype_supported(long type);
 
-/* Workers of one OpenMP region that synchronise without leaving it (decode.c's one region per step); each worker
- * passes the team's size, omp_get_num_threads(). */
+/* Workers of one region (team.c: OpenMP, or a pthread pool without it) that synchronise without leaving it
+ * (decode.c's one region per step); each worker passes the team's size, nth. */
 typedef struct {
     int count, gen;  /* arrivals, generation */
 } team_t;
 
+typedef void (*team_fn)(void *ctx, int tid, int nth);
+void team_run(int threads, team_fn fn, void *ctx);
 void team_barrier(team_t *b, int n);
+int release_threads(void);
+const char *kernels_threading(void);
+
+/* A spin-wait's pause: lets the core's other hyper-thread run, and saves power. */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    __asm__ __volatile__("yield");
+#endif
+}
 long group_bytes(long K);
 void qmatmul_team(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
                   void *scratch, void *groups, int tid, int nth, team_t *team);

@@ -14,8 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#include <omp.h>
+#elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(GEMMAKIT_SCALAR)
+#include <arm_neon.h>
+#endif
 
 #include "blocks.h"
 
@@ -36,7 +39,7 @@ typedef struct {
     float eps, scaling, softcap;            /* softcap 0 = none */
 } dims_t;
 
-/* A few vector primitives over AVX-512 (16 lanes) or AVX2+FMA (8 lanes), so the kernels below are written once.
+/* A few vector primitives over AVX-512 (16 lanes), AVX2+FMA (8 lanes) or NEON (4), so the kernels below are written once.
  * Without either, VL is undefined and the scalar loops run. */
 #if defined(__AVX512F__)
 #define VL 16
@@ -94,6 +97,41 @@ static inline vf vload_part(const float *p, long n, float fill) {
 }
 static inline void vstore_part(float *p, vf v, long n) { _mm256_maskstore_ps(p, tail_mask(n), v); }
 static inline vf vzero_where(vf v, vf x, float bad) { return _mm256_and_ps(v, _mm256_cmp_ps(x, vset(bad), _CMP_NEQ_OQ)); }
+#elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(GEMMAKIT_SCALAR)
+#define VL 4
+typedef float32x4_t vf;
+static inline vf vset(float a) { return vdupq_n_f32(a); }
+static inline vf vload(const float *p) { return vld1q_f32(p); }
+static inline void vstore(float *p, vf v) { vst1q_f32(p, v); }
+static inline vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+static inline vf vfnma(vf a, vf b, vf c) { return vfmsq_f32(c, a, b); }
+static inline vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
+static inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
+static inline vf vdiv(vf a, vf b) { return vdivq_f32(a, b); }
+static inline vf vclamp(vf x, float lo, float hi) { return vmaxq_f32(vminq_f32(x, vset(hi)), vset(lo)); }
+static inline vf vround(vf x) { return vrndnq_f32(x); }
+static inline vf vscale2(vf y, vf n) {  /* y * 2^n for integral n in [-126, 127]: build 2^n in the exponent bits */
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+}
+static inline float vsum(vf v) {
+    const float32x2_t s = vadd_f32(vget_low_f32(v), vget_high_f32(v));
+    return vget_lane_f32(s, 0) + vget_lane_f32(s, 1);
+}
+static inline vf vload_part(const float *p, long n, float fill) {
+    float t[4] = {fill, fill, fill, fill};
+    memcpy(t, p, (n >= 4 ? 4 : n) * sizeof(float));
+    return vld1q_f32(t);
+}
+static inline void vstore_part(float *p, vf v, long n) {
+    float t[4];
+    vst1q_f32(t, v);
+    memcpy(p, t, (n >= 4 ? 4 : n) * sizeof(float));
+}
+static inline vf vzero_where(vf v, vf x, float bad) {
+    return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(v), vceqq_f32(x, vset(bad))));
+}
 #endif
 
 #ifdef VL
@@ -280,15 +318,118 @@ static void attention(const layer_t *L, const dims_t *dm, const float *qkv, long
     }
 }
 
+/* The state of one step, shared by its workers. */
+typedef struct {
+    const layer_t *layers;
+    long n_layers;
+    const dims_t *dm;
+    float *x;
+    long M, T, end;
+    const int64_t *pos, *cols;
+    float *h, *qkv, *att, *gu, *act, *o, *part;
+    void *scratch;
+    uint8_t *groups;
+    long gb;  /* bytes of each worker's group buffer */
+    team_t team;
+} step_t;
+
+/* Worker `tid` of `nth` through every layer of a step. */
+static void step_worker(void *arg, int tid, int nth) {
+    step_t *st = arg;
+    const layer_t *layers = st->layers;
+    const dims_t *dm = st->dm;
+    const long n_layers = st->n_layers, M = st->M, T = st->T, end = st->end;
+    const int64_t *pos = st->pos, *cols = st->cols;
+    float *x = st->x, *h = st->h, *qkv = st->qkv, *att = st->att, *gu = st->gu, *act = st->act, *o = st->o;
+    float *part = st->part;
+    void *scratch = st->scratch, *G = st->groups + tid * st->gb;
+    team_t *team = &st->team;
+    const long D = dm->dim, N = dm->n_heads, KV = dm->n_kv, H = dm->head_dim, I = dm->inter;
+    const long QKV = (N + 2 * KV) * H;
+    for (long l = 0; l < n_layers; l++) {
+        const layer_t *L = layers + l;
+        const long S = L->slots, span = L->ring ? S : end;
+        long a, b;
+        if (tid == 0) rms_norm(x, L->attn_norm, h, M, D, dm->eps);
+        {
+            const qmat_t w[3] = {L->q, L->k, L->v};
+            float *const y[3] = {qkv, qkv + N * H, qkv + (N + KV) * H};
+            const long ld[3] = {QKV, QKV, QKV};
+            qmatmul_team(w, 3, h, M, y, ld, scratch, G, tid, nth, team);
+        }
+        team_barrier(team, nth);
+        share(M, tid, nth, &a, &b);
+        for (long m = a; m < b; m++) {
+            float *q = qkv + m * QKV, *k = q + N * H, *v = k + KV * H;
+            const long row = m / T;
+            if (L->q_norm) {
+                rms_norm(q, L->q_norm, q, N, H, dm->eps);
+                rms_norm(k, L->k_norm, k, KV, H, dm->eps);
+            }
+            float c[H / 2], sn[H / 2];
+            rope_cs(pos[m] < 0 ? 0 : pos[m], L->inv_freq, H / 2, c, sn);
+            rope(q, N, H, c, sn);
+            rope(k, KV, H, c, sn);
+            const long slot = L->ring ? cols[m] % S : cols[m];
+            for (long kv = 0; kv < KV; kv++) {
+                memcpy(L->k_cache + ((row * KV + kv) * S + slot) * H, k + kv * H, H * sizeof(float));
+                memcpy(L->v_cache + ((row * KV + kv) * S + slot) * H, v + kv * H, H * sizeof(float));
+            }
+            L->slot_pos[row * S + slot] = pos[m];
+        }
+        team_barrier(team, nth);
+        attention(L, dm, qkv, QKV, M, T, pos, span, att, part, tid, nth, team);
+        {
+            float *const y[1] = {o};
+            const long ld[1] = {D};
+            qmatmul_team(&L->o, 1, att, M, y, ld, scratch, G, tid, nth, team);
+        }
+        team_barrier(team, nth);
+        if (tid == 0) {
+            if (L->pre_ffw_norm) {  /* Gemma 2/3: x += post_attn_norm(o); h = pre_ffw_norm(x) */
+                rms_norm(o, L->post_attn_norm, o, M, D, dm->eps);
+                for (long i = 0; i < M * D; i++) x[i] += o[i];
+                rms_norm(x, L->pre_ffw_norm, h, M, D, dm->eps);
+            } else {  /* Gemma 1: x += o; h = post_attention_layernorm(x) */
+                for (long i = 0; i < M * D; i++) x[i] += o[i];
+                rms_norm(x, L->post_attn_norm, h, M, D, dm->eps);
+            }
+        }
+        {
+            const qmat_t w[2] = {L->gate, L->up};
+            float *const y[2] = {gu, gu + I};
+            const long ld[2] = {2 * I, 2 * I};
+            qmatmul_team(w, 2, h, M, y, ld, scratch, G, tid, nth, team);
+        }
+        team_barrier(team, nth);
+        const long pieces = (I + 63) / 64;  /* tanh-GeGLU in pieces of 64 values (vector lengths divide 64) */
+        share(M * pieces, tid, nth, &a, &b);
+        for (long j = a; j < b; j++) {
+            const long m = j / pieces, i0 = j % pieces * 64, len = I - i0 < 64 ? I - i0 : 64;
+            geglu(gu + m * 2 * I + i0, gu + m * 2 * I + I + i0, act + m * I + i0, len);
+        }
+        {
+            float *const y[1] = {o};
+            const long ld[1] = {D};
+            qmatmul_team(&L->down, 1, act, M, y, ld, scratch, G, tid, nth, team);
+        }
+        team_barrier(team, nth);
+        if (tid == 0) {
+            if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, o, M, D, dm->eps);
+            for (long i = 0; i < M * D; i++) x[i] += o[i];
+        }
+    }
+}
+
 /* x: [M, D] hidden states of M = B * T new tokens (T per cache row, row-major), updated in place. Token m belongs
  * to cache row m / T, sits at position pos[m] (-1: padding) and writes column cols[m] (slot cols[m] % S on ring
  * layers). Every token's keys and values are written before any attends: masks by position keep causality, and
  * ring slack of at least T - 1 slots (checked by the caller) keeps the slots a query still needs. Tokens attend
  * over slots [0, end) (all S on ring layers).
  *
- * The whole step is one OpenMP region: the workers split every product, the attention tasks and the elementwise
- * work, and meet at team_barrier (blocks.c) between phases; short serial parts (norms, RoPE, cache writes) are
- * worker 0's. Every value is computed by the same code in the same order as with one worker. */
+ * The whole step is one region (team.c: OpenMP, or the pthread pool without it): the workers split every product,
+ * the attention tasks and the elementwise work, and meet at team_barrier between phases; short serial parts (norms,
+ * RoPE, cache writes) are worker 0's. Every value is computed by the same code in the same order as with one worker. */
 void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float *x, long M, long T,
                    const int64_t *pos, const int64_t *cols, long end, int threads) {
     const long D = dm->dim, N = dm->n_heads, KV = dm->n_kv, H = dm->head_dim, I = dm->inter;
@@ -305,85 +446,9 @@ void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float
     void *scratch = malloc(act_bytes(M, widest));
     const long gb = group_bytes(widest);
     uint8_t *groups = aligned_alloc(64, gb * (threads > 0 ? threads : 1));
-    team_t team = {0, 0};
-#pragma omp parallel num_threads(threads)
-    {
-        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        void *G = groups + tid * gb;
-        for (long l = 0; l < n_layers; l++) {
-            const layer_t *L = layers + l;
-            const long S = L->slots, span = L->ring ? S : end;
-            long a, b;
-            if (tid == 0) rms_norm(x, L->attn_norm, h, M, D, dm->eps);
-            {
-                const qmat_t w[3] = {L->q, L->k, L->v};
-                float *const y[3] = {qkv, qkv + N * H, qkv + (N + KV) * H};
-                const long ld[3] = {QKV, QKV, QKV};
-                qmatmul_team(w, 3, h, M, y, ld, scratch, G, tid, nth, &team);
-            }
-            team_barrier(&team, nth);
-            share(M, tid, nth, &a, &b);
-            for (long m = a; m < b; m++) {
-                float *q = qkv + m * QKV, *k = q + N * H, *v = k + KV * H;
-                const long row = m / T;
-                if (L->q_norm) {
-                    rms_norm(q, L->q_norm, q, N, H, dm->eps);
-                    rms_norm(k, L->k_norm, k, KV, H, dm->eps);
-                }
-                float c[H / 2], sn[H / 2];
-                rope_cs(pos[m] < 0 ? 0 : pos[m], L->inv_freq, H / 2, c, sn);
-                rope(q, N, H, c, sn);
-                rope(k, KV, H, c, sn);
-                const long slot = L->ring ? cols[m] % S : cols[m];
-                for (long kv = 0; kv < KV; kv++) {
-                    memcpy(L->k_cache + ((row * KV + kv) * S + slot) * H, k + kv * H, H * sizeof(float));
-                    memcpy(L->v_cache + ((row * KV + kv) * S + slot) * H, v + kv * H, H * sizeof(float));
-                }
-                L->slot_pos[row * S + slot] = pos[m];
-            }
-            team_barrier(&team, nth);
-            attention(L, dm, qkv, QKV, M, T, pos, span, att, part, tid, nth, &team);
-            {
-                float *const y[1] = {o};
-                const long ld[1] = {D};
-                qmatmul_team(&L->o, 1, att, M, y, ld, scratch, G, tid, nth, &team);
-            }
-            team_barrier(&team, nth);
-            if (tid == 0) {
-                if (L->pre_ffw_norm) {  /* Gemma 2/3: x += post_attn_norm(o); h = pre_ffw_norm(x) */
-                    rms_norm(o, L->post_attn_norm, o, M, D, dm->eps);
-                    for (long i = 0; i < M * D; i++) x[i] += o[i];
-                    rms_norm(x, L->pre_ffw_norm, h, M, D, dm->eps);
-                } else {  /* Gemma 1: x += o; h = post_attention_layernorm(x) */
-                    for (long i = 0; i < M * D; i++) x[i] += o[i];
-                    rms_norm(x, L->post_attn_norm, h, M, D, dm->eps);
-                }
-            }
-            {
-                const qmat_t w[2] = {L->gate, L->up};
-                float *const y[2] = {gu, gu + I};
-                const long ld[2] = {2 * I, 2 * I};
-                qmatmul_team(w, 2, h, M, y, ld, scratch, G, tid, nth, &team);
-            }
-            team_barrier(&team, nth);
-            const long pieces = (I + 63) / 64;  /* tanh-GeGLU in pieces of 64 values (vector lengths divide 64) */
-            share(M * pieces, tid, nth, &a, &b);
-            for (long j = a; j < b; j++) {
-                const long m = j / pieces, i0 = j % pieces * 64, len = I - i0 < 64 ? I - i0 : 64;
-                geglu(gu + m * 2 * I + i0, gu + m * 2 * I + I + i0, act + m * I + i0, len);
-            }
-            {
-                float *const y[1] = {o};
-                const long ld[1] = {D};
-                qmatmul_team(&L->down, 1, act, M, y, ld, scratch, G, tid, nth, &team);
-            }
-            team_barrier(&team, nth);
-            if (tid == 0) {
-                if (L->post_ffw_norm) rms_norm(o, L->post_ffw_norm, o, M, D, dm->eps);
-                for (long i = 0; i < M * D; i++) x[i] += o[i];
-            }
-        }
-    }
+    step_t st = {layers, n_layers, dm, x, M, T, end, pos, cols, h, qkv, att, gu, act, o, part, scratch, groups, gb,
+                 {0, 0}};
+    team_run(threads, step_worker, &st);
     free(groups);
     free(scratch);
     free(part);

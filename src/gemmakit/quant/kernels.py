@@ -1,10 +1,15 @@
-"""The native CPU kernels (blocks.c, decode.c): compiled once per machine with gcc, loaded with ctypes.
+"""The native CPU kernels (the C files beside this one): compiled once per machine with gcc or clang, loaded with
+ctypes.
 
 Why not a torch extension: this file compiles in ~1 s with no torch headers and no build isolation issues, and it
 calls into the OpenMP runtime torch already loaded. Why native at all: on CPUs without a fast int8 GEMV in torch
 (`_weight_int8pack_mm` measured 3 GB/s on the reference machine), reading the GGUF's blocks directly is the only way
-to decode at memory bandwidth. When gcc is missing or the build fails, `available()` is False and the pure-PyTorch
-path runs instead.
+to decode at memory bandwidth. When no compiler is found or the build fails, `available()` is False and the
+pure-PyTorch path runs instead.
+
+The first build probes, in order, the compiler's OpenMP (`-fopenmp`), libomp through `-Xpreprocessor -fopenmp`
+(Apple's clang with Homebrew's libomp), and a build without OpenMP whose regions run on team.c's pthread pool; the
+first that compiles is cached and one line says which it is. Results do not depend on the choice (team.c).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -21,10 +28,15 @@ import torch
 
 from ..disk_cache import cache_dir, prune
 
-SOURCES = [Path(__file__).with_name("blocks.c"), Path(__file__).with_name("decode.c")]
-HEADERS = [Path(__file__).with_name("blocks.h")]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm"]
+HERE = Path(__file__).parent
+SOURCES = sorted(HERE.glob("*.c"))  # every C file here is part of the library
+HEADERS = sorted(HERE.glob("*.h"))
+# -ffp-contract=off: a * b + c is never fused behind the code's back (clang fuses by default, gcc does not in C11),
+# so every compiler computes the products with the same roundings (blocks.c: bit-identical across CPUs).
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
+LIBS = ["-lm"]
 KEEP_BUILDS = 8  # the kernels cache holds at most this many builds (other sources, flags or CPUs); oldest go first
+LIBOMP_PREFIXES = ("/opt/homebrew/opt/libomp", "/usr/local/opt/libomp")  # Homebrew's on Apple Silicon, on Intel
 
 
 def extra_flags() -> list[str]:
@@ -33,37 +45,82 @@ def extra_flags() -> list[str]:
 
 
 def _cpu_fingerprint() -> str:
+    """The CPU's feature list (x86 `flags`, ARM `Features`; on macOS the CPU's name), hashed: a build for one CPU is
+    never loaded on another."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next(line for line in text.splitlines() if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
-        flags = ""
+        flags = platform.processor() + platform.machine()
+        if sys.platform == "darwin":
+            proc = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+            flags += proc.stdout
     return hashlib.sha256(flags.encode()).hexdigest()[:8]
 
 
+def arch_flags() -> list[list[str]]:
+    """Target flags to try, best first: this CPU's own (-march=native on x86; -mcpu=native on ARM64, where it
+    brings dotprod, and i8mm where present), then a safe baseline where a compiler lacks the native probe."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        return [["-march=native"], []]
+    if machine in ("arm64", "aarch64"):
+        return [["-mcpu=native"], *([["-mcpu=apple-m1"]] if sys.platform == "darwin" else []), []]
+    return [["-march=native"], []]
+
+
+def threading_flags() -> list[tuple[str, list[str]]]:
+    """How the kernels' regions get their threads, best first: (label, compile flags)."""
+    options: list[tuple[str, list[str]]] = []
+    if "-fno-openmp" not in extra_flags():  # GEMMAKIT_CFLAGS=-fno-openmp: the pthread team, e.g. to test it
+        options.append(("OpenMP", ["-fopenmp"]))
+    for prefix in map(Path, LIBOMP_PREFIXES):
+        if options and (prefix / "include" / "omp.h").exists():
+            # torch's wheel for macOS bundles its own libomp: link to that one where present, so one OpenMP
+            # runtime serves torch and the kernels (two copies abort with "OMP: Error #15")
+            torch_lib = Path(torch.__file__).parent / "lib"
+            lib = torch_lib if (torch_lib / "libomp.dylib").exists() else prefix / "lib"
+            options.append((f"OpenMP (libomp, {lib})",
+                            ["-Xpreprocessor", "-fopenmp", f"-I{prefix / 'include'}", f"-L{lib}", "-lomp",
+                             f"-Wl,-rpath,{lib}"]))
+    options.append(("a pthread team (no OpenMP; on macOS `brew install libomp` adds it)", ["-pthread"]))
+    return options
+
+
 def build(verbose: bool = False) -> Path | None:
-    """Compile blocks.c and decode.c for this machine (cached by source, flags and CPU features); None if it cannot be
-    built."""
+    """Compile the C files here for this machine (cached by source, compiler, flags and CPU features); None if it
+    cannot be built. The first build probes the target and threading flags (arch_flags, threading_flags) and prints
+    one line saying what it chose."""
     if os.environ.get("GEMMAKIT_NO_NATIVE"):
         return None
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if cc is None:
         return None
-    flags = [*FLAGS, *extra_flags()]
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(flags).encode()).hexdigest()
+    extra = extra_flags()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS)
+                         + " ".join([cc, *FLAGS, *extra]).encode()).hexdigest()
     out = cache_dir() / "kernels" / f"kernels-{key[:12]}-{_cpu_fingerprint()}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     prune(out.parent, "*.so", KEEP_BUILDS)
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        if verbose:
-            print(proc.stderr)
-        tmp.unlink(missing_ok=True)
-        return None
-    os.replace(tmp, out)  # atomic: a concurrent or interrupted build never leaves a broken .so
-    return out
+    errors = ""
+    for arch in arch_flags():
+        for label, threads in threading_flags():
+            cmd = [cc, *FLAGS, *arch, *threads, *extra, *map(str, SOURCES), "-o", str(tmp), *LIBS]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, out)  # atomic: a concurrent or interrupted build never leaves a broken .so
+                target = " ".join(arch) or "the compiler's default target"
+                print(f"gemmakit: native kernels built with {Path(cc).name} for {target}, threads: {label}",
+                      file=sys.stderr)
+                return out
+            errors = proc.stderr
+            tmp.unlink(missing_ok=True)
+    if verbose:
+        print(errors)
+    return None
 
 
 @cache
@@ -87,11 +144,19 @@ def library() -> ctypes.CDLL | None:
     lib.act_bytes.restype = long_
     lib.qtype_supported.argtypes = [long_]
     lib.qtype_supported.restype = int_
+    lib.kernels_threading.argtypes = []
+    lib.kernels_threading.restype = ctypes.c_char_p
     return lib
 
 
 def available() -> bool:
     return library() is not None
+
+
+def threading() -> str | None:
+    """"openmp" or "pthreads": what runs the kernels' parallel regions (None without the kernels)."""
+    lib = library()
+    return lib.kernels_threading().decode() if lib is not None else None
 
 
 def release_threads() -> None:
