@@ -155,6 +155,16 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
         tok = tokenizer_from_gguf(g)
         if dev.type == "cpu" and quant in ("auto", "q8") and fast.available():
             return Model(fast.load_gguf_fast(g, cfg, dtype=dt, progress=progress), tok, label, fmt)
+        if dev.type == "cpu" and quant == "auto":  # no native kernels: never a silent fp32 copy of the file
+            from .quant.int8_ref import load_gguf_int8, reference_plan
+
+            kind, size = reference_plan(g, None if dtype in (None, "auto") else dt)
+            _note(f"native kernels unavailable (they need gcc or clang at first use): {label} runs on the reference "
+                  f"path with {kind} weights, ~{size / 1e9:.1f} GB in memory (file: {path.stat().st_size / 1e9:.1f} "
+                  "GB)")
+            if kind == "int8":
+                return Model(load_gguf_int8(g, cfg), tok, label, fmt)
+            dt = torch.bfloat16 if kind == "bfloat16" else dt
         bar, update = _with_progress("loading weights", progress)
         with bar:
             state = state_dict_from_gguf(g, cfg.family, on_tensor=update, dtype=dt)
