@@ -149,6 +149,7 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
         label = str(path)
     fmt = sniff(path)
     tok: Tokenizer | None = None
+    int8_rows = False
     if fmt == "gguf":
         g = read_gguf(path)
         cfg = config_from_gguf(g)
@@ -156,15 +157,14 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
         if dev.type == "cpu" and quant in ("auto", "q8") and fast.available():
             return Model(fast.load_gguf_fast(g, cfg, dtype=dt, progress=progress), tok, label, fmt)
         if dev.type == "cpu" and quant == "auto":  # no native kernels: never a silent fp32 copy of the file
-            from .quant.int8_ref import load_gguf_int8, reference_plan
+            from .quant.int8_ref import reference_plan
 
             kind, size = reference_plan(g, None if dtype in (None, "auto") else dt)
             _note(f"native kernels unavailable (they need gcc or clang at first use): {label} runs on the reference "
                   f"path with {kind} weights, ~{size / 1e9:.1f} GB in memory (file: {path.stat().st_size / 1e9:.1f} "
                   "GB)")
-            if kind == "int8":
-                return Model(load_gguf_int8(g, cfg), tok, label, fmt)
-            dt = torch.bfloat16 if kind == "bfloat16" else dt
+            int8_rows = kind == "int8"  # read as bf16, each matrix then rounded to int8 rows
+            dt = torch.bfloat16 if kind in ("bfloat16", "int8") else dt
         bar, update = _with_progress("loading weights", progress)
         with bar:
             state = state_dict_from_gguf(g, cfg.family, on_tensor=update, dtype=dt)
@@ -185,6 +185,11 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
         tpath = Path(tokenizer)
         tok = Tokenizer.from_hf_json(tpath) if tpath.suffix == ".json" else Tokenizer.from_file(tpath)
     module = build(cfg, state, path, dtype=dt, device=dev)
+    if int8_rows:
+        from .quant.int8_ref import to_int8_rows
+
+        del state
+        to_int8_rows(module)
     if quant == "q8":
         if dev.type != "cpu":
             raise GemmaError("quant='q8' is a CPU path; on CUDA use quant=None (bfloat16)")

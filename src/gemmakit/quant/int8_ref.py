@@ -1,11 +1,11 @@
 """The reference path for GGUF files when the native kernels cannot be built: int8 weights, not a float copy.
 
 Dequantizing a Q4_K_M file to fp32 multiplies its size by ~7 (a 2B: 1.6 GB on disk, ~10 GB in memory), more than
-many 8-16 GB laptops can spare. Without the kernels, each weight matrix is dequantized one at a time and rounded to
-int8 per output row (absmax / 127, as weight_only.Int8Linear), and products run through torch's int8 weight GEMM
-(`torch._weight_int8pack_mm`, fp32 activations): ~1 byte per weight, ~1.8x a Q4_K_M file. Norms stay fp32; Gemma 4's
-3-D expert tensors stay float. CPUs that multiply bf16 natively are better served by a bf16 model (loader.py picks
-it there: `reference_plan`).
+many 8-16 GB laptops can spare. Without the kernels, the file is dequantized to bf16 (2 bytes a weight, peak), then
+each weight matrix is rounded to int8 per output row (absmax / 127, as weight_only.Int8Linear; bf16's rounding is
+~1/64 of that step) and multiplied by torch's int8 weight GEMM (`torch._weight_int8pack_mm`, fp32 activations):
+~1 byte per weight, ~1.8x a Q4_K_M file. Norms and Gemma 4's 3-D expert tensors stay float (fp32). CPUs that multiply
+bf16 natively keep the bf16 model instead (loader.py asks `reference_plan`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..model import Gemma
-from ..weights.gguf import GGUFFile, hf_name, hf_tensor
-from ..weights.names import ROPE_FREQS
+from ..weights.gguf import GGUFFile
 from .kernels import native_bf16
 
 
@@ -71,39 +69,19 @@ class Int8RowEmbedding(nn.Module):
         return int8_matmul(h, self.qweight, self.scale)
 
 
-def _swap(module: nn.Module, name: str, q: Tensor, scale: Tensor) -> bool:
-    """Put int8 rows in place of the nn.Linear / nn.Embedding `name` (an HF weight name); False if it is neither."""
-    parent_name, _, child = name.removesuffix(".weight").rpartition(".")
-    parent = module.get_submodule(parent_name)
-    old = getattr(parent, child, None)
-    if isinstance(old, nn.Embedding):
-        setattr(parent, child, Int8RowEmbedding(q, scale))
-    elif isinstance(old, nn.Linear) and old.bias is None:
-        setattr(parent, child, Int8RowLinear(q, scale))
-    else:
-        return False
-    return True
-
-
-def load_gguf_int8(g: GGUFFile, cfg) -> Gemma:
-    """A CPU Gemma (fp32 activations) whose 2-D weight matrices are int8 rows; peak memory ~ the result plus one
-    fp32 matrix."""
-    with torch.device("meta"):
-        module = Gemma(cfg)
-    state: dict[str, Tensor] = {}
-    for name, t in g.tensors.items():
-        if cfg.family == "gemma4" and name == ROPE_FREQS:
-            continue  # a RoPE mask, read into the config, not a weight
-        hf = hf_name(g, name, cfg.family)
-        w = hf_tensor(g, name, torch.float32)
-        if len(t.shape) == 2 and not name.endswith("norm.weight") and _swap(module, hf, *quantize_rows(w)):
+def to_int8_rows(module: nn.Module) -> nn.Module:
+    """Every bias-free nn.Linear and every nn.Embedding of a (bf16) model as int8 rows, one matrix at a time, then
+    the rest (norms, Gemma 4's experts) in fp32, the dtype the int8 kernel computes in."""
+    for name, old in list(module.named_modules()):
+        if isinstance(old, nn.Embedding):
+            new: nn.Module = Int8RowEmbedding(*quantize_rows(old.weight.detach()))
+        elif isinstance(old, nn.Linear) and old.bias is None:
+            new = Int8RowLinear(*quantize_rows(old.weight.detach()))
+        else:
             continue
-        state[hf] = w
-    missing = set(module.state_dict()) - set(state)
-    if missing:
-        raise ValueError(f"{g.path}: no tensor for {sorted(missing)[0]}")
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.eval()
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, new)  # the float matrix is freed here
+    return module.float()
 
 
 def reference_plan(g: GGUFFile, dtype: torch.dtype | None = None) -> tuple[str, int]:
