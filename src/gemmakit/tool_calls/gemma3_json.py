@@ -77,7 +77,8 @@ def plain_messages(messages: Sequence[Mapping[str, Any]], tools: list[dict[str, 
                    ) -> list[dict[str, Any]]:
     """An OpenAI conversation with tools, tool calls and tool results as the system/user/assistant messages of
     Gemma 1/2/3's template: the tool block opens the first user turn, calls are the assistant's JSON text,
-    consecutive tool results form one user turn of ```tool_output fences."""
+    consecutive tool results form one user turn of ```tool_output fences, and a user message right after them
+    joins that turn."""
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m:
@@ -90,6 +91,10 @@ def plain_messages(messages: Sequence[Mapping[str, Any]], tools: list[dict[str, 
                 out[-1]["content"] += "\n" + fence
             else:
                 out.append({"role": "user", "content": fence, "_tool": True})
+        elif role == "user" and out and out[-1].get("_tool"):
+            # The user speaks right after the tool results (OpenAI accepts it): the results are already the user's
+            # turn here, so the message joins it, in order, instead of breaking the alternation.
+            out[-1]["content"] += "\n\n" + _text(m.get("content"), f"messages[{i}]")
         elif role == "assistant" and m.get("tool_calls"):
             out.append({"role": "assistant", "content": render_calls(m["tool_calls"], parallel)})
         else:
