@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,7 +23,13 @@ from .tool_calls.calls import CallDelta, ToolCall
 Prompt = str | Sequence[int]
 Messages = Sequence[chat_template.Message]
 Tools = Sequence[Mapping[str, Any]]
-ProcessorFactory = Callable[[], Sequence[LogitsProcessor]]  # called once per sequence: processors keep row state
+ProcessorFactory = Callable[[], Sequence[LogitsProcessor]]
+if TYPE_CHECKING:
+    import os
+
+    from .watermark.synthid import WatermarkConfig
+
+    WatermarkKeys = str | os.PathLike[str] | Mapping[str, Any] | WatermarkConfig  # a keys file, its fields, itself  # called once per sequence: processors keep row state
 
 
 @dataclass
@@ -84,12 +90,17 @@ class Model:
                     repetition_penalty: float | None, seed: int | None, stop: str | Sequence[str] | None,
                     ignore_eos: bool, lookup: int = 0, logits_processors: ProcessorFactory | None = None,
                     json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
-                    ) -> tuple[Generation, bool]:
+                    watermark: WatermarkKeys | None = None) -> tuple[Generation, bool]:
         batched = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
         prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if watermark is not None:
+            # same layer, imported here: synthid.py imports this module
+            from .watermark.synthid import Watermark, with_watermark
+
+            logits_processors = with_watermark(logits_processors, Watermark(watermark))
         constraint = None
         if json_schema is not None or regex is not None or grammar is not None:
             if stops or ignore_eos:
@@ -119,7 +130,7 @@ class Model:
                  repetition_penalty: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
                  logits_processors: ProcessorFactory | None = None, json_schema: Any = None,
-                 regex: str | None = None, grammar: str | None = None,
+                 regex: str | None = None, grammar: str | None = None, watermark: WatermarkKeys | None = None,
                  ) -> GenerationResult | list[GenerationResult]:
         """Continue a prompt (text or token ids); a list of prompts is generated as one batch -> list of results.
 
@@ -129,12 +140,15 @@ class Model:
         Constrained decoding: `json_schema` (a dict or a pydantic model class), `regex`, or `grammar` (Lark, or
         GBNF as llama.cpp writes it); a result that ends with "stop" then always parses, and `.parsed` holds the
         JSON value (the validated pydantic object). "length" means the budget ran out first: raise max_new_tokens.
+        `watermark` (a keys file path, a dict of its fields or a WatermarkConfig) marks the text with SynthID-Text,
+        as `logits_processors=gemmakit.watermark.Watermark(keys)` does; detect it with gemmakit.watermark.detect.
         """
         gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                                         ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors,
-                                        json_schema=json_schema, regex=regex, grammar=grammar)
+                                        json_schema=json_schema, regex=regex, grammar=grammar,
+                                        watermark=watermark)
         results = gen.results()
         return results if batched else results[0]
 
@@ -143,13 +157,15 @@ class Model:
                repetition_penalty: float | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
                logits_processors: ProcessorFactory | None = None, json_schema: Any = None,
-               regex: str | None = None, grammar: str | None = None) -> Iterator[str]:
+               regex: str | None = None, grammar: str | None = None, watermark: WatermarkKeys | None = None,
+               ) -> Iterator[str]:
         """Like generate() for one prompt, yielding text pieces as they are produced (never a split character)."""
         gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                                         ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors,
-                                        json_schema=json_schema, regex=regex, grammar=grammar)
+                                        json_schema=json_schema, regex=regex, grammar=grammar,
+                                        watermark=watermark)
         if batched:
             raise GemmaError("stream() takes one prompt; use generate() for a batch")
         for step in gen:
@@ -182,7 +198,7 @@ class Model:
              **sampling: Any) -> ChatResult:
         """The assistant's reply to a conversation [{"role": "system"|"user"|"assistant"|"tool", "content": ...}].
 
-        Takes generate()'s sampling options; the reply ends at the end of the model's turn. Gemma 4 has a system
+        Takes generate()'s sampling options (`watermark=` too); the reply ends at the end of the model's turn. Gemma 4 has a system
         role and, with thinking=True, reasons before it answers: `.text` is the answer, `.reasoning` the
         reasoning (None when there was none). Gemma 1/2/3 fold a system message into the first user turn.
 
