@@ -19,6 +19,8 @@ from .tokenizer import Tokenizer
 from .weights.ckpt import read_ckpt
 from .weights.gguf import config_from_gguf, read_gguf, state_dict_from_gguf, tokenizer_from_gguf
 from .weights.hf import multimodal_note, read_hf_config, read_hf_state_dict
+from .weights.keras import is_keras_preset, keras_tokenizer, read_keras_config, read_keras_state_dict
+from .weights.orbax import is_orbax_checkpoint, orbax_config, orbax_to_hf, read_orbax_state_dict
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -47,17 +49,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def sniff(path: Path) -> str:
-    """'gguf', 'hf' or 'ckpt', decided by the file's content and layout, never by its name alone."""
+    """'gguf', 'hf', 'keras', 'orbax' or 'ckpt', decided by the file's content and layout, never by its name."""
     if not path.exists():
-        raise GemmaError(f"{path} does not exist; pass a .gguf file, a Hugging Face model folder or a "
-                         "gemma_pytorch .ckpt")
+        raise GemmaError(f"{path} does not exist; pass a .gguf file, a Hugging Face model folder, a keras-hub "
+                         "preset, a Flax/Orbax checkpoint or a gemma_pytorch .ckpt")
     if path.is_dir():
         if (path / "config.json").exists():
-            return "hf"
+            return "keras" if is_keras_preset(path) else "hf"
         if (path / "pytorch_model.bin.index.json").exists():
             return "ckpt"
+        if is_orbax_checkpoint(path):
+            return "orbax"
+        inner = [p for p in path.iterdir() if p.is_dir() and is_orbax_checkpoint(p)]
+        if inner:
+            raise GemmaError(f"{path} holds the Orbax checkpoint {inner[0].name}/; pass that folder (its "
+                             "tokenizer.model is found beside it)")
         raise GemmaError(f"{path} is a folder without config.json; a Hugging Face model folder needs "
-                         "config.json and *.safetensors")
+                         "config.json and *.safetensors (a keras-hub preset config.json + model.weights.h5, an "
+                         "Orbax checkpoint _METADATA + manifest.ocdbt)")
     with path.open("rb") as f:
         head = f.read(4)
     if head == b"GGUF":
@@ -111,8 +120,10 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
          tokenizer: str | Path | None = None, progress: bool = True, adapter: str | Path | None = None) -> Model:
     """Load a Gemma text model for inference.
 
-    source: None for the embedded Gemma 3 270M, a GGUF file, a Hugging Face folder, or a gemma_pytorch .ckpt
-    (which carries no config: name its `variant`, e.g. "gemma-2b" (gemmakit.PRESETS), or pass a GemmaConfig).
+    source: None for the embedded Gemma 3 270M, a GGUF file, a Hugging Face folder, a keras-hub preset folder, a
+    Flax/Orbax checkpoint of the gemma library (variant inferred from the shapes where unambiguous), or a
+    gemma_pytorch .ckpt (which carries no config: name its `variant`, e.g. "gemma-2b" (gemmakit.PRESETS), or pass
+    a GemmaConfig).
     dtype: "auto" = float32 on CPU, bfloat16 on CUDA.
     quant: "auto" runs a GGUF on the CPU from its own weight blocks (the fast path: native kernels over the mapped
     file); None dequantizes everything to `dtype`, the exact reference path; "q8" puts any source on the fast path
@@ -174,6 +185,15 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
             _note(note)
         state = read_hf_state_dict(path, cfg, dtype=dt)
         tok = _tokenizer_near(path)
+    elif fmt == "keras":
+        cfg = read_keras_config(path)
+        state = read_keras_state_dict(path, cfg, dtype=dt)
+        tok = keras_tokenizer(path)
+    elif fmt == "orbax":
+        raw = read_orbax_state_dict(path)
+        cfg = orbax_config(raw, variant, path)
+        state = orbax_to_hf(raw, cfg, path, dtype=dt)
+        tok = _tokenizer_near(path) or _tokenizer_near(path.parent)
     else:
         if variant is None:
             raise GemmaError(f"{path} is a gemma_pytorch checkpoint, which carries no config; pass variant= "
@@ -233,8 +253,14 @@ def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
     if path.is_file() and path.suffix == ".model":
         return Tokenizer.from_file(path)
     fmt = sniff(path)
-    tok = tokenizer_from_gguf(read_gguf(path)) if fmt == "gguf" else _tokenizer_near(path if path.is_dir()
-                                                                                      else path.parent)
+    if fmt == "gguf":
+        tok = tokenizer_from_gguf(read_gguf(path))
+    elif fmt == "keras":
+        tok = keras_tokenizer(path)
+    else:
+        tok = _tokenizer_near(path if path.is_dir() else path.parent)
+        if tok is None and fmt == "orbax":
+            tok = _tokenizer_near(path.parent)
     if tok is None:
         raise GemmaError(f"{path}: no tokenizer found; put tokenizer.model (or tokenizer.json) next to the weights")
     return tok

@@ -14,9 +14,14 @@ from ..config import GemmaConfig
 from ..loader import sniff
 from ..weights.gguf import config_from_gguf, read_gguf, tokenizer_from_gguf
 from ..weights.hf import read_hf_config
+from ..weights.keras import read_keras_config
+from ..weights.orbax import orbax_config, read_orbax_shapes
 
 
-def info(model: Annotated[str | None, typer.Option("--model", "-m", help="GGUF file or HF folder")] = None) -> None:
+def info(model: Annotated[str | None, typer.Option("--model", "-m", help="GGUF file, HF folder, keras-hub preset or "
+                                                                         "Orbax checkpoint")] = None,
+         variant: Annotated[str | None, typer.Option(help="Variant of an Orbax checkpoint whose shapes match no "
+                                                          "single preset, e.g. gemma-2-2b.")] = None) -> None:
     """Print architecture, sizes, quantization types, context and tokenizer facts.
 
     Example:  gemmakit info -m gemma-3-270m-q4_k_m.gguf
@@ -41,8 +46,13 @@ def info(model: Annotated[str | None, typer.Option("--model", "-m", help="GGUF f
                                "byte fallback, no dummy prefix")]
     elif fmt == "hf":
         cfg = read_hf_config(path)
+    elif fmt == "keras":
+        cfg = read_keras_config(path)
+    elif fmt == "orbax":
+        cfg = orbax_config(read_orbax_shapes(path), variant, path)
     else:
-        raise typer.BadParameter("info reads GGUF files and HF folders; a .ckpt carries no config")
+        raise typer.BadParameter("info reads GGUF files, HF folders, keras-hub presets and Orbax checkpoints; a .ckpt "
+                                 "carries no config")
     Console().print(_table(cfg, rows))
 
 

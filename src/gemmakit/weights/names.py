@@ -231,3 +231,68 @@ def unused_shared_kv(name: str, first_shared: int) -> bool:
     ignores them on load (Gemma3nTextModel._keys_to_ignore_on_load_unexpected) and so does gemmakit."""
     m = _KV.match(name)
     return m is not None and int(m.group(1)) >= first_shared
+
+
+# keras-hub decoder-block variables (h5 path under the block, before `/vars/0`) -> HF name under model.layers.N.
+# Keras's `pre_ffw_norm` is HF's `post_attention_layernorm` in Gemma 1 (the pre-MLP norm) but
+# `pre_feedforward_layernorm` in Gemma 2/3, where `post_attention_norm` is HF's post_attention_layernorm.
+KERAS_BLOCK = {
+    "pre_attention_norm": "input_layernorm.weight",
+    "attention/query_dense": "self_attn.q_proj.weight",
+    "attention/key_dense": "self_attn.k_proj.weight",
+    "attention/value_dense": "self_attn.v_proj.weight",
+    "attention/output_dense": "self_attn.o_proj.weight",
+    "attention/query_norm": "self_attn.q_norm.weight",
+    "attention/key_norm": "self_attn.k_norm.weight",
+    "post_attention_norm": "post_attention_layernorm.weight",
+    "post_ffw_norm": "post_feedforward_layernorm.weight",
+    "gating_ffw": "mlp.gate_proj.weight",
+    "gating_ffw_2": "mlp.up_proj.weight",
+    "ffw_linear": "mlp.down_proj.weight",
+}
+# The layer names (the `name` attribute of each variable group) keras-hub gives these sublayers.
+KERAS_LAYER_NAMES = {"attention/query_dense": "query", "attention/key_dense": "key", "attention/value_dense": "value",
+                     "attention/output_dense": "attention_output", "gating_ffw": "ffw_gating",
+                     "gating_ffw_2": "ffw_gating_2"}
+
+
+def keras_block_to_hf(part: str, family: str) -> str | None:
+    if part == "pre_ffw_norm":
+        return "post_attention_layernorm.weight" if family == "gemma" else "pre_feedforward_layernorm.weight"
+    return KERAS_BLOCK.get(part)
+
+
+def hf_to_keras_block(hf: str, family: str) -> str:
+    """Inverse of keras_block_to_hf for the part of an HF name after `model.layers.N.`."""
+    if hf == ("post_attention_layernorm.weight" if family == "gemma" else "pre_feedforward_layernorm.weight"):
+        return "pre_ffw_norm"
+    for part, name in KERAS_BLOCK.items():
+        if name == hf:
+            return part
+    raise KeyError(hf)
+
+
+# gemma library (Flax) per-layer norms -> HF names (the einsums are reshaped in weights/orbax.py). As in Keras,
+# `pre_ffw_norm` is HF's post_attention_layernorm in Gemma 1 and pre_feedforward_layernorm in Gemma 2/3.
+ORBAX_LAYER = {
+    "pre_attention_norm/scale": "input_layernorm.weight",
+    "post_attention_norm/scale": "post_attention_layernorm.weight",
+    "post_ffw_norm/scale": "post_feedforward_layernorm.weight",
+    "attn/_query_norm/scale": "self_attn.q_norm.weight",
+    "attn/_key_norm/scale": "self_attn.k_norm.weight",
+}
+
+
+def orbax_layer_to_hf(part: str, family: str) -> str | None:
+    if part == "pre_ffw_norm/scale":
+        return "post_attention_layernorm.weight" if family == "gemma" else "pre_feedforward_layernorm.weight"
+    return ORBAX_LAYER.get(part)
+
+
+def hf_to_orbax_layer(hf: str, family: str) -> str:
+    if hf == ("post_attention_layernorm.weight" if family == "gemma" else "pre_feedforward_layernorm.weight"):
+        return "pre_ffw_norm/scale"
+    for part, name in ORBAX_LAYER.items():
+        if name == hf:
+            return part
+    raise KeyError(hf)

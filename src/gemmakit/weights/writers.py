@@ -59,7 +59,7 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
-def _float_state(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, torch.Tensor]:
+def float_state(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, torch.Tensor]:
     """The plain HF-named float tensors: no tied head, no LoRA or quantized layers left over."""
     odd = [k for k in state if ".lora_" in k or ".base_layer." in k or not _known(k, cfg.family)]
     if odd:
@@ -95,7 +95,7 @@ def write_hf(
         raise GemmaError(f"unknown dtype {dtype!r} for a Hugging Face folder; use {' or '.join(_HF_DTYPES)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(_HF_DTYPES[dtype]).cpu().contiguous() for k, v in _float_state(state, cfg).items()}
+    tensors = {k: v.to(_HF_DTYPES[dtype]).cpu().contiguous() for k, v in float_state(state, cfg).items()}
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     hf_cfg = {**cfg.to_hf(), "torch_dtype": dtype}
     if cfg.name:
@@ -160,7 +160,7 @@ def write_gguf(
         )
     check_gguf_representable(cfg)
     path = Path(path)
-    tensors = _float_state(state, cfg)
+    tensors = float_state(state, cfg)
     if cfg.family == "gemma3n":
         tensors = _gemma3n_tensors(tensors, cfg, tokenizer.vocab_size if trim else None)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -1,0 +1,77 @@
+"""Round trips read back by the libraries themselves: `convert --to keras-preset` by keras-hub's from_preset and
+`--to orbax` by the gemma library's load_params, each then run by that library's own forward.
+
+Needs the optional `frameworks` extra (keras-hub on the torch backend, gemma==3.3.0 with CPU jax); skipped without.
+Marked slow: importing keras (with tensorflow present) and jax takes ~40 s; run with `pytest -m slow`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np
+import pytest
+
+from framework_fixtures import CASES, DATA, PROMPT, flax_logits_fn, keras_logits
+from gemmakit.cli.convert import convert
+
+pytestmark = pytest.mark.slow
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("name", ["keras-gemma1", "keras-gemma2", "keras-gemma3", "flax-gemma3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_keras_hub_reads_our_presets(name, dtype, tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    src = DATA / name / ("ckpt" if name.startswith("flax") else "")
+    out = tmp_path / "preset"
+    if name.startswith("keras"):
+        convert(
+            out=out, model=str(src), to="keras-preset", qtype="f16", adapter=None, variant=None, dtype=dtype
+        )
+    else:  # a tiny Flax checkpoint needs its GemmaConfig as variant: write through the library function
+        import gemmakit
+        from gemmakit.weights.keras import write_keras_preset
+
+        m = gemmakit.load(src, dtype="float32", device="cpu", quant=None, progress=False, variant=CASES[name])
+        write_keras_preset(out, m.module.state_dict(), m.config, m.tokenizer, dtype=dtype)
+    cls = (
+        keras_hub.models.Gemma3CausalLM if CASES[name].family == "gemma3" else keras_hub.models.GemmaCausalLM
+    )
+    lm = cls.from_preset(str(out))  # backbone, weights and tokenizer all load
+    assert lm.preprocessor.tokenizer.vocabulary_size() == 512
+    backbone = keras_hub.models.Backbone.from_preset(str(out), dtype="float32")
+    ref = np.load(DATA / name / "reference.npz")
+    assert _rel(keras_logits(backbone, PROMPT), ref["logits"]) <= (1e-4 if dtype == "float32" else 2e-2)
+
+
+@pytest.mark.parametrize("name", ["flax-gemma2", "flax-gemma3", "keras-gemma3"])
+def test_gemma_library_reads_our_checkpoints(name, tmp_path):
+    pytest.importorskip("orbax.checkpoint")
+    gm = pytest.importorskip("gemma.gm")
+    import gemmakit
+    from gemmakit.weights.orbax import write_orbax
+
+    src = DATA / name / ("ckpt" if name.startswith("flax") else "")
+    m = gemmakit.load(
+        src,
+        dtype="float32",
+        device="cpu",
+        quant=None,
+        progress=False,
+        variant=CASES[name] if name.startswith("flax") else None,
+    )
+    out = write_orbax(tmp_path / "ckpt", m.module.state_dict(), m.config, m.tokenizer)
+    assert (out / "tokenizer.model").exists() and not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".")
+    ]
+    params = gm.ckpts.load_params(out)
+    ref = np.load(DATA / name / "reference.npz")
+    assert _rel(flax_logits_fn(CASES[name], params)(PROMPT), ref["logits"]) <= 1e-4
+    again = gemmakit.load(out, dtype="float32", device="cpu", quant=None, progress=False, variant=m.config)
+    assert again.tokenizer is not None
