@@ -242,9 +242,9 @@ def keras_tokenizer(folder: Path) -> Tokenizer | None:
 def keras_config(cfg: GemmaConfig) -> dict[str, Any]:
     """The backbone's config.json; refuses configs keras-hub's classes cannot express (their layouts are fixed)."""
     n, d, h = cfg.num_attention_heads, cfg.hidden_size, cfg.head_dim
-    if cfg.family == "gemma4":
+    if cfg.family not in ("gemma", "gemma2", "gemma3"):
         raise GemmaError(
-            "writing Gemma 4 as a keras-hub preset is not supported; write a Hugging Face folder"
+            f"writing {cfg.family} as a keras-hub preset is not supported; write a Hugging Face folder"
         )
     if cfg.query_pre_attn_scalar not in (float(h), float(d // n)):
         raise GemmaError(

@@ -182,9 +182,9 @@ def orbax_to_hf(
     raw: dict[str, torch.Tensor], cfg: GemmaConfig, source: Path, *, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """HF-named tensors (spec §4.2): einsums reshaped, padding rows of G1/G2 tables (256128 -> 256000) dropped."""
-    if cfg.family == "gemma4":
+    if cfg.family not in ("gemma", "gemma2", "gemma3"):
         raise GemmaError(
-            "Gemma 4 Orbax checkpoints are not supported; convert the Hugging Face checkpoint instead"
+            f"{cfg.family} Orbax checkpoints are not supported; convert the Hugging Face checkpoint instead"
         )
     n, d = cfg.num_attention_heads, cfg.hidden_size
     state: dict[str, torch.Tensor] = {}
@@ -237,9 +237,9 @@ def _transposed_gating(cfg: GemmaConfig) -> bool:
 
 def orbax_tree(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, dict[str, torch.Tensor]]:
     """The released FLAT tree of HF-named tensors: the inverse of orbax_to_hf (G1/G2 tables padded to 256128)."""
-    if cfg.family == "gemma4":
+    if cfg.family not in ("gemma", "gemma2", "gemma3"):
         raise GemmaError(
-            "writing Gemma 4 as an Orbax checkpoint is not supported; write a Hugging Face folder"
+            f"writing {cfg.family} as an Orbax checkpoint is not supported; write a Hugging Face folder"
         )
     n, k, h, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     tensors = float_state(state, cfg)
