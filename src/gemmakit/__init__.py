@@ -4,12 +4,13 @@ from . import chat_templates as chat  # gemmakit.chat.render(...): the name befo
 from . import watermark  # gemmakit.watermark.detect / Watermark / WatermarkConfig
 from .api import Model
 from .config import PRESETS, GemmaConfig
+from .embed import EmbeddingModel, load_embedding_model
 from .errors import GemmaError
 from .generate import GenerationResult
 from .loader import load
 from .safety import Guard, GuardResult, Policy
 from .safety.guard import guard
 
-__all__ = ["GemmaConfig", "GemmaError", "GenerationResult", "Guard", "GuardResult", "Model", "PRESETS", "Policy",
-           "chat", "guard", "load", "watermark"]
+__all__ = ["EmbeddingModel", "GemmaConfig", "GemmaError", "GenerationResult", "Guard", "GuardResult", "Model",
+           "PRESETS", "Policy", "chat", "guard", "load", "load_embedding_model", "watermark"]
 __version__ = "0.1.0"

@@ -38,6 +38,10 @@ class GemmaConfig:
     attn_logit_softcapping: float | None = None  # Gemma 2: 50, applied to scaled scores before the mask
     final_logit_softcapping: float | None = None  # Gemma 2: 30, applied to the logits
     sliding_window: int | None = None  # W: key j visible from query i iff 0 <= i - j < W, on sliding layers
+    # An encoder (EmbeddingGemma): every query sees keys on both sides; on sliding layers iff |i - j| <= W, so W is
+    # then a radius: HF Gemma 3 turns its config's W into W // 2 + 1 exclusive (= W // 2 inclusive) and from_hf
+    # stores W // 2; EmbeddingGemma 2 configs already give the inclusive radius (HF masking_utils overlays).
+    use_bidirectional_attention: bool = False
     layer_types: tuple[str, ...] = field(default=())  # per layer SLIDING or GLOBAL; default from the family
     tie_word_embeddings: bool = True  # every official model ties the LM head to the embedding
     bos_token_id: int = 2
@@ -228,9 +232,13 @@ class GemmaConfig:
                                     "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_base_freq}}
         else:
             d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.use_bidirectional_attention:  # HF halves the window it reads back (see the field's comment)
+            d.update(use_bidirectional_attention=True, architectures=["Gemma3TextModel"])
         if self.family != "gemma":
             qpas = self.query_pre_attn_scalar
-            d.update(query_pre_attn_scalar=int(qpas) if qpas == int(qpas) else qpas, sliding_window=self.sliding_window,
+            window = self.sliding_window * 2 if self.use_bidirectional_attention and self.sliding_window else (
+                self.sliding_window)
+            d.update(query_pre_attn_scalar=int(qpas) if qpas == int(qpas) else qpas, sliding_window=window,
                      layer_types=list(self.layer_types), attn_logit_softcapping=self.attn_logit_softcapping,
                      final_logit_softcapping=self.final_logit_softcapping)
         return d
@@ -255,6 +263,11 @@ def from_hf(cfg: dict[str, Any]) -> GemmaConfig:
     if "text_config" in cfg and cfg.get("model_type") in ("gemma3", "gemma3n", "gemma4", "gemma4_unified"):
         cfg = {**cfg["text_config"], "model_type": cfg["model_type"] + "_text"}
     model_type = cfg.get("model_type")
+    if model_type == "embedding_gemma2" and "text_config" in cfg:
+        cfg = {**cfg["text_config"], "model_type": "embedding_gemma2_text"}
+        model_type = cfg["model_type"]
+    if model_type == "embedding_gemma2_text":
+        return embedding_gemma2_from_hf(cfg)
     if model_type in ("gemma4_text", "gemma4_unified_text"):
         return gemma4_from_hf(cfg)
     if model_type == "gemma3n_text":
@@ -264,8 +277,8 @@ def from_hf(cfg: dict[str, Any]) -> GemmaConfig:
     family = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(model_type)
     if family is None:
         raise GemmaError(f"config.json has model_type {model_type!r}; gemmakit supports gemma, gemma2, gemma3_text, "
-                         "gemma3n_text, gemma4_text, gemma4_unified_text (and the text part of gemma3/gemma3n/gemma4/"
-                         "gemma4_unified)")
+                         "gemma3n_text, gemma4_text, gemma4_unified_text, embedding_gemma2_text (and the text part of "
+                         "gemma3/gemma3n/gemma4/gemma4_unified/embedding_gemma2)")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu", "gelu_pytorch_tanh"):  # Gemma 1 Hub configs say "gelu" but mean tanh-GELU (spec §1.6)
         raise GemmaError(f"config.json has activation {act!r}; Gemma uses gelu_pytorch_tanh")
@@ -295,11 +308,21 @@ def from_hf(cfg: dict[str, Any]) -> GemmaConfig:
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or cfg.get("head_dim") or 256),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping") if family == "gemma2" else None,
         final_logit_softcapping=cfg.get("final_logit_softcapping") if family != "gemma" else None,
-        sliding_window=cfg.get("sliding_window") if family != "gemma" else None,
+        sliding_window=_window(cfg) if family != "gemma" else None,
+        use_bidirectional_attention=bool(cfg.get("use_bidirectional_attention")) and family == "gemma3",
         layer_types=tuple(types or ()), tie_word_embeddings=cfg.get("tie_word_embeddings", True),
         bos_token_id=_first(cfg.get("bos_token_id"), 2), eos_token_id=_first(cfg.get("eos_token_id"), 1),
         pad_token_id=_first(cfg.get("pad_token_id"), 0), name=cfg.get("_name_or_path", "") or "",
     )
+
+
+def _window(cfg: dict[str, Any]) -> int | None:
+    """Gemma 3 bidirectional (EmbeddingGemma): HF reads W as W // 2 + 1 exclusive, i.e. |i - j| <= W // 2
+    (transformers Gemma3TextConfig.__post_init__ and _bidirectional_window_overlay; llama.cpp: n_swa / 2)."""
+    w = cfg.get("sliding_window")
+    if w and cfg.get("use_bidirectional_attention") and cfg.get("model_type") in ("gemma3_text", "gemma3"):
+        return int(w) // 2
+    return w
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GemmaConfig)}
@@ -319,11 +342,13 @@ def check_gemma4(cfg: GemmaConfig) -> None:
     if cfg.layer_types[-1] != GLOBAL:
         raise GemmaError("a Gemma 4 config's last layer must be full_attention (transformers forces it)")
     check_kv_sharing(cfg)
-    if cfg.num_global_key_value_heads and not cfg.attention_k_eq_v:
+    if cfg.num_global_key_value_heads and not (cfg.attention_k_eq_v or cfg.use_bidirectional_attention):
+        # EmbeddingGemma 2 (bidirectional) applies it to every full-attention layer (its per_layer_config)
         raise GemmaError("num_global_key_value_heads applies only with attention_k_eq_v (as in transformers)")
     if not 0.0 < cfg.partial_rotary_factor <= 1.0:
         raise GemmaError(f"partial_rotary_factor={cfg.partial_rotary_factor} must lie in (0, 1]")
-    if cfg.hidden_size_per_layer_input and not cfg.vocab_size_per_layer_input:
+    if cfg.hidden_size_per_layer_input and not (cfg.vocab_size_per_layer_input or cfg.use_bidirectional_attention):
+        # EmbeddingGemma 2 has projection-only per-layer inputs: no table (vocab_size_per_layer_input 0)
         raise GemmaError("per-layer embeddings need vocab_size_per_layer_input > 0")
     if cfg.unified and (cfg.hidden_size_per_layer_input or cfg.enable_moe_block):
         raise GemmaError("a Gemma 4 Unified config has no per-layer embeddings and no experts (transformers' "
@@ -472,6 +497,43 @@ def gemma4_from_hf(cfg: dict[str, Any]) -> GemmaConfig:
         num_experts=int(cfg.get("num_experts") or 0) if moe else 0,
         top_k_experts=int(cfg.get("top_k_experts") or 0) if moe else 0,
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0) if moe else 0, unified=unified,
+    )
+
+
+def embedding_gemma2_from_hf(cfg: dict[str, Any]) -> GemmaConfig:
+    """EmbeddingGemma 2's text encoder (transformers 5.25 `models/embedding_gemma2`, EmbeddingGemma2TextConfig, cited
+    as HF-EG2): Gemma 4 layers (scale-free attention, QK and V norms, w-scaled norms, layer_scalar) attending both
+    ways, projection-only per-layer inputs (no table), wider full-attention heads with their own KV head count
+    (per_layer_config, applied without k_eq_v), default RoPE on both layer kinds, and no LM head. Its
+    `embedding_projection` (D -> embedding_dim) belongs to the pooling head (gemmakit/embed)."""
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh" or cfg.get("attention_bias"):
+        raise GemmaError("config.json's activation or attention_bias is not EmbeddingGemma 2's")
+    layers = cfg.get("num_hidden_layers", 24)
+    types = list(cfg.get("layer_types") or [SLIDING if (i + 1) % 6 else GLOBAL for i in range(layers)])
+    types[-1] = GLOBAL  # HF-EG2 forces the last layer to full attention
+    rope = cfg.get("rope_parameters") or {}
+    full = rope.get("full_attention") or {"rope_type": "default", "rope_theta": 1e6}
+    local = rope.get("sliding_attention") or {"rope_type": "default", "rope_theta": 1e4}
+    if full.get("rope_type", "default") != "default" or local.get("rope_type", "default") != "default":
+        raise GemmaError("config.json has a RoPE type other than 'default'; EmbeddingGemma 2 uses default RoPE")
+    if cfg.get("per_layer_config") is not None:
+        global_dim, global_kv = _gemma4_global_overrides(cfg, types)
+    else:  # HF-EG2 __post_init__ builder defaults
+        global_dim, global_kv = int(cfg.get("global_head_dim", 512)), cfg.get("num_global_key_value_heads", 1)
+    return GemmaConfig(
+        family="gemma4", vocab_size=cfg.get("vocab_size", 262144), hidden_size=cfg.get("hidden_size", 512),
+        intermediate_size=cfg.get("intermediate_size", 2048), num_hidden_layers=layers,
+        num_attention_heads=cfg.get("num_attention_heads", 4), num_key_value_heads=cfg.get("num_key_value_heads", 2),
+        head_dim=cfg.get("head_dim", 256), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=cfg.get("max_position_embeddings", 262144),
+        rope_theta=float(full.get("rope_theta", 1e6)), rope_local_base_freq=float(local.get("rope_theta", 1e4)),
+        sliding_window=int(cfg.get("sliding_window", 512)), use_bidirectional_attention=True,
+        layer_types=tuple(types), bos_token_id=_first(cfg.get("bos_token_id"), 2),
+        eos_token_id=_first(cfg.get("eos_token_id"), 1), pad_token_id=_first(cfg.get("pad_token_id"), 0),
+        name=cfg.get("_name_or_path", "") or "", global_head_dim=global_dim,
+        num_global_key_value_heads=int(global_kv) if global_kv else None,
+        hidden_size_per_layer_input=int(cfg.get("hidden_size_per_layer_input", 512) or 0),
     )
 
 

@@ -163,7 +163,7 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
     int8_rows = False
     if fmt == "gguf":
         g = read_gguf(path)
-        cfg = config_from_gguf(g)
+        cfg = _refuse_encoder(config_from_gguf(g), path)
         tok = tokenizer_from_gguf(g)
         if dev.type == "cpu" and quant in ("auto", "q8") and fast.available():
             return Model(fast.load_gguf_fast(g, cfg, dtype=dt, progress=progress), tok, label, fmt)
@@ -180,7 +180,7 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
         with bar:
             state = state_dict_from_gguf(g, cfg.family, on_tensor=update, dtype=dt)
     elif fmt == "hf":
-        cfg = read_hf_config(path)
+        cfg = _refuse_encoder(read_hf_config(path), path)
         if (note := multimodal_note(path)) is not None:
             _note(note)
         state = read_hf_state_dict(path, cfg, dtype=dt)
@@ -219,6 +219,13 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
         else:
             fast.to_q8(module)
     return Model(module, tok, label, fmt)
+
+
+def _refuse_encoder(cfg: GemmaConfig, path: Path) -> GemmaConfig:
+    if cfg.use_bidirectional_attention:
+        raise GemmaError(f"{path} is an embedding model (bidirectional encoder), not a text generator; load it with "
+                         "gemmakit.load_embedding_model(), or run `gemmakit embed -m` / `gemmakit serve -m` on it")
+    return cfg
 
 
 def _note(text: str) -> None:

@@ -54,14 +54,20 @@ def softcap(x: Tensor, cap: float) -> Tensor:
     return torch.tanh(x / cap) * cap
 
 
-def visible(qpos: Tensor, kpos: Tensor, window: int | None) -> Tensor:
+def visible(qpos: Tensor, kpos: Tensor, window: int | None, bidirectional: bool = False) -> Tensor:
     """(B, 1, T, S) bool: key j is visible from query i iff it is real (pos >= 0), not in the future, and, on
-    sliding layers, 0 <= i - j < W (spec §1.5). Padding queries (pos -1) see everything: outputs discarded, no NaN."""
+    sliding layers, 0 <= i - j < W (spec §1.5). Padding queries (pos -1) see everything: outputs discarded, no NaN.
+    An encoder (bidirectional) also sees the future, and on sliding layers |i - j| <= W (W a radius, config.py)."""
     diff = qpos[:, :, None] - kpos[:, None, :]  # (B, T, S)
-    allowed = (kpos[:, None, :] >= 0) & (diff >= 0)
-    if window is not None:
-        allowed &= diff < window
-    allowed |= (qpos < 0)[:, :, None]
+    allowed = kpos[:, None, :] >= 0  # (B, 1, S)
+    if bidirectional:
+        if window is not None:
+            allowed = allowed & (diff.abs() <= window)
+    else:
+        allowed = allowed & (diff >= 0)
+        if window is not None:
+            allowed &= diff < window
+    allowed = allowed | (qpos < 0)[:, :, None]  # (B, T, S)
     return allowed[:, None]
 
 
@@ -72,6 +78,7 @@ class Attention(nn.Module):
         self.kind = cfg.layer_types[layer]
         self.sliding = self.kind == SLIDING
         self.window = cfg.sliding_window if self.sliding else None
+        self.bidirectional = cfg.use_bidirectional_attention  # an encoder (EmbeddingGemma): no causal mask
         self.scaling = cfg.scaling  # query_pre_attn_scalar ** -0.5, applied to q·k like HF (spec §1.5); Gemma 4: 1.0
         self.softcap = cfg.attn_logit_softcapping
         # Gemma 4 KV sharing (HF-G4 kv_sharing_modes): a shared layer has no k/v weights and attends to the keys and
@@ -126,7 +133,7 @@ class Attention(nn.Module):
                 shared[self.kind] = keys, values, kpos
         key = (self.window, kpos.shape[1], cache is not None and cache.ring)  # same for all layers of a kind
         if key not in masks:
-            masks[key] = visible(qpos, kpos, self.window)
+            masks[key] = visible(qpos, kpos, self.window, self.bidirectional)
         out = self._attend(q, keys, values, masks[key])
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -263,8 +270,9 @@ class Gemma(nn.Module):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         if cfg.hidden_size_per_layer_input:  # Gemma 4 PLE: one packed table for all layers (HF-G4 Gemma4TextModel)
             width = cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
-            self.model.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, width,
-                                                             _weight=_random(cfg.vocab_size_per_layer_input, width))
+            if cfg.vocab_size_per_layer_input:  # EmbeddingGemma 2's per-layer inputs are projection-only: no table
+                self.model.embed_tokens_per_layer = nn.Embedding(
+                    cfg.vocab_size_per_layer_input, width, _weight=_random(cfg.vocab_size_per_layer_input, width))
             self.model.per_layer_model_projection = nn.Linear(cfg.hidden_size, width, bias=False)
             self.model.per_layer_projection_norm = RMSNorm(cfg.hidden_size_per_layer_input, cfg.rms_norm_eps,
                                                            cfg.norm_offset)
@@ -314,16 +322,19 @@ class Gemma(nn.Module):
     def per_layer_inputs(self, ids: Tensor, x: Tensor) -> Tensor:
         """Gemma 4 PLE (HF-G4 get_per_layer_inputs + project_per_layer_inputs): (B, T, L, P) from the token's row of
         the packed table (scaled by sqrt(P) rounded to the dtype) and a projection of the scaled embedding x
-        (* D^-0.5 as a Python float, RMSNorm per layer), combined as (proj + table) * 2^-0.5."""
+        (* D^-0.5 as a Python float, RMSNorm per layer), combined as (proj + table) * 2^-0.5. EmbeddingGemma 2 has
+        no table: the normed projection alone (HF-EG2 EmbeddingGemma2TextPLE)."""
         cfg, m = self.config, self.model
         shape = (*ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+        proj = m.per_layer_model_projection(x) * cfg.hidden_size**-0.5
+        proj = m.per_layer_projection_norm(proj.reshape(shape))
+        if not cfg.vocab_size_per_layer_input:
+            return proj
         # Gemma 3n's table has fewer rows than the vocabulary (262144 of 262400): other ids read row 0 (HF-3N).
         ids = torch.where((ids >= 0) & (ids < cfg.vocab_size_per_layer_input), ids, 0)
         table = m.embed_tokens_per_layer(ids)
         scale = torch.tensor(cfg.hidden_size_per_layer_input**0.5, dtype=table.dtype, device=table.device)
         table = (table * scale).reshape(shape)
-        proj = m.per_layer_model_projection(x) * cfg.hidden_size**-0.5
-        proj = m.per_layer_projection_norm(proj.reshape(shape))
         return (proj + table) * 2.0**-0.5
 
     def hidden_states(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,

@@ -223,13 +223,15 @@ def read_gguf(path: str | Path) -> GGUFFile:
 def config_from_gguf(g: GGUFFile) -> GemmaConfig:
     """GemmaConfig from GGUF metadata (spec §4.5), with llama.cpp's rules for what the file does not say."""
     arch = g.architecture
-    if arch not in FAMILIES:
+    if arch not in (*FAMILIES, EMBEDDING_ARCH):
         raise GemmaError(f"{g.path} holds a {arch!r} model; gemmakit runs Gemma text models "
-                         f"(GGUF architectures {', '.join(FAMILIES)})")
+                         f"(GGUF architectures {', '.join(FAMILIES)}, {EMBEDDING_ARCH})")
     if arch == "gemma4":
         return _gemma4_config(g)
     if arch == "gemma3n":
         return _gemma3n_config(g)
+    encoder = arch == EMBEDDING_ARCH  # EmbeddingGemma: Gemma 3 layers attending both ways (LCPP gemma-embedding)
+    family = "gemma3" if encoder else arch
 
     def need(key: str) -> Any:
         value = g.arch_get(key)
@@ -242,23 +244,29 @@ def config_from_gguf(g: GGUFFile) -> GemmaConfig:
     d, n_layers, n_heads = int(need("embedding_length")), int(need("block_count")), int(need("attention.head_count"))
     head_dim = int(g.arch_get("attention.key_length", d // n_heads))
     # The query scale is not stored; llama.cpp infers it from the layer count: the 27B models use D/N (spec §4.5).
-    big = (arch, n_layers) in (("gemma2", 46), ("gemma3", 62))
+    big = (family, n_layers) in (("gemma2", 46), ("gemma3", 62))
     scaling_type = g.arch_get("rope.scaling.type", "none")
     factor = float(g.arch_get("rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0
-    default_window = {"gemma2": 4096, "gemma3": 512}.get(arch)
+    default_window = {"gemma2": 4096, "gemma3": 512}.get(family)
+    window = int(g.arch_get("attention.sliding_window", default_window)) if arch != "gemma" else None
     return GemmaConfig(
-        family=arch, hidden_size=d, intermediate_size=int(need("feed_forward_length")),
+        family=family, hidden_size=d, intermediate_size=int(need("feed_forward_length")),
         num_hidden_layers=n_layers, num_attention_heads=n_heads,
         num_key_value_heads=int(g.arch_get("attention.head_count_kv", n_heads)), head_dim=head_dim,
         max_position_embeddings=int(g.arch_get("context_length", 8192)),
-        rope_theta=float(g.arch_get("rope.freq_base", 1e6 if arch == "gemma3" else 1e4)),
+        rope_theta=float(g.arch_get("rope.freq_base", 1e6 if family == "gemma3" else 1e4)),
         rope_local_base_freq=float(g.arch_get("rope.freq_base_swa", 1e4)), rope_scaling_factor=factor,
         query_pre_attn_scalar=float(d // n_heads if big else head_dim),
         attn_logit_softcapping=g.arch_get("attn_logit_softcapping") if arch == "gemma2" else None,
         final_logit_softcapping=g.arch_get("final_logit_softcapping"),
-        sliding_window=int(g.arch_get("attention.sliding_window", default_window)) if arch != "gemma" else None,
+        # LCPP stores the config's W for gemma-embedding and masks |i - j| > W / 2 (LLAMA_SWA_TYPE_SYMMETRIC)
+        sliding_window=window // 2 if encoder and window else window, use_bidirectional_attention=encoder,
         **_common_config_fields(g, arch),
     )
+
+
+EMBEDDING_ARCH = "gemma-embedding"  # llama.cpp's EmbeddingGemma (gguf-py MODEL_ARCH.GEMMA_EMBEDDING)
+EMBEDDING_DENSE = ("dense_2.weight", "dense_3.weight")  # its sentence-transformers 2_Dense and 3_Dense
 
 
 def _gemma4_config(g: GGUFFile) -> GemmaConfig:
@@ -413,6 +421,8 @@ def state_dict_from_gguf(g: GGUFFile, family: str, on_tensor: Callable[[int, int
             on_tensor(i, len(g.tensors))
         if family == "gemma4" and name == ROPE_FREQS:
             continue  # a RoPE mask, read into the config (partial_rotary_factor), not a weight
+        if g.architecture == EMBEDDING_ARCH and name in EMBEDDING_DENSE:
+            continue  # the pooling head's Dense layers (gemmakit/embed reads them)
         hf = hf_name(g, name, family)
         if family == "gemma3n" and unused_shared_kv(hf, first_shared):
             continue
