@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+
 from reference import hf_gguf_tokenizer_dir
 
 PROMPTS = {  # google/embeddinggemma-300m config_sentence_transformers.json (a subset)
@@ -140,8 +141,11 @@ def _eg2_text_config():
 def embeddinggemma2(folder: Path, seed: int = 0, text_only: bool = False) -> Path:
     """EmbeddingGemma 2 at tiny widths: sliding/full alternating, radius 3, full layers with 16-wide heads and one
     KV head, projection-only per-layer inputs, projection to 24. text_only: the bare embedding_gemma2_text model."""
-    from transformers.models.embedding_gemma2 import (EmbeddingGemma2Config, EmbeddingGemma2Model,
-                                                      EmbeddingGemma2TextModel)
+    from transformers.models.embedding_gemma2 import (
+        EmbeddingGemma2Config,
+        EmbeddingGemma2Model,
+        EmbeddingGemma2TextModel,
+    )
 
     shutil.rmtree(folder, ignore_errors=True)
     tc = _eg2_text_config()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from embedding_models import MAX_SEQ, embeddinggemma, embeddinggemma2
 
 import gemmakit
+from embedding_models import MAX_SEQ, embeddinggemma, embeddinggemma2
 from gemmakit import GemmaError, load_embedding_model
 
 st = pytest.importorskip("sentence_transformers")

@@ -14,8 +14,15 @@ from ..config import GemmaConfig
 from ..errors import GemmaError
 from ..loader import build, resolve_device, resolve_dtype, sniff
 from ..tokenizer import Tokenizer
-from ..weights.gguf import EMBEDDING_ARCH, EMBEDDING_DENSE, config_from_gguf, hf_tensor, read_gguf
-from ..weights.gguf import state_dict_from_gguf, tokenizer_from_gguf
+from ..weights.gguf import (
+    EMBEDDING_ARCH,
+    EMBEDDING_DENSE,
+    config_from_gguf,
+    hf_tensor,
+    read_gguf,
+    state_dict_from_gguf,
+    tokenizer_from_gguf,
+)
 from ..weights.hf import read_hf_config, read_hf_state_dict
 from .head import Head, HeadSpec, read_sentence_transformers
 from .model import EmbeddingModel, Wrap
