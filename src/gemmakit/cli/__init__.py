@@ -15,6 +15,7 @@ from . import (
     cache,
     chat,
     convert,
+    embed,
     finetune,
     guard,
     info,
@@ -54,6 +55,7 @@ app.command("serve")(serve.serve)
 app.command("finetune")(finetune.finetune)
 app.command("merge")(merge.merge)
 app.command("convert")(convert.convert)
+app.command("embed")(embed.embed)
 app.command("bench")(bench.bench)
 app.command("guard")(guard.guard)
 app.add_typer(watermark.app, name="watermark")

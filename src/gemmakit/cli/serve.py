@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ..embed import is_embedding_model, load_embedding_model
 from ..errors import GemmaError
 from ..loader import load
 
@@ -40,7 +41,8 @@ def serve(
             "-m",
             help="NAME=PATH or PATH of a GGUF file, "
             "HF folder or .ckpt; repeat to serve several (default: the "
-            f"embedded model, as {EMBEDDED_NAME!r}).",
+            f"embedded model, as {EMBEDDED_NAME!r}). An embedding model (EmbeddingGemma) answers "
+            "/v1/embeddings.",
         ),
     ] = None,
     host: Annotated[
@@ -105,10 +107,11 @@ def serve(
                      "'*' for any; default: none)."),
     ] = None,
 ) -> None:
-    """Serve models over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health.
+    """Serve models over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health.
 
     Examples:  gemmakit serve
                gemmakit serve -m gemma2=gemma-2-2b-it.Q8_0.gguf -m small=gemma-3-1b-it --port 8080 --api-key s3cret
+               gemmakit serve -m chat=gemma-3-1b-it -m embed=embeddinggemma-300m
                curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
                  -d '{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
     """
@@ -134,8 +137,14 @@ def serve(
         if name not in dict(specs):
             raise GemmaError(f"--adapter names model {name!r}, which is not served")
         adapters[name] = path
-    models = {}
+    models, embedders = {}, {}
     for name, path in specs:
+        if path is not None and is_embedding_model(path):  # answers /v1/embeddings beside the chat models
+            if name in adapters:
+                raise GemmaError(f"--adapter names {name!r}, an embedding model; adapters apply to chat models")
+            embedders[name] = load_embedding_model(path, device=device)
+            err.print(f"[dim]loaded {name} (embeddings): {embedders[name].source}[/]", highlight=False)
+            continue
         models[name] = load(path, device=device, progress=True, adapter=adapters.get(name))
         err.print(f"[dim]loaded {name}: {models[name].source}[/]", highlight=False)
     if moderator is not None:
@@ -160,6 +169,7 @@ def serve(
         watermark=marks,
         max_tokens_default=max_tokens_default or None,
         cors_origins=cors_origin or (),
+        embedders=embedders,
     )
 
 

@@ -28,10 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, tool_calls
 from ..api import Model, ProcessorFactory
+from ..embed import EmbeddingModel
 from ..errors import GemmaError
 from ..sampling import SamplingParams
 from ..watermark.synthid import Watermark, with_watermark
 from . import schemas, structured
+from .embeddings import add_routes as add_embedding_routes
 from .engine import Engine, Event, Job
 from .moderation import Moderator, user_text
 from .moderation import add_routes as add_moderation_routes
@@ -65,18 +67,21 @@ def create_app(
     watermark: Watermark | None = None,
     max_tokens_default: int | None = MAX_TOKENS_DEFAULT,
     cors_origins: Sequence[str] = (),
+    embedders: Mapping[str, EmbeddingModel] | None = None,
 ) -> FastAPI:
     """An app serving each model under its name; engines start and stop with the app's lifespan.
 
     `max_tokens_default` caps a chat reply whose request sets no max_tokens (None: up to the end of the context);
     `cors_origins` are the browser origins allowed to call the API ("*" for any).
+    `embedders` are embedding models answering /v1/embeddings (embeddings.py) beside the chat models.
 
     `moderator` screens requests and replies and answers /v1/moderations (moderation.py); with `watermark` every
     generated sequence carries that SynthID-Text watermark.
 
     `thinking` is the default of Gemma 4's thinking mode for requests that do not choose (off, as in the template).
     """
-    if not models:
+    embedders = dict(embedders or {})
+    if not models and not embedders:
         raise GemmaError("give at least one model to serve")
     engines = {
         name: Engine(m, max_batch=max_batch, max_queue=max_queue, context=context)
@@ -183,11 +188,18 @@ def create_app(
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models(request: Request) -> dict:
         authorize(request)
-        return {"object": "list", "data": [model_card(name) for name in engines]}
+        cards = [model_card(name) for name in engines]
+        return {"object": "list", "data": cards + [embedding_card(name) for name in embedders]}
+
+    def embedding_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "gemmakit",
+                "max_model_len": embedders[name].max_tokens}
 
     @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def get_model(name: str, request: Request) -> dict:
         authorize(request)
+        if name in embedders:
+            return embedding_card(name)
         engine_for(name)
         return model_card(name)
 
@@ -308,6 +320,7 @@ def create_app(
         )
 
     add_moderation_routes(app, moderator, authorize, parse)
+    add_embedding_routes(app, embedders, list(engines), authorize, parse)
     return app
 
 
@@ -455,9 +468,10 @@ def serve(
     watermark: Watermark | None = None,
     max_tokens_default: int | None = MAX_TOKENS_DEFAULT,
     cors_origins: Sequence[str] = (),
+    embedders: Mapping[str, EmbeddingModel] | None = None,
 ) -> None:
     """Run the server until interrupted."""
     app = create_app(models, api_key=api_key, max_batch=max_batch, max_queue=max_queue, context=context,
                      thinking=thinking, moderator=moderator, watermark=watermark,
-                     max_tokens_default=max_tokens_default, cors_origins=cors_origins)
+                     max_tokens_default=max_tokens_default, cors_origins=cors_origins, embedders=embedders)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
