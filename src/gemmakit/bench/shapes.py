@@ -56,24 +56,31 @@ def random_state(cfg: GemmaConfig, seed: int = 0, std: float = 0.02) -> dict[str
 
 
 def _is_scale(cfg: GemmaConfig, name: str) -> bool:
-    return name.endswith("norm.weight") or (cfg.family == "gemma4" and (name.endswith("scale")
+    return name.endswith("norm.weight") or (cfg.family in ("gemma3n", "gemma4") and (name.endswith("scale")
                                                                           or name.endswith("layer_scalar")))
 
 
 def shortened(cfg: GemmaConfig, layers: int | None = None, vocab: int | None = None) -> GemmaConfig:
     """`cfg` with only its first `layers` layers (Gemma 4: the last made global, as transformers does) and a `vocab`-row
     vocabulary: every matrix keeps its real width, so per-layer speed carries over to the full model at a fraction
-    of the file. Gemma 4 KV sharing is scaled down and starts after a global layer, as llama.cpp requires."""
+    of the file. Gemma 4 KV sharing is scaled down and starts after a global layer, as llama.cpp requires; Gemma 3n
+    keeps llama.cpp's fixed 20 layers that compute keys/values (fewer layers: none shared), its per-layer lists cut,
+    and a vocabulary of its per-layer table's rows (llama.cpp needs both tables of one height)."""
     changes: dict = {}
     if layers is not None and layers < cfg.num_hidden_layers:
         types = list(cfg.layer_types[:layers])
         if cfg.family == "gemma4":  # Gemma 1-3 GGUFs imply the layer pattern from the index: keep the prefix
             types[-1] = "full_attention"
         changes.update(num_hidden_layers=layers, layer_types=tuple(types))
-        if cfg.num_kv_shared_layers:
+        if cfg.family == "gemma3n":
+            changes.update(num_kv_shared_layers=max(0, layers - 20), intermediate_sizes=cfg.intermediate_sizes[:layers],
+                           activation_sparsity_pattern=cfg.activation_sparsity_pattern[:layers])
+        elif cfg.num_kv_shared_layers:
             target = round(layers * cfg.num_kv_shared_layers / cfg.num_hidden_layers)
             changes["num_kv_shared_layers"] = max(
                 (k for k in range(1, target + 1) if types[layers - k - 1] == "full_attention"), default=0)
+    if vocab is None and cfg.family == "gemma3n":
+        vocab = cfg.vocab_size_per_layer_input
     if vocab is not None:
         changes["vocab_size"] = vocab
         if cfg.vocab_size_per_layer_input:

@@ -143,12 +143,15 @@ def quantize_model(
     """Swap every nn.Linear in `module` (in place) for its weight-only quantized twin; returns `module`.
 
     Embeddings are left alone (the tied head reads the embedding table); names in `skip` (module-name suffixes)
-    are kept in float. The mode is recorded as `module.quantization` so writers and adapters can say what the
-    base was.
+    are kept in float, and so, in int4, are linears narrower than one group (Gemma 3n's 4-input AltUp coefficient
+    maps: a few dozen weights, nothing to save). The mode is recorded as `module.quantization` so writers and
+    adapters can say what the base was.
     """
     if mode not in MODES:
         raise GemmaError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
     for name, child in list(module.named_modules()):
+        if mode == "int4" and isinstance(child, nn.Linear) and child.in_features < group_size:
+            continue
         if isinstance(child, nn.Linear) and not name.endswith(skip):
             _set_submodule(module, name, quantize_linear(child, mode, group_size=group_size))
     module.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None}
