@@ -97,8 +97,9 @@ def build(verbose: bool = False) -> Path | None:
     if cc is None:
         return None
     extra = extra_flags()
+    libomp = [p for p in LIBOMP_PREFIXES if Path(p).exists()]  # installing libomp later rebuilds with OpenMP
     key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS)
-                         + " ".join([cc, *FLAGS, *extra]).encode()).hexdigest()
+                         + " ".join([cc, *FLAGS, *extra, *libomp]).encode()).hexdigest()
     out = cache_dir() / "kernels" / f"kernels-{key[:12]}-{_cpu_fingerprint()}.so"
     if out.exists():
         return out
