@@ -75,3 +75,17 @@ def test_gemma_library_reads_our_checkpoints(name, tmp_path):
     assert _rel(flax_logits_fn(CASES[name], params)(PROMPT), ref["logits"]) <= 1e-4
     again = gemmakit.load(out, dtype="float32", device="cpu", quant=None, progress=False, variant=m.config)
     assert again.tokenizer is not None
+
+
+def test_sharded_keras_weights(tmp_path):
+    """Big presets come as model_0000N.weights.h5 shards listed in model.weights.json: same tensors as one file."""
+    keras_hub = pytest.importorskip("keras_hub")
+    import gemmakit
+
+    backbone = keras_hub.models.Backbone.from_preset(str(DATA / "keras-gemma2"))
+    backbone.save_to_preset(str(tmp_path / "sharded"), max_shard_size=0.0001)  # GB: several shards
+    assert len(list((tmp_path / "sharded").glob("model_*.weights.h5"))) > 1
+    kw = dict(dtype="float32", device="cpu", quant=None, progress=False)
+    a = gemmakit.load(tmp_path / "sharded", **kw).module.state_dict()
+    b = gemmakit.load(DATA / "keras-gemma2", **kw).module.state_dict()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in b)

@@ -19,7 +19,13 @@ from .tokenizer import Tokenizer
 from .weights.ckpt import read_ckpt
 from .weights.gguf import config_from_gguf, read_gguf, state_dict_from_gguf, tokenizer_from_gguf
 from .weights.hf import multimodal_note, read_hf_config, read_hf_state_dict
-from .weights.keras import is_keras_preset, keras_tokenizer, read_keras_config, read_keras_state_dict
+from .weights.keras import (
+    is_keras_preset,
+    keras_tokenizer,
+    keras_vision_note,
+    read_keras_config,
+    read_keras_state_dict,
+)
 from .weights.orbax import is_orbax_checkpoint, orbax_config, orbax_to_hf, read_orbax_state_dict
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -187,6 +193,8 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
         tok = _tokenizer_near(path)
     elif fmt == "keras":
         cfg = read_keras_config(path)
+        if (note := keras_vision_note(path)) is not None:
+            _note(note)
         state = read_keras_state_dict(path, cfg, dtype=dt)
         tok = keras_tokenizer(path)
     elif fmt == "orbax":

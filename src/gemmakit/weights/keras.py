@@ -28,6 +28,10 @@ from .writers import atomic_write, float_state
 
 BACKBONES = ("GemmaBackbone", "Gemma3Backbone")
 VOCAB = Path("assets") / "tokenizer" / "vocabulary.spm"
+_VISION = (
+    "gemma3_vision_encoder",
+    "gemma3_interleave_embeddings",
+)  # h5 groups of Gemma3Backbone's image path
 _BLOCK = re.compile(r"^(?:gemma3_)?(?:gemma_)?decoder_block(?:_(\d+))?$")
 
 
@@ -46,6 +50,17 @@ def _h5py():
     except ImportError:
         raise GemmaError("reading a keras-hub preset needs h5py: pip install h5py") from None
     return h5py
+
+
+def keras_vision_note(folder: Path) -> str | None:
+    """A one-line note when the preset carries a vision encoder (Gemma 3 4B and up): its text decoder is loaded."""
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("config", {}).get("vision_encoder") is None:
+        return None
+    return (
+        f"{folder.name} is a multimodal keras-hub preset: its text decoder is loaded and its vision encoder is "
+        "ignored (gemmakit runs text only)"
+    )
 
 
 def read_keras_config(folder: Path) -> GemmaConfig:
@@ -105,7 +120,6 @@ def config_from_keras(raw: dict[str, Any]) -> GemmaConfig:
     odd = [
         k
         for k, ok in (
-            ("vision_encoder", c.get("vision_encoder") is None),
             ("use_query_key_norm", c.get("use_query_key_norm", True)),
             ("use_post_attention_norm/use_post_ffw_norm", post == (True, True)),
             ("use_bidirectional_attention", not c.get("use_bidirectional_attention")),
@@ -115,11 +129,6 @@ def config_from_keras(raw: dict[str, Any]) -> GemmaConfig:
         )
         if not ok
     ]
-    if odd == ["vision_encoder"]:
-        raise GemmaError(
-            "this Gemma3Backbone includes a vision encoder; gemmakit reads text-only presets (save the "
-            "text model, e.g. a 1B/270M preset, or convert the Hugging Face checkpoint instead)"
-        )
     if odd:
         raise GemmaError(
             f"this Gemma3Backbone sets {odd[0]} to a value Gemma 3's text decoder does not use; "
@@ -208,6 +217,8 @@ def read_keras_state_dict(
         if top == "rms_normalization" or name == "final_normalization":
             state["model.norm.weight"] = t
             continue
+        if top in _VISION:
+            continue  # Gemma 3 4B+ presets: the image tower and its merge into the text; text decoder only
         m = _BLOCK.match(top)
         if m is None:
             raise GemmaError(
