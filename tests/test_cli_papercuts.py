@@ -171,3 +171,16 @@ def test_guard_cli_without_a_model_gives_scores_but_no_verdict(monkeypatch, caps
     data = json.loads(out)
     assert data["flagged"] is None and data["violations"] is None and data["classifier"] is False
     assert "not known to be a ShieldGemma" in err
+
+
+def test_serve_logs_a_moderator_that_is_no_classifier(embedded_model, caplog):
+    import logging
+
+    from gemmakit.serve.moderation import Moderator
+    from test_serve import running_server, tiny_model
+
+    moderator = Moderator(Guard(embedded_model, "hate"), inputs=True, outputs=False)
+    with caplog.at_level(logging.WARNING, logger="gemmakit.serve"):
+        with running_server({"tiny": tiny_model(embedded_model.tokenizer)}, moderator=moderator, context=64):
+            pass
+    assert "moderation:" in caplog.text and "not known to be a ShieldGemma" in caplog.text

@@ -167,6 +167,11 @@ HOSTILE = [  # (path, body, the param the error must name or None)
     ("chat", {**CHAT, "repetition_penalty": 1e-300}, "repetition_penalty"),
     ("chat", {**CHAT, "repetition_penalty": 1e300}, "repetition_penalty"),
     ("chat", {**CHAT, "temperature": 1e300}, "temperature"),
+    ("chat", _raw('{{"model": "tiny", "messages": [{{"role": "user", "content": "hi"}}], "temperature": 1e400}}'),
+     "temperature"),
+    ("chat", _raw('{{"model": "tiny", "messages": [{{"role": "user", "content": "hi"}}], "tools": [{{"type": '
+                  '"function", "function": {{"name": "f", "parameters": {{"type": "number", "maximum": 1e400}}}}}}]}}'),
+     "tools"),
     ("chat", {**CHAT, "logit_bias": {"5": 1e300}}, "logit_bias"),
     # text that does not encode: lone surrogates anywhere
     (

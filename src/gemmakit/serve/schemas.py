@@ -12,6 +12,7 @@ nesting deeper than MAX_DEPTH). A request the engine cannot run is a 400 here, n
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -187,7 +188,8 @@ class ParamError(GemmaError):
 
 
 def check_json(data: Any) -> None:
-    """ParamError (a 400 naming the field) for JSON deeper than MAX_DEPTH or a string that is not text (a lone
+    """ParamError (a 400 naming the field) for JSON deeper than MAX_DEPTH, a number beyond float range, or a
+    string that is not text (a lone
     surrogate such as "\\ud800", which JSON's escapes allow but no tokenizer or UTF-8 writer takes). Iterative, so
     a hostile depth cannot exhaust the stack here."""
     stack: list[tuple[Any, int, str]] = [(data, 0, "")]
@@ -197,6 +199,8 @@ def check_json(data: Any) -> None:
             raise ParamError(_top(path), f"{path or 'the body'} is nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, str):
             _check_text(value, path)
+        elif isinstance(value, float) and not math.isfinite(value):  # 1e400 parses as inf
+            raise ParamError(_top(path), f"{path or 'a number'} is {value}: numbers must be finite")
         elif isinstance(value, dict):
             for key, item in value.items():
                 _check_text(key, path)
