@@ -138,3 +138,21 @@ def test_gguf_gemma_embedding(folders, refs, tmp_path):
 
 
 PROMPT_QUERY = "task: search result | query: "
+
+
+def test_embed_cli_writes_json_lines(folders, ours, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gemmakit.cli import app
+
+    src = tmp_path / "in.txt"
+    src.write_text("hello world\nGrüße aus Köln\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["embed", "-m", str(folders["eg"]), "--prompt", "query", "--dimensions", "16",
+                                      str(src)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    want = ours["eg"].embed(["hello world", "Grüße aus Köln"], prompt_name="query", dimensions=16)
+    assert np.abs(np.array([r["embedding"] for r in rows]) - want).max() < 1e-6

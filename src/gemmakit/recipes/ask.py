@@ -1,4 +1,5 @@
-"""Search-augmented answers over a folder of documents: a BM25 index (bm25s) cached beside them.
+"""Search-augmented answers over a folder of documents: a BM25 index (bm25s) cached beside them, and with an
+embedding model a dense index too (vectors.py), fused with BM25 by reciprocal rank fusion ("hybrid").
 
 Documents (.md, .txt, .rst, and .pdf with pypdf) are cut into passages of about PASSAGE_WORDS words at paragraph
 and sentence boundaries. The index lives in DOCS/.gemmakit-index/: a manifest (current.json) with each file's
@@ -20,13 +21,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..api import Model
+from ..embed import EmbeddingModel
 from ..errors import GemmaError
 from .documents import DOC_SUFFIXES, chunks, read_document
+from .vectors import DenseIndex, fuse
 
 INDEX_DIR = ".gemmakit-index"
 MANIFEST = "current.json"
 VERSION = 1
 PASSAGE_WORDS = 120
+RETRIEVALS = ("bm25", "dense", "hybrid")
+FUSION_DEPTH = 50  # hybrid: how deep each ranking goes before fusion (at least 10 x k)
 PLAIN_PROMPT = ("Answer the question using only the sources below. After each fact, cite its source file in "
                 "brackets, like [notes.md].\n\n{sources}\n\nQuestion: {question}\nAnswer:")
 
@@ -73,16 +78,26 @@ class Index:
         self.docs, self.files, self.retriever = docs, files, retriever
         self.skipped = skipped or {}  # file -> why it could not be read (unreadable, not UTF-8, a broken PDF)
         self.passages = [Passage(rel, p["start"], p["text"]) for rel, f in files.items() for p in f["passages"]]
+        self.dense: DenseIndex | None = None  # set by open(embedder=...): one vector per passage, same order
 
     @classmethod
     def open(cls, docs: str | Path, *, on_reindex: Callable[[str], None] | None = None,
-             on_skip: Callable[[str, str], None] | None = None) -> Index:
+             on_skip: Callable[[str, str], None] | None = None, embedder: EmbeddingModel | None = None,
+             on_embed: Callable[[str], None] | None = None) -> Index:
         """The folder's index, refreshed for changed files. A file that cannot be read (permissions, not UTF-8, a
         broken PDF) is left out, reported to `on_skip(file, reason)` and listed in `.skipped`: one bad file in a
-        folder of many must not stop the rest."""
+        folder of many must not stop the rest. With `embedder`, passage vectors are built or refreshed as well
+        (only files whose sha256 changed are embedded again)."""
+        index = cls._open_bm25(Path(docs), on_reindex, on_skip)
+        if embedder is not None:
+            index.dense = DenseIndex.open(Path(docs) / INDEX_DIR, index.files, embedder, on_embed)
+        return index
+
+    @classmethod
+    def _open_bm25(cls, docs: Path, on_reindex: Callable[[str], None] | None,
+                   on_skip: Callable[[str, str], None] | None) -> Index:
         import bm25s
 
-        docs = Path(docs)
         root = docs / INDEX_DIR
         old = _read_manifest(root)
         files, skipped, changed = {}, {}, False
@@ -115,16 +130,36 @@ class Index:
         _write(root, files, retriever)
         return index
 
-    def search(self, query: str, k: int = 4) -> list[Passage]:
-        """The k best passages for `query` (fewer when fewer match any query word), best first."""
+    def search(self, query: str, k: int = 4, *, retrieval: str = "bm25") -> list[Passage]:
+        """The k best passages for `query`, best first. retrieval: "bm25" (fewer when fewer match any query word),
+        "dense" (nearest passage vectors) or "hybrid" (both rankings fused by reciprocal rank; `score` is the fused
+        score). Dense and hybrid need the index opened with an embedder."""
         if k < 1:
             raise GemmaError(f"--k must be at least 1, got {k}")
+        if retrieval not in RETRIEVALS:
+            raise GemmaError(f"unknown retrieval {retrieval!r}; choose one of {', '.join(RETRIEVALS)}")
+        if retrieval != "bm25" and self.dense is None:
+            raise GemmaError(f"retrieval {retrieval!r} needs an embedding model: pass --embed-model PATH "
+                             "(e.g. an EmbeddingGemma folder)")
+        if retrieval == "bm25":
+            hits = self._bm25(query, k, strict=True)
+        elif retrieval == "dense":
+            hits = self.dense.search(query, k)
+        else:
+            depth = max(FUSION_DEPTH, 10 * k)
+            rankings = [[i for i, _ in self._bm25(query, depth, strict=False)],
+                        [i for i, _ in self.dense.search(query, depth)]]
+            hits = fuse(rankings)[:k]
+        return [Passage(**{**asdict(self.passages[i]), "score": s}) for i, s in hits]
+
+    def _bm25(self, query: str, n: int, *, strict: bool) -> list[tuple[int, float]]:
         words = _tokens([query])
         if not words[0]:
-            raise GemmaError("the question has no searchable words; ask with a few keywords")
-        ids, scores = self.retriever.retrieve(words, k=min(k, len(self.passages)), show_progress=False)
-        return [Passage(**{**asdict(self.passages[int(i)]), "score": float(s)})
-                for i, s in zip(ids[0], scores[0], strict=True) if s > 0]
+            if strict:
+                raise GemmaError("the question has no searchable words; ask with a few keywords")
+            return []
+        ids, scores = self.retriever.retrieve(words, k=min(n, len(self.passages)), show_progress=False)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if s > 0]
 
 
 def _tokens(texts: list[str]) -> list[list[str]]:
@@ -159,9 +194,13 @@ def _write(root: Path, files: dict[str, dict], retriever) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def retrieve(question: str, docs: str | Path, *, k: int = 4) -> list[Passage]:
-    """The k passages of the docs folder that best match the question (BM25), best first."""
-    return Index.open(docs).search(question, k)
+def retrieve(question: str, docs: str | Path, *, k: int = 4, retrieval: str | None = None,
+             embedder: EmbeddingModel | None = None) -> list[Passage]:
+    """The k passages of the docs folder that best match the question, best first: BM25, or with an embedding
+    model hybrid (default) or dense."""
+    retrieval = retrieval or ("hybrid" if embedder is not None else "bm25")
+    return Index.open(docs, embedder=embedder if retrieval != "bm25" else None).search(question, k,
+                                                                                       retrieval=retrieval)
 
 
 def prompt(model: Model, question: str, sources: list[Passage], *, chat: bool = False) -> list[int]:
@@ -174,16 +213,18 @@ def prompt(model: Model, question: str, sources: list[Passage], *, chat: bool = 
 
 
 def ask(question: str, docs: str | Path, *, model: Model | None = None, k: int = 4, max_new_tokens: int = 200,
-        chat: bool = False, on_text: Callable[[str], None] | None = None, **sampling) -> Answer:
+        chat: bool = False, on_text: Callable[[str], None] | None = None, retrieval: str | None = None,
+        embedder: EmbeddingModel | None = None, **sampling) -> Answer:
     """Answer `question` from the documents in `docs` (default model: the embedded one). on_text(piece)
-    receives the answer as it is generated; the Answer carries the passages it was given."""
+    receives the answer as it is generated; the Answer carries the passages it was given. With `embedder` (an
+    EmbeddingModel) retrieval is hybrid by default; `retrieval` picks "bm25", "dense" or "hybrid"."""
     if not question.strip():
         raise GemmaError("the question is empty")
     if model is None:
         from ..loader import load
 
         model = load(progress=False)
-    sources = retrieve(question, docs, k=k)
+    sources = retrieve(question, docs, k=k, retrieval=retrieval, embedder=embedder)
     ids = prompt(model, question, sources, chat=chat)
     budget = model.config.max_position_embeddings - max_new_tokens
     while len(ids) > budget and len(sources) > 1:  # keep the best passages that fit
