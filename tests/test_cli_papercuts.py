@@ -44,8 +44,10 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     (["--top-p", "nan"], "top_p"),
     (["--repetition-penalty", "1e-300"], "repetition_penalty"),
 ])  # fmt: skip
-def test_run_refuses_bad_numbers_cleanly(monkeypatch, capsys, args, message):
+def test_run_and_chat_refuse_bad_numbers_cleanly(monkeypatch, capsys, args, message):
     code, _, err = cli(monkeypatch, capsys, "run", "Hello", *args)
+    assert code == 1 and message in err and "Traceback" not in err, err
+    code, _, err = cli(monkeypatch, capsys, "chat", *args)  # before the model loads and the prompt opens
     assert code == 1 and message in err and "Traceback" not in err, err
 
 

@@ -172,8 +172,6 @@ def chat(
                gemmakit chat -m gemma-4-E2B-it --thinking
     """
     err = Console(stderr=True, highlight=False)
-    m = load(model, device=device, adapter=adapter)
-    context = min(ctx_size or m.config.max_position_embeddings, m.config.max_position_embeddings)
     sampling = dict(
         temperature=temperature,
         top_k=top_k,
@@ -183,6 +181,8 @@ def chat(
         seed=seed,
     )
     SamplingParams(**sampling)  # bad numbers (-t nan, a seed beyond 64 bits) fail now, not at the first reply
+    m = load(model, device=device, adapter=adapter)
+    context = min(ctx_size or m.config.max_position_embeddings, m.config.max_position_embeddings)
     if watermark:
         sampling["logits_processors"] = Watermark(watermark)
     if thinking and m.chat_template != "gemma4":
