@@ -10,6 +10,32 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
+
+#include "blocks.h"
+
+/* decode.c's layer table and sizes (decode.h once that header exists) */
+#if __has_include("decode.h")
+#include "decode.h"
+#else
+typedef struct {
+    qmat_t q, k, v, o, gate, up, down;
+    const float *attn_norm, *q_norm, *k_norm;
+    const float *post_attn_norm, *pre_ffw_norm, *post_ffw_norm;
+    const float *inv_freq;
+    float *k_cache, *v_cache;
+    int64_t *slot_pos;
+    long slots, ring, window;
+} layer_t;
+
+typedef struct {
+    long dim, n_heads, n_kv, head_dim, inter;
+    float eps, scaling, softcap;
+} dims_t;
+#endif
+void rms_norm(const float *x, const float *scale, float *y, long rows, long dim, float eps);
+void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float *x, long M, long T,
+                   const int64_t *pos, const int64_t *cols, long end, int threads);
 
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 
@@ -19,9 +45,6 @@ void dequant_rows(const uint8_t *data, long type, long K, long row_bytes, const 
                   float *out, int threads);
 void dequant_rows_bf16(const uint8_t *data, long type, long K, long row_bytes, long row0, long n_rows,
                        uint16_t *out, int threads);
-void rms_norm(const float *x, const float *scale, float *y, long rows, long dim, float eps);
-long act_bytes(long M, long K);
-const char *kernels_threading(void) __attribute__((weak));  /* weak: the driver also runs older sources */
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static uint32_t next(void) {  /* xorshift64* */
@@ -108,7 +131,102 @@ static void check(long type, const char *name, long K, long N) {
     free(W), free(x), free(y), free(y1), free(scratch), free(d), free(d16), free(rows), free(scale), free(nrm);
 }
 
-int main(void) {
+/* A random matrix of `type` (rows x cols) for the decode check. */
+static qmat_t random_matrix(long type, long rows, long cols) {
+    long vals, bsz;
+    block_info(type, &vals, &bsz);
+    const long row_bytes = cols / vals * bsz;
+    uint8_t *w = malloc(rows * row_bytes);
+    for (long j = 0; j < rows * (cols / vals); j++) fill_block(type, w + j * bsz, bsz);
+    return (qmat_t){w, type, rows, cols, row_bytes};
+}
+
+static float *random_floats(long n, float lo, float hi) {
+    float *v = malloc(sizeof(float) * n);
+    for (long i = 0; i < n; i++) v[i] = lo + (hi - lo) * (uniform() + 1.0f) / 2.0f;
+    return v;
+}
+
+/* Two layers (global with QK-norm, then sliding with soft-cap off), a prompt of 3 tokens then one step; returns
+ * the hidden states after both calls, [4][D]. */
+static float *decode_run(int threads, uint64_t seed) {
+    enum { D = 256, N = 4, KV = 2, H = 64, I = 512, S = 16, L = 2 };
+    rng = seed;
+    const dims_t dm = {D, N, KV, H, I, 1e-6f, 0.125f, 0.0f};
+    layer_t layers[L];
+    for (int l = 0; l < L; l++) {
+        layer_t *y = layers + l;
+        y->q = random_matrix(Q8_0, N * H, D), y->k = random_matrix(Q4_0, KV * H, D);
+        y->v = random_matrix(Q5_0, KV * H, D), y->o = random_matrix(Q8_0, D, N * H);
+        y->gate = random_matrix(Q4_K, I, D), y->up = random_matrix(Q5_K, I, D), y->down = random_matrix(Q6_K, D, I);
+        y->attn_norm = random_floats(D, 0.5f, 1.5f), y->q_norm = random_floats(H, 0.5f, 1.5f);
+        y->k_norm = random_floats(H, 0.5f, 1.5f), y->post_attn_norm = random_floats(D, 0.5f, 1.5f);
+        y->pre_ffw_norm = random_floats(D, 0.5f, 1.5f), y->post_ffw_norm = random_floats(D, 0.5f, 1.5f);
+        float *f = malloc(sizeof(float) * H / 2);
+        for (int i = 0; i < H / 2; i++) f[i] = powf(10000.0f, -2.0f * (float)i / H);
+        y->inv_freq = f;
+        y->k_cache = calloc(S * KV * H, sizeof(float)), y->v_cache = calloc(S * KV * H, sizeof(float));
+        y->slot_pos = malloc(sizeof(int64_t) * S);
+        for (int i = 0; i < S; i++) y->slot_pos[i] = -1;
+        y->slots = S, y->ring = 0, y->window = l == 1 ? 2 : 0;
+    }
+    float *x = random_floats(4 * D, -2.0f, 2.0f);
+    const int64_t pos[4] = {0, 1, 2, 3};
+    decode_layers(layers, L, &dm, x, 3, 3, pos, pos, 3, threads);
+    decode_layers(layers, L, &dm, x + 3 * D, 1, 1, pos + 3, pos + 3, 4, threads);
+    for (int l = 0; l < L; l++) {
+        layer_t *y = layers + l;
+        free((void *)y->q.data), free((void *)y->k.data), free((void *)y->v.data), free((void *)y->o.data);
+        free((void *)y->gate.data), free((void *)y->up.data), free((void *)y->down.data);
+        free((void *)y->attn_norm), free((void *)y->q_norm), free((void *)y->k_norm);
+        free((void *)y->post_attn_norm), free((void *)y->pre_ffw_norm), free((void *)y->post_ffw_norm);
+        free((void *)y->inv_freq), free(y->k_cache), free(y->v_cache), free(y->slot_pos);
+    }
+    return x;
+}
+
+static double max_abs_diff(const float *a, const float *b, long n) {  /* b NULL: max |a| */
+    double worst = 0.0;
+    for (long i = 0; i < n; i++) {
+        const double d = fabs((double)a[i] - (b ? (double)b[i] : 0.0));
+        if (!(d <= worst)) worst = d;  /* NaN sticks */
+    }
+    return worst;
+}
+
+static void check_decode(const char *mode, const char *file) {
+    const long n = 4 * 256;
+    float *one = decode_run(1, 7), *three = decode_run(3, 7);
+    if (memcmp(one, three, sizeof(float) * n)) {
+        printf("FAIL decode: 3 workers differ from 1\n");
+        failures++;
+    }
+    const double scale = max_abs_diff(one, NULL, n);
+    if (!(scale > 0.0) || !isfinite(scale)) {
+        printf("FAIL decode: hidden states not finite\n");
+        failures++;
+    }
+    if (mode && !strcmp(mode, "--write")) {
+        FILE *f = fopen(file, "wb");
+        if (!f || fwrite(one, sizeof(float), n, f) != (size_t)n) printf("FAIL decode: cannot write %s\n", file), failures++;
+        if (f) fclose(f);
+    } else if (mode && !strcmp(mode, "--compare")) {
+        float *ref = malloc(sizeof(float) * n);
+        FILE *f = fopen(file, "rb");
+        if (!f || fread(ref, sizeof(float), n, f) != (size_t)n) {
+            printf("FAIL decode: cannot read %s\n", file);
+            failures++;
+        } else {
+            const double worst = max_abs_diff(one, ref, n);
+            if (!(worst <= 1e-5 * scale)) printf("FAIL decode: %.3g from the scalar build (scale %.3g)\n", worst, scale), failures++;
+        }
+        if (f) fclose(f);
+        free(ref);
+    }
+    free(one), free(three);
+}
+
+int main(int argc, char **argv) {
     static const struct { long type; const char *name; long K[4]; } cases[] = {
         {Q4_0, "Q4_0", {32, 160, 640, 1152}}, {Q5_0, "Q5_0", {32, 160, 640, 1152}},
         {Q8_0, "Q8_0", {32, 160, 640, 1152}}, {Q4_K, "Q4_K", {256, 768, 1280, 2304}},
@@ -116,9 +234,10 @@ int main(void) {
         {F16, "F16", {40, 100, 640, 1152}}, {BF16, "BF16", {40, 100, 640, 1152}}, {F32, "F32", {40, 100, 640, 1152}},
     };
     static const long Ns[] = {1, 7, 19, 40};
-    fprintf(stderr, "threads: %s\n", kernels_threading ? kernels_threading() : "openmp");
+    fprintf(stderr, "threads: %s\n", kernels_threading());
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
         for (int k = 0; k < 4; k++) check(cases[c].type, cases[c].name, cases[c].K[k], Ns[(c + k) % 4]);
+    check_decode(argc > 2 ? argv[1] : NULL, argc > 2 ? argv[2] : NULL);
     if (failures) printf("%d FAILURES\n", failures);
     return failures != 0;
 }

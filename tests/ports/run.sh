@@ -4,7 +4,8 @@
 # Every C file in src/gemmakit/quant is compiled with tests/ports/check_kernels.c for: x86 with OpenMP, x86 without
 # it (team.c's pthread pool), the AVX2 path, and ARM64 with gcc and clang (NEON with dotprod and i8mm under
 # `qemu-aarch64 -cpu max`, plain NEON under `-cpu cortex-a53`, the portable C). Each build must print exactly the
-# scalar build's digests: the same bits for every block format. The cross tools come from Debian
+# scalar build's digests: the same bits for every block format; decode.c's whole step must agree with the scalar
+# build's within 1e-5 and give the same bits with 1 and 3 workers. The cross tools come from Debian
 # (gcc-aarch64-linux-gnu, qemu-user, clang, lld); run as root with apt-get, this installs what is missing, and
 # elsewhere it skips what it cannot build with a line saying why. Exit status 1 if any build differs or fails.
 set -uo pipefail
@@ -52,7 +53,7 @@ build() {
 check() {
     local name=$1
     shift
-    if ! "$@" "$OUT/$name" >"$OUT/$name.txt" 2>"$OUT/$name.err"; then
+    if ! "$@" "$OUT/$name" --compare "$OUT/decode.bin" >"$OUT/$name.txt" 2>"$OUT/$name.err"; then
         echo "FAIL $name: the driver failed"
         sed -n 1,20p "$OUT/$name.txt" "$OUT/$name.err"
         failed=1
@@ -61,7 +62,7 @@ check() {
         sed -n 1,20p "$OUT/$name.diff"
         failed=1
     else
-        echo "ok   $name ($(cat "$OUT/$name.err"), $(wc -l <"$OUT/$name.txt") kernel checks equal the scalar build's)"
+        echo "ok   $name ($(cat "$OUT/$name.err"), $(wc -l <"$OUT/$name.txt") kernel checks equal the scalar build's, decode step agrees)"
     fi
 }
 
@@ -71,7 +72,7 @@ host=$(uname -m)
 ref_arch=()
 [ "$host" = x86_64 ] && ref_arch=(-march=x86-64)
 build ref "$CC" "${ref_arch[@]}" -DGEMMAKIT_SCALAR -pthread || exit 1
-if ! "$OUT/ref" >"$OUT/ref.txt" 2>/dev/null; then
+if ! "$OUT/ref" --write "$OUT/decode.bin" >"$OUT/ref.txt" 2>/dev/null; then
     echo "FAIL the scalar build's driver failed:"
     cat "$OUT/ref.txt"
     exit 1
