@@ -7,8 +7,6 @@ with each library's fp32 logits and greedy tokens (tests/framework_fixtures.py);
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -201,9 +199,10 @@ def test_sniff_and_tokenizer_beside(tmp_path):
     assert load_tokenizer(DATA / "keras-gemma3").vocab_size == 512
 
 
-def test_convert_and_info_on_these_loads(tmp_path):
+def test_convert_and_info_on_these_loads(tmp_path, capsys):
     """The rest of gemmakit on a keras load: convert to GGUF and safetensors, `info` via the CLI."""
     from gemmakit.cli.convert import convert
+    from gemmakit.cli.info import info
 
     convert(
         out=tmp_path / "m.gguf",
@@ -226,14 +225,9 @@ def test_convert_and_info_on_these_loads(tmp_path):
     for src in (tmp_path / "m.gguf", tmp_path / "hf"):
         m = gemmakit.load(src, dtype="float32", device="cpu", quant=None, progress=False)
         np.testing.assert_allclose(_logits(m.module, ids), base, rtol=0, atol=1e-5)
-    out = subprocess.run(
-        [str(BIN / "gemmakit"), "info", "-m", str(DATA / "keras-gemma2")],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "160"},
-    ).stdout
-    assert "gemma2" in out
+    info(model=str(DATA / "keras-gemma2"))  # the CLI command, in process
+    out = capsys.readouterr().out
+    assert "gemma2" in out and "keras" in out and "50.0 / 30.0" in out
 
 
 def test_a_lora_fine_tune_returns_to_keras(tmp_path):
