@@ -97,8 +97,8 @@ else
     gcc_a64=aarch64-linux-gnu-gcc
     have $gcc_a64 || gcc_a64=$CC
     # dotprod + i8mm (Apple M2+, Graviton 3+, Snapdragon X), with OpenMP
-    build a64-dotprod "$gcc_a64" -march=armv8.6-a+dotprod+i8mm -fopenmp -static &&
-        check a64-dotprod "${run[@]}" ${run:+-cpu max}
+    build a64-dotprod-i8mm "$gcc_a64" -march=armv8.6-a+dotprod+i8mm -fopenmp -static &&
+        check a64-dotprod-i8mm "${run[@]}" ${run:+-cpu max}
     # plain NEON (ARMv8.0, e.g. Cortex-A53/A72, Graviton 1), the pthread team
     build a64-neon "$gcc_a64" -march=armv8-a -pthread -static &&
         check a64-neon "${run[@]}" ${run:+-cpu cortex-a53}

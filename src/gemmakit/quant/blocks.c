@@ -37,6 +37,11 @@
 #else
 #define NEON 0
 #endif
+#if NEON && defined(__ARM_FEATURE_MATMUL_INT8)
+#define I8MM 1  /* two weight rows at a time against pairs of activation rows (neon_pair_sums) */
+#else
+#define I8MM 0
+#endif
 
 #define UNIT 32   /* values per activation scale */
 #define GROUP 8   /* units reduced together: 256 values (K-quants: a super-block) */
@@ -528,6 +533,20 @@ static inline float lanes_sum4(const float *t) { return (t[0] + t[2]) + (t[1] + 
 
 static inline float b32_offset(long type) { return type == T_Q4_0 ? 8.0f : 16.0f; }  /* Q4_0: -8, Q5_0: -16 */
 
+#if NEON
+/* One group's unit sums z (lanes as neon_group_sums) into a row's accumulators. */
+static inline __attribute__((always_inline)) acc_t neon_acc(acc_t acc, const group_t *G, long type,
+                                                            const int32x4_t z[2], const float *ad, const float *afs) {
+    const int b32 = is_b32(type);
+    for (int h = 0; h < 2 - b32; h++) {
+        const float32x4_t f = vmulq_f32(vld1q_f32(G->fw + 4 * h), vld1q_f32(ad + 4 * h));
+        acc.dot[h] = vfmaq_f32(acc.dot[h], vcvtq_f32_s32(z[h]), f);
+        acc.off[h] = vfmaq_f32(acc.off[h], vld1q_f32((b32 ? G->fw : G->om) + 4 * h), vld1q_f32(afs + 4 * h));
+    }
+    return acc;
+}
+#endif
+
 /* Accumulators go in and out by value, so they stay in registers (through a pointer GCC kept them on the stack:
  * a store-to-load round trip per group). */
 static inline __attribute__((always_inline)) acc_t group_row(const group_t *G, long type, const int8_t *aq,
@@ -547,14 +566,9 @@ static inline __attribute__((always_inline)) acc_t group_row(const group_t *G, l
     acc.dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z), f, acc.dot);
     acc.off = _mm256_fmadd_ps(_mm256_load_ps(G->om), _mm256_loadu_ps(afs), acc.off);
 #elif NEON
-    const int b32 = is_b32(type);
     int32x4_t z[2];
     neon_group_sums(G, type, aq, as16, z);
-    for (int h = 0; h < 2 - b32; h++) {
-        const float32x4_t f = vmulq_f32(vld1q_f32(G->fw + 4 * h), vld1q_f32(ad + 4 * h));
-        acc.dot[h] = vfmaq_f32(acc.dot[h], vcvtq_f32_s32(z[h]), f);
-        acc.off[h] = vfmaq_f32(acc.off[h], vld1q_f32((b32 ? G->fw : G->om) + 4 * h), vld1q_f32(afs + 4 * h));
-    }
+    acc = neon_acc(acc, G, type, z, ad, afs);
 #else
     int32_t z[GROUP];
     group_sums(G, type, aq, as16, z);
@@ -881,6 +895,46 @@ static void rows_int(const group_t *G, long groups, long type, const act_t *A, l
     }
 }
 
+#if I8MM
+/* Weight rows n and n+1, unpacked in G and G2, against activation rows m0 .. m1-1: pairs of rows through SMMLA,
+ * then per (row, weight row) the float steps of group_row in its order, so every result equals rows_int_t's. */
+static inline __attribute__((always_inline)) void rows_pair_t(const group_t *G, const group_t *G2, long groups,
+                                                              long type, const act_t *A, long m0, long m1,
+                                                              float *y, long ldy, long n) {
+    const long U = A->units, gw = group_units(type);
+    long m = m0;
+    for (; m + 2 <= m1; m += 2) {
+        acc_t acc[4] = {acc_zero(), acc_zero(), acc_zero(), acc_zero()};  /* (m, n) (m, n+1) (m+1, n) (m+1, n+1) */
+        for (long g = 0; g < groups; g++) {
+            const long o = m * U + g * gw, o1 = o + U;
+            int32x4_t z[4][2];
+            neon_pair_sums(G + g, G2 + g, type, A->q + o * UNIT, A->q + o1 * UNIT, A->s16 + o * 2, A->s16 + o1 * 2, z);
+            acc[0] = neon_acc(acc[0], G + g, type, z[0], A->d + o, A->fs + o);
+            acc[1] = neon_acc(acc[1], G2 + g, type, z[1], A->d + o, A->fs + o);
+            acc[2] = neon_acc(acc[2], G + g, type, z[2], A->d + o1, A->fs + o1);
+            acc[3] = neon_acc(acc[3], G2 + g, type, z[3], A->d + o1, A->fs + o1);
+        }
+        y[m * ldy + n] = acc_total(acc[0], type), y[m * ldy + n + 1] = acc_total(acc[1], type);
+        y[(m + 1) * ldy + n] = acc_total(acc[2], type), y[(m + 1) * ldy + n + 1] = acc_total(acc[3], type);
+    }
+    if (m < m1) {  /* an odd last row: each weight row alone */
+        rows_int_t(G, groups, type, A, m, m1, y, ldy, n);
+        rows_int_t(G2, groups, type, A, m, m1, y, ldy, n + 1);
+    }
+}
+
+static void rows_pair(const group_t *G, const group_t *G2, long groups, long type, const act_t *A, long m0,
+                      long m1, float *y, long ldy, long n) {
+    switch (type) {
+        case T_Q8_0: rows_pair_t(G, G2, groups, T_Q8_0, A, m0, m1, y, ldy, n); break;
+        case T_Q4_0: rows_pair_t(G, G2, groups, T_Q4_0, A, m0, m1, y, ldy, n); break;
+        case T_Q5_0: rows_pair_t(G, G2, groups, T_Q5_0, A, m0, m1, y, ldy, n); break;
+        case T_Q6_K: rows_pair_t(G, G2, groups, T_Q6_K, A, m0, m1, y, ldy, n); break;
+        default: rows_pair_t(G, G2, groups, T_Q4_K, A, m0, m1, y, ldy, n); break;  /* Q4_K, Q5_K */
+    }
+}
+#endif
+
 /* One float weight row (F32/F16/BF16) against fp32 activation rows. */
 static void row_float(const qmat_t *W, long n, const act_t *A, long m0, int mr, float *y, long ldy) {
     const uint8_t *row = W->data + n * W->row_bytes;
@@ -987,6 +1041,17 @@ static void matmuls_share(const qmat_t *W, int n_mats, const act_t *A, float *co
                     continue;
                 }
 #endif
+#if I8MM
+                if (m1 - m0 >= 2 && n + 1 < n1) {  /* two weight rows at once (group_bytes holds both) */
+                    for (long g = 0; g < groups; g++) {
+                        prep_group(G + g, row, w->type, g, w->cols);
+                        prep_group(G + groups + g, row + w->row_bytes, w->type, g, w->cols);
+                    }
+                    rows_pair(G, G + groups, groups, w->type, A, m0, m1, y[i], ldy[i], n);
+                    n++;
+                    continue;
+                }
+#endif
                 for (long g = 0; g < groups; g++) prep_group(G + g, row, w->type, g, w->cols);
                 rows_int(G, groups, w->type, A, m0, m1, y[i], ldy[i], n);
             }
@@ -997,7 +1062,7 @@ static void matmuls_share(const qmat_t *W, int n_mats, const act_t *A, float *co
 /* Bytes of one worker's group buffer for rows of up to K values (64-byte multiples, so buffers can sit side by side). */
 long group_bytes(long K) {
     const long max_groups = (K / UNIT + QUAD - 1) / QUAD;
-    return (long)((sizeof(group_t) * max_groups + 63) / 64 * 64);
+    return (long)((sizeof(group_t) * max_groups * (I8MM ? 2 : 1) + 63) / 64 * 64);  /* i8mm: two rows' groups */
 }
 
 /* Y_i = X @ W_i^T for n_mats matrices of the same K (at most 8), by worker `tid` of `nth`: every worker calls it

@@ -3,7 +3,7 @@
  *
  * Integer dot products: SDOT (vdotq_s32, the dotprod extension: every Apple M-series, Snapdragon X, Graviton 2+,
  * any ARMv8.2-A+ core that lists `asimddp`), otherwise widening multiplies (vmull_s8) and pairwise adds, which every
- * ARMv8 core has. Either way the sums are exact integers, so they equal the scalar build's and the x86 builds'; the
+ * ARMv8 core has; with i8mm, SMMLA for two weight rows x two activation rows (neon_pair_sums). Either way the sums are exact integers, so they equal the scalar build's and the x86 builds'; the
  * float steps around them (blocks.c's group_row and acc_total) follow the AVX2 path's lanes and order.
  *
  * Weights enter as int8: Q8_0 is signed, and every other format's unpacked values are at most 63 (Q6_K), so the
@@ -113,3 +113,63 @@ static inline void neon_row_float(long type, const uint8_t *row, const float *x,
         out[r] = vget_lane_f32(s2, 0) + vget_lane_f32(s2, 1);
     }
 }
+
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+/* i8mm (SMMLA, vmmlaq_s32: Apple M2 and later, Graviton 3/4, Snapdragon X, Neoverse V/N2): one instruction takes
+ * 8 values of 2 activation rows and 2 weight rows and adds their 4 dot products, twice SDOT's work. Two weight rows
+ * n, n' (groups G, G2) against two activation rows m, m' (aq, aq1): per unit, lanes [mn, mn', m'n, m'n']. */
+static inline int32x4_t mmla16(int32x4_t c, const int8_t *a, const int8_t *a1, const int8_t *w, const int8_t *w1) {
+    const int64x2_t av = vreinterpretq_s64_s8(vld1q_s8(a)), av1 = vreinterpretq_s64_s8(vld1q_s8(a1));
+    const int64x2_t wv = vreinterpretq_s64_s8(vld1q_s8(w)), wv1 = vreinterpretq_s64_s8(vld1q_s8(w1));
+    c = vmmlaq_s32(c, vreinterpretq_s8_s64(vzip1q_s64(av, av1)), vreinterpretq_s8_s64(vzip1q_s64(wv, wv1)));
+    return vmmlaq_s32(c, vreinterpretq_s8_s64(vzip2q_s64(av, av1)), vreinterpretq_s8_s64(vzip2q_s64(wv, wv1)));
+}
+
+/* 4 vectors of 4 units' [mn, mn', m'n, m'n'] -> per pair (mn, mn', m'n, m'n'), the 4 units' sums. */
+static inline void transpose4(const int32x4_t c[4], int32x4_t out[4]) {
+    const int32x4_t t0 = vtrn1q_s32(c[0], c[1]), t1 = vtrn2q_s32(c[0], c[1]);
+    const int32x4_t t2 = vtrn1q_s32(c[2], c[3]), t3 = vtrn2q_s32(c[2], c[3]);
+#define S64(v) vreinterpretq_s64_s32(v)
+#define S32(v) vreinterpretq_s32_s64(v)
+    out[0] = S32(vtrn1q_s64(S64(t0), S64(t2))), out[1] = S32(vtrn1q_s64(S64(t1), S64(t3)));
+    out[2] = S32(vtrn2q_s64(S64(t0), S64(t2))), out[3] = S32(vtrn2q_s64(S64(t1), S64(t3)));
+#undef S64
+#undef S32
+}
+
+/* The unit sums of groups G (row n) and G2 (row n') with activation rows aq and aq1, as neon_group_sums gives them
+ * for each pair: z[p][h], p = (m, n), (m, n'), (m', n), (m', n'). The same integers. */
+static inline __attribute__((always_inline)) void neon_pair_sums(const group_t *G, const group_t *G2, long type,
+                                                                 const int8_t *aq, const int8_t *aq1,
+                                                                 const int16_t *as16, const int16_t *as161,
+                                                                 int32x4_t z[4][2]) {
+    const int halves = type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ? 2 : 1;
+    for (int h = 0; h < 2; h++) {
+        int32x4_t c[4], t[4];
+        for (int j = 0; j < 4; j++) {
+            const int u = 4 * h + j;
+            if (h >= halves) {
+                c[j] = vdupq_n_s32(0);
+                continue;
+            }
+            const int8_t *a = aq + u * UNIT, *a1 = aq1 + u * UNIT;
+            const int8_t *w = (const int8_t *)G->w[u], *w1 = (const int8_t *)G2->w[u];
+            if (type != T_Q6_K) {
+                c[j] = mmla16(mmla16(vdupq_n_s32(0), a, a1, w, w1), a + 16, a1 + 16, w + 16, w1 + 16);
+                continue;
+            }
+            /* Q6_K: per 16 values, scale (of the weight row) * (w . a - 32 * sum a (of the activation row)) */
+            const int32x4_t lo = mmla16(vdupq_n_s32(0), a, a1, w, w1);
+            const int32x4_t hi = mmla16(vdupq_n_s32(0), a + 16, a1 + 16, w + 16, w1 + 16);
+            const int32_t sl[4] = {G->sc[2 * u], G2->sc[2 * u], G->sc[2 * u], G2->sc[2 * u]};
+            const int32_t sh[4] = {G->sc[2 * u + 1], G2->sc[2 * u + 1], G->sc[2 * u + 1], G2->sc[2 * u + 1]};
+            const int32_t al[4] = {as16[2 * u], as16[2 * u], as161[2 * u], as161[2 * u]};
+            const int32_t ah[4] = {as16[2 * u + 1], as16[2 * u + 1], as161[2 * u + 1], as161[2 * u + 1]};
+            c[j] = vaddq_s32(vmulq_s32(vld1q_s32(sl), vsubq_s32(lo, vshlq_n_s32(vld1q_s32(al), 5))),
+                             vmulq_s32(vld1q_s32(sh), vsubq_s32(hi, vshlq_n_s32(vld1q_s32(ah), 5))));
+        }
+        transpose4(c, t);
+        for (int p = 0; p < 4; p++) z[p][h] = t[p];
+    }
+}
+#endif
