@@ -355,7 +355,7 @@ class Gemma(nn.Module):
         if cache is not None:
             cache.prepare(ids.shape[1], rows)
         if cache is not None and self.fused_decode is not None and self.fused_decode.applies(x, cache):
-            x = self.fused_decode(x, positions, cache)  # plain decode step: all layers in one native call
+            x = self.fused_decode(x, positions, cache, ple)  # plain decode step: all layers in one native call
         else:
             altup = self.config.altup_num_inputs > 0
             if altup:

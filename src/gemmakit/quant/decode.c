@@ -21,23 +21,7 @@
 #endif
 
 #include "blocks.h"
-
-typedef struct {
-    qmat_t q, k, v, o, gate, up, down;      /* [NH, D], [KH, D], [KH, D], [D, NH], [I, D], [I, D], [D, I] */
-    const float *attn_norm, *q_norm, *k_norm; /* (1 + w) scales; q/k NULL without QK-norm (Gemma 1/2) */
-    const float *post_attn_norm, *pre_ffw_norm, *post_ffw_norm; /* Gemma 1: post_attn is the pre-MLP norm, rest NULL */
-    const float *inv_freq;                  /* H/2 RoPE frequencies of this layer (base and linear scale applied) */
-    float *k_cache, *v_cache;               /* [rows][K][S][H] */
-    int64_t *slot_pos;                      /* [rows][S] */
-    long slots;                             /* S */
-    long ring;                              /* sliding ring buffer: slot = column % S, attend over all S slots */
-    long window;                            /* sliding window W, 0 on global layers */
-} layer_t;
-
-typedef struct {
-    long dim, n_heads, n_kv, head_dim, inter;
-    float eps, scaling, softcap;            /* softcap 0 = none */
-} dims_t;
+#include "decode.h"
 
 /* A few vector primitives over AVX-512 (16 lanes), AVX2+FMA (8 lanes) or NEON (4), so the kernels below are written once.
  * Without either, VL is undefined and the scalar loops run. */
@@ -152,7 +136,7 @@ static inline vf vexp(vf x) {
 #endif
 
 /* out[i] = gelu_tanh(g[i]) * u[i]; gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)). */
-static void geglu(const float *g, const float *u, float *out, long n) {
+void geglu(const float *g, const float *u, float *out, long n) {
     long i = 0;
 #ifdef VL
     const vf c = vset(-2.0f * 0.7978845608028654f), a = vset(0.044715f), one = vset(1.0f);
@@ -192,7 +176,7 @@ static void axpy(float a, const float *x, float *y, long n) {  /* y += a * x */
 
 /* Half-split ("NeoX") RoPE in place on `heads` vectors of length H; same roundings as model.apply_rope:
  * x * cos + rotate_half(x) * sin, with cos/sin of (float)pos * inv_freq in fp32 (rope_cs). */
-static void rope_cs(int64_t pos, const float *inv_freq, long half, float *c, float *s) {
+void rope_cs(int64_t pos, const float *inv_freq, long half, float *c, float *s) {
     for (long i = 0; i < half; i++) {
         const float f = (float)pos * inv_freq[i];
         c[i] = cosf(f);
@@ -200,7 +184,7 @@ static void rope_cs(int64_t pos, const float *inv_freq, long half, float *c, flo
     }
 }
 
-static void rope(float *x, long heads, long H, const float *c, const float *s) {
+void rope(float *x, long heads, long H, const float *c, const float *s) {
     const long half = H / 2;
     for (long h = 0; h < heads; h++) {
         float *v = x + h * H;
@@ -225,8 +209,6 @@ void rms_norm(const float *x, const float *scale, float *y, long rows, long dim,
         for (long i = 0; i < dim; i++) yr[i] = xr[i] * inv * scale[i];
     }
 }
-
-#define CHUNK 256  /* slots per attention task, at fixed offsets: results do not depend on how many slots follow */
 
 /* Attention of the `rep` query heads sharing one KV head over slots [j0, j1) (j0 a multiple of CHUNK): each key
  * is read once for all of them. Per head: the chunk's max score (-inf if nothing is visible), the sum of
@@ -282,7 +264,7 @@ static void attend_chunk(const float *q, long rep, const float *k, const float *
 /* Attention for M tokens over `span` slots, by a team: tasks (token, KV head, chunk) split between the workers, a
  * barrier, then per (token, query head) the chunks are merged in chunk order (flash-decoding's rescaling by
  * exp(chunk max - overall max)). `part` holds M * KV * chunks * rep * (H + 2) floats. */
-static void attention(const layer_t *L, const dims_t *dm, const float *qkv, long QKV, long M, long T,
+void attention(const layer_t *L, const dims_t *dm, const float *qkv, long QKV, long M, long T,
                       const int64_t *pos, long span, float *att, float *part, int tid, int nth, team_t *team) {
     const long N = dm->n_heads, KV = dm->n_kv, H = dm->head_dim, rep = N / KV, S = L->slots;
     const long chunks = (span + CHUNK - 1) / CHUNK, stride = rep * (H + 2), tasks = M * KV * chunks;

@@ -93,7 +93,7 @@ class FusedDecode:
     def _table(self, cache) -> tuple[ctypes.Array, int]:
         """This cache's copy of the layer table and its ring slack (built once per cache: its buffers never move)."""
         if getattr(cache, "native", None) is None:
-            table = (_Layer * len(self.layers))()
+            table = type(self.layers)()
             ctypes.memmove(table, self.layers, ctypes.sizeof(table))
             slack = 1 << 30
             for L, c in zip(table, cache.layers, strict=True):
@@ -106,9 +106,9 @@ class FusedDecode:
             cache.native = (table, slack)
         return cache.native
 
-    def __call__(self, x: Tensor, positions: Tensor, cache) -> Tensor:
+    def __call__(self, x: Tensor, positions: Tensor, cache, ple: Tensor | None = None) -> Tensor:
         """x: (B, T, D) embedded tokens of rows 0..B-1 -> hidden states after the last layer (before the final
-        norm). The cache must already be prepared for this step (KVCache.prepare)."""
+        norm). The cache must already be prepared for this step (KVCache.prepare). ple: Gemma 4's only (None)."""
         B, T, _ = x.shape
         x = x.clone(memory_format=torch.contiguous_format)  # the native step updates it in place
         pos = positions.reshape(-1).to(torch.long).contiguous()
@@ -123,7 +123,12 @@ def attach(model: nn.Module) -> None:
     """Give a model whose projections are all QLinear its native decode step, if the native library is built;
     otherwise leave the module path."""
     lib = kernels.library()
-    if lib is None or model.config.family not in ("gemma", "gemma2", "gemma3"):
+    if lib is None:
+        return
+    if model.config.family == "gemma4":
+        from .fused_gemma4 import attach as attach_gemma4  # here: fused_gemma4 builds on this module
+
+        attach_gemma4(model, lib)
         return
     for block in model.model.layers:
         if not all(isinstance(block.get_submodule(p), QLinear) for p in PROJECTIONS):
