@@ -57,7 +57,7 @@ def _worst(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, expected, strict=True))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["gemma4-e", "gemma4-e-keqv", "gemma4-moe-keqv"])  # every layer kind among them
 def test_native_step_equals_the_module_path(kind, models):
     """Float blocks (fp32 activations): step by step, rows of different lengths, sometimes a prefix of the rows,
     the native step gives the module path's logits up to summation order (measured <= 1.7e-5)."""
@@ -132,8 +132,8 @@ def test_any_team_and_thread_give_the_same_logits(models):
         one = run(1)
         for threads in (2, 5):
             assert all(torch.equal(a, b) for a, b in zip(run(threads), one, strict=True))
-        got = {}
-        worker = threading.Thread(target=lambda run=run: got.update(x=run(2)))
+        got: dict = {}
+        worker = threading.Thread(target=lambda run=run, got=got: got.update(x=run(2)))
         worker.start()
         worker.join()
         assert all(torch.equal(a, b) for a, b in zip(got["x"], one, strict=True))

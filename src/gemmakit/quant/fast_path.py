@@ -6,12 +6,12 @@ and pages are read from disk as the first forward touches them. A matrix in any 
 dequantized once to F16 in memory, with a one-line note. Norms stay float: they are tiny and need the exact 1 + w of
 the reference path.
 
-Gemma 4 runs its PyTorch layers (per-layer embeddings, shared KV, experts) with these products: every matrix,
-including the packed per-layer embedding table (a row lookup) and each expert's slice of the 3-D expert tensors
-(quant/experts.py: a token reads only its routed experts' blocks). Gemma 3n likewise: every matrix, including each
-of the AltUp stream projections (one stacked tensor in the file, sliced per stream like the experts), the router
-and LAuReL factors where their rows are whole units. The one-call native decode step (quant/fused.py) covers
-Gemma 1, 2 and 3 only.
+Gemma 4's matrices run on these products too: every matrix, including the packed per-layer embedding table (a row
+lookup) and each expert's slice of the 3-D expert tensors (quant/experts.py: a token reads only its routed experts'
+blocks). Gemma 3n likewise: every matrix, including each of the AltUp stream projections (one stacked tensor in the
+file, sliced per stream like the experts), the router and LAuReL factors where their rows are whole units. Decode
+steps run as one native call on Gemma 1, 2 and 3 (quant/fused.py) and Gemma 4 (quant/fused_gemma4.py); Gemma 3n
+runs its PyTorch layers.
 """
 
 from __future__ import annotations
