@@ -16,7 +16,7 @@ import torch
 from gemmakit.model import KVCache
 from gemmakit.quant import kernels
 from gemmakit.quant.fused_gemma4 import FusedDecodeGemma4
-from test_fast import _decode_rows
+from test_fast_path import _decode_rows
 from test_gemma4_fast import load_both, tiny, write
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels not built")

@@ -130,6 +130,8 @@ def attach(model: nn.Module) -> None:
 
         attach_gemma4(model, lib)
         return
+    if model.config.family not in ("gemma", "gemma2", "gemma3"):
+        return
     for block in model.model.layers:
         if not all(isinstance(block.get_submodule(p), QLinear) for p in PROJECTIONS):
             return
