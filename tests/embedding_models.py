@@ -161,35 +161,9 @@ def embeddinggemma2(folder: Path, seed: int = 0, text_only: bool = False) -> Pat
     return folder
 
 
+
 def write_gemma_embedding_gguf(folder: Path, path: Path) -> Path:
-    """The folder as llama.cpp's converter writes EmbeddingGemma (convert_hf_to_gguf.py EmbeddingGemma): arch
-    gemma-embedding, the config's own sliding_window, norms stored as 1 + w, 2_Dense/3_Dense as dense_2/dense_3,
-    mean pooling, add_eos_token (its tokenizer appends <eos>). float32 tensors."""
-    import gguf
-    from safetensors.torch import load_file
+    """The folder as llama.cpp's converter writes it (float32), by gemmakit's writer (embed/export.py)."""
+    from gemmakit.embed.export import write_gemma_embedding_gguf as write
 
-    from gemmakit.embed.loading import encoder_state
-    from gemmakit.tokenizer import Tokenizer
-    from gemmakit.weights.hf import read_hf_config, read_hf_state_dict
-    from gemmakit.weights.names import hf_to_gguf
-    from gemmakit.weights.writers import _write_metadata, _write_tokenizer
-
-    cfg = read_hf_config(folder)
-    w = gguf.GGUFWriter(str(path), "gemma-embedding")
-    _write_metadata(w, cfg.replace(sliding_window=json.loads((folder / "config.json").read_text())["sliding_window"]),
-                    "f32")
-    w.add_pooling_type(gguf.PoolingType.MEAN)
-    _write_tokenizer(w, Tokenizer.from_hf_json(folder / "tokenizer.json"))
-    w.kv_data[0].pop("tokenizer.ggml.add_eos_token")
-    w.add_add_eos_token(True)
-    state, _ = encoder_state(read_hf_state_dict(folder, cfg))
-    for name, t in state.items():
-        data = t.float().numpy()
-        w.add_tensor(hf_to_gguf(name, "gemma3"), data + 1.0 if name.endswith("norm.weight") else data)
-    for sub, name in (("2_Dense", "dense_2.weight"), ("3_Dense", "dense_3.weight")):
-        w.add_tensor(name, load_file(str(folder / sub / "model.safetensors"))["linear.weight"].numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write(folder, path)

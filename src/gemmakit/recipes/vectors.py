@@ -1,10 +1,11 @@
 """Dense retrieval for `ask`: passage embeddings stored beside the BM25 index, searched by brute force with numpy.
 
 Why numpy and not usearch/hnswlib/faiss: at the sizes `ask` serves (a laptop's folder, up to ~100,000 passages) an
-exact scan is fast enough and loses no recall. benchmarks/results/vector-store-*.md measured 100,000 x 768
-float32 vectors: the matrix memory-maps in ~1 ms, and a query (one matrix-vector product + a partial sort) takes
-tens of milliseconds on 2 cores, well under the encoder's own time for the query. An approximate index would add
-a dependency, a build step and recall loss for no visible gain until millions of passages.
+exact scan is fast enough and loses no recall. benchmarks/results/vector-store-2026-12-07-vm.md measured 100,000 x
+768 float32 vectors (293 MiB) on a shared 2-core machine: the matrix memory-maps in 1 ms (a full read: 1.2 s), and
+an exact top-10 (one matrix-vector product + a partial sort) takes 0.15 s warm, 0.18 s when its pages are first
+read, next to the encoder's own time for the question. An approximate index would add a dependency, a build step
+and recall loss for no visible gain until millions of passages.
 
 Layout, in DOCS/.gemmakit-index/dense-<model key>/: `files/<sha256>.npy`, one matrix per file content (so only a
 changed file is re-embedded), and `matrix-<manifest hash>.npy`, every passage in the manifest's order (one file
