@@ -115,7 +115,7 @@ def run(repeats: int, threads: int, n_texts: int, batch: int, tokenizer_dir: Pat
         result["engines"][k] = {"seconds": ts, "texts_per_s": n_texts / med, "tokens_per_s": n_tokens / med,
                                 "min_cosine_vs_gemmakit": cos}
     base = result["engines"]["gemmakit"]["texts_per_s"]
-    for k, r in result["engines"].items():
+    for r in result["engines"].values():
         r["gemmakit_speedup"] = base / r["texts_per_s"]
     return result
 
