@@ -168,6 +168,8 @@ def save_keras(name: str, cfg: GemmaConfig, out: Path) -> None:
 def flax_config(cfg: GemmaConfig):
     from gemma.gm.nn import _config, _modules
 
+    from gemmakit.weights.orbax import transposed_gating
+
     kinds = {SLIDING: _modules.AttentionType.LOCAL_SLIDING, GLOBAL: _modules.AttentionType.GLOBAL}
     q = _config.QueryPreAttentionNormalisation
     g3 = cfg.family == "gemma3"
@@ -179,8 +181,8 @@ def flax_config(cfg: GemmaConfig):
         head_dim=cfg.head_dim,
         num_kv_heads=cfg.num_key_value_heads,
         final_logit_softcap=cfg.final_logit_softcapping,
-        use_post_attn_norm=True,
-        use_post_ffw_norm=True,
+        use_post_attn_norm=cfg.post_norms,
+        use_post_ffw_norm=cfg.post_norms,
         attention_types=tuple(kinds[t] for t in cfg.layer_types),
         query_pre_attn_norm=(
             q.BY_ONE_OVER_SQRT_HEAD_DIM
@@ -189,7 +191,7 @@ def flax_config(cfg: GemmaConfig):
         ),
         attn_logits_soft_cap=cfg.attn_logit_softcapping,
         sliding_window_size=cfg.sliding_window,
-        transpose_gating_einsum=True,
+        transpose_gating_einsum=transposed_gating(cfg),
         use_qk_norm=g3,
         local_base_frequency=int(cfg.rope_local_base_freq),
         global_base_frequency=int(cfg.rope_theta),

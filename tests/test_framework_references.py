@@ -89,3 +89,64 @@ def test_sharded_keras_weights(tmp_path):
     a = gemmakit.load(tmp_path / "sharded", **kw).module.state_dict()
     b = gemmakit.load(DATA / "keras-gemma2", **kw).module.state_dict()
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in b)
+
+
+def test_gemma1_qkv_einsum_against_the_library(tmp_path):
+    """A Gemma 1 model with K == N goes out as one qkv_einsum and an untransposed [2, D, F] gating (the library's
+    Gemma 1 layout), no post-norms, pre_ffw_norm = HF's post_attention_layernorm: the library's forward agrees."""
+    pytest.importorskip("orbax.checkpoint")
+    gm = pytest.importorskip("gemma.gm")
+    import torch
+
+    import gemmakit
+    from gemmakit.config import GemmaConfig
+    from gemmakit.loader import build
+    from gemmakit.model import Gemma
+    from gemmakit.weights.orbax import write_orbax
+
+    cfg = GemmaConfig(
+        family="gemma",
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+    )
+    torch.manual_seed(0)
+    state = {k: torch.randn(v.shape) * 0.2 for k, v in Gemma(cfg).state_dict().items()}
+    module = build(cfg, state)
+    out = write_orbax(tmp_path / "ckpt", module.state_dict(), cfg, None)
+    params = gm.ckpts.load_params(out)
+    assert params["layer_0"]["attn"]["qkv_einsum"]["w"].shape == (3, 4, 32, 16)
+    assert params["layer_0"]["mlp"]["gating_einsum"].shape == (2, 32, 64)
+    with torch.no_grad():
+        ours = module(torch.tensor([PROMPT]))[0].numpy()
+    assert _rel(ours, flax_logits_fn(cfg, params)(PROMPT)) <= 1e-4
+    again = gemmakit.load(out, dtype="float32", device="cpu", quant=None, progress=False, variant=cfg)
+    with torch.no_grad():
+        assert _rel(again.module(torch.tensor([PROMPT]))[0].numpy(), ours) <= 1e-6
+
+
+def test_nested_layout_saved_by_the_library(tmp_path):
+    """A fine-tune saved with gm.ckpts.save_params (NESTED: layer_0/attn/q_einsum/w, mlp without 'w') loads too."""
+    pytest.importorskip("orbax.checkpoint")
+    gm = pytest.importorskip("gemma.gm")
+    import gemmakit
+
+    params = gm.ckpts.load_params(DATA / "flax-gemma3" / "ckpt")  # NESTED in memory
+    gm.ckpts.save_params(params, tmp_path / "nested", wait_until_finished=True)
+    m = gemmakit.load(
+        tmp_path / "nested",
+        dtype="float32",
+        device="cpu",
+        quant=None,
+        progress=False,
+        variant=CASES["flax-gemma3"],
+    )
+    import torch
+
+    with torch.no_grad():
+        got = m.module(torch.tensor([PROMPT]))[0].numpy()
+    assert _rel(got, np.load(DATA / "flax-gemma3" / "reference.npz")["logits"]) <= 1e-4

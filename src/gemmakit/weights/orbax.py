@@ -221,7 +221,7 @@ def orbax_to_hf(
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def _transposed_gating(cfg: GemmaConfig) -> bool:
+def transposed_gating(cfg: GemmaConfig) -> bool:
     """Which gating layout the gemma library's config of this shape expects: [2, D, F] for Gemma 1 and Gemma2_2B
     (transpose_gating_einsum left False), [2, F, D] for every later config (gm/nn/_gemma.py)."""
     g2_2b = PRESETS["gemma-2-2b"]
@@ -265,7 +265,7 @@ def orbax_tree(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, di
         gating = torch.stack(
             [tensors.pop(pre + "mlp.gate_proj.weight"), tensors.pop(pre + "mlp.up_proj.weight")]
         )
-        tree[out + "mlp/gating_einsum"] = {"w": gating if _transposed_gating(cfg) else gating.transpose(1, 2)}
+        tree[out + "mlp/gating_einsum"] = {"w": gating if transposed_gating(cfg) else gating.transpose(1, 2)}
         tree[out + "mlp/linear"] = {"w": tensors.pop(pre + "mlp.down_proj.weight").T}
         for name in [x for x in tensors if x.startswith(pre)]:
             module, _, leaf = hf_to_orbax_layer(name.removeprefix(pre), cfg.family).rpartition("/")
