@@ -104,9 +104,19 @@ def test_seeded_sampler_is_reproducible():
     assert [a(logits).tolist() for _ in range(5)] == [b(logits).tolist() for _ in range(5)]
 
 
-@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_k=0), dict(min_p=2.0), dict(repetition_penalty=0.0)])
+@pytest.mark.parametrize("bad", [dict(top_p=-0.1), dict(top_k=0), dict(min_p=2.0), dict(repetition_penalty=0.0),
+                                 dict(temperature=float("nan")), dict(temperature=float("inf")), dict(seed=2**64),
+                                 dict(top_p=float("nan")), dict(repetition_penalty=1e-300)])
 def test_bad_sampling_params(bad):
     from gemmakit import GemmaError
 
     with pytest.raises(GemmaError):
         SamplingParams(**bad)
+
+
+def test_top_p_zero_and_tiny_temperatures_are_greedy():
+    """OpenAI's top_p 0 and temperatures below 1e-5 (1e-300 would overflow logits / t) take the arg-max."""
+    logits = torch.randn(3, 50)
+    for params in (SamplingParams(temperature=1.0, top_p=0.0), SamplingParams(temperature=1e-300, seed=1)):
+        assert params.greedy and make_sampler(params)(logits).tolist() == logits.argmax(-1).tolist()
+    assert not SamplingParams(temperature=1e-5, seed=1).greedy
