@@ -66,6 +66,7 @@ check() {
     fi
 }
 
+install_missing
 CC=${CC:-$(command -v gcc || command -v cc)}
 host=$(uname -m)
 # the reference: portable C, no SIMD, no OpenMP
@@ -88,7 +89,6 @@ if have clang; then
     build clang-native "$(command -v clang)" -march=native -pthread && check clang-native
 fi
 
-install_missing
 if [ "$host" != aarch64 ] && ! { have aarch64-linux-gnu-gcc && have qemu-aarch64; }; then
     echo "SKIP ARM64: needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)"
 else
