@@ -37,7 +37,7 @@ class Model:
     module: Gemma
     tokenizer: Tokenizer | None
     source: str  # where the weights came from, for display
-    format: str  # "gguf", "hf" or "ckpt"
+    format: str  # "gguf", "hf", "keras", "orbax" or "ckpt"
     last_result: GenerationResult | None = None  # set when a stream() finishes: token ids and finish reason
 
     @property

@@ -104,8 +104,10 @@ def _hf_checks(source: str | Path | None, ref: Model, ref_logits: dict[str, torc
     except ImportError:
         return [Check("transformers parity", "skipped", "", None, "transformers is not installed: "
                       "pip install transformers (and gguf for GGUF files) to compare against it")]
-    if ref.format == "ckpt":
-        return [Check("transformers parity", "skipped", "", None, "transformers cannot read gemma_pytorch .ckpt")]
+    if ref.format in ("ckpt", "keras", "orbax"):
+        what = {"ckpt": "gemma_pytorch .ckpt", "keras": "keras-hub presets", "orbax": "Orbax checkpoints"}[ref.format]
+        return [Check("transformers parity", "skipped", "", None, f"transformers cannot read {what}; "
+                      "`gemmakit convert --to hf` it and verify that folder")]
     transformers.utils.logging.disable_progress_bar()  # its bars would tear through our status line
     path = Path(source) if source is not None else _embedded()
     kwargs = {"gguf_file": path.name} if ref.format == "gguf" else {}
