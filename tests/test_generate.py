@@ -120,3 +120,19 @@ def test_top_p_zero_and_tiny_temperatures_are_greedy():
     for params in (SamplingParams(temperature=1.0, top_p=0.0), SamplingParams(temperature=1e-300, seed=1)):
         assert params.greedy and make_sampler(params)(logits).tolist() == logits.argmax(-1).tolist()
     assert not SamplingParams(temperature=1e-5, seed=1).greedy
+
+
+def test_generate_options_match_the_public_signatures():
+    """generate() and stream() list their options one by one for users; GenerateOptions carries them inside the
+    library. A new option added to one and not the other would be dropped silently: the names must match."""
+    import inspect
+    from dataclasses import fields
+
+    from gemmakit.api import GenerateOptions, Model
+
+    names = {f.name for f in fields(GenerateOptions)}
+    for method in (Model.generate, Model.stream):
+        params = inspect.signature(method).parameters.values()
+        assert {p.name for p in params if p.kind is p.KEYWORD_ONLY} == names, method.__name__
+        defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+        assert defaults == {f.name: f.default for f in fields(GenerateOptions)}, method.__name__

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -23,13 +23,13 @@ from .tool_calls.calls import CallDelta, ToolCall
 Prompt = str | Sequence[int]
 Messages = Sequence[chat_template.Message]
 Tools = Sequence[Mapping[str, Any]]
-ProcessorFactory = Callable[[], Sequence[LogitsProcessor]]
+ProcessorFactory = Callable[[], Sequence[LogitsProcessor]]  # called once per sequence: processors keep row state
 if TYPE_CHECKING:
     import os
 
     from .watermark.synthid import WatermarkConfig
 
-    WatermarkKeys = str | os.PathLike[str] | Mapping[str, Any] | WatermarkConfig  # a keys file, its fields, itself  # called once per sequence: processors keep row state
+    WatermarkKeys = str | os.PathLike[str] | Mapping[str, Any] | WatermarkConfig  # a keys file, its fields, itself
 
 
 @dataclass
@@ -85,32 +85,28 @@ class Model:
         out = out.masked_fill((pos < 0).to(self.device)[..., None], 0.0)
         return out[0] if single else out
 
-    def _generation(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int, temperature: float,
-                    top_k: int | None, top_p: float | None, min_p: float | None,
-                    repetition_penalty: float | None, seed: int | None, stop: str | Sequence[str] | None,
-                    ignore_eos: bool, lookup: int = 0, logits_processors: ProcessorFactory | None = None,
-                    json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
-                    watermark: WatermarkKeys | None = None) -> tuple[Generation, bool]:
+    def _generation(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int, opts: GenerateOptions,
+                    ) -> tuple[Generation, bool]:
         batched = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
         prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty, seed=seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if watermark is not None:
+        params = opts.sampling
+        stops = [opts.stop] if isinstance(opts.stop, str) else list(opts.stop or [])
+        logits_processors = opts.logits_processors
+        if opts.watermark is not None:
             # same layer, imported here: synthid.py imports this module
             from .watermark.synthid import Watermark, with_watermark
 
-            logits_processors = with_watermark(logits_processors, Watermark(watermark))
+            logits_processors = with_watermark(logits_processors, Watermark(opts.watermark))
         constraint = None
-        if json_schema is not None or regex is not None or grammar is not None:
-            if stops or ignore_eos:
+        if opts.constrained:
+            if stops or opts.ignore_eos:
                 raise GemmaError("stop strings and ignore_eos cannot be combined with json_schema, regex or "
                                  "grammar: the grammar decides where the output ends")
-            constraint = self.constraint(json_schema=json_schema, regex=regex, grammar=grammar)
+            constraint = self.constraint(json_schema=opts.json_schema, regex=opts.regex, grammar=opts.grammar)
         factory = constraint.processors(logits_processors) if constraint else logits_processors
         processors = [list(factory()) for _ in prompts] if factory else None
         gen = Generation(self.module, self.tokenizer, prompts, max_new_tokens=max_new_tokens, params=params,
-                         stop=stops, ignore_eos=ignore_eos, lookup=lookup, processors=processors,
+                         stop=stops, ignore_eos=opts.ignore_eos, lookup=opts.lookup, processors=processors,
                          parse=constraint.grammar.parse if constraint else None)
         return gen, batched
 
@@ -143,12 +139,7 @@ class Model:
         `watermark` (a keys file path, a dict of its fields or a WatermarkConfig) marks the text with SynthID-Text,
         as `logits_processors=gemmakit.watermark.Watermark(keys)` does; detect it with gemmakit.watermark.detect.
         """
-        gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, min_p=min_p,
-                                        repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                                        ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors,
-                                        json_schema=json_schema, regex=regex, grammar=grammar,
-                                        watermark=watermark)
+        gen, batched = self._generation(prompt, max_new_tokens, GenerateOptions.of(locals()))
         results = gen.results()
         return results if batched else results[0]
 
@@ -160,12 +151,7 @@ class Model:
                regex: str | None = None, grammar: str | None = None, watermark: WatermarkKeys | None = None,
                ) -> Iterator[str]:
         """Like generate() for one prompt, yielding text pieces as they are produced (never a split character)."""
-        gen, batched = self._generation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, min_p=min_p,
-                                        repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                                        ignore_eos=ignore_eos, lookup=lookup, logits_processors=logits_processors,
-                                        json_schema=json_schema, regex=regex, grammar=grammar,
-                                        watermark=watermark)
+        gen, batched = self._generation(prompt, max_new_tokens, GenerateOptions.of(locals()))
         if batched:
             raise GemmaError("stream() takes one prompt; use generate() for a batch")
         for step in gen:
@@ -234,14 +220,14 @@ class Model:
         plan = self._tool_plan(tools, tool_choice, parallel_tool_calls, thinking)
         prompt = plan.encode(self.tokenizer, messages)
         reader = plan.reader(self.tokenizer)
-        opts = {**_GENERATE_DEFAULTS, **sampling}
+        opts = GenerateOptions(**sampling)
         banned = plan.banned(self.tokenizer)
         if reader is not None:
-            opts["logits_processors"] = self._call_processors(plan, opts)
+            opts = replace(opts, logits_processors=self._call_processors(plan, opts))
         elif banned:
-            extra = opts.get("logits_processors")
-            opts["logits_processors"] = lambda: [tool_calls.BanTokens(banned), *(extra() if extra else ())]
-        gen, _ = self._generation(prompt, max_new_tokens=max_new_tokens, **opts)
+            extra = opts.logits_processors
+            opts = replace(opts, logits_processors=lambda: [tool_calls.BanTokens(banned), *(extra() if extra else ())])
+        gen, _ = self._generation(prompt, max_new_tokens, opts)
         if reader is None:
             yield from self._text_deltas(gen)
             return
@@ -261,13 +247,13 @@ class Model:
         self.last_result = ChatResult(content, r.token_ids, reason, r.prompt_tokens, None,
                                       reasoning=reasoning or None, tool_calls=reader.calls() or None)
 
-    def _call_processors(self, plan: tool_calls.ToolPlan, opts: dict[str, Any]) -> ProcessorFactory:
+    def _call_processors(self, plan: tool_calls.ToolPlan, opts: GenerateOptions) -> ProcessorFactory:
         """The grammar of the plan's calls, then the caller's own processors (a watermark...)."""
-        given = [k for k in ("json_schema", "regex", "grammar") if opts.get(k) is not None]
-        if given or opts.get("stop") or opts.get("ignore_eos"):
+        given = [k for k in ("json_schema", "regex", "grammar") if getattr(opts, k) is not None]
+        if given or opts.stop or opts.ignore_eos:
             raise GemmaError(f"{', '.join(given) or 'stop strings / ignore_eos'} cannot be combined with tools: the "
                              "reply is a call or text under the tools' grammar (use tool_choice='none')")
-        return self.constraint(**plan.constraint(self.tokenizer)).processors(opts.get("logits_processors"))
+        return self.constraint(**plan.constraint(self.tokenizer)).processors(opts.logits_processors)
 
     def _text_deltas(self, gen: Generation) -> Iterator[ChatDelta]:
         """A reply without tool calls, Gemma 4's reasoning split off by its channel tokens."""
@@ -305,8 +291,41 @@ class Constraint:
         return lambda: [GrammarProcessor(self.grammar, self.tokenizer), *(extra() if extra else ())]
 
 
-_GENERATE_DEFAULTS: dict[str, Any] = dict(temperature=0.0, top_k=None, top_p=None, min_p=None,
-                                          repetition_penalty=None, seed=None, stop=None, ignore_eos=False)
+@dataclass(frozen=True)
+class GenerateOptions:
+    """generate()/stream()'s keyword options as one value. The public methods list them one by one (for users,
+    their editors and help()); inside the library they travel together, so a new option is added here and in
+    those two signatures (tests/test_generate.py checks that the names and defaults match)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | Sequence[str] | None = None
+    ignore_eos: bool = False
+    lookup: int = 0
+    logits_processors: ProcessorFactory | None = None
+    json_schema: Any = None
+    regex: str | None = None
+    grammar: str | None = None
+    watermark: WatermarkKeys | None = None
+
+    @classmethod
+    def of(cls, call: Mapping[str, Any]) -> GenerateOptions:
+        """The options among a call's arguments (generate()'s or stream()'s `locals()`)."""
+        return cls(**{f.name: call[f.name] for f in fields(cls)})
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The sampler's part, checked when made: bad values fail before any compute."""
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty, seed=self.seed)
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
 
 
 class ChatDelta(NamedTuple):
