@@ -8,7 +8,6 @@ origins given as `cors_origins` (none by default; "*" for any), preflight OPTION
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -19,22 +18,22 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, tool_calls
-from ..api import Model, ProcessorFactory
+from .. import __version__
+from ..api import Model
 from ..embed import EmbeddingModel
 from ..errors import GemmaError
-from ..sampling import SamplingParams
 from ..watermark.synthid import Watermark, with_watermark
 from . import schemas, structured
 from .embeddings import add_routes as add_embedding_routes
-from .engine import Engine, Event, Job
+from .engine import Engine
+from .jobs import completion_prompts, make_jobs, processors, token_budget
 from .moderation import Moderator, user_text
 from .moderation import add_routes as add_moderation_routes
 from .output import (
@@ -53,6 +52,61 @@ from .output import (
 log = logging.getLogger("gemmakit.serve")
 MAX_BODY = 16 * 2**20
 MAX_TOKENS_DEFAULT = 2048  # a chat reply's budget when the request sets none (a base model may never end its turn)
+
+
+class Server:
+    """What every route needs: the engines by model name, the API key, the thinking default, the moderator and the
+    watermark. One per app, at app.state.server."""
+
+    def __init__(self, engines: dict[str, Engine], *, api_key: str | None, thinking: bool,
+                 moderator: Moderator | None, watermark: Watermark | None, max_tokens_default: int | None,
+                 embedders: dict[str, EmbeddingModel]) -> None:
+        self.engines, self.embedders, self.api_key, self.thinking = engines, embedders, api_key, thinking
+        self.moderator, self.watermark, self.max_tokens_default = moderator, watermark, max_tokens_default
+        self.created = int(time.time())
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(
+                401,
+                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def engine_for(self, name: str) -> Engine:
+        if name not in self.engines:
+            raise ApiError(
+                404,
+                f"The model `{name}` does not exist. Served: {', '.join(self.engines)}.",
+                param="model",
+                code="model_not_found",
+            )
+        return self.engines[name]
+
+    async def admit(self, request: Request, schema: type[schemas.Sampling]) -> tuple[Any, Engine]:
+        """The first step of every generating route: authorize, parse the body, check it, pick the engine."""
+        self.authorize(request)
+        body = await parse(request, schema)
+        body.check()
+        return body, self.engine_for(body.model)
+
+    def model_card(self, name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "gemmakit",
+            "max_model_len": self.engines[name].context,
+        }
+
+    def embedding_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "gemmakit",
+                "max_model_len": self.embedders[name].max_tokens}
 
 
 def create_app(
@@ -87,241 +141,224 @@ def create_app(
         name: Engine(m, max_batch=max_batch, max_queue=max_queue, context=context)
         for name, m in models.items()
     }
-    created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if moderator is not None and not moderator.guard.classifier:
-            log.warning("moderation: %s", moderator.guard.warning)
-        for e in engines.values():
-            e.start()
-        try:
-            yield
-        finally:
-            for e in engines.values():
-                e.stop()
-
     if max_tokens_default is not None and max_tokens_default < 1:
         raise GemmaError(f"--max-tokens-default must be >= 1 (or 0 for the whole context), got {max_tokens_default}")
-    app = FastAPI(title="gemmakit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="gemmakit", version=__version__, lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.engines = engines
+    app.state.server = server = Server(engines, api_key=api_key, thinking=thinking, moderator=moderator,
+                                       watermark=watermark, max_tokens_default=max_tokens_default,
+                                       embedders=embedders)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["*"], max_age=600)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(GemmaError)
-    async def _bad_input(request: Request, exc: GemmaError) -> JSONResponse:
-        param = exc.param if isinstance(exc, schemas.ParamError) else None
-        code = exc.code if isinstance(exc, schemas.ParamError) else None
-        return ApiError(400, str(exc), param=param, code=code).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {
-            404: f"Unknown URL: {request.method} {request.url.path}",
-            405: f"Method {request.method} is not allowed for {request.url.path}",
-        }.get(exc.status_code, str(exc.detail))
-        return ApiError(
-            exc.status_code,
-            message,
-            code="not_found" if exc.status_code == 404 else None,
-            headers=getattr(exc, "headers", None),
-        ).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return ApiError(400, str(exc)).response()
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return ApiError(500, "internal server error", type="server_error").response()
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(
-                401,
-                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    def engine_for(name: str) -> Engine:
-        if name not in engines:
-            raise ApiError(
-                404,
-                f"The model `{name}` does not exist. Served: {', '.join(engines)}.",
-                param="model",
-                code="model_not_found",
-            )
-        return engines[name]
-
-    def model_card(name: str) -> dict:
-        return {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "gemmakit",
-            "max_model_len": engines[name].context,
-        }
-
-    @app.api_route("/health", methods=["GET", "HEAD"])
-    async def health() -> JSONResponse:
-        """200 while every model's engine runs; 503 otherwise (for load balancers and the load test)."""
-        ok = all(e.alive for e in engines.values())
-        models = {
-            name: {"active": e.active, "waiting": e.queued, "context": e.context, "max_batch": e.max_batch}
-            for name, e in engines.items()
-        }
-        return JSONResponse(
-            {"status": "ok" if ok else "error", "models": models}, status_code=200 if ok else 503
-        )
-
-    @app.api_route("/v1/models", methods=["GET", "HEAD"])
-    async def list_models(request: Request) -> dict:
-        authorize(request)
-        cards = [model_card(name) for name in engines]
-        return {"object": "list", "data": cards + [embedding_card(name) for name in embedders]}
-
-    def embedding_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "gemmakit",
-                "max_model_len": embedders[name].max_tokens}
-
-    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
-    async def get_model(name: str, request: Request) -> dict:
-        authorize(request)
-        if name in embedders:
-            return embedding_card(name)
-        engine_for(name)
-        return model_card(name)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        authorize(request)
-        body = await parse(request, schemas.ChatRequest)
-        body.check()
-        engine = engine_for(body.model)
-        plan = structured.plan_chat(body, engine.model.tokenizer, thinking)
-        try:
-            prompt = plan.encode(engine.model.tokenizer)
-        except GemmaError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_new = token_budget(engine, len(prompt), body.requested_tokens(), param, "messages", max_tokens_default)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        factory = await processors(engine, plan.constraint, "tools" if plan.mode != "none" else "response_format",
-                                   plan.tools.banned(engine.model.tokenizer))
-        if moderator is not None:
-            if moderator.outputs and plan.family == "gemma4" and plan.mode != "none":
-                raise ApiError(400, "this server screens replies (--moderate output), which does not cover Gemma 4's "
-                                    "native tool calls yet; use tool_choice='none' or a server without output "
-                                    "moderation", param="tools")
-            user = user_text(body.messages)
-            await moderator.check_input([user], "messages")
-        jobs = make_jobs(body, engine, [prompt], max_new, logprobs, with_watermark(factory, watermark),
-                         reasoning=plan.family == "gemma4")
-        run = Run(engine, jobs)
-        if moderator is not None:
-            run = moderator.screen(run, [user] * len(jobs), stream=body.stream)
-        meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model, len(prompt))
-        if body.stream:
-            return sse_response(stream_chat(run, body, meta, engine, plan))
-        choices = await run.collect(request)
-        replies = []
-        for c in choices:
-            read = structured.reader(plan, engine.model.tokenizer)
-            reply, reason = structured.deltas(read, c.text, c.reasoning, c.ids, c.finish_reason, plan.mode)
-            replies.append((structured.chat_message(reply), reason))
-        return JSONResponse(
-            {
-                "id": meta.id,
-                "object": "chat.completion",
-                "created": meta.created,
-                "model": meta.model,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": replies[i][0],
-                        "logprobs": chat_logprobs(engine, c.tokens) if body.logprobs else None,
-                        "finish_reason": replies[i][1],
-                    }
-                    for i, c in enumerate(choices)
-                ],
-                "usage": usage(meta.prompt_tokens, choices),
-            }
-        )
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        authorize(request)
-        body = await parse(request, schemas.CompletionRequest)
-        body.check()
-        engine = engine_for(body.model)
-        tok = engine.model.tokenizer
-        prompts = []
-        for p in body.prompts():
-            if isinstance(p, str):
-                if not p:
-                    raise ApiError(400, "prompt must not be empty", param="prompt")
-                # Like vLLM and llama.cpp, a raw prompt may spell control tokens (hand-made turns); <bos> once.
-                ids = tok.encode(p, bos=True, special=True)
-                prompts.append(ids[1:] if ids[1:2] == [tok.bos_id] else ids)
-            else:
-                if not p or not all(0 <= t < engine.vocab_size for t in p):
-                    raise ApiError(
-                        400,
-                        f"token prompts must be non-empty lists of ids in 0..{engine.vocab_size - 1}",
-                        param="prompt",
-                    )
-                prompts.append(list(p))
-        max_new = min(token_budget(engine, len(p), body.max_tokens, "max_tokens", "prompt", max_tokens_default)
-                      for p in prompts)
-        factory = await processors(engine, structured.response_constraint(body), "response_format")
-        if moderator is not None:
-            users = [tok.decode(p) for p in prompts]
-            await moderator.check_input(users, "prompt")
-        run = Run(engine, make_jobs(body, engine, prompts, max_new, body.logprobs, with_watermark(factory, watermark)))
-        if moderator is not None:
-            run = moderator.screen(run, [u for u in users for _ in range(body.n)], stream=body.stream)
-        echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
-        meta = Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model, sum(len(p) for p in prompts))
-        if body.stream:
-            return sse_response(stream_completion(run, body, meta, engine, echo))
-        choices = await run.collect(request)
-        return JSONResponse(
-            {
-                "id": meta.id,
-                "object": "text_completion",
-                "created": meta.created,
-                "model": meta.model,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [
-                    {
-                        "index": i,
-                        "text": echo[i] + c.text,
-                        "finish_reason": c.finish_reason,
-                        "logprobs": completion_logprobs(engine, c.tokens, len(echo[i]))
-                        if body.logprobs is not None
-                        else None,
-                    }
-                    for i, c in enumerate(choices)
-                ],
-                "usage": usage(meta.prompt_tokens, choices),
-            }
-        )
-
-    add_moderation_routes(app, moderator, authorize, parse)
-    add_embedding_routes(app, embedders, list(engines), authorize, parse)
+    for exc, handler in _ERROR_HANDLERS.items():
+        app.add_exception_handler(exc, handler)
+    app.include_router(router)
+    add_moderation_routes(app, moderator, server.authorize, parse)
+    add_embedding_routes(app, embedders, list(engines), server.authorize, parse)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    moderator = app.state.server.moderator
+    if moderator is not None and not moderator.guard.classifier:
+        log.warning("moderation: %s", moderator.guard.warning)
+    for e in app.state.engines.values():
+        e.start()
+    try:
+        yield
+    finally:
+        for e in app.state.engines.values():
+            e.stop()
+
+
+# ---- errors: every one in OpenAI's JSON shape ----------------------------------------------------------------
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+async def _bad_input(request: Request, exc: GemmaError) -> JSONResponse:
+    param = exc.param if isinstance(exc, schemas.ParamError) else None
+    code = exc.code if isinstance(exc, schemas.ParamError) else None
+    return ApiError(400, str(exc), param=param, code=code).response()
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = {
+        404: f"Unknown URL: {request.method} {request.url.path}",
+        405: f"Method {request.method} is not allowed for {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    return ApiError(
+        exc.status_code,
+        message,
+        code="not_found" if exc.status_code == 404 else None,
+        headers=getattr(exc, "headers", None),
+    ).response()
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return ApiError(400, str(exc)).response()
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return ApiError(500, "internal server error", type="server_error").response()
+
+
+_ERROR_HANDLERS: dict[Any, Any] = {
+    ApiError: _api_error,
+    GemmaError: _bad_input,
+    StarletteHTTPException: _http_error,
+    RequestValidationError: _validation_error,
+    Exception: _internal_error,
+}
+
+
+# ---- routes ----------------------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+@router.api_route("/health", methods=["GET", "HEAD"])
+async def health(request: Request) -> JSONResponse:
+    """200 while every model's engine runs; 503 otherwise (for load balancers and the load test)."""
+    engines = _server(request).engines
+    ok = all(e.alive for e in engines.values())
+    models = {
+        name: {"active": e.active, "waiting": e.queued, "context": e.context, "max_batch": e.max_batch}
+        for name, e in engines.items()
+    }
+    return JSONResponse(
+        {"status": "ok" if ok else "error", "models": models}, status_code=200 if ok else 503
+    )
+
+
+@router.api_route("/v1/models", methods=["GET", "HEAD"])
+async def list_models(request: Request) -> dict:
+    server = _server(request)
+    server.authorize(request)
+    cards = [server.model_card(name) for name in server.engines]
+    return {"object": "list", "data": cards + [server.embedding_card(name) for name in server.embedders]}
+
+
+@router.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
+async def get_model(name: str, request: Request) -> dict:
+    server = _server(request)
+    server.authorize(request)
+    if name in server.embedders:
+        return server.embedding_card(name)
+    server.engine_for(name)
+    return server.model_card(name)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    server = _server(request)
+    body, engine = await server.admit(request, schemas.ChatRequest)
+    moderator = server.moderator
+    plan = structured.plan_chat(body, engine.model.tokenizer, server.thinking)
+    try:
+        prompt = plan.encode(engine.model.tokenizer)
+    except GemmaError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_new = token_budget(engine, len(prompt), body.requested_tokens(), param, "messages",
+                           server.max_tokens_default)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    factory = await processors(engine, plan.constraint, "tools" if plan.mode != "none" else "response_format",
+                               plan.tools.banned(engine.model.tokenizer))
+    if moderator is not None:
+        if moderator.outputs and plan.family == "gemma4" and plan.mode != "none":
+            raise ApiError(400, "this server screens replies (--moderate output), which does not cover Gemma 4's "
+                                "native tool calls yet; use tool_choice='none' or a server without output "
+                                "moderation", param="tools")
+        user = user_text(body.messages)
+        await moderator.check_input([user], "messages")
+    jobs = make_jobs(body, engine, [prompt], max_new, logprobs, with_watermark(factory, server.watermark),
+                     reasoning=plan.family == "gemma4")
+    run = Run(engine, jobs)
+    if moderator is not None:
+        run = moderator.screen(run, [user] * len(jobs), stream=body.stream)
+    meta = Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model, len(prompt))
+    if body.stream:
+        return sse_response(stream_chat(run, body, meta, engine, plan))
+    choices = await run.collect(request)
+    replies = []
+    for c in choices:
+        read = structured.reader(plan, engine.model.tokenizer)
+        reply, reason = structured.deltas(read, c.text, c.reasoning, c.ids, c.finish_reason, plan.mode)
+        replies.append((structured.chat_message(reply), reason))
+    return JSONResponse(
+        {
+            "id": meta.id,
+            "object": "chat.completion",
+            "created": meta.created,
+            "model": meta.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [
+                {
+                    "index": i,
+                    "message": replies[i][0],
+                    "logprobs": chat_logprobs(engine, c.tokens) if body.logprobs else None,
+                    "finish_reason": replies[i][1],
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage(meta.prompt_tokens, choices),
+        }
+    )
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Any:
+    server = _server(request)
+    body, engine = await server.admit(request, schemas.CompletionRequest)
+    moderator = server.moderator
+    tok = engine.model.tokenizer
+    prompts = completion_prompts(body, engine)
+    max_new = min(token_budget(engine, len(p), body.max_tokens, "max_tokens", "prompt", server.max_tokens_default)
+                  for p in prompts)
+    factory = await processors(engine, structured.response_constraint(body), "response_format")
+    if moderator is not None:
+        users = [tok.decode(p) for p in prompts]
+        await moderator.check_input(users, "prompt")
+    jobs = make_jobs(body, engine, prompts, max_new, body.logprobs, with_watermark(factory, server.watermark))
+    run = Run(engine, jobs)
+    if moderator is not None:
+        run = moderator.screen(run, [u for u in users for _ in range(body.n)], stream=body.stream)
+    echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
+    meta = Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model, sum(len(p) for p in prompts))
+    if body.stream:
+        return sse_response(stream_completion(run, body, meta, engine, echo))
+    choices = await run.collect(request)
+    return JSONResponse(
+        {
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [
+                {
+                    "index": i,
+                    "text": echo[i] + c.text,
+                    "finish_reason": c.finish_reason,
+                    "logprobs": completion_logprobs(engine, c.tokens, len(echo[i]))
+                    if body.logprobs is not None
+                    else None,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage(meta.prompt_tokens, choices),
+        }
+    )
 
 
 async def parse(request: Request, model: type[BaseModel]) -> Any:
@@ -361,96 +398,6 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
 
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number; send finite numbers")
-
-
-def token_budget(
-    engine: Engine, prompt_len: int, requested: int | None, param: str, prompt_param: str,
-    default: int | None = None,
-) -> int:
-    """Tokens a request may generate: as asked, or `default` (None: up to the end of the context) capped by the
-    room left; refuse what cannot fit."""
-    ctx = engine.context
-    if prompt_len >= ctx:
-        raise ApiError(
-            400,
-            f"This model's maximum context length is {ctx} tokens. However, your {prompt_param} "
-            f"resulted in {prompt_len} tokens. Please reduce the length of the {prompt_param}.",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    room = ctx - prompt_len
-    if requested is None:
-        return room if default is None else min(room, default)
-    if requested > room:
-        raise ApiError(
-            400,
-            f"This model's maximum context length is {ctx} tokens. However, you requested "
-            f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_param}, {requested} in "
-            f"the completion). Please reduce the length of the {prompt_param} or {param}.",
-            param=param,
-            code="context_length_exceeded",
-        )
-    return requested
-
-
-async def processors(engine: Engine, constraint: dict[str, Any], param: str, banned: Sequence[int] = ()
-                     ) -> ProcessorFactory | None:
-    """The per-sequence processors of a constrained request (compiled off the event loop: the first one also
-    builds the engine's tokenizer), or None; a bad schema or grammar is a 400 naming `param`. `banned` token ids
-    are forbidden in every step (Gemma 4's <|tool_call> with tool_choice "none")."""
-    ban = (lambda: [tool_calls.BanTokens(banned)]) if banned else None
-    if not constraint:
-        return ban
-    try:
-        compiled = await asyncio.to_thread(lambda: engine.model.constraint(**constraint))
-    except GemmaError as e:
-        raise ApiError(400, f"{param}: {e}", param=param) from None
-    return compiled.processors(ban)
-
-
-def make_jobs(
-    body: schemas.Sampling, engine: Engine, prompts: Sequence[list[int]], max_new: int, logprobs: int | None,
-    factory: ProcessorFactory | None = None,
-    *,
-    reasoning: bool = False,
-) -> list[Job]:
-    """n jobs per prompt; with a seed, choice j uses seed + j so the choices differ yet repeat exactly."""
-    stop, bias = body.stops(), body.bias(engine.vocab_size)
-    jobs = []
-    for prompt in prompts:
-        for j in range(body.n):
-            try:
-                params = SamplingParams(
-                    temperature=1.0 if body.temperature is None else body.temperature,
-                    top_k=body.top_k,
-                    top_p=body.top_p,
-                    min_p=body.min_p,
-                    repetition_penalty=body.repetition_penalty,
-                    seed=None if body.seed is None else body.seed + j,
-                )
-            except GemmaError as e:
-                raise ApiError(400, str(e)) from None
-            jobs.append(
-                Job(
-                    prompt,
-                    max_new,
-                    sink=_unset_sink,
-                    params=params,
-                    stop=stop,
-                    ignore_eos=body.ignore_eos and factory is None,  # a grammar ends with a stop token
-                    logprobs=logprobs,
-                    logit_bias=bias,
-                    frequency_penalty=body.frequency_penalty,
-                    presence_penalty=body.presence_penalty,
-                    processors=list(factory()) if factory else [],
-                    split_reasoning=reasoning,
-                )
-            )
-    return jobs
-
-
-def _unset_sink(event: Event) -> None:
-    raise RuntimeError("job submitted without a sink")
 
 
 def serve(
