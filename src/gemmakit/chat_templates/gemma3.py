@@ -10,24 +10,11 @@ one, we fold it into the first user turn exactly as Gemma 3 does instead of fail
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from ..errors import GemmaError
-from .messages import SYSTEM_ROLES, Message, content_text
+from .messages import SYSTEM_ROLES, Message, content_text, texts
 
 BOS, START, END = "<bos>", "<start_of_turn>", "<end_of_turn>"
-
-
-def _system_text(content: Any, where: str) -> str:
-    """System text goes in untrimmed (Gemma 3 template); from parts, their texts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence) and not isinstance(content, bytes | bytearray):
-        content_text(content, where=where)  # validates the parts
-        return "".join(part["text"] for part in content)
-    raise GemmaError(
-        f"{where}.content must be a string or a list of text parts, got {type(content).__name__}"
-    )
 
 
 def turns(messages: Sequence[Message]) -> list[tuple[str, str]]:
@@ -42,7 +29,7 @@ def turns(messages: Sequence[Message]) -> list[tuple[str, str]]:
             raise GemmaError(f"messages[{i}] must be an object with 'role' and 'content'")
     prefix, start = "", 0
     if messages[0]["role"] in SYSTEM_ROLES:
-        prefix, start = _system_text(messages[0]["content"], "messages[0]") + "\n\n", 1
+        prefix, start = "".join(texts(messages[0]["content"], "messages[0]")) + "\n\n", 1  # untrimmed, as Gemma 3's
     out: list[tuple[str, str]] = []
     for i, m in enumerate(messages[start:], start):
         role = m["role"]

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import GemmaError
+from .messages import texts
 
 BOS, TURN, TURN_END, THINK = "<bos>", "<|turn>", "<turn|>", "<|think|>"
 CHANNEL, CHANNEL_END, THOUGHT = "<|channel>", "<channel|>", "thought\n"
@@ -342,7 +343,7 @@ def _message(out: _Out, loop: Sequence[Message], i: int, last_user: int) -> str 
         for k in range(i + 1, len(loop)):
             if loop[k]["role"] != "tool":
                 break
-            _response(out, _tool_name(loop[k], calls, k), _tool_body(loop[k]["content"]))
+            _response(out, _tool_name(loop[k], calls, k), "".join(texts(loop[k]["content"], f"messages[{k}]")))
             answered, prev = True, "tool_response"
     text = _content(m.get("content"), role == "model")
     out.text(text)
@@ -368,17 +369,9 @@ def _tool_name(follow: Message, calls: Sequence[Mapping[str, Any]], k: int) -> s
     return name
 
 
-def _tool_body(content: Any) -> Any:
-    return content if isinstance(content, str) else "".join(p["text"] for p in content)
-
-
 def _content(content: Any, model: bool) -> str:
     """captured_content: an assistant's text without earlier thinking, other roles' text trimmed."""
-    if isinstance(content, str):
-        return strip_thinking(content) if model else content.strip()
-    if isinstance(content, Sequence):
-        return "".join(strip_thinking(p["text"]) if model else p["text"].strip() for p in content)
-    return ""
+    return "".join(strip_thinking(t) if model else t.strip() for t in texts(content, "message", optional=True))
 
 
 # ---- validation --------------------------------------------------------------------------------------------
@@ -405,7 +398,7 @@ def checked_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
             raise GemmaError(f"{where} is a tool result but no assistant message with tool_calls comes before it")
         if "content" not in m and not (role == "assistant" and (m.get("tool_calls") or m.get("tool_responses"))):
             raise GemmaError(f"{where} has no 'content'")
-        _check_content(m.get("content"), where, optional=role == "assistant")
+        texts(m.get("content"), where, optional=role == "assistant")  # checks the parts
         for key in ("reasoning", "reasoning_content"):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise GemmaError(f"{where}.{key} must be a string")
@@ -437,19 +430,6 @@ def _checked_call(call: Any, where: str) -> dict[str, Any]:
     elif args is not None and not isinstance(args, Mapping):
         raise GemmaError(f"{where}.function.arguments must be an object or a JSON string")
     return {**call, "function": {**fn, "arguments": args}}
-
-
-def _check_content(content: Any, where: str, *, optional: bool) -> None:
-    if content is None and optional or isinstance(content, str):
-        return
-    if not isinstance(content, Sequence) or isinstance(content, bytes | bytearray):
-        raise GemmaError(f"{where}.content must be a string or a list of text parts, got {type(content).__name__}")
-    for j, part in enumerate(content):
-        if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise GemmaError(
-                f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': ...}}; gemmakit serves "
-                "text-only models"
-            )
 
 
 def checked_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:

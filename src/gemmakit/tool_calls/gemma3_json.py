@@ -23,6 +23,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..chat_templates.messages import texts
 from ..errors import GemmaError
 from .calls import MAX_CALLS, CallLog, ReplyDelta, ToolCall, merged
 
@@ -85,7 +86,7 @@ def plain_messages(messages: Sequence[Mapping[str, Any]], tools: list[dict[str, 
             raise GemmaError(f"messages[{i}] must be an object with a 'role'")
         role = m["role"]
         if role == "tool":
-            body = _text(m.get("content"), f"messages[{i}]")
+            body = "".join(texts(m.get("content"), f"messages[{i}]", optional=True))
             fence = f"```tool_output\n{body}\n```"
             if out and out[-1]["role"] == "user" and out[-1].get("_tool"):
                 out[-1]["content"] += "\n" + fence
@@ -94,7 +95,7 @@ def plain_messages(messages: Sequence[Mapping[str, Any]], tools: list[dict[str, 
         elif role == "user" and out and out[-1].get("_tool"):
             # The user speaks right after the tool results (OpenAI accepts it): the results are already the user's
             # turn here, so the message joins it, in order, instead of breaking the alternation.
-            out[-1]["content"] += "\n\n" + _text(m.get("content"), f"messages[{i}]")
+            out[-1]["content"] += "\n\n" + "".join(texts(m.get("content"), f"messages[{i}]", optional=True))
         elif role == "assistant" and m.get("tool_calls"):
             out.append({"role": "assistant", "content": render_calls(m["tool_calls"], parallel)})
         else:
@@ -103,19 +104,9 @@ def plain_messages(messages: Sequence[Mapping[str, Any]], tools: list[dict[str, 
         first = next((k for k, m in enumerate(out) if m["role"] == "user"), None)
         if first is None:
             raise GemmaError("the conversation needs a user message before tools can be offered")
-        out[first] = {**out[first], "content": prompt_block(tools, parallel) + _text(out[first].get("content"),
-                                                                                    f"messages[{first}]")}
+        out[first] = {**out[first], "content": prompt_block(tools, parallel)
+                      + "".join(texts(out[first].get("content"), f"messages[{first}]", optional=True))}
     return [{k: v for k, v in m.items() if k != "_tool"} for m in out]
-
-
-def _text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):
-        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-    raise GemmaError(f"{where}.content must be a string or a list of text parts")
 
 
 def parse_calls(text: str) -> list[ToolCall] | None:
