@@ -400,25 +400,8 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number; send finite numbers")
 
 
-def serve(
-    models: Mapping[str, Model],
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_batch: int = 8,
-    max_queue: int = 64,
-    context: int | None = None,
-    log_level: str = "info",
-    thinking: bool = False,
-    moderator: Moderator | None = None,
-    watermark: Watermark | None = None,
-    max_tokens_default: int | None = MAX_TOKENS_DEFAULT,
-    cors_origins: Sequence[str] = (),
-    embedders: Mapping[str, EmbeddingModel] | None = None,
-) -> None:
-    """Run the server until interrupted."""
-    app = create_app(models, api_key=api_key, max_batch=max_batch, max_queue=max_queue, context=context,
-                     thinking=thinking, moderator=moderator, watermark=watermark,
-                     max_tokens_default=max_tokens_default, cors_origins=cors_origins, embedders=embedders)
+def serve(models: Mapping[str, Model], *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          **options: Any) -> None:
+    """Run the server until interrupted; `options` are create_app()'s (api_key, max_batch, moderator, ...)."""
+    app = create_app(models, **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
