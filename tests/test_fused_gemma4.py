@@ -137,3 +137,41 @@ def test_any_team_and_thread_give_the_same_logits(models):
         worker.start()
         worker.join()
         assert all(torch.equal(a, b) for a, b in zip(got["x"], one, strict=True))
+
+
+def test_moe_step_reads_only_the_routed_experts(tmp_path):
+    """quant="q8" on a MoE folder (expert blocks in memory): after a clean prompt, one expert's blocks get NaN scales;
+    the native step's logits turn NaN exactly when that expert is one the step is routed to (the module path's
+    routes), in every layer: it reads the routed experts' blocks and no other's."""
+    import gemmakit
+    from helpers import hf_model
+
+    hf_model(tiny("gemma4-moe")).save_pretrained(tmp_path)
+    module = gemmakit.load(tmp_path, quant="q8", progress=False).module
+    fused = module.fused_decode
+    routed = [set() for _ in module.model.layers]
+
+    def step(native: bool) -> torch.Tensor:
+        module.fused_decode = None  # the prompt on the module path, from clean blocks
+        cache = KVCache(module.config, 1, 16, dtype=torch.float32, device="cpu")
+        with torch.inference_mode():
+            module(torch.tensor([[2, 5, 9, 100, 7]]), cache=cache)
+            module.fused_decode = fused if native else None
+            return module(torch.tensor([[17]]), torch.tensor([[5]]), cache)
+
+    def last_call(_m, _a, out, i):  # each layer's last routing is the step's (the prompt's came first)
+        routed[i] = set(out[1].flatten().tolist())
+
+    hooks = [b.router.register_forward_hook(lambda m, a, out, i=i: last_call(m, a, out, i))
+             for i, b in enumerate(module.model.layers)]
+    step(False)
+    for h in hooks:
+        h.remove()
+    for i, block in enumerate(module.model.layers):
+        for e, down in enumerate(block.experts.down):
+            clean = down.data.clone()
+            down.data.fill_(255)  # Q8_0 scales 0xFFFF: NaN
+            try:
+                assert torch.isnan(step(True)).any().item() == (e in routed[i]), (i, e)
+            finally:
+                down.data.copy_(clean)
