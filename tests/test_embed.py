@@ -156,3 +156,17 @@ def test_embed_cli_writes_json_lines(folders, ours, tmp_path):
     assert [r["index"] for r in rows] == [0, 1]
     want = ours["eg"].embed(["hello world", "Grüße aus Köln"], prompt_name="query", dimensions=16)
     assert np.abs(np.array([r["embedding"] for r in rows]) - want).max() < 1e-6
+
+
+def test_llama_cpp_reads_our_gguf_the_same(folders, ours, tmp_path):
+    """llama.cpp's own embedding mode on the GGUF gemmakit writes: same tokens (<bos> ... <eos>), same vectors."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from gemmakit.embed.export import write_gemma_embedding_gguf
+
+    path = write_gemma_embedding_gguf(folders["eg"], tmp_path / "eg.gguf")
+    llm = llama_cpp.Llama(str(path), embedding=True, n_ctx=256, verbose=False,
+                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+    texts = [t for t in TEXTS if t]  # llama.cpp refuses an empty input
+    assert llm.tokenize(texts[0].encode()) == ours["eg"].tokenize(texts[0])
+    got = np.array(llm.embed(texts, normalize=True), dtype=np.float32)
+    assert _cos(got, ours["eg"].embed(texts)).min() >= 0.9999

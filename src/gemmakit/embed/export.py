@@ -38,6 +38,8 @@ def write_gemma_embedding_gguf(folder: str | Path, path: str | Path, *, qtype: s
         w = gguf.GGUFWriter(tmp, EMBEDDING_ARCH)
         _write_metadata(w, cfg.replace(sliding_window=window), qtype)
         w.add_pooling_type(gguf.PoolingType.MEAN)
+        for name, (linear, _) in zip(EMBEDDING_DENSE, spec.dense, strict=True):  # llama.cpp checks shapes by these
+            w.add_dense_features_dims(name.removesuffix(".weight"), linear.in_features, linear.out_features)
         _write_tokenizer(w, Tokenizer.from_file(folder / "tokenizer.model") if (folder / "tokenizer.model").exists()
                          else Tokenizer.from_hf_json(folder / "tokenizer.json"))
         w.kv_data[0].pop("tokenizer.ggml.add_eos_token")
