@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from .api import Model
 from .config import GemmaConfig, preset
+from .draft import Drafter, build_drafter, is_drafter_folder, load_drafter_state
 from .errors import GemmaError
 from .model import Gemma
 from .quant import fast_path as fast
@@ -123,8 +124,9 @@ def _tokenizer_near(folder: Path) -> Tokenizer | None:
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = "auto",
          device: str | torch.device = "auto", quant: str | None = "auto", variant: str | GemmaConfig | None = None,
-         tokenizer: str | Path | None = None, progress: bool = True, adapter: str | Path | None = None) -> Model:
-    """Load a Gemma text model for inference.
+         tokenizer: str | Path | None = None, progress: bool = True, adapter: str | Path | None = None,
+         ) -> Model | Drafter:
+    """Load a Gemma text model for inference, or a Gemma 4 assistant drafter (pass it as generate(draft=...)).
 
     source: None for the embedded Gemma 3 270M, a GGUF file, a Hugging Face folder, a keras-hub preset folder, a
     Flax/Orbax checkpoint of the gemma library (variant inferred from the shapes where unambiguous), or a
@@ -145,7 +147,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
 
 def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device: str | torch.device,
           quant: str | None, variant: str | GemmaConfig | None, tokenizer: str | Path | None, progress: bool,
-          adapter: str | Path | None) -> Model:
+          adapter: str | Path | None) -> Model | Drafter:
     if adapter is not None:  # a LoRA adapter folder (PEFT format), injected into the float linears
         from .lora.adapter import load_adapter
 
@@ -165,6 +167,8 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
         path = Path(source).expanduser()
         label = str(path)
     fmt = sniff(path)
+    if fmt == "hf" and is_drafter_folder(path):  # gemma4_assistant / gemma4_unified_assistant
+        return build_drafter(*load_drafter_state(path, dt), path, dt).to(dev)
     tok: Tokenizer | None = None
     int8_rows = False
     if fmt == "gguf":

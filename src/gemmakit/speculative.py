@@ -1,0 +1,188 @@
+"""Speculative decoding with an assistant drafter: the drafter proposes k tokens per row, the target verifies k+1
+positions in one forward (the same multi-token forward prompt lookup uses), and every row keeps what the target
+agrees with.
+
+Greedy: a draft token is kept while it equals the target's arg-max, so the output is exactly plain greedy's.
+Sampling: the standard speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023; transformers
+`_speculative_sampling`): keep draft x with probability min(1, p(x)/q(x)), on the first rejection sample from
+normalize(max(p - q, 0)), and after k kept drafts sample one more from p; the output is distributed as the target's.
+p and q are the target's and the drafter's distributions after the same temperature / top-k / top-p / min-p.
+
+Rounds follow transformers' MTP loop (SinglePositionMultiTokenCandidateGenerator): the first round drafts from the
+prefill's last hidden state; later ones from the hidden state that predicted the last kept token, at that token's
+position, reading the target's keys as the verification left them (drafter.target_kv).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .draft import Drafter, check_pair, greedy_pick, propose, sample_pick, sliding_window_span, target_kv
+from .generate import left_pad
+from .model import Gemma, KVCache
+from .sampling import SamplingParams, process_logits
+
+
+@dataclass
+class Round:
+    """One speculation round of one sequence: the ids the drafter proposed and how many the target kept."""
+
+    drafted: list[int]
+    accepted: int
+
+
+@dataclass
+class DraftLength:
+    """Adaptive draft length: +1 after a fully kept draft, the kept count + 1 after a partly kept one, half after
+    none kept. At 0 the rows decode plainly and probe with one draft token after a pause that doubles after each
+    failed probe (4 .. 64 steps), so a drafter that never agrees costs a probe per 64 tokens at most."""
+
+    most: int
+    now: int = 0
+    pause: int = 4
+    wait: int = 0
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        self.now = self.most
+
+    def next(self) -> int:
+        if self.now or not self.adaptive:
+            return self.now
+        if self.wait > 0:
+            self.wait -= 1
+            return 0
+        return 1  # a probe
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not self.adaptive or drafted == 0:
+            return
+        probe = self.now == 0
+        if accepted == drafted:
+            self.now, self.pause = min(self.most, max(self.now, drafted) + 1), 4
+        elif accepted:
+            self.now = min(self.most, accepted + 1)
+        else:
+            self.now = self.now // 2
+            if probe:
+                self.pause = min(64, self.pause * 2)
+            if self.now == 0:
+                self.wait = self.pause
+
+
+@dataclass
+class _Row:
+    token: int  # the last kept token: not yet in the cache
+    hidden: Tensor  # the target's final hidden state that predicted it (D,)
+    position: int  # its position
+    column: int  # its cache column
+    sliding: tuple[int, int]  # the target's sliding-layer key positions the drafter sees (sliding_window_span)
+    produced: int = 1
+    queue: list[int] = field(default_factory=list)
+
+
+def _accept_sampled(p: Tensor, q: Tensor, draft: list[int], gen: torch.Generator | None) -> tuple[int, int]:
+    """(drafts kept, the next token) under the speculative-sampling rule; p (k+1, V), q (k, V) probabilities."""
+    for j, x in enumerate(draft):
+        u = torch.rand((), generator=gen).item()
+        if u < (p[j, x] / q[j, x]).item():
+            continue
+        residual = (p[j] - q[j]).clamp(min=0)
+        total = residual.sum()
+        dist = residual / total if total > 0 else p[j]
+        return j, int(torch.multinomial(dist, 1, generator=gen))
+    return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=gen))
+
+
+def _accept_greedy(logits: Tensor, draft: list[int]) -> tuple[int, int]:
+    preds = logits.argmax(-1).tolist()
+    j = 0
+    while j < len(draft) and preds[j] == draft[j]:
+        j += 1
+    return j, preds[j]
+
+
+@torch.inference_mode()
+def speculative_step(model: Gemma, drafter: Drafter, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                     max_new_tokens: int, k: int, *, stop_ids: Collection[int] = (),
+                     rounds: list[list[Round]] | None = None, adaptive: bool = True) -> Iterator[Tensor]:
+    """Yield the next token of every row, (B,), max_new_tokens times, as generate_step does.
+
+    Rows whose queue of kept tokens is empty take part in the next round; the others wait, so every row runs at
+    its own pace through one cache. `rounds` (one list per row) receives each round's drafts and kept count.
+    """
+    check_pair(drafter, model.config)
+    device, B = model.device, len(prompts)
+    ids, pos = left_pad(prompts, model.config.pad_token_id, device)
+    cache = KVCache(model.config, B, ids.shape[1] + max_new_tokens + k + 1, dtype=model.dtype, device=device,
+                    slack=k + 1)
+    gen = None
+    if not params.greedy:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
+
+    def probs(logits: Tensor) -> Tensor:
+        return process_logits(logits, params).softmax(-1)
+
+    pick = greedy_pick if params.greedy else sample_pick(probs, gen)
+    h = model.hidden_states(ids, pos, cache)[:, -1]
+    first = pick(model.head(h))
+    W = model.config.sliding_window or 0
+    rows = []
+    for b in range(B):
+        p = int(pos[b, -1]) + 1
+        rows.append(_Row(int(first[b]), h[b], p, ids.shape[1], sliding_window_span(W, 0, p - 1, p, True)))
+    length = DraftLength(k, adaptive=adaptive)
+    yield first
+    for _ in range(max_new_tokens - 1):
+        while any(not r.queue for r in rows):
+            active = [b for b, r in enumerate(rows) if not r.queue]
+            _round(model, drafter, cache, rows, active, params, pick, probs, gen, max_new_tokens, length,
+                   stop_ids, rounds)
+        yield torch.tensor([r.queue.pop(0) for r in rows], device=device)
+
+
+def _round(model: Gemma, drafter: Drafter, cache: KVCache, rows: list[_Row], active: list[int],
+           params: SamplingParams, pick, probs, gen, budget: int, length: DraftLength,
+           stop_ids: Collection[int], rounds: list[list[Round]] | None) -> None:
+    """One draft + verify round for the `active` rows (each gets at least one new token in its queue)."""
+    device = model.device
+    act = [rows[b] for b in active]
+    k = min(length.next(), *(budget - r.produced - 1 for r in act))
+    tokens = torch.tensor([r.token for r in act], device=device)
+    positions = torch.tensor([r.position for r in act], device=device)
+    drafts, draft_logits = torch.zeros(len(act), 0, dtype=torch.long, device=device), []
+    if k > 0:  # drafted before the rollback: the drafter sees the cache as transformers' does (draft.target_kv)
+        spans = torch.tensor([r.sliding for r in act], device=device)
+        kv = target_kv(model.config, cache, active, positions, spans)
+        drafts, draft_logits = propose(drafter, model, tokens, torch.stack([r.hidden for r in act]), positions, kv,
+                                       k, pick)
+    for b, r in zip(active, act, strict=True):
+        cache.rollback(b, r.column)  # forget the last round's rejected drafts (their keys stayed for drafting)
+    inp = torch.cat([tokens[:, None], drafts], 1)
+    pos = positions[:, None] + torch.arange(k + 1, device=device)
+    hidden = model.hidden_states(inp, pos, cache, rows=active)
+    logits = model.head(hidden)
+    kept_total = 0
+    for i, (b, r) in enumerate(zip(active, act, strict=True)):
+        draft = drafts[i].tolist()
+        draft = draft[: next((j for j, t in enumerate(draft) if t in stop_ids), len(draft)) + 1]
+        if params.greedy:
+            kept, nxt = _accept_greedy(logits[i, : len(draft) + 1], draft)
+        else:
+            q = torch.stack([probs(dl[i : i + 1])[0] for dl in draft_logits[: len(draft)]]) if draft else None
+            kept, nxt = _accept_sampled(probs(logits[i, : len(draft) + 1]), q, draft, gen)
+        if rounds is not None and k > 0:
+            rounds[b].append(Round(drafts[i].tolist(), kept))
+        kept_total += kept
+        r.queue.extend(draft[:kept] + [nxt])
+        r.produced += kept + 1
+        r.sliding = sliding_window_span(model.config.sliding_window or 0, r.position, r.position + k,
+                                        r.position + kept + 1, False)
+        r.token, r.hidden, r.position = nxt, hidden[i, kept], r.position + kept + 1
+        r.column += kept + 1  # columns past it hold rejected drafts until the next round rolls them back
+    length.update(k * len(act), kept_total)
