@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROMPT ?= The three most useful things to know about the Gemma language models are
 TORCH := torch==2.13.0
 
-.PHONY: run test test-slow test-ports lint clean
+.PHONY: run test test-slow test-ports lint docs clean
 
 # torch first, pinned: it takes the CPU wheel; an unpinned torch would pull several GB of CUDA packages.
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,9 @@ test-slow: $(VENV)/.dev
 # against the scalar build (tests/ports/run.sh; installs its Debian packages when run as root).
 test-ports:
 	bash tests/ports/run.sh
+
+docs: $(VENV)/.dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict    # into build/site; `$(BIN)/mkdocs serve` to browse
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests
