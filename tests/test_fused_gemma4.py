@@ -50,7 +50,7 @@ def _steps(module, native: bool, prompts, steps) -> list[torch.Tensor]:
 def _inputs(cfg, seed: int = 0, lengths: tuple[int, ...] = (5, 11, 3)):
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    return prompts, torch.randint(0, cfg.vocab_size, (20, 3), generator=g)
+    return prompts, torch.randint(0, cfg.vocab_size, (12, 3), generator=g)
 
 
 def _worst(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
