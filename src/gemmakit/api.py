@@ -107,7 +107,8 @@ class Model:
         processors = [list(factory()) for _ in prompts] if factory else None
         gen = Generation(self.module, self.tokenizer, prompts, max_new_tokens=max_new_tokens, params=params,
                          stop=stops, ignore_eos=opts.ignore_eos, lookup=opts.lookup, processors=processors,
-                         parse=constraint.grammar.parse if constraint else None)
+                         parse=constraint.grammar.parse if constraint else None, draft=opts.draft,
+                         draft_tokens=opts.draft_tokens)
         return gen, batched
 
     def constraint(self, *, json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
@@ -127,7 +128,7 @@ class Model:
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
                  logits_processors: ProcessorFactory | None = None, json_schema: Any = None,
                  regex: str | None = None, grammar: str | None = None, watermark: WatermarkKeys | None = None,
-                 ) -> GenerationResult | list[GenerationResult]:
+                 draft: Any = None, draft_tokens: int = 4) -> GenerationResult | list[GenerationResult]:
         """Continue a prompt (text or token ids); a list of prompts is generated as one batch -> list of results.
 
         temperature=0 is greedy; the same seed gives the same text. Stops at EOS/<end_of_turn> (unless
@@ -138,6 +139,9 @@ class Model:
         JSON value (the validated pydantic object). "length" means the budget ran out first: raise max_new_tokens.
         `watermark` (a keys file path, a dict of its fields or a WatermarkConfig) marks the text with SynthID-Text,
         as `logits_processors=gemmakit.watermark.Watermark(keys)` does; detect it with gemmakit.watermark.detect.
+        `draft`: a Gemma 4 assistant drafter (gemmakit.load(assistant_dir)) proposes up to `draft_tokens` tokens a
+        round for this model to verify in one forward: the same output (greedy: the same tokens; sampling: the same
+        distribution), faster when the drafter agrees; `.speculation` lists the rounds. Not with `lookup`.
         """
         gen, batched = self._generation(prompt, max_new_tokens, GenerateOptions.of(locals()))
         results = gen.results()
@@ -149,7 +153,7 @@ class Model:
                stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
                logits_processors: ProcessorFactory | None = None, json_schema: Any = None,
                regex: str | None = None, grammar: str | None = None, watermark: WatermarkKeys | None = None,
-               ) -> Iterator[str]:
+               draft: Any = None, draft_tokens: int = 4) -> Iterator[str]:
         """Like generate() for one prompt, yielding text pieces as they are produced (never a split character)."""
         gen, batched = self._generation(prompt, max_new_tokens, GenerateOptions.of(locals()))
         if batched:
@@ -244,7 +248,7 @@ class Model:
                 yield ChatDelta(d.reasoning, d.content, d.call)
         r = gen.results()[0]
         reasoning, content, _ = tool_calls.assemble(parts)
-        self.last_result = ChatResult(content, r.token_ids, reason, r.prompt_tokens, None,
+        self.last_result = ChatResult(content, r.token_ids, reason, r.prompt_tokens, None, r.speculation,
                                       reasoning=reasoning or None, tool_calls=reader.calls() or None)
 
     def _call_processors(self, plan: tool_calls.ToolPlan, opts: GenerateOptions) -> ProcessorFactory:
@@ -276,7 +280,7 @@ class Model:
                 yield delta
         r = gen.results()[0]
         self.last_result = ChatResult("".join(content), r.token_ids, r.finish_reason, r.prompt_tokens,
-                                      r.parsed, reasoning="".join(reasoning) or None)
+                                      r.parsed, r.speculation, reasoning="".join(reasoning) or None)
 
 
 @dataclass(frozen=True)
@@ -311,6 +315,8 @@ class GenerateOptions:
     regex: str | None = None
     grammar: str | None = None
     watermark: WatermarkKeys | None = None
+    draft: Any = None  # a Gemma 4 assistant drafter (draft.Drafter)
+    draft_tokens: int = 4
 
     @classmethod
     def of(cls, call: Mapping[str, Any]) -> GenerateOptions:

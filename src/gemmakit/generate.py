@@ -212,6 +212,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS, end of turn or a stop string) or "length" (max_new_tokens or the context)
     prompt_tokens: int = 0
     parsed: Any = None  # with a json_schema: the JSON value (the validated object for a pydantic class)
+    speculation: list[Any] | None = None  # with draft=: each round's drafted ids and accepted count (speculative.Round)
 
 
 @dataclass
@@ -265,7 +266,7 @@ class Generation:
     def __init__(self, model: Gemma, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int, params: SamplingParams, stop: Sequence[str] = (),
                  ignore_eos: bool = False, lookup: int = 0, processors: RowProcessors | None = None,
-                 parse: Callable[[str], Any] | None = None) -> None:
+                 parse: Callable[[str], Any] | None = None, draft: Any = None, draft_tokens: int = 4) -> None:
         cfg = model.config
         if not prompts:
             raise GemmaError("no prompts given")
@@ -288,12 +289,27 @@ class Generation:
         # Speculation only where it cannot change the result: greedy, one sequence, no penalty.
         self.lookup = lookup if (lookup > 0 and params.greedy and len(prompts) == 1
                                  and params.repetition_penalty in (None, 1.0)) else 0
+        if draft is not None and lookup:
+            raise GemmaError("lookup= (prompt lookup) and draft= (an assistant drafter) are two ways to speculate; "
+                             "pass one of them")
+        if draft is not None and draft_tokens < 1:
+            raise GemmaError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        # A drafter where the result stays the target's: no per-row processors, no repetition penalty.
+        self.draft = draft if draft is not None and not (processors and any(processors)) and (
+            params.repetition_penalty in (None, 1.0)) else None
+        self.draft_tokens = draft_tokens
+        self.rounds: list[list[Any]] = [[] for _ in prompts]
 
     def __iter__(self) -> Iterator[list[tuple[str, str | None]]]:
         if self._started:
             raise RuntimeError("a Generation can be iterated only once")
         self._started = True
-        if self.lookup:
+        if self.draft is not None:
+            from .speculative import speculative_step
+
+            steps = speculative_step(self.model, self.draft, self.prompts, self.params, self.budget,
+                                     self.draft_tokens, stop_ids=self.stop_ids, rounds=self.rounds)
+        elif self.lookup:
             procs = self.processors[0] if self.processors else ()
             steps = lookup_step(self.model, self.prompts[0], self.budget, self.lookup, processors=procs,
                                 stop_ids=self.stop_ids)
@@ -327,7 +343,8 @@ class Generation:
         if not self._started:
             for _ in self:
                 pass
-        out = [GenerationResult(self.texts[i], row.ids, row.finish_reason or "length", len(p))
+        out = [GenerationResult(self.texts[i], row.ids, row.finish_reason or "length", len(p),
+                                speculation=self.rounds[i] if self.draft is not None else None)
                for i, (row, p) in enumerate(zip(self.rows, self.prompts, strict=True))]
         if self.parse is not None:
             for r in out:

@@ -18,6 +18,7 @@ from ..errors import GemmaError
 from ..loader import load
 from ..sampling import SamplingParams
 from ..watermark.synthid import Watermark
+from .draft_opts import DraftOpt, DraftTokensOpt, load_draft
 from .run import ModelOpt
 
 HELP = (
@@ -161,6 +162,8 @@ def chat(
         bool, typer.Option(help="Show the reasoning, dimmed, before each reply (--hide-thinking to hide it).")
     ] = True,
     watermark: Annotated[str | None, typer.Option(help="SynthID-Text keys file: watermark the replies.")] = None,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = 4,
 ) -> None:
     """Chat with a model in the terminal: streaming replies, multi-turn history, /reset /system /save /load.
 
@@ -179,6 +182,8 @@ def chat(
         min_p=min_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
+        draft=load_draft(draft),
+        draft_tokens=draft_tokens,
     )
     SamplingParams(**sampling)  # bad numbers (-t nan, a seed beyond 64 bits) fail now, not at the first reply
     m = load(model, device=device, adapter=adapter)

@@ -14,6 +14,7 @@ from ..errors import GemmaError
 from ..loader import load
 from ..sampling import SamplingParams
 from ..watermark.synthid import Watermark
+from .draft_opts import DraftOpt, DraftTokensOpt, load_draft
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or .ckpt (default: embedded)")]
 
@@ -30,6 +31,8 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
     lookup: Annotated[int, typer.Option(help="Prompt-lookup speculative decoding: draft up to N tokens (greedy).")] = 0,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = 4,
     quant: Annotated[str, typer.Option(help="auto (fast path for quantized GGUF), q8, or none (exact fp32).")] = "auto",
     adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder (PEFT format) to apply.")] = None,
     variant: Annotated[str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")] = None,
@@ -61,7 +64,7 @@ def run(
     sys.stdout.write(prompt)
     for piece in m.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed, stop=stop, lookup=lookup,
-                          logits_processors=processors,
+                          logits_processors=processors, draft=load_draft(draft), draft_tokens=draft_tokens,
                           **{k: v for k, v in constraint.items() if v is not None}):
         sys.stdout.write(piece)
         sys.stdout.flush()
