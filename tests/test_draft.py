@@ -196,3 +196,48 @@ def test_api_generate_stream_chat_with_a_drafter(pair):
     assert "".join(model.stream(PROMPT, 12, ignore_eos=True, draft=drafter)) == plain.text
     with pytest.raises(GemmaError, match="pass one of them"):
         model.generate(PROMPT, 4, draft=drafter, lookup=3)
+
+
+def test_server_engine_drafts_for_every_greedy_row(pair):
+    """Continuous batching with a drafter: 4 jobs on 3 rows (one joins when a row frees), greedy rows drafted and
+    verified together, a sampling row riding along undrafted: each greedy job gets plain greedy's tokens, and the
+    seeded sampling job the tokens it gets without a drafter."""
+    import threading
+
+    from gemmakit.serve.engine import Engine, Job, wait_idle
+
+    _, _, model, drafter = pair
+    if model.config.enable_moe_block or model.config.unified:
+        pytest.skip("the engine's drafting is the same for every kind: tested on two")
+    from finetune_helpers import tiny_tokenizer
+
+    model.tokenizer = tiny_tokenizer(512)
+    prompts = [PROMPT, PROMPT[:4], [2, 40, 41, 42, 43, 44], PROMPT[:7] + [5]]
+    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1.0, seed=3), SamplingParams()]
+
+    def run(draft):
+        engine = Engine(model, max_batch=3, context=64, draft=draft, draft_tokens=3)
+        got: list[list[int]] = [[] for _ in prompts]
+        done = threading.Event()
+
+        def sink(i):
+            def put(ev):
+                got[i] += ev.ids
+                if ev.finish_reason is not None and all(len(g) == 12 for g in got):
+                    done.set()
+            return put
+
+        engine.start()
+        try:
+            engine.submit([Job(p, 12, sink(i), params=s, ignore_eos=True)
+                           for i, (p, s) in enumerate(zip(prompts, params, strict=True))])
+            assert done.wait(120) and wait_idle(engine)
+        finally:
+            engine.stop()
+        return got, engine
+
+    plain, _ = run(None)
+    drafted, engine = run(drafter)
+    assert drafted == plain and engine.peak_batch == 3 and engine.draft_stats[0] > 0
+    expected = [int(t) for t in generate_step(model.module, [PROMPT], SamplingParams(), 12)]
+    assert drafted[0] == expected

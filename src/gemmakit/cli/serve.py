@@ -12,6 +12,7 @@ from rich.console import Console
 from ..embed import is_embedding_model, load_embedding_model
 from ..errors import GemmaError
 from ..loader import load
+from .draft_opts import DraftOpt, DraftTokensOpt, load_draft
 
 EMBEDDED_NAME = "gemma-3-270m"
 
@@ -106,6 +107,8 @@ def serve(
         typer.Option(help="Let web pages from this origin call the API, e.g. http://localhost:3000 (repeatable; "
                      "'*' for any; default: none)."),
     ] = None,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = 4,
 ) -> None:
     """Serve models over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health.
 
@@ -147,6 +150,9 @@ def serve(
             continue
         models[name] = load(path, device=device, progress=True, adapter=adapters.get(name))
         err.print(f"[dim]loaded {name}: {models[name].source}[/]", highlight=False)
+    if draft is not None and len(models) != 1:
+        raise GemmaError("--draft is one model's assistant drafter: serve that one model alone")
+    drafts = {name: load_draft(draft) for name in models} if draft else None
     if moderator is not None:
         err.print(f"[dim]{moderator.describe()}[/]", highlight=False)
     if api_key is None and not _is_loopback(host):
@@ -170,6 +176,8 @@ def serve(
         max_tokens_default=max_tokens_default or None,
         cors_origins=cors_origin or (),
         embedders=embedders,
+        drafts=drafts,
+        draft_tokens=draft_tokens,
     )
 
 

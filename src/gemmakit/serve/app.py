@@ -122,6 +122,8 @@ def create_app(
     max_tokens_default: int | None = MAX_TOKENS_DEFAULT,
     cors_origins: Sequence[str] = (),
     embedders: Mapping[str, EmbeddingModel] | None = None,
+    drafts: Mapping[str, Any] | None = None,
+    draft_tokens: int = 4,
 ) -> FastAPI:
     """An app serving each model under its name; engines start and stop with the app's lifespan.
 
@@ -133,12 +135,15 @@ def create_app(
     generated sequence carries that SynthID-Text watermark.
 
     `thinking` is the default of Gemma 4's thinking mode for requests that do not choose (off, as in the template).
+    `drafts` maps a model's name to its assistant drafter: its engine drafts up to `draft_tokens` for every greedy
+    row (serve/drafting.py).
     """
     embedders = dict(embedders or {})
     if not models and not embedders:
         raise GemmaError("give at least one model to serve")
     engines = {
-        name: Engine(m, max_batch=max_batch, max_queue=max_queue, context=context)
+        name: Engine(m, max_batch=max_batch, max_queue=max_queue, context=context,
+                     draft=(drafts or {}).get(name), draft_tokens=draft_tokens)
         for name, m in models.items()
     }
     if max_tokens_default is not None and max_tokens_default < 1:

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,12 +29,15 @@ from torch import Tensor
 from ..api import Model
 from ..chat_templates import reasoning_splitter
 from ..chat_templates.reasoning import ReasoningSplitter
+from ..draft import check_pair
 from ..errors import GemmaError
 from ..generate import TextRow, check_prompt, stop_ids
 from ..model import KVCache
 from ..quant.kernels import release_threads
 from ..sampling import LogitsProcessor, Sampler, SamplingParams, make_sampler
+from ..speculative import DraftLength
 from ..tokenizer import StreamDecoder
+from .drafting import decode_step, prefill_state
 
 log = logging.getLogger("gemmakit.serve")
 
@@ -103,7 +107,8 @@ class Engine:
     """Owns `model` on a background thread; `submit()` jobs from any thread, results arrive through their sinks."""
 
     def __init__(
-        self, model: Model, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None
+        self, model: Model, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
+        draft: Any = None, draft_tokens: int = 4,
     ) -> None:
         if model.tokenizer is None:
             raise GemmaError(
@@ -115,7 +120,14 @@ class Engine:
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.vocab_size = cfg.vocab_size
-        self.cache = KVCache(cfg, max_batch, self.context, dtype=model.dtype, device=model.device)
+        # An assistant drafter (serve/drafting.py): greedy rows draft, one forward verifies every row.
+        self.draft, self.draft_state = draft, {}
+        self.draft_stats = [0, 0]  # draft tokens proposed, accepted
+        if draft is not None:
+            check_pair(draft, cfg)
+            self.draft_length = DraftLength(draft_tokens)
+        self.cache = KVCache(cfg, max_batch, self.context, dtype=model.dtype, device=model.device,
+                             slack=draft_tokens + 1 if draft is not None else 0)
         self.rows: list[_Seq | None] = [None] * max_batch
         self.waiting: deque[Job] = deque()
         self.stop_ids = stop_ids(cfg, model.tokenizer)
@@ -223,7 +235,12 @@ class Engine:
         seq = self._new_seq(job)
         ids = torch.tensor([job.prompt], device=device)
         pos = torch.arange(len(job.prompt), device=device)[None]
-        logits = self.model.module(ids, pos, self.cache, rows=[r], last_only=True)[:, -1]
+        if self.draft is not None:
+            h = self.model.module.hidden_states(ids, pos, self.cache, rows=[r])[:, -1]
+            logits = self.model.module.head(h)
+            prefill_state(self, r, h[0], len(job.prompt))
+        else:
+            logits = self.model.module(ids, pos, self.cache, rows=[r], last_only=True)[:, -1]
         seq.position = len(job.prompt)
         self.rows[r] = seq
         self._emit(r, seq, logits)
@@ -232,6 +249,9 @@ class Engine:
     def _decode(self) -> None:
         device = self.model.device
         live = [(r, s) for r, s in enumerate(self.rows) if s is not None]
+        if self.draft is not None:
+            self._decode_drafted(live)
+            return
         # Decode rows 0..hi-1 only (a view of the cache, no copy): new requests take the lowest free rows, so one
         # client decodes at batch 1, not at max_batch.
         hi = live[-1][0] + 1
@@ -253,6 +273,22 @@ class Engine:
             seq.position += 1
             try:
                 self._emit(r, seq, logits[r : r + 1], chosen.get(r))
+            except Exception as e:
+                self._fail_one(r, seq.job, e)
+
+    def _decode_drafted(self, live: list[tuple[int, _Seq]]) -> None:
+        """One draft + verify round (serve/drafting.py); each row emits its kept drafts, then its next token."""
+        self.peak_batch = max(self.peak_batch, len(live))
+        logits, rounds = decode_step(self, live, {r for r, s in live if _plain_greedy(s)}, self.draft_length)
+        for r, seq in live:
+            draft, kept = rounds.get(r, ([], 0))
+            try:
+                for j in range(kept + 1):
+                    if self.rows[r] is not seq:  # finished (a stop token, its length) inside the kept drafts
+                        break
+                    seq.position += 1
+                    token = draft[j] if j < kept else (int(logits[r, j].argmax()) if r in rounds else None)
+                    self._emit(r, seq, logits[r, j : j + 1], token)
             except Exception as e:
                 self._fail_one(r, seq.job, e)
 
