@@ -370,10 +370,13 @@ def test_threads_hand_back_their_openmp_workers():
 @needs_native
 def test_native_attention_across_chunks():
     """Global layers past 256 slots split attention into chunks merged by their maxima: still the module path's
-    logits, and a draft straddling a chunk boundary still verifies bit-identically."""
+    logits, and a draft straddling a chunk boundary still verifies bit-identically. Float blocks: with int8
+    activations the two paths' fp32 summation orders can round one activation to either side of a tie (seen at
+    position 254: x/d = -95.49999 in layer 2's MLP input, fp64 -95.4999991, closer than an fp32 ulp), and that one
+    step flips every later position's logits by ~1e-3 through the cache: no fault of either path."""
     from gemmakit.model import KVCache
 
-    module = _tiny_fast("gemma3-mqa")
+    module = _tiny_fast("gemma3-mqa", "f32")
     cfg = module.config
     fused = module.fused_decode
     torch.manual_seed(2)
