@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = [f"| {k} | {v['plain_tok_s']:.2f} | {v['draft_tok_s']:.2f} | {v['ratio']:.2f}x | {v['acceptance']:.0%} | "
             f"{v['draft_ms_per_round']:.0f} | {v['verify_ms_per_round']:.0f} |"
             for k, v in ((k, result[k]) for k in ("agreeing", "never_agreeing"))]
-    table = (f"# Assistant drafter, E4B widths, {a.layers} layers, vocab {a.vocab} ({machine()}, {', '.join(isa())}, "
+    table = (f"# Assistant drafter, E4B widths, {a.layers} layers, vocab {a.vocab} ({machine()}, "
              "2 threads, shared machine)\n\n| drafter | plain tok/s | drafted tok/s | ratio | accepted | draft ms/round "
              "| verify ms/round |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     out = write_results(a.out, a.name, result, table, kind="draft")
