@@ -94,8 +94,9 @@ def run(repeats: int, threads: int, n_texts: int, batch: int, tokenizer_dir: Pat
             import llama_cpp
 
             gguf = write_gemma_embedding_gguf(folder, Path(tmp) / "eg.gguf")
-            llm = llama_cpp.Llama(str(gguf), embedding=True, n_ctx=8192, n_batch=8192, n_ubatch=8192,
-                                  n_seq_max=batch, n_threads=threads, n_threads_batch=threads, verbose=False,
+            # 8 sequences of up to 512 tokens per batch (each sequence gets n_ctx / n_seq_max of the context)
+            llm = llama_cpp.Llama(str(gguf), embedding=True, n_ctx=4096, n_batch=4096, n_ubatch=4096,
+                                  n_seq_max=8, n_threads=threads, n_threads_batch=threads, verbose=False,
                                   pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
             fns["llama.cpp"] = lambda: np.array(llm.embed(data, normalize=True), dtype=np.float32)
         outputs = {k: f() for k, f in fns.items()}  # warm-up, and the outputs compared below
