@@ -182,10 +182,9 @@ def chat(
         min_p=min_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
-        draft=load_draft(draft),
-        draft_tokens=draft_tokens,
     )
     SamplingParams(**sampling)  # bad numbers (-t nan, a seed beyond 64 bits) fail now, not at the first reply
+    sampling.update(draft=load_draft(draft), draft_tokens=draft_tokens)
     m = load(model, device=device, adapter=adapter)
     context = min(ctx_size or m.config.max_position_embeddings, m.config.max_position_embeddings)
     if watermark:
