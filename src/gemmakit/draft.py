@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import GLOBAL, SLIDING, GemmaConfig, gemma4_from_hf
+from .config import GLOBAL, SLIDING, GemmaConfig
+from .config_gemma4 import gemma4_from_hf
 from .errors import GemmaError
 from .model import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
