@@ -22,6 +22,7 @@ from gemmakit.errors import GemmaError
 from gemmakit.generate import generate_step
 from gemmakit.loader import GemmaNote
 from gemmakit.lora import LoRAConfig, inject, save_adapter
+from gemmakit.quant import kernels
 from gemmakit.quant.qlinear import QLinear
 from gemmakit.sampling import SamplingParams
 from gemmakit.weights.gguf import read_gguf
@@ -90,8 +91,11 @@ def test_llama_cpp_runs_our_gemma4_gguf_with_the_same_greedy_tokens(folder, tmp_
 
 
 def test_quantized_gemma4_gguf_loads_on_the_fast_path(folder, tmp_path):
-    """quant="auto" keeps a Gemma 4 GGUF's blocks (no note, no dequantized copy): its matrices are QLinears with
-    the PyTorch layers around them (no one-call native step for Gemma 4), close to the dequantized reference path."""
+    """quant="auto" keeps a Gemma 4 GGUF's blocks (no note, no dequantized copy): its matrices are QLinears, decoded
+    by the one-call native step when every product is a block product (the tiny kinds whose narrow matrices the
+    writer keeps in F32 stay on the module path), close to the dequantized reference path."""
+    from gemmakit.quant.fused_gemma4 import supported
+
     m = _load(folder)
     path = write_gguf(tmp_path / "m.q8_0.gguf", m.module.state_dict(), m.config, m.tokenizer, qtype="q8_0")
     g = read_gguf(path)
@@ -99,7 +103,7 @@ def test_quantized_gemma4_gguf_loads_on_the_fast_path(folder, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", GemmaNote)
         q = gemmakit.load(path, progress=False)
-    assert q.module.fused_decode is None
+    assert (q.module.fused_decode is not None) == (kernels.library() is not None and supported(q.module))
     assert isinstance(q.module.model.layers[0].self_attn.q_proj, QLinear)
     ref = _load(path)  # the same Q8_0 weights, dequantized
     if not m.config.enable_moe_block:  # int8 activations on these random weights (MoE: some routes flip)
