@@ -100,6 +100,8 @@ class GemmaConfig:
         if self.family == "gemma4":
             check_gemma4(self)
         elif self.family == "gemma3n":
+            from .config_gemma3n import check_gemma3n
+
             check_gemma3n(self)
         _check_family_fields(self)
 
@@ -372,24 +374,6 @@ def check_kv_sharing(cfg: GemmaConfig) -> None:
     first = cfg.first_kv_shared_layer
     if not set(cfg.layer_types[first:]) <= set(cfg.layer_types[:first]):
         raise GemmaError("a KV-shared layer has a layer type that no earlier layer computes keys/values for")
-
-
-def check_gemma3n(cfg: GemmaConfig) -> None:
-    """Refuse Gemma 3n configs that transformers would reject or that the model cannot build (HF-3N)."""
-    n = cfg.num_hidden_layers
-    check_kv_sharing(cfg)
-    if cfg.altup_num_inputs < 1 or not 0 <= cfg.altup_active_idx < cfg.altup_num_inputs:
-        raise GemmaError(f"altup_num_inputs={cfg.altup_num_inputs} / altup_active_idx={cfg.altup_active_idx}: "
-                         "Gemma 3n needs at least one AltUp stream and an active index among them")
-    if cfg.altup_coef_clip is None:
-        raise GemmaError("Gemma 3n needs altup_coef_clip (transformers' default: 120.0)")
-    if not cfg.hidden_size_per_layer_input or not cfg.vocab_size_per_layer_input or cfg.laurel_rank < 1:
-        raise GemmaError("Gemma 3n needs per-layer embeddings (hidden/vocab_size_per_layer_input) and laurel_rank")
-    for name in ("activation_sparsity_pattern", "intermediate_sizes"):
-        if getattr(cfg, name) and len(getattr(cfg, name)) != n:
-            raise GemmaError(f"{name} has {len(getattr(cfg, name))} entries for {n} layers; give one per layer")
-    if any(not 0.0 <= s < 1.0 for s in cfg.activation_sparsity_pattern):
-        raise GemmaError("activation_sparsity_pattern values must lie in [0, 1)")
 
 
 def _check_family_fields(cfg: GemmaConfig) -> None:

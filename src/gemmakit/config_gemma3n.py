@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import GemmaConfig, _first, default_layer_types
+from .config import GemmaConfig, _first, check_kv_sharing, default_layer_types
 from .errors import GemmaError
 
 
@@ -79,3 +79,21 @@ def gemma3n_from_hf(cfg: dict[str, Any]) -> GemmaConfig:
         altup_correct_scale=bool(cfg.get("altup_correct_scale", True)), laurel_rank=int(cfg.get("laurel_rank", 64)),
         activation_sparsity_pattern=tuple(float(s) for s in sparsity),
     )
+
+
+def check_gemma3n(cfg: GemmaConfig) -> None:
+    """Refuse Gemma 3n configs that transformers would reject or that the model cannot build (HF-3N)."""
+    n = cfg.num_hidden_layers
+    check_kv_sharing(cfg)
+    if cfg.altup_num_inputs < 1 or not 0 <= cfg.altup_active_idx < cfg.altup_num_inputs:
+        raise GemmaError(f"altup_num_inputs={cfg.altup_num_inputs} / altup_active_idx={cfg.altup_active_idx}: "
+                         "Gemma 3n needs at least one AltUp stream and an active index among them")
+    if cfg.altup_coef_clip is None:
+        raise GemmaError("Gemma 3n needs altup_coef_clip (transformers' default: 120.0)")
+    if not cfg.hidden_size_per_layer_input or not cfg.vocab_size_per_layer_input or cfg.laurel_rank < 1:
+        raise GemmaError("Gemma 3n needs per-layer embeddings (hidden/vocab_size_per_layer_input) and laurel_rank")
+    for name in ("activation_sparsity_pattern", "intermediate_sizes"):
+        if getattr(cfg, name) and len(getattr(cfg, name)) != n:
+            raise GemmaError(f"{name} has {len(getattr(cfg, name))} entries for {n} layers; give one per layer")
+    if any(not 0.0 <= s < 1.0 for s in cfg.activation_sparsity_pattern):
+        raise GemmaError("activation_sparsity_pattern values must lie in [0, 1)")
