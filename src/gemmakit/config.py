@@ -98,6 +98,8 @@ class GemmaConfig:
                 self.num_global_key_value_heads and self.num_attention_heads % self.num_global_key_value_heads):
             raise GemmaError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.family == "gemma4":
+            from .config_gemma4 import check_gemma4
+
             check_gemma4(self)
         elif self.family == "gemma3n":
             from .config_gemma3n import check_gemma3n
@@ -343,26 +345,6 @@ _FAMILY_FIELDS = {
                 "activation_sparsity_pattern", "intermediate_sizes"),
     "gemma3n+gemma4": ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers"),
 }
-
-
-def check_gemma4(cfg: GemmaConfig) -> None:
-    """Refuse Gemma 4 configs that transformers would reject or silently change (HF-G4 Gemma4TextConfig)."""
-    if cfg.layer_types[-1] != GLOBAL:
-        raise GemmaError("a Gemma 4 config's last layer must be full_attention (transformers forces it)")
-    check_kv_sharing(cfg)
-    if cfg.num_global_key_value_heads and not (cfg.attention_k_eq_v or cfg.use_bidirectional_attention):
-        # EmbeddingGemma 2 (bidirectional) applies it to every full-attention layer (its per_layer_config)
-        raise GemmaError("num_global_key_value_heads applies only with attention_k_eq_v (as in transformers)")
-    if not 0.0 < cfg.partial_rotary_factor <= 1.0:
-        raise GemmaError(f"partial_rotary_factor={cfg.partial_rotary_factor} must lie in (0, 1]")
-    if cfg.hidden_size_per_layer_input and not (cfg.vocab_size_per_layer_input or cfg.use_bidirectional_attention):
-        # EmbeddingGemma 2 has projection-only per-layer inputs: no table (vocab_size_per_layer_input 0)
-        raise GemmaError("per-layer embeddings need vocab_size_per_layer_input > 0")
-    if cfg.unified and (cfg.hidden_size_per_layer_input or cfg.enable_moe_block):
-        raise GemmaError("a Gemma 4 Unified config has no per-layer embeddings and no experts (transformers' "
-                         "Gemma4UnifiedTextConfig removes both)")
-    if cfg.enable_moe_block and not (0 < cfg.top_k_experts <= cfg.num_experts and cfg.moe_intermediate_size > 0):
-        raise GemmaError("an MoE config needs 0 < top_k_experts <= num_experts and moe_intermediate_size > 0")
 
 
 def check_kv_sharing(cfg: GemmaConfig) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import GLOBAL, SLIDING, GemmaConfig, _first, default_layer_types
+from .config import GLOBAL, SLIDING, GemmaConfig, _first, check_kv_sharing, default_layer_types
 from .errors import GemmaError
 
 
@@ -149,3 +149,23 @@ def embedding_gemma2_from_hf(cfg: dict[str, Any]) -> GemmaConfig:
         num_global_key_value_heads=int(global_kv) if global_kv else None,
         hidden_size_per_layer_input=int(cfg.get("hidden_size_per_layer_input", 512) or 0),
     )
+
+
+def check_gemma4(cfg: GemmaConfig) -> None:
+    """Refuse Gemma 4 configs that transformers would reject or silently change (HF-G4 Gemma4TextConfig)."""
+    if cfg.layer_types[-1] != GLOBAL:
+        raise GemmaError("a Gemma 4 config's last layer must be full_attention (transformers forces it)")
+    check_kv_sharing(cfg)
+    if cfg.num_global_key_value_heads and not (cfg.attention_k_eq_v or cfg.use_bidirectional_attention):
+        # EmbeddingGemma 2 (bidirectional) applies it to every full-attention layer (its per_layer_config)
+        raise GemmaError("num_global_key_value_heads applies only with attention_k_eq_v (as in transformers)")
+    if not 0.0 < cfg.partial_rotary_factor <= 1.0:
+        raise GemmaError(f"partial_rotary_factor={cfg.partial_rotary_factor} must lie in (0, 1]")
+    if cfg.hidden_size_per_layer_input and not (cfg.vocab_size_per_layer_input or cfg.use_bidirectional_attention):
+        # EmbeddingGemma 2 has projection-only per-layer inputs: no table (vocab_size_per_layer_input 0)
+        raise GemmaError("per-layer embeddings need vocab_size_per_layer_input > 0")
+    if cfg.unified and (cfg.hidden_size_per_layer_input or cfg.enable_moe_block):
+        raise GemmaError("a Gemma 4 Unified config has no per-layer embeddings and no experts (transformers' "
+                         "Gemma4UnifiedTextConfig removes both)")
+    if cfg.enable_moe_block and not (0 < cfg.top_k_experts <= cfg.num_experts and cfg.moe_intermediate_size > 0):
+        raise GemmaError("an MoE config needs 0 < top_k_experts <= num_experts and moe_intermediate_size > 0")
