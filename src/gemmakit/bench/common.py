@@ -7,6 +7,10 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -67,3 +71,21 @@ def write_results(folder: Path, name: str | None, result: dict, table: str, kind
         tmp.write_text(text)
         os.replace(tmp, path)
     return out
+
+
+_SPIN = ("import os, sys\nif hasattr(os, 'sched_setaffinity'):\n    os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+         "while True:\n    pass\n")
+
+
+@contextmanager
+def busy_core() -> Iterator[int]:
+    """A process spinning on one core (the last this process may use) for the duration: a laptop's editor or
+    browser. Every engine's threads still get all cores, so a step that waits for its slowest thread shows it.
+    Yields the busy core's number (where the OS cannot pin a process, macOS, the spinner runs unpinned)."""
+    cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) - 1
+    spinner = subprocess.Popen([sys.executable, "-c", _SPIN, str(cpu)])
+    try:
+        yield cpu
+    finally:
+        spinner.kill()
+        spinner.wait()

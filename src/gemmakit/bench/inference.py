@@ -159,12 +159,13 @@ def available(engine: str) -> bool:
 
 def run(model: str | None = None, *, engines: Sequence[str] = ENGINES, repeats: int = 3, threads: int | None = None,
         prompt_tokens: int = PROMPT_TOKENS, decode_tokens: int = DECODE_TOKENS, batches: Sequence[int] = (4, 8),
-        kernel_flags: str = "", llama_path: str | None = None,
+        kernel_flags: str = "", llama_path: str | None = None, busy_cpu: int | None = None,
         on_step: Callable[[str], None] | None = None) -> dict:
     """Run every available engine `repeats` times, alternating; return medians, ratios and the raw runs.
 
     kernel_flags: extra gcc flags for gemmakit's kernels (GEMMAKIT_CFLAGS), e.g. "-mno-avx512f" for the AVX2 path;
-    llama_path: a folder with another llama-cpp-python build (e.g. one without AVX-512) for the llama.cpp side."""
+    llama_path: a folder with another llama-cpp-python build (e.g. one without AVX-512) for the llama.cpp side;
+    busy_cpu: the core a spinning process kept busy during the run (bench.common.busy_core), recorded."""
     from ..embedded import embedded_path
     from ..weights.gguf import read_gguf, tokenizer_from_gguf
 
@@ -202,7 +203,8 @@ def run(model: str | None = None, *, engines: Sequence[str] = ENGINES, repeats: 
     return {"date": date.today().isoformat(), "machine": machine(), "isa": isa(), "model": path,
             "model_mb": Path(path).stat().st_size / 2**20, "threads": threads,
             "builds": {e: rs[0]["build"] for e, rs in runs.items() if rs and "build" in rs[0]},
-            "kernel_flags": kernel_flags, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
+            "kernel_flags": kernel_flags, "busy_core": busy_cpu, "load_average_1min": os.getloadavg()[0],
+            "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
             "repeats": repeats,
             "missing": {e: "not installed (pip install .[bench])" for e in missing}, "errors": errors,
             "median": medians, "ratios": ratios, "runs": runs}
@@ -224,6 +226,10 @@ def markdown(result: dict) -> str:
     lines = [f"Benchmark {result['date']} on {result['machine']}, {result['threads']} threads, median of "
              f"{result['repeats']} alternating runs, model `{Path(result['model']).name}` "
              f"({result.get('model_mb', 0):.0f} MiB).", ""]
+    if result.get("busy_core") is not None:
+        lines[0] += f" Core {result['busy_core']} was kept busy by a spinning process for the whole run."
+    if "load_average_1min" in result:
+        lines[0] += f" Load average (1 min) at the end: {result['load_average_1min']:.2f}."
     for engine, build in result.get("builds", {}).items():
         flags = f" (GEMMAKIT_CFLAGS={result['kernel_flags']})" if engine == "gemmakit" and result.get("kernel_flags") \
             else ""

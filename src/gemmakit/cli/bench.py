@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ from rich.markdown import Markdown
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..bench import inference as inference_bench
+from ..bench.common import busy_core as busy
 
 
 def bench(
@@ -35,6 +37,10 @@ def bench(
                                              "the AVX2 path on an AVX-512 CPU (GEMMAKIT_CFLAGS).")] = "",
     llama_path: Annotated[str | None, typer.Option(help="Folder holding another llama-cpp-python build (its llama_cpp "
                                                         "package), e.g. one built without AVX-512.")] = None,
+    batch: Annotated[str, typer.Option(help="Batch sizes for gemmakit's batched decode, e.g. 1,4,8 (1 is the "
+                                            "decode column).")] = "1,4,8",
+    busy_core: Annotated[bool, typer.Option("--busy-core", help="Keep one core busy with a spinning process for the "
+                                                                "whole run (a laptop's editor or browser).")] = False,
     name: Annotated[str | None, typer.Option(help="Results file name (default <date>-<machine>).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON and markdown results.")] = Path("benchmarks/results"),
 ) -> None:
@@ -44,14 +50,17 @@ def bench(
                gemmakit bench --engines gemmakit,llama.cpp --repeats 5
                gemmakit bench -m gemma-2b.Q4_K_M.gguf --prompt-tokens 256 --engines gemmakit,llama.cpp
                gemmakit bench --cflags=-mno-avx512f --llama-path peers/llama-avx2 --name avx2   # the AVX2 path
+               gemmakit bench --busy-core          # the same with one core kept busy by another program
                gemmakit bench --server             # OpenAI server with 1, 4 and 8 concurrent clients
                gemmakit bench --finetune           # LoRA steps vs transformers + PEFT, fp32 and bf16
                gemmakit bench --structured         # constrained decoding: mask overhead, engines compared
                gemmakit bench --watermark          # watermark detection: AUC and TPR at 1% FPR, 32 + 32 samples
     """
+    batches = _batches(batch)
     console = Console()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True) as bar:
+    with (busy() if busy_core else nullcontext(None)) as busy_cpu, Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+            transient=True) as bar:
         task = bar.add_task("starting")
 
         def step(label: str) -> None:
@@ -62,6 +71,7 @@ def bench(
 
             step("server load test (1, 4, 8 clients)")
             result = server_bench.run_load_test(model, kernel_flags=cflags)
+            result["busy_core"] = busy_cpu
             _report(console, server_bench, result, out, name)
             return
         elif structured:
@@ -89,7 +99,7 @@ def bench(
             result = inference_bench.run(model, engines=[e.strip() for e in engines.split(",") if e.strip()],
                                          repeats=repeats, threads=threads, prompt_tokens=prompt_tokens,
                                          decode_tokens=decode_tokens, kernel_flags=cflags, llama_path=llama_path,
-                                         on_step=lambda s: step(f"running {s}"))
+                                         batches=batches, busy_cpu=busy_cpu, on_step=lambda s: step(f"running {s}"))
             _report(console, inference_bench, result, out, name)
             return
 
@@ -99,3 +109,15 @@ def _report(console: Console, bench_module: Any, result: dict, out: Path, name: 
     path = bench_module.save(result, out, name)
     console.print(Markdown(bench_module.markdown(result)))
     console.print(f"[dim]wrote {path} and {path.with_suffix('.md')}[/]")
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    """--batch 1,4,8 -> (4, 8): the sizes above 1 (batch 1 is the decode measurement itself)."""
+    try:
+        sizes = sorted({int(p) for p in text.split(",") if p.strip()})
+    except ValueError:
+        sizes = [0]
+    if not sizes or sizes[0] < 1 or sizes[-1] > 64:
+        raise typer.BadParameter(f"{text!r}: give batch sizes from 1 to 64, comma-separated, e.g. --batch 1,4,8",
+                                 param_hint="--batch")
+    return tuple(b for b in sizes if b > 1)
