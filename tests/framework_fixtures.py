@@ -56,6 +56,31 @@ CASES: dict[str, GemmaConfig] = {
         query_pre_attn_scalar=16.0,
         **_SHAPE,
     ),
+    # Gemma 4 with every layer kind Gemma4Backbone has: sliding + global layers (global head dim 32, one KV head,
+    # k=v, partial RoPE 0.25 with linear factor 8), per-layer embeddings, the last 2 layers sharing KV (one of each
+    # kind, from layers 2 and 1) with a double-wide MLP, experts beside every dense MLP, and a final soft-cap.
+    "keras-gemma4": GemmaConfig(
+        family="gemma4",
+        num_hidden_layers=5,
+        sliding_window=4,
+        layer_types=(SLIDING, GLOBAL, SLIDING, SLIDING, GLOBAL),
+        rope_theta=1e6,
+        rope_scaling_factor=8.0,
+        final_logit_softcapping=30.0,
+        global_head_dim=32,
+        attention_k_eq_v=True,
+        num_global_key_value_heads=1,
+        partial_rotary_factor=0.25,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=512,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
+        enable_moe_block=True,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=8,
+        **{**_SHAPE, "intermediate_size": 32},  # narrow: the committed h5 stays small
+    ),
     "flax-gemma2": GemmaConfig(
         family="gemma2",
         num_hidden_layers=4,
@@ -93,8 +118,53 @@ def tokenizer_proto(vocab: int = 512) -> bytes:
     return proto.SerializeToString()
 
 
+def keras_gemma4_backbone(cfg: GemmaConfig, dtype: str):
+    """A Gemma4Backbone with cfg's shape, built from the arguments keras-hub documents (not from our writer)."""
+    import keras_hub
+
+    return keras_hub.models.Gemma4Backbone(
+        vocabulary_size=cfg.vocab_size,
+        image_size=None,
+        num_layers=cfg.num_hidden_layers,
+        num_query_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        hidden_dim=cfg.hidden_size,
+        intermediate_dim=cfg.intermediate_size,
+        head_dim=cfg.head_dim,
+        final_logit_soft_cap=cfg.final_logit_softcapping,
+        sliding_window_size=cfg.sliding_window,
+        layer_types=list(cfg.layer_types),
+        global_head_dim=cfg.global_head_dim,
+        global_rope_scaling_factor=cfg.rope_scaling_factor,
+        num_kv_shared_layers=cfg.num_kv_shared_layers,
+        num_global_key_value_heads=cfg.num_global_key_value_heads,
+        hidden_size_per_layer_input=cfg.hidden_size_per_layer_input,
+        global_rope_partial_rotary_factor=cfg.partial_rotary_factor,
+        use_double_wide_mlp=cfg.use_double_wide_mlp,
+        enable_moe_block=cfg.enable_moe_block,
+        num_experts=cfg.num_experts or None,
+        expert_intermediate_dim=cfg.moe_intermediate_size or None,
+        num_experts_per_token=cfg.top_k_experts or 8,
+        dtype=dtype,
+    )
+
+
+def randomize_gemma4(backbone, seed: int = 1) -> None:
+    """Gemma 4 norms multiply by w (init 1) and the experts start at zero: give every such weight values, so a
+    swapped norm, a lost +1 or a dropped expert cannot pass unnoticed."""
+    rng = np.random.default_rng(seed)
+    for w in backbone.weights:
+        if w.path.endswith(("scale", "layer_scalar")):
+            w.assign((1.0 + 0.3 * rng.standard_normal(w.shape)).astype("float32"))
+        elif "moe_expert_bank" in w.path:
+            w.assign((0.2 * rng.standard_normal(w.shape)).astype("float32"))
+
+
 def keras_backbone(cfg: GemmaConfig, dtype: str):
     import keras_hub
+
+    if cfg.family == "gemma4":
+        return keras_gemma4_backbone(cfg, dtype)
 
     common = dict(
         vocabulary_size=cfg.vocab_size,
@@ -135,7 +205,10 @@ def keras_logits(backbone, ids: list[int]) -> np.ndarray:
     import keras
 
     x = np.array([ids], dtype="int32")
-    h = backbone({"token_ids": x, "padding_mask": np.ones_like(x)})
+    inputs = {"token_ids": x, "padding_mask": np.ones_like(x)}
+    if "position_ids" in backbone.input:  # Gemma4Backbone takes the positions too
+        inputs["position_ids"] = np.arange(len(ids), dtype="int32")[None]
+    h = backbone(inputs)
     return keras.ops.convert_to_numpy(backbone.token_embedding(h, reverse=True))[0].astype(np.float32)
 
 
@@ -147,10 +220,17 @@ def save_keras(name: str, cfg: GemmaConfig, out: Path) -> None:
     backbone = keras_backbone(cfg, "bfloat16")
     rng = np.random.default_rng(1)
     for w in backbone.weights:  # norm scales start at zero: give them values so a swapped norm shows
-        if w.path.endswith("scale"):
+        if w.path.endswith("scale") and cfg.family != "gemma4":
             w.assign((0.3 * rng.standard_normal(w.shape)).astype("float32"))
+    if cfg.family == "gemma4":
+        randomize_gemma4(backbone)
     proto = tokenizer_proto(cfg.vocab_size)
-    if cfg.family == "gemma3":
+    if cfg.family == "gemma4":  # the tiny vocabulary has no image/audio/video tokens
+        tok = keras_hub.models.Gemma4Tokenizer(proto=proto, has_vision_tokens=False, has_video_tokens=False)
+        lm = keras_hub.models.Gemma4CausalLM(
+            backbone=backbone, preprocessor=keras_hub.models.Gemma4CausalLMPreprocessor(tok)
+        )
+    elif cfg.family == "gemma3":
         tok = keras_hub.models.Gemma3Tokenizer(proto=proto)
         lm = keras_hub.models.Gemma3CausalLM(
             backbone=backbone, preprocessor=keras_hub.models.Gemma3CausalLMPreprocessor(tok)

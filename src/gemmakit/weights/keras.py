@@ -23,10 +23,19 @@ import torch
 from ..config import GLOBAL, SLIDING, GemmaConfig
 from ..errors import GemmaError
 from ..tokenizer import Tokenizer
+from .keras_gemma4 import BACKBONE as GEMMA4
+from .keras_gemma4 import (
+    GEMMA4_PREPROCESSOR,
+    config_from_keras_gemma4,
+    gemma4_from_keras,
+    gemma4_to_keras,
+    gemma4_tokenizer_flags,
+    keras_gemma4_config,
+)
 from .names import KERAS_LAYER_NAMES, hf_to_keras_block, keras_block_to_hf
 from .writers import atomic_write, float_state
 
-BACKBONES = ("GemmaBackbone", "Gemma3Backbone")
+BACKBONES = ("GemmaBackbone", "Gemma3Backbone", GEMMA4)
 VOCAB = Path("assets") / "tokenizer" / "vocabulary.spm"
 _VISION = (
     "gemma3_vision_encoder",
@@ -53,20 +62,33 @@ def _h5py():
 
 
 def keras_vision_note(folder: Path) -> str | None:
-    """A one-line note when the preset carries a vision encoder (Gemma 3 4B and up): its text decoder is loaded."""
-    raw = json.loads((folder / "config.json").read_text())
-    if raw.get("config", {}).get("vision_encoder") is None:
+    """A one-line note when the preset carries a vision (Gemma 3 4B and up, Gemma 4) or audio encoder (Gemma 4):
+    its text decoder is loaded."""
+    c = json.loads((folder / "config.json").read_text()).get("config", {})
+    towers = [k.removesuffix("_encoder") for k in ("vision_encoder", "audio_encoder") if c.get(k) is not None]
+    if not towers:
         return None
     return (
-        f"{folder.name} is a multimodal keras-hub preset: its text decoder is loaded and its vision encoder is "
-        "ignored (gemmakit runs text only)"
+        f"{folder.name} is a multimodal keras-hub preset: its text decoder is loaded and its "
+        f"{' and '.join(towers)} encoder is ignored (gemmakit runs text only)"
     )
 
 
 def read_keras_config(folder: Path) -> GemmaConfig:
     raw = json.loads((folder / "config.json").read_text())
     cfg = config_from_keras(raw)
-    return cfg.replace(name=folder.name)
+    task = (
+        folder / "task.json"
+    )  # Gemma4CausalLM can cap the logits once more on top of the backbone's own cap
+    cap = json.loads(task.read_text()).get("config", {}).get("final_logit_cap") if task.exists() else None
+    if cap is not None and cfg.final_logit_softcapping is not None:
+        raise GemmaError(
+            f"{folder}: task.json's final_logit_cap soft-caps logits the backbone already soft-caps; "
+            "gemmakit applies one final soft-cap (set one of them to null)"
+        )
+    return cfg.replace(
+        name=folder.name, final_logit_softcapping=cfg.final_logit_softcapping if cap is None else cap
+    )
 
 
 def config_from_keras(raw: dict[str, Any]) -> GemmaConfig:
@@ -74,9 +96,11 @@ def config_from_keras(raw: dict[str, Any]) -> GemmaConfig:
     cls, c = raw.get("class_name"), raw.get("config", {})
     if cls not in BACKBONES:
         raise GemmaError(
-            f"config.json is a keras-hub {cls!r}; gemmakit reads {' and '.join(BACKBONES)} presets "
-            "(Gemma 1-3 text decoders)"
+            f"config.json is a keras-hub {cls!r}; gemmakit reads {', '.join(BACKBONES)} presets "
+            "(Gemma 1-4 text decoders)"
         )
+    if cls == GEMMA4:
+        return config_from_keras_gemma4(c)
     n, d, h = c["num_query_heads"], c["hidden_dim"], c["head_dim"]
     # query_head_dim_normalize=False scales queries by (hidden / heads) ** -0.5 (gemma_attention.py), as HF's
     # query_pre_attn_scalar and the gemma library's BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS do.
@@ -194,8 +218,10 @@ def _variables(files: list[Path]) -> dict[str, tuple[str, torch.Tensor]]:
                 name = group["vars"].attrs.get("name", top) if "vars" in group else top
 
                 def visit(sub: str, obj: Any, top: str = top, name: str = name) -> None:
-                    if isinstance(obj, h5py.Dataset) and sub.endswith("vars/0"):
-                        out[f"{top}/{sub.removesuffix('vars/0').rstrip('/')}"] = (name, _tensor(obj))
+                    m = re.fullmatch(r"(.*?)/?vars/(\d+)", sub)  # a layer's k-th variable; [k] marks k > 0
+                    if isinstance(obj, h5py.Dataset) and m:
+                        k = "" if m.group(2) == "0" else f"[{m.group(2)}]"
+                        out[f"{top}/{m.group(1)}{k}"] = (name, _tensor(obj))
 
                 group.visititems(visit)
     return out
@@ -206,9 +232,12 @@ def read_keras_state_dict(
 ) -> dict[str, torch.Tensor]:
     """HF-named tensors from a preset's h5 weights (spec §4.2's einsum layouts, Keras flavour)."""
     n, h, d = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+    variables = _variables(_weight_files(folder))
+    if cfg.family == "gemma4":
+        return {k: t.to(dtype) for k, t in gemma4_from_keras(variables, cfg, folder).items()}
     blocks: dict[str, int] = {}
     state: dict[str, torch.Tensor] = {}
-    for key, (name, t) in _variables(_weight_files(folder)).items():
+    for key, (name, t) in variables.items():
         top, _, part = key.partition("/")
         t = t.to(dtype)
         if top == "reversible_embedding" or name == "token_embedding":
@@ -253,6 +282,8 @@ def keras_tokenizer(folder: Path) -> Tokenizer | None:
 def keras_config(cfg: GemmaConfig) -> dict[str, Any]:
     """The backbone's config.json; refuses configs keras-hub's classes cannot express (their layouts are fixed)."""
     n, d, h = cfg.num_attention_heads, cfg.hidden_size, cfg.head_dim
+    if cfg.family == "gemma4":
+        return keras_gemma4_config(cfg)
     if cfg.family not in ("gemma", "gemma2", "gemma3"):
         raise GemmaError(
             f"writing {cfg.family} as a keras-hub preset is not supported; write a Hugging Face folder"
@@ -319,6 +350,8 @@ def keras_config(cfg: GemmaConfig) -> dict[str, Any]:
 
 def _keras_tensors(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, tuple[str, torch.Tensor]]:
     """h5 group path under `layers/` -> (layer name, tensor in Keras's layout): the inverse of the reader."""
+    if cfg.family == "gemma4":
+        return gemma4_to_keras(float_state(state, cfg), cfg)
     n, h, d = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
     block = "gemma3_decoder_block" if cfg.family == "gemma3" else "gemma_decoder_block"
     out: dict[str, tuple[str, torch.Tensor]] = {}
@@ -346,23 +379,23 @@ def _keras_tensors(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str
 
 
 def _write_h5(
-    tmp: str, tensors: dict[str, tuple[str, torch.Tensor | None]], backbone: str, dtype: str
+    tmp: str, tensors: dict[str, tuple[str, Any]], backbone: str, dtype: str, inputs: tuple[str, ...]
 ) -> None:
+    """tensors: group path -> (layer name, its variables: one tensor, a list of them (vars/0, vars/1, ...) or None)."""
     h5py = _h5py()
     with h5py.File(tmp, "w") as f:
         f.create_group("vars").attrs["name"] = backbone
-        for group, name in (("input_layer", "token_ids"), ("input_layer_1", "padding_mask")):
-            f.create_group(f"layers/{group}/vars").attrs["name"] = name
-        for path, (name, t) in tensors.items():
+        for i, name in enumerate(inputs):
+            f.create_group(f"layers/input_layer{f'_{i}' if i else ''}/vars").attrs["name"] = name
+        for path, (name, ts) in tensors.items():
             g = f.require_group(f"layers/{path}/vars")
             g.attrs["name"] = name
-            if t is None:
-                continue
-            if dtype == "bfloat16":  # opaque 2-byte blobs tagged like Keras's own bf16 writes
-                raw = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("V2")
-                g.create_dataset("0", data=raw).attrs["dtype"] = "bfloat16"
-            else:
-                g.create_dataset("0", data=t.float().contiguous().numpy())
+            for i, t in enumerate([] if ts is None else ts if isinstance(ts, list) else [ts]):
+                if dtype == "bfloat16":  # opaque 2-byte blobs tagged like Keras's own bf16 writes
+                    raw = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("V2")
+                    g.create_dataset(str(i), data=raw).attrs["dtype"] = "bfloat16"
+                else:
+                    g.create_dataset(str(i), data=t.float().contiguous().numpy())
 
 
 def _object(pkg: str, kind: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -373,7 +406,7 @@ def _object(pkg: str, kind: str, config: dict[str, Any]) -> dict[str, Any]:
         "causal_lm": "CausalLM",
         "causal_lm_preprocessor": "CausalLMPreprocessor",
     }
-    cls = ("Gemma3" if pkg == "gemma3" else "Gemma") + words[kind]
+    cls = {"gemma3": "Gemma3", "gemma4": "Gemma4"}.get(pkg, "Gemma") + words[kind]
     return {
         "module": f"keras_hub.src.models.{pkg}.{pkg}_{kind}",
         "class_name": cls,
@@ -401,11 +434,12 @@ def write_keras_preset(
         )
     c = keras_config(cfg)
     c["dtype"]["config"]["name"] = dtype
-    pkg = "gemma3" if cfg.family == "gemma3" else "gemma"
+    pkg = cfg.family if cfg.family in ("gemma3", "gemma4") else "gemma"
     folder = Path(folder)
     (folder / VOCAB).parent.mkdir(parents=True, exist_ok=True)
     tensors = _keras_tensors(state, cfg)
-    atomic_write(folder / "model.weights.h5", lambda tmp: _write_h5(tmp, tensors, c["name"], dtype))
+    inputs = ("token_ids", "padding_mask") + ("position_ids",) * (pkg == "gemma4")
+    atomic_write(folder / "model.weights.h5", lambda tmp: _write_h5(tmp, tensors, c["name"], dtype, inputs))
     tok_cfg: dict[str, Any] = dict(
         name=f"{pkg}_tokenizer",
         trainable=True,
@@ -425,6 +459,8 @@ def write_keras_preset(
         tok_cfg["has_vision_tokens"] = all(
             tokenizer.token_id(p) is not None for p in ("<start_of_image>", "<end_of_image>", "<img>")
         )
+    if pkg == "gemma4":
+        tok_cfg.update(gemma4_tokenizer_flags(tokenizer))
     files = {"config.json": _object(pkg, "backbone", c), "tokenizer.json": _object(pkg, "tokenizer", tok_cfg)}
     pre_cfg: dict[str, Any] = dict(
         name=f"{pkg}_causal_lm_preprocessor",
@@ -438,6 +474,8 @@ def write_keras_preset(
     )
     if cfg.family == "gemma3":
         pre_cfg.update(num_vision_tokens_per_image=256, max_images_per_prompt=2)
+    if pkg == "gemma4":
+        pre_cfg.update(GEMMA4_PREPROCESSOR)
     files["preprocessor.json"] = _object(pkg, "causal_lm_preprocessor", pre_cfg)
     files["task.json"] = _object(
         pkg,
