@@ -83,7 +83,9 @@ def test_keras_traps_in_the_config():
     raw["keras-gemma3"]["config"]["use_query_key_norm"] = False
     with pytest.raises(GemmaError, match="use_query_key_norm"):
         config_from_keras(raw["keras-gemma3"])
-    with pytest.raises(GemmaError, match="Gemma4Backbone"):
+    with pytest.raises(GemmaError, match="PaliGemmaBackbone"):
+        config_from_keras({"class_name": "PaliGemmaBackbone", "config": {}})
+    with pytest.raises(GemmaError, match="lacks vocabulary_size"):
         config_from_keras({"class_name": "Gemma4Backbone", "config": {}})
 
 
@@ -107,7 +109,7 @@ def test_keras_pre_ffw_norm_and_bf16_bits(name):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", ["keras-gemma1", "keras-gemma3", "flax-gemma2"])
+@pytest.mark.parametrize("name", ["keras-gemma1", "keras-gemma3", "keras-gemma4", "flax-gemma2"])
 def test_keras_preset_round_trip(name, dtype, tmp_path):
     """write_keras_preset -> load gives the same logits (bf16 weights survive a bf16 write exactly)."""
     m = _load(name)

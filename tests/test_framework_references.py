@@ -24,7 +24,9 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("name", ["keras-gemma1", "keras-gemma2", "keras-gemma3", "flax-gemma3"])
+@pytest.mark.parametrize(
+    "name", ["keras-gemma1", "keras-gemma2", "keras-gemma3", "keras-gemma4", "flax-gemma3"]
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_keras_hub_reads_our_presets(name, dtype, tmp_path):
     keras_hub = pytest.importorskip("keras_hub")
@@ -40,8 +42,8 @@ def test_keras_hub_reads_our_presets(name, dtype, tmp_path):
 
         m = gemmakit.load(src, dtype="float32", device="cpu", quant=None, progress=False, variant=CASES[name])
         write_keras_preset(out, m.module.state_dict(), m.config, m.tokenizer, dtype=dtype)
-    cls = (
-        keras_hub.models.Gemma3CausalLM if CASES[name].family == "gemma3" else keras_hub.models.GemmaCausalLM
+    cls = {"gemma3": keras_hub.models.Gemma3CausalLM, "gemma4": keras_hub.models.Gemma4CausalLM}.get(
+        CASES[name].family, keras_hub.models.GemmaCausalLM
     )
     lm = cls.from_preset(str(out))  # backbone, weights and tokenizer all load
     assert lm.preprocessor.tokenizer.vocabulary_size() == 512
@@ -150,3 +152,34 @@ def test_nested_layout_saved_by_the_library(tmp_path):
     with torch.no_grad():
         got = m.module(torch.tensor([PROMPT]))[0].numpy()
     assert _rel(got, np.load(DATA / "flax-gemma3" / "reference.npz")["logits"]) <= 1e-4
+
+
+def test_gemma4_with_the_real_vocabulary(tmp_path):
+    """The committed keras-gemma4 case at Gemma 4's real vocabulary (262144 rows, also in the per-layer table),
+    built and saved by keras-hub (bf16): gemmakit fp32 matches keras-hub's own fp32 forward and greedy tokens."""
+    keras_hub = pytest.importorskip("keras_hub")
+    import keras
+    import torch
+
+    import gemmakit
+    from framework_fixtures import keras_gemma4_backbone, randomize_gemma4
+
+    cfg = CASES["keras-gemma4"].replace(vocab_size=262144, vocab_size_per_layer_input=262144)
+    keras.utils.set_random_seed(0)
+    backbone = keras_gemma4_backbone(cfg, "bfloat16")
+    randomize_gemma4(backbone)
+    backbone.save_to_preset(str(tmp_path / "preset"))
+    ref = keras_hub.models.Backbone.from_preset(str(tmp_path / "preset"), dtype="float32")
+    m = gemmakit.load(tmp_path / "preset", dtype="float32", device="cpu", quant=None, progress=False)
+    assert m.config.replace(name="", max_position_embeddings=256) == cfg
+    ids = [2, 310, 57, 402, 288, 91, 377, 301, 145, 260, 333, 480, 140000, 262143]
+    with torch.no_grad():
+        ours = m.module(torch.tensor([ids]))[0].numpy()
+    theirs = keras_logits(ref, ids)
+    assert _rel(ours, theirs) <= 1e-4 and (ours.argmax(-1) == theirs.argmax(-1)).all()
+    greedy: list[int] = []
+    for _ in range(4):
+        with torch.no_grad():
+            nxt = int(m.module(torch.tensor([ids + greedy]))[0, -1].argmax())
+        assert nxt == int(keras_logits(ref, ids + greedy)[-1].argmax())
+        greedy.append(nxt)

@@ -12,6 +12,9 @@ from .errors import GemmaError
 
 def gemma4_to_hf(cfg: GemmaConfig) -> dict[str, Any]:
     """A transformers Gemma4TextConfig dict, in the Hub's spelling (global_head_dim, num_global_key_value_heads)."""
+    if cfg.attn_logit_softcapping is not None:  # keras-hub's Gemma4Backbone can set one; transformers has none
+        raise GemmaError("this Gemma 4 model soft-caps its attention logits, which transformers' Gemma 4 cannot "
+                         "express; keep it as a keras-hub preset")
     full: dict[str, Any] = {"rope_type": "proportional", "partial_rotary_factor": cfg.partial_rotary_factor,
                             "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling_factor != 1.0:

@@ -81,6 +81,17 @@ LAYER_NAMES = {
 }
 
 
+_REQUIRED = (
+    "vocabulary_size",
+    "num_layers",
+    "num_query_heads",
+    "num_key_value_heads",
+    "hidden_dim",
+    "intermediate_dim",
+    "head_dim",
+)
+
+
 def _rotary_pairs_match(fraction: float, head_dim: int) -> bool:
     """KH-G4 rotates max(2, even(int(f * H))) // 2 pairs, transformers int(f * H // 2): gemmakit needs them equal."""
     raw = int(fraction * head_dim)
@@ -98,6 +109,11 @@ def _layer_types(c: dict[str, Any]) -> tuple[str, ...]:
 def config_from_keras_gemma4(c: dict[str, Any]) -> GemmaConfig:
     """A GemmaConfig from Gemma4Backbone's config. RoPE bases default to 1e6 (global) and 1e4 (local) as in KH-G4;
     `query_head_dim_normalize` is unused there (scaling 1.0, Q-norm), so it is ignored here too."""
+    missing = [k for k in _REQUIRED if k not in c]
+    if missing:
+        raise GemmaError(
+            f"config.json's Gemma4Backbone config lacks {', '.join(missing)}; re-save the preset"
+        )
     odd = [
         k
         for k, bad in (

@@ -184,7 +184,8 @@ def orbax_to_hf(
     """HF-named tensors (spec §4.2): einsums reshaped, padding rows of G1/G2 tables (256128 -> 256000) dropped."""
     if cfg.family not in ("gemma", "gemma2", "gemma3"):
         raise GemmaError(
-            f"{cfg.family} Orbax checkpoints are not supported; convert the Hugging Face checkpoint instead"
+            f"{cfg.family} Orbax checkpoints are not supported (gemmakit follows the layouts of the gemma library "
+            "3.3.0, which has Gemma 1-3 only); convert the Hugging Face checkpoint instead"
         )
     n, d = cfg.num_attention_heads, cfg.hidden_size
     state: dict[str, torch.Tensor] = {}
@@ -239,7 +240,8 @@ def orbax_tree(state: dict[str, torch.Tensor], cfg: GemmaConfig) -> dict[str, di
     """The released FLAT tree of HF-named tensors: the inverse of orbax_to_hf (G1/G2 tables padded to 256128)."""
     if cfg.family not in ("gemma", "gemma2", "gemma3"):
         raise GemmaError(
-            f"writing {cfg.family} as an Orbax checkpoint is not supported; write a Hugging Face folder"
+            f"writing {cfg.family} as an Orbax checkpoint is not supported (the gemma library 3.3.0 has Gemma 1-3 "
+            "only); write a Hugging Face folder or a keras-hub preset"
         )
     n, k, h, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     tensors = float_state(state, cfg)

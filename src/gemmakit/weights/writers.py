@@ -117,6 +117,9 @@ def check_gguf_representable(cfg: GemmaConfig) -> None:
             f"and gemmakit infer {inferred} from the layer count (spec §4.5); write a Hugging Face "
             "folder instead"
         )
+    if cfg.attn_logit_softcapping is not None and cfg.family != "gemma2":  # a keras-hub Gemma4Backbone may set one
+        raise GemmaError(f"llama.cpp reads an attention soft-cap for Gemma 2 only; this {cfg.family} model has one: "
+                         "keep it as a keras-hub preset")
     first = cfg.first_kv_shared_layer  # llama.cpp's KV reuse rule (llama-model.cpp): last layer global, one before
     if any(cfg.kv_source(i) != first - (2 if cfg.layer_types[i] == SLIDING else 1) for i in range(first, cfg.num_hidden_layers)):
         raise GemmaError("llama.cpp shares KV from the last unshared layer (global layers) and the one before it "
