@@ -131,6 +131,7 @@ def keras_gemma4_backbone(cfg: GemmaConfig, dtype: str):
         hidden_dim=cfg.hidden_size,
         intermediate_dim=cfg.intermediate_size,
         head_dim=cfg.head_dim,
+        attention_logit_soft_cap=cfg.attn_logit_softcapping,
         final_logit_soft_cap=cfg.final_logit_softcapping,
         sliding_window_size=cfg.sliding_window,
         layer_types=list(cfg.layer_types),

@@ -154,9 +154,20 @@ def test_nested_layout_saved_by_the_library(tmp_path):
     assert _rel(got, np.load(DATA / "flax-gemma3" / "reference.npz")["logits"]) <= 1e-4
 
 
-def test_gemma4_with_the_real_vocabulary(tmp_path):
-    """The committed keras-gemma4 case at Gemma 4's real vocabulary (262144 rows, also in the per-layer table),
-    built and saved by keras-hub (bf16): gemmakit fp32 matches keras-hub's own fp32 forward and greedy tokens."""
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(vocab_size=262144, vocab_size_per_layer_input=262144),
+        dict(
+            attn_logit_softcapping=0.5
+        ),  # Gemma4Backbone can soft-cap attention, transformers' Gemma 4 cannot
+    ],
+    ids=["real-vocabulary", "attention-soft-cap"],
+)
+def test_gemma4_variants_against_keras_hub(change, tmp_path):
+    """The committed keras-gemma4 case at Gemma 4's real vocabulary (262144 rows, also in the per-layer table), and
+    with an attention soft-cap, built and saved by keras-hub (bf16): gemmakit fp32 matches keras-hub's own fp32
+    forward and greedy tokens."""
     keras_hub = pytest.importorskip("keras_hub")
     import keras
     import torch
@@ -164,7 +175,7 @@ def test_gemma4_with_the_real_vocabulary(tmp_path):
     import gemmakit
     from framework_fixtures import keras_gemma4_backbone, randomize_gemma4
 
-    cfg = CASES["keras-gemma4"].replace(vocab_size=262144, vocab_size_per_layer_input=262144)
+    cfg = CASES["keras-gemma4"].replace(**change)
     keras.utils.set_random_seed(0)
     backbone = keras_gemma4_backbone(cfg, "bfloat16")
     randomize_gemma4(backbone)
@@ -172,7 +183,7 @@ def test_gemma4_with_the_real_vocabulary(tmp_path):
     ref = keras_hub.models.Backbone.from_preset(str(tmp_path / "preset"), dtype="float32")
     m = gemmakit.load(tmp_path / "preset", dtype="float32", device="cpu", quant=None, progress=False)
     assert m.config.replace(name="", max_position_embeddings=256) == cfg
-    ids = [2, 310, 57, 402, 288, 91, 377, 301, 145, 260, 333, 480, 140000, 262143]
+    ids = PROMPT + ([140000, 262143] if cfg.vocab_size == 262144 else [])
     with torch.no_grad():
         ours = m.module(torch.tensor([ids]))[0].numpy()
     theirs = keras_logits(ref, ids)
