@@ -96,15 +96,15 @@ class DraftAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], kv: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        keys, values, allowed = kv  # (B, K, S, H) twice, (B, S) bool
+        keys, values, bias = kv  # (B, K, S, H) twice, (B, 1, 1, S) additive mask: 0 seen, -inf not
         B, K = x.shape[0], keys.shape[1]
         if keys.shape[-1] != self.head_dim or self.n_heads % K:
             raise GemmaError(f"the drafter's {self.kind} layers have {self.n_heads} heads of {self.head_dim} but the "
                              f"target's keys have {K} heads of {keys.shape[-1]}: this drafter is for another model")
         q = apply_rope(self.q_norm(self.q_proj(x).reshape(B, 1, self.n_heads, self.head_dim).transpose(1, 2)), *rope)
         q = q.reshape(B, K, self.n_heads // K, self.head_dim)  # query heads grouped by their KV head
-        scores = (q @ keys.transpose(-1, -2)).masked_fill(~allowed[:, None, None], float("-inf"))
-        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ values  # (B, K, rep, H)
+        scores = (q @ keys.transpose(-1, -2)).float() + bias
+        out = torch.softmax(scores, dim=-1).to(q.dtype) @ values  # (B, K, rep, H)
         return self.o_proj(out.reshape(B, 1, self.n_heads * self.head_dim))
 
 
@@ -181,20 +181,51 @@ class Drafter(nn.Module):
                                                  position.device, t.rotary_fraction(layer))
         return rope_cos_sin(position[:, None], self._inv_freq[kind], dtype)
 
+    def prepare(self, position: Tensor, kv: dict[str, tuple[Tensor, Tensor, Tensor]]) -> DraftInputs:
+        """What every step of a round shares, computed once: RoPE at the round's constant position per layer type,
+        and the target's keys and values with their visibility as an additive mask (0 seen, -inf not)."""
+        kinds = set(self.config.text.layer_types)
+        ropes = {kind: self._rope(kind, position, self.dtype) for kind in kinds}
+        biases = {}
+        for kind in kinds:
+            keys, values, allowed = kv[kind]
+            bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+            biases[kind] = keys, values, bias.masked_fill_(~allowed, float("-inf"))[:, None, None]
+        return DraftInputs(ropes, biases)
+
+    def step(self, inputs: Tensor, prepared: DraftInputs) -> tuple[Tensor, Tensor]:
+        """One draft step over prepared inputs (see forward)."""
+        x = self.pre_projection(inputs.to(self.dtype))[:, None]  # (B, 1, D)
+        for block in self.model.layers:
+            kind = block.self_attn.kind
+            x = block(x, prepared.ropes[kind], prepared.kv[kind])
+        h = self.model.norm(x)[:, 0]
+        head = self.model.embed_tokens.weight
+        logits = self.masked_embedding(h, head) if self.masked_embedding is not None else h @ head.T
+        return logits.float(), self.post_projection(h)
+
     def forward(self, inputs: Tensor, position: Tensor, kv: dict[str, tuple[Tensor, Tensor, Tensor]]
                 ) -> tuple[Tensor, Tensor]:
         """inputs (B, 2 * backbone): [target embedding of the last token, target hidden state]; position (B,) of
         that token; kv: layer type -> (keys, values, visible (B, S)) of the target. -> (fp32 logits (B, V), the
         hidden state for the next step (B, backbone))."""
-        x = self.pre_projection(inputs.to(self.dtype))[:, None]  # (B, 1, D)
-        ropes = {kind: self._rope(kind, position, x.dtype) for kind in set(self.config.text.layer_types)}
-        for block in self.model.layers:
-            kind = block.self_attn.kind
-            x = block(x, ropes[kind], kv[kind])
-        h = self.model.norm(x)[:, 0]
-        head = self.model.embed_tokens.weight
-        logits = self.masked_embedding(h, head) if self.masked_embedding is not None else h @ head.T
-        return logits.float(), self.post_projection(h)
+        return self.step(inputs, self.prepare(position, kv))
+
+    def threads(self) -> int:
+        """Threads for a draft step: one for a small drafter (the E2B/E4B assistants' 256-wide products take tens of
+        microseconds, less than waking and joining a second thread, and far less on a busy machine, where a
+        2-thread op waits for a descheduled thread: 6 ms a step on one thread, 13-170 ms on two, measured at
+        load 7 on 2 cores); torch's setting for a wide one (the 31B assistant's 1024 x 8192 MLP)."""
+        biggest = max((m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)), default=0)
+        return 1 if biggest <= 4 << 20 else torch.get_num_threads()
+
+
+@dataclass
+class DraftInputs:
+    """A round's shared inputs for Drafter.step (Drafter.prepare)."""
+
+    ropes: dict[str, tuple[Tensor, Tensor]]
+    kv: dict[str, tuple[Tensor, Tensor, Tensor]]
 
 
 def target_kv(target_cfg: GemmaConfig, cache: Any, rows: list[int], positions: Tensor, sliding: Tensor
@@ -208,7 +239,8 @@ def target_kv(target_cfg: GemmaConfig, cache: Any, rows: list[int], positions: T
     """
     first = target_cfg.first_kv_shared_layer
     out = {}
-    idx = torch.tensor(rows, device=positions.device)
+    prefix = rows == list(range(len(rows)))  # rows 0..R-1: views of the cache, not copies
+    idx = slice(0, len(rows)) if prefix else torch.tensor(rows, device=positions.device)
     for kind in (SLIDING, GLOBAL):
         layers = [i for i in range(first) if target_cfg.layer_types[i] == kind]
         if not layers:
@@ -219,7 +251,8 @@ def target_kv(target_cfg: GemmaConfig, cache: Any, rows: list[int], positions: T
             allowed = (kpos >= sliding[:, :1]) & (kpos <= sliding[:, 1:])
         else:
             allowed = (kpos >= 0) & (kpos <= positions[:, None])
-        out[kind] = c.k[idx], c.v[idx], allowed
+        used = int(allowed.any(0).nonzero().max()) + 1 if bool(allowed.any()) else 1  # slots past it: all unseen
+        out[kind] = c.k[idx, :, :used], c.v[idx, :, :used], allowed[:, :used]
     return out
 
 
@@ -266,11 +299,17 @@ def propose(drafter: Drafter, target: Any, token: Tensor, hidden: Tensor, positi
     chose and its own projected hidden state back, at the same position. `pick(logits) -> (B,)` chooses (arg-max
     for greedy; a sample from the drafter's processed distribution otherwise)."""
     drafted, logits_seen = [], []
-    for _ in range(k):
-        logits, hidden = drafter(first_step_inputs(target, token, hidden), position, kv)
-        token = pick(logits)
-        drafted.append(token)
-        logits_seen.append(logits)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(drafter.threads())
+    try:
+        prepared = drafter.prepare(position, kv)
+        for _ in range(k):
+            logits, hidden = drafter.step(first_step_inputs(target, token, hidden), prepared)
+            token = pick(logits)
+            drafted.append(token)
+            logits_seen.append(logits)
+    finally:
+        torch.set_num_threads(threads)
     return (torch.stack(drafted, 1) if drafted else token.new_zeros(token.shape[0], 0)), logits_seen
 
 
