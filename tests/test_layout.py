@@ -14,7 +14,7 @@ LAYERS = {
     "errors": 0, "config": 0, "config_gemma3n": 0, "config_gemma4": 0, "disk_cache": 0, "embedded": 0,
     "model": 1, "kv_cache": 1, "moe": 1, "norm": 1, "altup": 1, "tokenizer": 1, "sampling": 1, "grammar": 1, "chat_templates": 1,
     "tool_calls": 2, "weights": 2, "quant": 2, "lora": 2,
-    "loader": 3, "api": 3, "embed": 3, "generate": 3, "draft": 3, "speculative": 3, "safety": 3, "watermark": 3,
+    "loader": 3, "api": 3, "embed": 3, "generate": 3, "draft": 3, "draft_gguf": 3, "speculative": 3, "safety": 3, "watermark": 3,
     "evaluate": 3, "recipes": 3,
     "train": 4, "serve": 4,
     "bench": 5, "cli": 5, "__main__": 5,

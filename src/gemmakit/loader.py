@@ -12,6 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from .api import Model
 from .config import GemmaConfig, preset
 from .draft import Drafter, build_drafter, is_drafter_folder, load_drafter_state
+from .draft_gguf import ARCH as DRAFTER_ARCH
+from .draft_gguf import load_drafter_gguf
 from .errors import GemmaError
 from .model import Gemma
 from .quant import fast_path as fast
@@ -173,6 +175,8 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
     int8_rows = False
     if fmt == "gguf":
         g = read_gguf(path)
+        if g.architecture == DRAFTER_ARCH:  # llama.cpp's gemma4-assistant layout (draft_gguf.py)
+            return load_drafter_gguf(g, dt).to(dev)
         cfg = _refuse_encoder(config_from_gguf(g), path)
         tok = tokenizer_from_gguf(g)
         if dev.type == "cpu" and quant in ("auto", "q8") and fast.available():

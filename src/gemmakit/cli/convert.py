@@ -11,8 +11,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from ..draft import Drafter
+from ..draft_gguf import write_drafter_gguf
 from ..errors import GemmaError
-from ..loader import load
+from ..loader import _tokenizer_near, load
 from ..lora.adapter import merge as merge_lora
 from ..weights.keras import write_keras_preset
 from ..weights.orbax import write_orbax
@@ -55,6 +57,14 @@ def convert(
         raise GemmaError(f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
     check_output(out, to, force=force)  # before the conversion, which takes minutes
     m = load(model, dtype="float32", device="cpu", quant=None, variant=variant, adapter=adapter)
+    if isinstance(m, Drafter):  # a Gemma 4 assistant: llama.cpp's gemma4-assistant GGUF (draft_gguf.py)
+        if to != "gguf":
+            raise GemmaError(f"an assistant drafter converts to gguf only (its Hugging Face folder is the source); "
+                             f"drop --to {to}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_drafter_gguf(out, m, _tokenizer_near(Path(model)) if model else None, qtype=qtype)
+        Console(stderr=True).print(f"wrote {out}")
+        return
     if adapter is not None:
         merge_lora(m.module)
     state = m.module.state_dict()

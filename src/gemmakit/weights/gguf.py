@@ -289,6 +289,8 @@ def _gemma4_config(g: GGUFFile) -> GemmaConfig:
     swa = g.arch_get("attention.sliding_window_pattern")
     types = tuple(SLIDING if s else GLOBAL for s in swa) if swa is not None else default_layer_types("gemma4", n_layers)
     shared = int(g.arch_get("attention.shared_kv_layers", 0))
+    if g.architecture == "gemma4-assistant":
+        shared = 0  # every layer reads the target's keys; a drafter's GemmaConfig states that as 0 (draft.py)
     first_shared = n_layers - shared
     ff, heads = per_layer("feed_forward_length"), int(get("attention.head_count"))
     kv = per_layer("attention.head_count_kv", heads)

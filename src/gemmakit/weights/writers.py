@@ -255,9 +255,10 @@ def rope_freqs(cfg: GemmaConfig) -> np.ndarray:
     return np.array([1.0] * rotated + [1e30] * (half - rotated), dtype=np.float32)
 
 
-def _write_gemma4_metadata(w: GGUFWriter, cfg: GemmaConfig) -> None:
+def _write_gemma4_metadata(w: GGUFWriter, cfg: GemmaConfig, shared_kv_layers: int | None = None) -> None:
     """The gemma4 keys of LCPP conversion/gemma.py Gemma4Model.set_gguf_parameters (head dims, per-layer widths and
-    KV heads as arrays, the sliding pattern, KV sharing, PLE width, experts)."""
+    KV heads as arrays, the sliding pattern, KV sharing, PLE width, experts). shared_kv_layers: the count to state
+    instead of the config's (an assistant drafter's layers all read the target's keys)."""
     n = cfg.num_hidden_layers
     w.add_key_length(cfg.global_head_dim or cfg.head_dim)
     w.add_value_length(cfg.global_head_dim or cfg.head_dim)
@@ -270,7 +271,7 @@ def _write_gemma4_metadata(w: GGUFWriter, cfg: GemmaConfig) -> None:
     w.add_head_count_kv([cfg.layer_kv_heads(i) for i in range(n)] if cfg.num_global_key_value_heads
                         else cfg.num_key_value_heads)
     w.add_sliding_window_pattern([t == SLIDING for t in cfg.layer_types])
-    w.add_shared_kv_layers(cfg.num_kv_shared_layers)
+    w.add_shared_kv_layers(cfg.num_kv_shared_layers if shared_kv_layers is None else shared_kv_layers)
     w.add_embedding_length_per_layer_input(cfg.hidden_size_per_layer_input)
     w.add_rope_freq_base_swa(cfg.rope_local_base_freq)
     if cfg.enable_moe_block:
@@ -279,7 +280,7 @@ def _write_gemma4_metadata(w: GGUFWriter, cfg: GemmaConfig) -> None:
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
 
 
-def _write_metadata(w: GGUFWriter, cfg: GemmaConfig, qtype: str) -> None:
+def _write_metadata(w: GGUFWriter, cfg: GemmaConfig, qtype: str, shared_kv_layers: int | None = None) -> None:
     """Keys and values as llama.cpp's Gemma converters write them (spec §4.5)."""
     w.add_name(cfg.name or cfg.family)
     w.add_file_type(_FILE_TYPES[qtype])
@@ -290,7 +291,7 @@ def _write_metadata(w: GGUFWriter, cfg: GemmaConfig, qtype: str) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if cfg.family == "gemma4":
-        _write_gemma4_metadata(w, cfg)
+        _write_gemma4_metadata(w, cfg, shared_kv_layers)
     elif cfg.family == "gemma3n":
         _write_gemma3n_metadata(w, cfg)
     else:
