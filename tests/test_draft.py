@@ -241,3 +241,16 @@ def test_server_engine_drafts_for_every_greedy_row(pair):
     assert drafted == plain and engine.peak_batch == 3 and engine.draft_stats[0] > 0
     expected = [int(t) for t in generate_step(model.module, [PROMPT], SamplingParams(), 12)]
     assert drafted[0] == expected
+
+
+def test_draft_length_backs_off_a_drafter_that_never_agrees():
+    """Never agreeing: 8 draft tokens in the first 64 steps (4, 1, then probes after 8, 16, 32); agreeing: the most."""
+    from gemmakit.speculative import DraftLength
+
+    for agree, most_drafted in ((False, 8), (True, 4 * 64)):
+        length, drafted = DraftLength(4), 0
+        for _ in range(64):
+            k = length.next()
+            drafted += k
+            length.update(k, k if agree else 0)
+        assert drafted == most_drafted
