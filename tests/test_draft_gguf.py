@@ -62,14 +62,21 @@ def test_gguf_drafter_drafts_as_the_folder(folders):
     assert _rounds(target, ours) == _rounds(target, hf)
 
 
-def test_q8_gguf_drafter_keeps_greedy_exact(folders):
-    """Q8_0 blocks change the drafter's numbers a little, never the target's output."""
-    target, _, _, q8 = folders
-    drafter = gemmakit.load(q8, dtype="float32", quant=None, progress=False)
+def test_drafters_on_blocks_keep_greedy_exact(folders):
+    """On the fast path a drafter's projections run on blocks (a GGUF's own Q8_0, or the folder's weights as Q8_0
+    with quant="q8"): its numbers change a little, the target's output never does."""
+    from gemmakit.quant.qlinear import QLinear
+
+    target, folder, _, q8 = folders
     prompts = [PROMPT, PROMPT[:5]]
     plain = torch.stack(list(generate_step(target, prompts, SamplingParams(), 10)), 1).tolist()
-    spec = torch.stack(list(speculative_step(target, drafter, prompts, SamplingParams(), 10, 3)), 1).tolist()
-    assert spec == plain
+    for source, quant in ((q8, None), (q8, "auto"), (folder, "q8")):
+        drafter = gemmakit.load(source, dtype="float32", quant=quant, progress=False)
+        blocks = [m for m in drafter.modules() if isinstance(m, QLinear)]
+        assert len(blocks) == (0 if quant is None else 2 + 5 * len(drafter.model.layers))
+        assert not isinstance(drafter.masked_embedding.centroids, QLinear)  # the router stays float
+        spec = torch.stack(list(speculative_step(target, drafter, prompts, SamplingParams(), 10, 3)), 1).tolist()
+        assert spec == plain
 
 
 def test_a_drafter_converts_to_gguf_only(folders, tmp_path):

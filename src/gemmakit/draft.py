@@ -25,6 +25,8 @@ from .config import GLOBAL, SLIDING, GemmaConfig
 from .config_gemma4 import gemma4_from_hf
 from .errors import GemmaError
 from .model import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .quant.qlinear import QWeight, quantize_q8, swap_in
+from .weights.gguf import GGMLQuantizationType as QT
 
 ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 
@@ -216,8 +218,8 @@ class Drafter(nn.Module):
         microseconds, less than waking and joining a second thread, and far less on a busy machine, where a
         2-thread op waits for a descheduled thread: 6 ms a step on one thread, 13-170 ms on two, measured at
         load 7 on 2 cores); torch's setting for a wide one (the 31B assistant's 1024 x 8192 MLP)."""
-        biggest = max((m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)), default=0)
-        return 1 if biggest <= 4 << 20 else torch.get_num_threads()
+        sizes = [m.in_features * m.out_features for m in self.modules() if hasattr(m, "in_features")]
+        return 1 if max(sizes, default=0) <= 4 << 20 else torch.get_num_threads()
 
 
 @dataclass
@@ -343,6 +345,26 @@ def build_drafter(cfg: DrafterConfig, state: dict[str, Tensor], source: Path | s
     module.load_state_dict(state, assign=True, strict=True)
     module._inv_freq = {}
     return module.eval()
+
+
+def drafter_on_blocks(drafter: Drafter, blocks: dict[str, QWeight] | None = None) -> Drafter:
+    """The drafter's projections as QLinear: over `blocks` (HF name -> a GGUF file's own blocks) where given, else
+    Q8_0 blocks of its float weights, for the projections whose width is a multiple of 32. The embedding (the head's
+    rows, gathered per cluster) and the centroid router stay float: a router's top-k is sensitive to rounding, as
+    llama.cpp keeps MoE routers in F32. Drafts may differ a little from the float drafter's; the target's output
+    never does (it verifies every draft)."""
+    weights = {}
+    for name, m in drafter.named_modules():
+        if not isinstance(m, nn.Linear) or name == "masked_embedding.centroids":
+            continue
+        given = (blocks or {}).get(f"{name}.weight")
+        if given is not None:
+            weights[f"{name}.weight"] = given
+        elif m.in_features % 32 == 0:
+            w = m.weight.detach().float()
+            weights[f"{name}.weight"] = QWeight.from_bytes(quantize_q8(w), QT.Q8_0, *w.shape)
+    swap_in(drafter, weights)
+    return drafter
 
 
 def greedy_pick(logits: Tensor) -> Tensor:

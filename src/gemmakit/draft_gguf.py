@@ -25,8 +25,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from .config import GemmaConfig
-from .draft import ASSISTANT_TYPES, Drafter, DrafterConfig, build_drafter
+from .draft import ASSISTANT_TYPES, Drafter, DrafterConfig, build_drafter, drafter_on_blocks
 from .errors import GemmaError
+from .quant.qlinear import NATIVE_TYPES, QWeight
 from .tokenizer import Tokenizer
 from .weights.gguf import GGUFFile, _gemma4_config
 from .weights.names import ROPE_FREQS, gguf_to_hf, hf_to_gguf
@@ -121,10 +122,12 @@ def drafter_config_from_gguf(g: GGUFFile) -> DrafterConfig:
                          model_type)
 
 
-def load_drafter_gguf(g: GGUFFile, dtype: torch.dtype) -> Drafter:
-    """A Drafter from a gemma4-assistant GGUF, strictly (build_drafter checks every tensor and shape)."""
+def load_drafter_gguf(g: GGUFFile, dtype: torch.dtype, *, blocks: bool = False) -> Drafter:
+    """A Drafter from a gemma4-assistant GGUF, strictly (build_drafter checks every tensor and shape). With
+    `blocks` (the CPU fast path), its projections then run on the file's own blocks (draft.drafter_on_blocks)."""
     cfg = drafter_config_from_gguf(g)
     state: dict[str, torch.Tensor] = {}
+    own: dict[str, QWeight] = {}
     for name, t in g.tensors.items():
         if name == ROPE_FREQS:
             continue  # the proportional-RoPE mask: read into the config (partial_rotary_factor)
@@ -137,7 +140,10 @@ def load_drafter_gguf(g: GGUFFile, dtype: torch.dtype) -> Drafter:
         if hf is None:
             raise GemmaError(f"{g.path}: unexpected tensor {name!r} in a Gemma 4 assistant drafter")
         state[hf] = torch.from_numpy(g.dequantize(name).copy())
-    return build_drafter(cfg, state, g.path, dtype)
+        if len(t.shape) == 2 and t.qtype in NATIVE_TYPES and t.shape[1] % 32 == 0:
+            own[hf] = QWeight(torch.from_numpy(g.raw(name)).reshape(t.shape[0], -1), t.qtype, *t.shape)
+    drafter = build_drafter(cfg, state, g.path, dtype)
+    return drafter_on_blocks(drafter, own) if blocks else drafter
 
 
 __all__ = ["ARCH", "drafter_config_from_gguf", "load_drafter_gguf", "write_drafter_gguf"]

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from .api import Model
 from .config import GemmaConfig, preset
-from .draft import Drafter, build_drafter, is_drafter_folder, load_drafter_state
+from .draft import Drafter, build_drafter, drafter_on_blocks, is_drafter_folder, load_drafter_state
 from .draft_gguf import ARCH as DRAFTER_ARCH
 from .draft_gguf import load_drafter_gguf
 from .errors import GemmaError
@@ -170,13 +170,15 @@ def _load(source: str | Path | None, *, dtype: str | torch.dtype | None, device:
         label = str(path)
     fmt = sniff(path)
     if fmt == "hf" and is_drafter_folder(path):  # gemma4_assistant / gemma4_unified_assistant
-        return build_drafter(*load_drafter_state(path, dt), path, dt).to(dev)
+        drafter = build_drafter(*load_drafter_state(path, dt), path, dt).to(dev)
+        return drafter_on_blocks(drafter) if quant == "q8" and dev.type == "cpu" and fast.available() else drafter
     tok: Tokenizer | None = None
     int8_rows = False
     if fmt == "gguf":
         g = read_gguf(path)
         if g.architecture == DRAFTER_ARCH:  # llama.cpp's gemma4-assistant layout (draft_gguf.py)
-            return load_drafter_gguf(g, dt).to(dev)
+            blocks = dev.type == "cpu" and quant in ("auto", "q8") and fast.available()
+            return load_drafter_gguf(g, dt, blocks=blocks).to(dev)
         cfg = _refuse_encoder(config_from_gguf(g), path)
         tok = tokenizer_from_gguf(g)
         if dev.type == "cpu" and quant in ("auto", "q8") and fast.available():
