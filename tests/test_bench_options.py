@@ -35,3 +35,12 @@ def _parent(pid: str) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return -1
+
+
+def test_the_avx2_path_takes_no_bf16_tiles(monkeypatch):
+    """GEMMAKIT_CFLAGS=-mno-avx512f stands for an AVX2 laptop: its prefill must not borrow this CPU's AMX/bf16."""
+    from gemmakit.quant import kernels
+
+    monkeypatch.setenv("GEMMAKIT_CFLAGS", "-mno-avx512f")
+    assert not kernels.native_bf16("cpu")
+    assert kernels.native_bf16("cuda")

@@ -214,6 +214,8 @@ def _worker_env(engine: str, kernel_flags: str, llama_path: str | None) -> dict[
     env = dict(os.environ)
     if engine == "gemmakit" and kernel_flags:
         env["GEMMAKIT_CFLAGS"] = kernel_flags
+        if "-mno-avx512f" in kernel_flags:  # torch's own GEMMs and oneDNN off AVX-512 and AMX too, as on AVX2 CPUs
+            env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     if engine == "llama.cpp" and llama_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(llama_path).resolve()), env.get("PYTHONPATH")) if p)
     return env

@@ -169,6 +169,8 @@ def run_load_test(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if kernel_flags:
         env["GEMMAKIT_CFLAGS"] = kernel_flags
+        if "-mno-avx512f" in kernel_flags:  # torch's own GEMMs and oneDNN off AVX-512 and AMX too, as on AVX2 CPUs
+            env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         _wait_ready(proc, port, startup_timeout, Path(log.name))

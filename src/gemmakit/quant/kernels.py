@@ -180,4 +180,6 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return True
+    if "-mno-avx512f" in extra_flags():  # the AVX2 path asked for: an AVX2 laptop has neither (its benchmarks too)
+        return False
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
