@@ -71,6 +71,15 @@ def visible(qpos: Tensor, kpos: Tensor, window: int | None, bidirectional: bool 
     return allowed[:, None]
 
 
+def span_mask(length: int, window: int | None, bidirectional: bool) -> Tensor | None:
+    """(1, 1, L, L) bool mask of one packed sequence of `length` tokens (positions 0..L-1, see `visible`); None
+    when every key is visible (an encoder's global layers, or a sequence within the window), so SDPA needs none."""
+    if bidirectional and (window is None or length - 1 <= window):
+        return None
+    pos = torch.arange(length)[None]
+    return visible(pos, pos, window, bidirectional)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer: int) -> None:
         super().__init__()
@@ -108,7 +117,7 @@ class Attention(nn.Module):
         return self.q_proj(x), k, k if self.v_proj is None else self.v_proj(x)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None,
-                masks: dict, shared: dict | None = None) -> Tensor:
+                masks: dict, shared: dict | None = None, spans: list[tuple[int, int]] | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self._project(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, H)
@@ -131,13 +140,30 @@ class Attention(nn.Module):
                 keys, values, kpos = cache.update(k, v, qpos)
             if self.stores:
                 shared[self.kind] = keys, values, kpos
-        key = (self.window, kpos.shape[1], cache is not None and cache.ring)  # same for all layers of a kind
-        if key not in masks:
-            masks[key] = visible(qpos, kpos, self.window, self.bidirectional)
-        out = self._attend(q, keys, values, masks[key])
+        if spans is not None:
+            out = self._attend_packed(q, keys, values, spans, masks)
+        else:
+            key = (self.window, kpos.shape[1], cache is not None and cache.ring)  # same for all layers of a kind
+            if key not in masks:
+                masks[key] = visible(qpos, kpos, self.window, self.bidirectional)
+            out = self._attend(q, keys, values, masks[key])
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    def _attend_packed(self, q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]], masks: dict) -> Tensor:
+        """Attention of sequences packed end to end in one row (B = 1), each over its own [start, end) tokens:
+        the linear layers see no padding, and SDPA runs per sequence, mask-free where all its keys are visible."""
+        out = torch.empty_like(q)  # (1, N, T, H)
+        for start, end in spans:
+            key = ("span", self.window, end - start)
+            if key not in masks:
+                mask = span_mask(end - start, self.window, self.bidirectional)
+                masks[key] = None if mask is None else mask.to(q.device)
+            out[:, :, start:end] = self._attend(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                                masks[key])
+        return out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        """allowed: (B, 1, T, S) bool, or None where every key is visible (packed encoder sequences)."""
         B, N, T, H = q.shape
         if self.softcap is None and T == 1 and not torch.is_grad_enabled():
             # Decode: query heads sharing a KV head become rows of one matmul; at T=1 this beats SDPA's kernel
@@ -145,12 +171,14 @@ class Attention(nn.Module):
             rep = N // self.n_kv
             if B == 1 and self.n_kv == 1:  # MQA, one sequence: two plain GEMMs (bmm's dispatch cost ~40 us each)
                 scores = (q.reshape(N, H) @ k[0, 0].T) * self.scaling  # (N, S)
-                scores = scores.masked_fill(~allowed[0, 0], float("-inf"))
+                if allowed is not None:
+                    scores = scores.masked_fill(~allowed[0, 0], float("-inf"))
                 probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
                 return (probs @ v[0, 0]).reshape(1, N, 1, H)
             qg = q.reshape(B, self.n_kv, rep, H)  # (B, K, rep, H)
             scores = (qg @ k.transpose(-1, -2)) * self.scaling  # (B, K, rep, S)
-            scores = scores.masked_fill(~allowed, float("-inf"))
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, float("-inf"))
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             return (probs @ v).reshape(B, N, 1, H)
         if self.softcap is None:
@@ -160,7 +188,8 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = softcap((q @ k.transpose(-1, -2)) * self.scaling, self.softcap)
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         return probs @ v
 
@@ -219,11 +248,13 @@ class Block(nn.Module):
             self.layer_scalar = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], qpos: Tensor, cache: LayerCache | None,
-                masks: dict, shared: dict | None = None, per_layer_input: Tensor | None = None) -> Tensor:
-        """x: (B, T, D), or for Gemma 3n the stacked AltUp streams (S, B, T, D)."""
+                masks: dict, shared: dict | None = None, per_layer_input: Tensor | None = None,
+                spans: list[tuple[int, int]] | None = None) -> Tensor:
+        """x: (B, T, D), or for Gemma 3n the stacked AltUp streams (S, B, T, D). spans: see Gemma.hidden_states."""
         if self.altup is not None:
-            return altup_layer(self, x, lambda h: self.self_attn(h, rope, qpos, cache, masks, shared), per_layer_input)
-        h = self.self_attn(self.input_layernorm(x), rope, qpos, cache, masks, shared)
+            return altup_layer(self, x, lambda h: self.self_attn(h, rope, qpos, cache, masks, shared, spans),
+                               per_layer_input)
+        h = self.self_attn(self.input_layernorm(x), rope, qpos, cache, masks, shared, spans)
         if not self.post_norms:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -338,11 +369,15 @@ class Gemma(nn.Module):
         return (proj + table) * 2.0**-0.5
 
     def hidden_states(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
-                      rows: list[int] | None = None) -> Tensor:
+                      rows: list[int] | None = None, spans: list[tuple[int, int]] | None = None) -> Tensor:
         """Final-normed hidden states (B, T, D). positions: (B, T), -1 marks padding.
 
         With a cache, `rows` selects which cache rows these B sequences are (default: all rows, in order).
+        spans: sequences packed end to end in one row without padding (B = 1, no cache; an encoder's batches):
+        [start, end) of each, whose positions restart at 0; each attends only within itself.
         """
+        if spans is not None and (cache is not None or ids.shape[0] != 1):
+            raise ValueError("packed spans need one row (B = 1) and no KV cache")
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         x = self.model.embed_tokens(ids)
@@ -363,7 +398,7 @@ class Gemma(nn.Module):
             for i, block in enumerate(self.model.layers):
                 layer_cache = cache.layers[i] if cache is not None else None
                 x = block(x, self._rope(i, positions, x.dtype, memo), positions, layer_cache, masks, shared,
-                          None if ple is None else ple[:, :, i])
+                          None if ple is None else ple[:, :, i], spans)
             if altup:
                 x = merge_streams(x, self.model.altup_unembed_projections)
         if cache is not None:

@@ -10,6 +10,7 @@ Run: python -m gemmakit.bench.embeddings [--repeats 3] [--threads 2] [--texts 64
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -21,6 +22,7 @@ import torch
 
 from .common import isa, machine, peak_rss_mb, write_results
 
+DTYPES = {"gemmakit": "fp32", "gemmakit-bf16": "bf16", "sentence-transformers": "fp32", "llama.cpp": "f32 GGUF"}
 SHAPE = dict(vocab_size=262144, hidden_size=768, intermediate_size=1152, num_hidden_layers=24, num_attention_heads=3,
              num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
              max_position_embeddings=2048, use_bidirectional_attention=True)
@@ -99,25 +101,36 @@ def run(repeats: int, threads: int, n_texts: int, batch: int, tokenizer_dir: Pat
                                   n_seq_max=8, n_threads=threads, n_threads_batch=threads, verbose=False,
                                   pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
             fns["llama.cpp"] = lambda: np.array(llm.embed(data, normalize=True), dtype=np.float32)
-        outputs = {k: f() for k, f in fns.items()}  # warm-up, and the outputs compared below
+        warm = data[:4]  # warm-up on a few texts (a full extra pass would cost minutes per engine)
+        for m in ours.values():
+            m.embed(warm, batch_size=batch)
+        if "sentence-transformers" in fns:
+            st.encode(warm, batch_size=batch)
+        if "llama.cpp" in fns:
+            llm.embed(warm)
+        load_before = os.getloadavg()
+        outputs: dict[str, np.ndarray] = {}  # from the first timed repeat, compared below
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(repeats):
             for k, f in fns.items():
                 t0 = time.perf_counter()
-                f()
+                outputs.setdefault(k, f())
                 times[k].append(time.perf_counter() - t0)
+        load_after = os.getloadavg()
     ref = outputs["gemmakit"]
     result = {"machine": machine(), "isa": isa(), "threads": threads, "texts": n_texts, "tokens": n_tokens,
               "batch_size": batch, "repeats": repeats, "shape": SHAPE, "peak_rss_mb": round(peak_rss_mb()),
-              "engines": {}}
+              "load_average_before": load_before, "load_average_after": load_after, "engines": {}}
     for k, ts in times.items():
         med = statistics.median(ts)
         cos = float(((outputs[k] * ref).sum(1) / np.linalg.norm(outputs[k], axis=1)).min())
-        result["engines"][k] = {"seconds": ts, "texts_per_s": n_texts / med, "tokens_per_s": n_tokens / med,
-                                "min_cosine_vs_gemmakit": cos}
-    base = result["engines"]["gemmakit"]["texts_per_s"]
-    for r in result["engines"].values():
-        r["gemmakit_speedup"] = base / r["texts_per_s"]
+        result["engines"][k] = {"dtype": DTYPES[k], "seconds": ts, "texts_per_s": n_texts / med,
+                                "tokens_per_s": n_tokens / med, "min_cosine_vs_gemmakit": cos}
+    for ours_name in ("gemmakit", "gemmakit-bf16"):
+        if ours_name in result["engines"]:
+            base = result["engines"][ours_name]["texts_per_s"]
+            for r in result["engines"].values():
+                r[f"{ours_name}_speedup"] = base / r["texts_per_s"]
     return result
 
 
@@ -155,14 +168,20 @@ def store(n: int = 100_000, dim: int = 768, repeats: int = 5) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = ["| engine | texts/s | tokens/s | gemmakit x | min cosine vs gemmakit fp32 |", "|---|---|---|---|---|"]
+    bf16 = "gemmakit-bf16" in result["engines"]
+    rows = ["| engine | dtype | texts/s | tokens/s | gemmakit fp32 x |" + (" gemmakit bf16 x |" if bf16 else "")
+            + " min cosine vs gemmakit fp32 |", "|---|---|---|---|---|---|" + ("---|" if bf16 else "")]
     for k, r in result["engines"].items():
-        rows.append(f"| {k} | {r['texts_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['gemmakit_speedup']:.2f} | "
-                    f"{r['min_cosine_vs_gemmakit']:.6f} |")
+        rows.append(f"| {k} | {r['dtype']} | {r['texts_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                    f"{r['gemmakit_speedup']:.2f} |" + (f" {r['gemmakit-bf16_speedup']:.2f} |" if bf16 else "")
+                    + f" {r['min_cosine_vs_gemmakit']:.6f} |")
+    load = " / ".join(f"{a:.2f} {b:.2f} {c:.2f}" for a, b, c in (result["load_average_before"],
+                                                                    result["load_average_after"]))
     return (f"# Embeddings/s, EmbeddingGemma-300m shape (random weights)\n\n{result['machine']}; "
             f"{result['threads']} threads; {result['texts']} texts, {result['tokens']} tokens, batch "
             f"{result['batch_size']}; median of {result['repeats']} alternating runs; peak RSS "
-            f"{result['peak_rss_mb']} MB.\n\n" + "\n".join(rows) + "\n")
+            f"{result['peak_rss_mb']} MB; load average (1, 5, 15 min) before / after the timed runs: {load}.\n\n"
+            + "\n".join(rows) + "\n")
 
 
 def main() -> None:

@@ -36,7 +36,8 @@ class HeadSpec:
 
 
 class Head(nn.Module):
-    """hidden (B, T, D) + valid mask (B, T) -> (B, E) fp32 embeddings: [projection] -> mean -> dense... -> L2."""
+    """packed hidden (N, D) + lengths of the B texts in it -> (B, E) fp32 embeddings: [projection] -> mean ->
+    dense... -> L2."""
 
     def __init__(self, spec: HeadSpec, projection: nn.Linear | None = None) -> None:
         super().__init__()
@@ -51,13 +52,12 @@ class Head(nn.Module):
             return self.dense[-1].out_features
         return self.projection.out_features if self.projection is not None else None
 
-    def forward(self, hidden: Tensor, valid: Tensor) -> Tensor:
-        x = hidden.float()
+    def forward(self, hidden: Tensor, lengths: list[int]) -> Tensor:
+        # sentence-transformers Pooling (mean): sum over each text's tokens / their count
+        x = torch.stack([part.sum(0) for part in hidden.float().split(lengths)])  # (B, D)
+        x = x / torch.tensor(lengths, dtype=x.dtype, device=x.device)[:, None]
         if self.projection is not None:  # HF-EG2 projects every token; projecting the mean is the same linear map
             x = self.projection(x)
-        mask = valid[..., None].to(x.dtype)  # (B, T, 1)
-        # sentence-transformers Pooling (mean): sum over real tokens / their count, clamped at 1e-9
-        x = (x * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         for linear, act in zip(self.dense, self.activations, strict=True):
             x = act(linear(x))
         if self.normalize:  # sentence-transformers Normalize: F.normalize(p=2, eps=1e-12)

@@ -16,7 +16,7 @@ from ..model import Gemma
 from ..tokenizer import Tokenizer
 from .head import Head, HeadSpec
 
-TOKENS_PER_BATCH = 8192  # padded tokens per forward: bounds activation memory on long texts
+TOKENS_PER_BATCH = 8192  # tokens per forward (packed, no padding): bounds activation memory on long inputs
 PROGRESS_AFTER = 256  # texts: a bar on stderr (a terminal only) from this many on
 
 
@@ -103,7 +103,7 @@ class EmbeddingModel:
     @torch.inference_mode()
     def embed_ids(self, ids: Sequence[Sequence[int]], *, dimensions: int | None = None, batch_size: int = 32,
                   progress: bool | None = None) -> np.ndarray:
-        """Embeddings of already-wrapped token id lists (see `tokenize`), computed in batches of similar length."""
+        """Embeddings of already-wrapped token id lists (see `tokenize`), packed end to end in batches."""
         self.check_dimensions(dimensions)
         for row in ids:
             if len(row) > self.max_tokens:
@@ -122,27 +122,30 @@ class EmbeddingModel:
         return out
 
     def _forward(self, rows: list[Sequence[int]]) -> torch.Tensor:
-        """(B, dim) fp32 for right-padded rows; padded positions are -1 (masked out as keys, left out of the mean)."""
-        width = max(1, max(len(r) for r in rows))
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        pos = torch.full((len(rows), width), -1, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            pos[b, : len(r)] = torch.arange(len(r))
+        """(B, dim) fp32 for B texts packed end to end in one row: no padding reaches the linear layers (padding
+        to the longest text cost 1.6x the tokens on mixed-length retrieval chunks), and each text attends only to
+        itself (model.py `spans`), so the result equals embedding it alone."""
+        lengths = [len(r) for r in rows]
+        if min(lengths) == 0:
+            raise GemmaError("an input has no tokens; embed at least one token per text")
+        ids = torch.tensor([i for r in rows for i in r], dtype=torch.long)[None]  # (1, N)
+        pos = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, N): each text from 0
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        spans = [(e - n, e) for n, e in zip(lengths, ends, strict=True)]
         dev = self.module.device
-        hidden = self.module.hidden_states(ids.to(dev), pos.to(dev))
-        return self.head(hidden, (pos >= 0).to(dev))
+        hidden = self.module.hidden_states(ids.to(dev), pos.to(dev), spans=spans)
+        return self.head(hidden[0], lengths)
 
 
 def _batches(ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """Indices grouped longest first, each group at most batch_size rows and about TOKENS_PER_BATCH padded tokens:
-    similar lengths share a batch, so little compute goes to padding."""
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    """Indices in order, grouped into at most batch_size texts and about TOKENS_PER_BATCH tokens per forward."""
     groups: list[list[int]] = []
-    for i in order:
-        if groups and len(groups[-1]) < batch_size and len(ids[groups[-1][0]]) * (len(groups[-1]) + 1) <= (
-                TOKENS_PER_BATCH):
+    used = 0
+    for i, row in enumerate(ids):
+        if groups and len(groups[-1]) < batch_size and used + len(row) <= TOKENS_PER_BATCH:
             groups[-1].append(i)
+            used += len(row)
         else:
             groups.append([i])
+            used = len(row)
     return groups
