@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gemmakit"
 
 # the first part of a module's name under gemmakit/ -> its layer (docs/architecture.md draws the same picture)
 LAYERS = {
-    "errors": 0, "config": 0, "config_gemma3n": 0, "config_gemma4": 0, "disk_cache": 0, "embedded": 0,
+    "errors": 0, "cpu_share": 0, "config": 0, "config_gemma3n": 0, "config_gemma4": 0, "disk_cache": 0, "embedded": 0,
     "model": 1, "kv_cache": 1, "moe": 1, "norm": 1, "altup": 1, "tokenizer": 1, "sampling": 1, "grammar": 1, "chat_templates": 1,
     "tool_calls": 2, "weights": 2, "quant": 2, "lora": 2,
     "loader": 3, "api": 3, "embed": 3, "generate": 3, "draft": 3, "draft_gguf": 3, "speculative": 3, "safety": 3, "watermark": 3,

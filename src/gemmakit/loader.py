@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from . import cpu_share
 from .api import Model
 from .config import GemmaConfig, preset
 from .draft import Drafter, build_drafter, drafter_on_blocks, is_drafter_folder, load_drafter_state
@@ -141,6 +142,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     tokenizer: a tokenizer.model/tokenizer.json to use instead of the one found with the weights.
     adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to attach.
     """
+    cpu_share.adapt()  # a first sample of what other programs use, so the first prompt fits the free cores
     model = _load(source, dtype=dtype, device=device, quant=quant, variant=variant, tokenizer=tokenizer,
                   progress=progress, adapter=adapter)
     release_threads()  # loading is done here: the thread that generates may be another one (generate.py)

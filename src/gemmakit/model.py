@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_share
 from .altup import AltUp, Laurel, altup_layer, expand_streams, gaussian_topk, merge_streams, std_multiplier
 from .config import SLIDING, GemmaConfig
 from .kv_cache import KVCache, LayerCache  # noqa: F401  (public here: the cache of this model)
@@ -380,6 +381,8 @@ class Gemma(nn.Module):
             raise ValueError("packed spans need one row (B = 1) and no KV cache")
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        if ids.device.type == "cpu":
+            cpu_share.adapt()  # threads on the cores other programs leave free (same results, any count)
         x = self.model.embed_tokens(ids)
         # sqrt(D) rounded to the model dtype before the multiply: 25.25 not 25.298 in bf16 (spec §1.2; HF-G4 too).
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype, device=x.device)
