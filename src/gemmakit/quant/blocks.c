@@ -54,17 +54,6 @@
 static inline long is_b32(long type) { return type == 2 || type == 6 || type == 8; }  /* Q4_0, Q5_0, Q8_0 */
 static inline long group_units(long type) { return is_b32(type) ? QUAD : GROUP; }
 
-/* Quantized activations of M rows (see qmatmul_team): per row `units` (padded to a multiple of GROUP) units of
- * 32 int8 with an fp32 scale d, the fp32 sum d * sum(q) of each unit, and the int16 sums of each 16 values. */
-typedef struct {
-    int8_t *q;       /* [M][units * 32], zero past K */
-    float *d;        /* [M][units] */
-    float *fs;       /* [M][units] */
-    int16_t *s16;    /* [M][units * 2] */
-    const float *x;  /* the fp32 rows themselves, for float weights */
-    long rows, cols, units;
-} act_t;
-
 static inline float fp16_to_fp32(uint16_t h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
@@ -997,6 +986,7 @@ int qtype_supported(long type) {
            type == T_Q5_K || type == T_Q6_K;
 }
 
+#define TILE_ROWS 16  /* qmatmul (prefill) products of this many rows go through tiles.c */
 #define NB 16   /* weight rows per task: their bytes stay in L2 while every activation tile passes */
 #define MC_BYTES (192 << 10)  /* int8 activation bytes per pass over a task's weight rows: they stay in L2 */
 
@@ -1005,7 +995,7 @@ int qtype_supported(long type) {
  * weight row is unpacked once per MC activation rows (once per call in decode and batches; MC keeps those rows'
  * int8 values in L2), then every row reads it from L1. G: this worker's group buffer (group_bytes). */
 static void matmuls_share(const qmat_t *W, int n_mats, const act_t *A, float *const *y, const long *ldy, int tid,
-                          int nth, group_t *G) {
+                          int nth, group_t *G, void *tiles) {
     long first[9], total = 0;
     for (int i = 0; i < n_mats; i++) first[i] = total, total += (W[i].rows + NB - 1) / NB;
     first[n_mats] = total;
@@ -1020,6 +1010,10 @@ static void matmuls_share(const qmat_t *W, int n_mats, const act_t *A, float *co
         const qmat_t *w = W + i;
         const long n0 = (t - first[i]) * NB, n1 = n0 + NB < w->rows ? n0 + NB : w->rows;
         const long groups = (w->cols / UNIT + group_units(w->type) - 1) / group_units(w->type);
+        if (tiles && M >= TILE_ROWS && tiles_cover(w->type)) {  /* prefill: register tiles (tiles.c) */
+            tiles_rows(w, n0, n1, A, y[i], ldy[i], tiles);
+            continue;
+        }
         for (long m0 = 0; m0 < M; m0 += MC) {
             const long m1 = m0 + MC < M ? m0 + MC : M;
             for (long n = n0; n < n1; n++) {
@@ -1069,8 +1063,8 @@ long group_bytes(long K) {
  * with the same arguments and its own group buffer (group_bytes; unused by one-row AVX2 products). X [M, K] fp32
  * (complete before the call: the team waits at a barrier first) is quantized once, each worker a share of its
  * units; Y is complete only after the caller's next barrier. */
-void qmatmul_team(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
-                  void *scratch, void *groups, int tid, int nth, team_t *team) {
+static void qmatmul_run(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
+                        void *scratch, void *groups, void *tiles, int tid, int nth, team_t *team) {
     act_t A;
     const long K = W[0].cols;
     act_bind(&A, scratch, x, M, K);
@@ -1088,7 +1082,13 @@ void qmatmul_team(const qmat_t *W, int n_mats, const float *x, long M, float *co
         }
         team_barrier(team, nth);
     }
-    matmuls_share(W, n_mats, &A, y, ldy, tid, nth, groups);
+    matmuls_share(W, n_mats, &A, y, ldy, tid, nth, groups, tiles);
+}
+
+/* Decode steps and draft verification: never the prefill tiles, so that a row's result does not depend on M. */
+void qmatmul_team(const qmat_t *W, int n_mats, const float *x, long M, float *const *y, const long *ldy,
+                  void *scratch, void *groups, int tid, int nth, team_t *team) {
+    qmatmul_run(W, n_mats, x, M, y, ldy, scratch, groups, NULL, tid, nth, team);
 }
 
 /* Y[M, N] = X[M, K] @ W^T, scratch from the caller (act_bytes(M, K)); the entry point for Python: qmatmul_team in
@@ -1111,8 +1111,11 @@ static void qmatmul_worker(void *arg, int tid, int nth) {
 #else
     void *G = aligned_alloc(64, group_bytes(j->w.cols));
 #endif
-    qmatmul_team(&j->w, 1, j->x, j->M, ys, ld, j->scratch, G, tid, nth, &j->team);
-    free(G);
+    /* prefill: a tile buffer instead of the group buffer (aligned_alloc wants a multiple of the alignment) */
+    void *T = j->M >= TILE_ROWS && tiles_cover(j->w.type) ? aligned_alloc(64, (tile_bytes(j->w.cols) + 63) / 64 * 64)
+                                                          : NULL;
+    qmatmul_run(&j->w, 1, j->x, j->M, ys, ld, j->scratch, G, T, tid, nth, &j->team);
+    free(G), free(T);
 }
 
 void qmatmul(const uint8_t *data, long type, long N, long K, long row_bytes, const float *x, long M, float *y,

@@ -10,6 +10,17 @@ typedef struct {
     long type, rows, cols, row_bytes;
 } qmat_t;
 
+/* Quantized activations of M rows (see qmatmul_team): per row `units` (padded to a multiple of 8) units of 32 int8
+ * with an fp32 scale d, the fp32 sum d * sum(q) of each unit, and the int16 sums of each 16 values. */
+typedef struct {
+    int8_t *q;       /* [M][units * 32], zero past K */
+    float *d;        /* [M][units] */
+    float *fs;       /* [M][units] */
+    int16_t *s16;    /* [M][units * 2] */
+    const float *x;  /* the fp32 rows themselves, for float weights */
+    long rows, cols, units;
+} act_t;
+
 long act_bytes(long M, long K);
 int qtype_supported(long type);
 
@@ -44,3 +55,8 @@ static inline void share(long total, int tid, int nth, long *a, long *b) {
     *a = q * tid + (tid < r ? tid : r);
     *b = *a + q + (tid < r);
 }
+
+/* tiles.c: register-blocked products for many activation rows (prefill) over Q4_K, Q5_K, Q6_K. */
+int tiles_cover(long type);
+long tile_bytes(long K);
+void tiles_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf);

@@ -1,0 +1,248 @@
+/* Register-blocked int8 products for many activation rows (prefill) over Q4_K, Q5_K and Q6_K blocks.
+ *
+ * blocks.c's kernels compute one (activation row, weight row) pair at a time: each 32-value unit's integer dot
+ * product ends in its own 8-lane vector, and a horizontal reduction per unit (hadd chains) costs as much as the
+ * multiplies. Here a tile of TN = 8 weight rows is unpacked once, interleaved so that lane r of a 256-bit vector
+ * holds 4 consecutive values of weight row r (as llama.cpp's CPU "repack" layouts and llamafile's tinyBLAS do).
+ * Four bytes of an activation row broadcast to every lane then give, with one vpdpbusd (or maddubs + madd), the
+ * partial dot products of that row with all 8 weight rows: the sums stay in their lanes, TM = 4 activation rows
+ * share each loaded weight vector, and nothing is reduced horizontally. Per unit the lanes are scaled in fp32
+ * (weight scale x the unit's activation scale) and the Q4_K/Q5_K minimums and the Q6_K offset of -32 are applied
+ * from the activation's unit sums, as blocks.c does.
+ *
+ * Only for products with many rows (qmatmul's prefill, M >= TILE_ROWS): results differ from the one-row kernels in
+ * the order of the float sums (within the int8-activation tolerance of the gguf dequantization), so decode and
+ * draft verification (qmatmul_team) never come here and a row's logits do not depend on how many rows share them.
+ * x86 with AVX2 only; other builds keep blocks.c's paths (tiles_cover() is 0 there).
+ */
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "blocks.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TILES 1
+#else
+#define TILES 0
+#endif
+
+int tiles_cover(long type) { return TILES && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K); }
+
+#if TILES
+#define TN 8  /* weight rows per tile: one per 32-bit lane */
+#define TM 4  /* activation rows per pass over the tile's weights */
+
+/* One super-block (256 values) of a tile's TN weight rows, unpacked and interleaved. */
+typedef struct {
+    uint8_t w[8][8][32] __attribute__((aligned(32)));  /* [unit][4-value chunk][row r: 4 bytes at 4r] */
+    float fw[8][TN] __attribute__((aligned(32)));      /* [unit][row]: d * scale (Q6_K: of the unit's first half) */
+    float om[8][TN] __attribute__((aligned(32)));      /* Q4_K/Q5_K: dmin * min; Q6_K: d * scale of the 2nd half */
+} tile_sb;
+
+long tile_bytes(long K) { return (long)sizeof(tile_sb) * (K / 256) + 64; }
+
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define VNNI 1
+#else
+#define VNNI 0
+#endif
+
+static inline void kmins(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {  /* Q4_K/Q5_K 6-bit scales and mins */
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* Row r's 8 units (one 32-byte vector each) into the interleaved layout: chunk c of unit u at t->w[u][c][4r]. */
+static inline void scatter_units(tile_sb *t, const __m256i v[8], int r) {
+    for (int u = 0; u < 8; u++) {
+        uint32_t d[8];
+        _mm256_storeu_si256((__m256i *)d, v[u]);
+        for (int c = 0; c < 8; c++) memcpy(&t->w[u][c][4 * r], &d[c], 4);
+    }
+}
+
+static inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+static inline __m256i high4(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+
+/* Q4_K / Q5_K super-block b of one weight row into lane r (values 0..31, scales d*sc, minimums dmin*m). */
+static void unpack_k45(tile_sb *t, const uint8_t *b, long type, int r) {
+    const float d = half_to_float(b), dmin = half_to_float(b + 2);
+    uint8_t sc[8], mn[8];
+    kmins(b + 4, sc, mn);
+    for (int u = 0; u < 8; u++) t->fw[u][r] = d * (float)sc[u], t->om[u][r] = dmin * (float)mn[u];
+    const uint8_t *qs = b + (type == T_Q4_K ? 16 : 48);
+    const __m256i h = type == T_Q5_K ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
+    __m256i v[8];
+    for (int i = 0; i < 4; i++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
+        __m256i lo = low4(q), hi = high4(q);
+        if (type == T_Q5_K) {
+            const __m256i m0 = _mm256_set1_epi8((char)(1 << (2 * i))), m1 = _mm256_set1_epi8((char)(2 << (2 * i)));
+            const __m256i x10 = _mm256_set1_epi8(0x10);
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m0), m0), x10));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, m1), m1), x10));
+        }
+        v[2 * i] = lo, v[2 * i + 1] = hi;
+    }
+    scatter_units(t, v, r);
+}
+
+/* Q6_K super-block b of one weight row into lane r: values 0..63 (the -32 is applied from activation sums), the
+ * unit's two 16-value scales times d (exact in fp32: an fp16 times an int8). */
+static void unpack_q6k(tile_sb *t, const uint8_t *b, int r) {
+    const int8_t *sc = (const int8_t *)(b + 192);
+    const float d = half_to_float(b + 208);
+    for (int u = 0; u < 8; u++) t->fw[u][r] = d * (float)sc[2 * u], t->om[u][r] = d * (float)sc[2 * u + 1];
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256i v[8];
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *l = b + 64 * half, *qh = b + 128 + 32 * half;
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)l), l1 = _mm256_loadu_si256((const __m256i *)(l + 32));
+        const __m256i hv = _mm256_loadu_si256((const __m256i *)qh);
+        v[4 * half] = _mm256_or_si256(low4(l0), _mm256_slli_epi16(_mm256_and_si256(hv, m3), 4));
+        v[4 * half + 1] = _mm256_or_si256(low4(l1), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2), m3), 4));
+        v[4 * half + 2] = _mm256_or_si256(high4(l0), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 4), m3), 4));
+        v[4 * half + 3] = _mm256_or_si256(high4(l1), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 6), m3), 4));
+    }
+    scatter_units(t, v, r);
+}
+
+/* Weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes are zero) of every super-block. */
+static void unpack_tile(tile_sb *t, const qmat_t *W, long n0, int nr) {
+    const long nsb = W->cols / 256, bsz = W->type == T_Q4_K ? 144 : W->type == T_Q5_K ? 176 : 210;
+    if (nr < TN) memset(t, 0, sizeof(tile_sb) * nsb);
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *row = W->data + (n0 + r) * W->row_bytes;
+        for (long g = 0; g < nsb; g++) {
+            if (W->type == T_Q6_K) unpack_q6k(t + g, row + g * bsz, r);
+            else unpack_k45(t + g, row + g * bsz, W->type, r);
+        }
+    }
+}
+
+static inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Chunks c0 .. c0+n-1 of one unit, times activation row a (n 4-value chunks): the exact integer sums, one per
+ * weight row. Without VNNI the int16 pair sums of maddubs are added over `n` chunks before one madd: n = 4 for
+ * values up to 31 (4 x 2 x 31 x 127 = 31496) and n = 2 for Q6_K's up to 63 (2 x 2 x 63 x 127 = 32004): no wrap. */
+#define DOT_ROWS(Z, c0, n)                                                                                      \
+    for (int c = (c0); c < (c0) + (n); c++) {                                                                   \
+        const __m256i w = _mm256_load_si256((const __m256i *)t->w[u][c]);                                     \
+        for (int r = 0; r < R; r++) Z[r] = DOT_STEP(Z[r], w, bcast4(a[r] + 4 * c));                             \
+    }
+
+#if VNNI
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DOT_STEP(z, w, a) _mm256_dpbusd_epi32(z, w, a)
+#else
+#define DOT_STEP(z, w, a) _mm256_dpbusd_avx_epi32(z, w, a)
+#endif
+#define UNIT_SUMS(Z, c0, n) DOT_ROWS(Z, c0, n)
+#else
+/* int16 accumulation over chunk runs of `run` (see above), widened once per run */
+#define DOT_STEP(z, w, a) _mm256_add_epi16(z, _mm256_maddubs_epi16(w, a))
+#define UNIT_SUMS(Z, c0, n)                                                                                     \
+    for (int s = (c0); s < (c0) + (n); s += run) {                                                              \
+        __m256i p16[TM];                                                                                        \
+        for (int r = 0; r < R; r++) p16[r] = _mm256_setzero_si256();                                            \
+        DOT_ROWS(p16, s, run)                                                                                   \
+        for (int r = 0; r < R; r++) Z[r] = _mm256_add_epi32(Z[r], _mm256_madd_epi16(p16[r], _mm256_set1_epi16(1))); \
+    }
+#endif
+
+/* Activation rows m .. m+R-1 (R <= TM) against one tile: out[r][lane] = y[m + r][n0 + lane]. */
+static inline __attribute__((always_inline)) void tile_rows(const tile_sb *T, long nsb, long type, int R,
+                                                            const act_t *A, long m, float out[TM][TN]) {
+    __m256 acc[TM];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+#if !VNNI
+    const int run = type == T_Q6_K ? 2 : 4;
+#endif
+    for (long g = 0; g < nsb; g++) {
+        const tile_sb *t = T + g;
+        for (int u = 0; u < 8; u++) {
+            const long o = g * 8 + u;  /* the unit's index in an activation row */
+            const int8_t *a[TM];
+            for (int r = 0; r < R; r++) a[r] = A->q + ((m + r) * A->units + o) * 32;
+            if (type == T_Q6_K) {
+                __m256i z0[TM], z1[TM];
+                for (int r = 0; r < R; r++) z0[r] = z1[r] = _mm256_setzero_si256();
+                UNIT_SUMS(z0, 0, 4)
+                UNIT_SUMS(z1, 4, 4)
+                const __m256 f0 = _mm256_load_ps(t->fw[u]), f1 = _mm256_load_ps(t->om[u]);
+                for (int r = 0; r < R; r++) {
+                    const int16_t *s = A->s16 + ((m + r) * A->units + o) * 2;
+                    const __m256i c0 = _mm256_sub_epi32(z0[r], _mm256_set1_epi32(32 * s[0]));
+                    const __m256i c1 = _mm256_sub_epi32(z1[r], _mm256_set1_epi32(32 * s[1]));
+                    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1), f1,
+                                                     _mm256_mul_ps(_mm256_cvtepi32_ps(c0), f0));
+                    acc[r] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(A->d + (m + r) * A->units + o), acc[r]);
+                }
+            } else {
+                __m256i z[TM];
+                for (int r = 0; r < R; r++) z[r] = _mm256_setzero_si256();
+                UNIT_SUMS(z, 0, 8)
+                const __m256 fw = _mm256_load_ps(t->fw[u]), om = _mm256_load_ps(t->om[u]);
+                for (int r = 0; r < R; r++) {
+                    const long i = (m + r) * A->units + o;
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z[r]), _mm256_mul_ps(fw, _mm256_broadcast_ss(A->d + i)),
+                                             acc[r]);
+                    acc[r] = _mm256_fnmadd_ps(om, _mm256_broadcast_ss(A->fs + i), acc[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out[r], acc[r]);
+}
+
+/* One specialised loop per (block type, row count): the tests leave the inner loops. */
+static void tile_pass(const tile_sb *T, long nsb, long type, int R, const act_t *A, long m, float out[TM][TN]) {
+#define PASS(TY)                                                                                     \
+    switch (R) {                                                                                     \
+        case 4: tile_rows(T, nsb, TY, 4, A, m, out); break;                                          \
+        case 3: tile_rows(T, nsb, TY, 3, A, m, out); break;                                          \
+        case 2: tile_rows(T, nsb, TY, 2, A, m, out); break;                                          \
+        default: tile_rows(T, nsb, TY, 1, A, m, out); break;                                         \
+    }
+    if (type == T_Q6_K) { PASS(T_Q6_K) } else { PASS(T_Q4_K) }  /* Q5_K: unpacked as Q4_K's 0..31 */
+#undef PASS
+}
+
+/* Y[m, n] for every activation row and weight rows n0 .. n1-1 (any count): TN rows unpacked at a time into `buf`
+ * (tile_bytes(K)), then every TM activation rows pass over them. */
+void tiles_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
+    tile_sb *T = (tile_sb *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    const long nsb = W->cols / 256;
+    float out[TM][TN] __attribute__((aligned(32)));
+    for (long n = n0; n < n1; n += TN) {
+        const int nr = (int)(n1 - n < TN ? n1 - n : TN);
+        unpack_tile(T, W, n, nr);
+        for (long m = 0; m < A->rows; m += TM) {
+            const int R = (int)(A->rows - m < TM ? A->rows - m : TM);
+            tile_pass(T, nsb, W->type, R, A, m, out);
+            for (int r = 0; r < R; r++) memcpy(y + (m + r) * ldy + n, out[r], sizeof(float) * nr);
+        }
+    }
+}
+#else
+long tile_bytes(long K) { (void)K; return 0; }
+void tiles_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
+    (void)W, (void)n0, (void)n1, (void)A, (void)y, (void)ldy, (void)buf;  /* never called: tiles_cover() is 0 */
+}
+#endif
