@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import tempfile
 import time
@@ -73,6 +74,32 @@ def texts(n: int) -> list[str]:
     return out
 
 
+class Resumes:
+    """Counts SIGCONTs: on a shared machine a scheduler may SIGSTOP this process mid-run (the stop then counts
+    as run time); a run during which the process was stopped and resumed is timed again."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        if hasattr(signal, "SIGCONT"):
+            signal.signal(signal.SIGCONT, self._resumed)
+
+    def _resumed(self, *_: object) -> None:
+        self.count += 1
+
+
+def timed(f: Callable[[], np.ndarray], resumes: Resumes, tries: int = 4) -> tuple[float, np.ndarray, int]:
+    """(seconds, output, runs discarded because the process was stopped during them)."""
+    discarded = 0
+    while True:
+        before = resumes.count
+        t0 = time.perf_counter()
+        out = f()
+        seconds = time.perf_counter() - t0
+        if resumes.count == before or discarded == tries - 1:
+            return seconds, out, discarded
+        discarded += 1
+
+
 def run(repeats: int, threads: int, n_texts: int, batch: int, tokenizer_dir: Path, engines: list[str]) -> dict:
     from sentence_transformers import SentenceTransformer
 
@@ -109,13 +136,16 @@ def run(repeats: int, threads: int, n_texts: int, batch: int, tokenizer_dir: Pat
         if "llama.cpp" in fns:
             llm.embed(warm)
         load_before = os.getloadavg()
+        resumes = Resumes()
         outputs: dict[str, np.ndarray] = {}  # from the first timed repeat, compared below
         times: dict[str, list[float]] = {k: [] for k in fns}
+        stopped = dict.fromkeys(fns, 0)
         for _ in range(repeats):
             for k, f in fns.items():
-                t0 = time.perf_counter()
-                outputs.setdefault(k, f())
-                times[k].append(time.perf_counter() - t0)
+                seconds, out, discarded = timed(f, resumes)
+                outputs.setdefault(k, out)
+                times[k].append(seconds)
+                stopped[k] += discarded
         load_after = os.getloadavg()
     ref = outputs["gemmakit"]
     result = {"machine": machine(), "isa": isa(), "threads": threads, "texts": n_texts, "tokens": n_tokens,
@@ -124,7 +154,8 @@ def run(repeats: int, threads: int, n_texts: int, batch: int, tokenizer_dir: Pat
     for k, ts in times.items():
         med = statistics.median(ts)
         cos = float(((outputs[k] * ref).sum(1) / np.linalg.norm(outputs[k], axis=1)).min())
-        result["engines"][k] = {"dtype": DTYPES[k], "seconds": ts, "texts_per_s": n_texts / med,
+        result["engines"][k] = {"dtype": DTYPES[k], "seconds": ts, "runs_discarded_stopped": stopped[k],
+                                "texts_per_s": n_texts / med,
                                 "tokens_per_s": n_tokens / med, "min_cosine_vs_gemmakit": cos}
     for ours_name in ("gemmakit", "gemmakit-bf16"):
         if ours_name in result["engines"]:
@@ -175,12 +206,15 @@ def table(result: dict) -> str:
         rows.append(f"| {k} | {r['dtype']} | {r['texts_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
                     f"{r['gemmakit_speedup']:.2f} |" + (f" {r['gemmakit-bf16_speedup']:.2f} |" if bf16 else "")
                     + f" {r['min_cosine_vs_gemmakit']:.6f} |")
+    stops = ", ".join(f"{k} {r['runs_discarded_stopped']}" for k, r in result["engines"].items()
+                      if r["runs_discarded_stopped"])
     load = " / ".join(f"{a:.2f} {b:.2f} {c:.2f}" for a, b, c in (result["load_average_before"],
                                                                     result["load_average_after"]))
     return (f"# Embeddings/s, EmbeddingGemma-300m shape (random weights)\n\n{result['machine']}; "
             f"{result['threads']} threads; {result['texts']} texts, {result['tokens']} tokens, batch "
             f"{result['batch_size']}; median of {result['repeats']} alternating runs; peak RSS "
-            f"{result['peak_rss_mb']} MB; load average (1, 5, 15 min) before / after the timed runs: {load}.\n\n"
+            f"{result['peak_rss_mb']} MB; load average (1, 5, 15 min) before / after the timed runs: {load}; runs "
+            f"timed again because the process was stopped (SIGSTOP) during them: {stops or 'none'}.\n\n"
             + "\n".join(rows) + "\n")
 
 
