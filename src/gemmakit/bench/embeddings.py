@@ -14,6 +14,7 @@ import os
 import signal
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,33 +75,46 @@ def texts(n: int) -> list[str]:
     return out
 
 
-class Resumes:
-    """Counts SIGCONTs: on a shared machine a scheduler may SIGSTOP this process mid-run (the stop then counts
-    as run time); a run during which the process was stopped and resumed is timed again."""
+class Pauses:
+    """Seconds this process spent stopped: on a shared machine a scheduler may SIGSTOP it mid-run, and the stop
+    would count as run time. A thread ticking every 20 ms sees the stop as a gap; SIGCONT confirms it was one."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.resumes, self.stopped = 0, 0.0
         if hasattr(signal, "SIGCONT"):
             signal.signal(signal.SIGCONT, self._resumed)
+        threading.Thread(target=self._tick, daemon=True).start()
 
     def _resumed(self, *_: object) -> None:
-        self.count += 1
+        self.resumes += 1
+
+    def _tick(self) -> None:
+        last = time.perf_counter()
+        while True:
+            time.sleep(0.02)
+            now = time.perf_counter()
+            if now - last > 0.25:
+                self.stopped += now - last - 0.02
+            last = now
 
 
-def timed(f: Callable[[], np.ndarray], resumes: Resumes, tries: int = 4) -> tuple[float, np.ndarray, int]:
-    """(seconds, output, runs discarded because the process was stopped during them)."""
-    discarded = 0
-    while True:
-        before = resumes.count
-        t0 = time.perf_counter()
-        out = f()
-        seconds = time.perf_counter() - t0
-        if resumes.count == before or discarded == tries - 1:
-            return seconds, out, discarded
-        discarded += 1
+def timed(f: Callable[[], np.ndarray], pauses: Pauses) -> tuple[float, np.ndarray, float]:
+    """(seconds run, output, seconds stopped): wall time less the stops, where SIGCONT says there were some."""
+    resumes, stopped = pauses.resumes, pauses.stopped
+    t0 = time.perf_counter()
+    out = f()
+    seconds = time.perf_counter() - t0
+    if pauses.resumes == resumes:
+        return seconds, out, 0.0
+    time.sleep(0.1)  # the ticker's first tick after the resume records the gap
+    lost = min(pauses.stopped - stopped, seconds)
+    return seconds - lost, out, lost
 
 
-def run(repeats: int, threads: int, n_texts: int, batch: int, tokenizer_dir: Path, engines: list[str]) -> dict:
+def run(repeats: int, threads: int, n_texts: int, batch: int, tokenizer_dir: Path, engines: list[str],
+        on_repeat: Callable[[dict], None] | None = None) -> dict:
+    """The result after all repeats; on_repeat gets the result so far after each (a shared machine may not leave
+    time for all of them, and what was measured is kept)."""
     from sentence_transformers import SentenceTransformer
 
     from ..embed import load_embedding_model
@@ -136,25 +150,34 @@ def run(repeats: int, threads: int, n_texts: int, batch: int, tokenizer_dir: Pat
         if "llama.cpp" in fns:
             llm.embed(warm)
         load_before = os.getloadavg()
-        resumes = Resumes()
+        pauses = Pauses()
         outputs: dict[str, np.ndarray] = {}  # from the first timed repeat, compared below
         times: dict[str, list[float]] = {k: [] for k in fns}
-        stopped = dict.fromkeys(fns, 0)
-        for _ in range(repeats):
+        stopped = dict.fromkeys(fns, 0.0)
+        for done in range(1, repeats + 1):
             for k, f in fns.items():
-                seconds, out, discarded = timed(f, resumes)
+                seconds, out, lost = timed(f, pauses)
                 outputs.setdefault(k, out)
                 times[k].append(seconds)
-                stopped[k] += discarded
-        load_after = os.getloadavg()
+                stopped[k] += lost
+            result = summarize(times, outputs, stopped, n_texts, n_tokens)
+            result.update(threads=threads, batch_size=batch, repeats=done, load_average_before=load_before,
+                          load_average_after=os.getloadavg())
+            if on_repeat is not None:
+                on_repeat(result)
+    return result
+
+
+def summarize(times: dict[str, list[float]], outputs: dict[str, np.ndarray], stopped: dict[str, float],
+              n_texts: int, n_tokens: int) -> dict:
+    """Medians, rates, ratios to gemmakit fp32 and bf16, and each engine's cosine to gemmakit fp32."""
     ref = outputs["gemmakit"]
-    result = {"machine": machine(), "isa": isa(), "threads": threads, "texts": n_texts, "tokens": n_tokens,
-              "batch_size": batch, "repeats": repeats, "shape": SHAPE, "peak_rss_mb": round(peak_rss_mb()),
-              "load_average_before": load_before, "load_average_after": load_after, "engines": {}}
+    result = {"machine": machine(), "isa": isa(), "texts": n_texts, "tokens": n_tokens, "shape": SHAPE,
+              "peak_rss_mb": round(peak_rss_mb()), "engines": {}}
     for k, ts in times.items():
         med = statistics.median(ts)
         cos = float(((outputs[k] * ref).sum(1) / np.linalg.norm(outputs[k], axis=1)).min())
-        result["engines"][k] = {"dtype": DTYPES[k], "seconds": ts, "runs_discarded_stopped": stopped[k],
+        result["engines"][k] = {"dtype": DTYPES[k], "seconds": ts, "seconds_stopped_subtracted": stopped[k],
                                 "texts_per_s": n_texts / med,
                                 "tokens_per_s": n_tokens / med, "min_cosine_vs_gemmakit": cos}
     for ours_name in ("gemmakit", "gemmakit-bf16"):
@@ -206,15 +229,15 @@ def table(result: dict) -> str:
         rows.append(f"| {k} | {r['dtype']} | {r['texts_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
                     f"{r['gemmakit_speedup']:.2f} |" + (f" {r['gemmakit-bf16_speedup']:.2f} |" if bf16 else "")
                     + f" {r['min_cosine_vs_gemmakit']:.6f} |")
-    stops = ", ".join(f"{k} {r['runs_discarded_stopped']}" for k, r in result["engines"].items()
-                      if r["runs_discarded_stopped"])
+    stops = ", ".join(f"{k} {r['seconds_stopped_subtracted']:.0f} s" for k, r in result["engines"].items()
+                      if r["seconds_stopped_subtracted"])
     load = " / ".join(f"{a:.2f} {b:.2f} {c:.2f}" for a, b, c in (result["load_average_before"],
                                                                     result["load_average_after"]))
     return (f"# Embeddings/s, EmbeddingGemma-300m shape (random weights)\n\n{result['machine']}; "
             f"{result['threads']} threads; {result['texts']} texts, {result['tokens']} tokens, batch "
             f"{result['batch_size']}; median of {result['repeats']} alternating runs; peak RSS "
-            f"{result['peak_rss_mb']} MB; load average (1, 5, 15 min) before / after the timed runs: {load}; runs "
-            f"timed again because the process was stopped (SIGSTOP) during them: {stops or 'none'}.\n\n"
+            f"{result['peak_rss_mb']} MB; load average (1, 5, 15 min) before / after the timed runs: {load}; time "
+            f"the process spent stopped (SIGSTOP by another benchmark) taken out of the runs: {stops or 'none'}.\n\n"
             + "\n".join(rows) + "\n")
 
 
@@ -242,11 +265,14 @@ def main() -> None:
         print(md)
         print(write_results(args.out, args.name, r, md, kind="vector-store"))
         return
-    result = run(args.repeats, args.threads, args.texts, args.batch, args.tokenizer, args.engines.split(","))
-    result["note"] = args.note
-    md = table(result) + (f"\n{args.note}\n" if args.note else "")
-    print(md)
-    print(write_results(args.out, args.name, result, md, kind="embeddings"))
+
+    def save(result: dict) -> None:
+        result["note"] = args.note
+        md = table(result) + (f"\n{args.note}\n" if args.note else "")
+        print(md, flush=True)
+        print(write_results(args.out, args.name, result, md, kind="embeddings"), flush=True)
+
+    run(args.repeats, args.threads, args.texts, args.batch, args.tokenizer, args.engines.split(","), save)
 
 
 if __name__ == "__main__":
