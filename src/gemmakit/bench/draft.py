@@ -30,7 +30,7 @@ import torch
 
 from .. import speculative
 from ..config import GLOBAL, SLIDING, GemmaConfig, preset
-from ..draft import Drafter, DrafterConfig
+from ..draft import Drafter, DrafterConfig, drafter_on_blocks
 from ..generate import generate_step
 from ..model import Gemma
 from ..quant import fast_path
@@ -153,7 +153,7 @@ def drafted_run(module: Gemma, d: Drafter, prompt: list[int], tokens: int, k: in
             "draft_s": times["draft"], "verify_s": times["verify"], "verify_calls": times["calls"] - 1}
 
 
-def measure(module: Gemma, drafters: dict[str, Drafter], prompt: list[int], tokens: int, k: int, repeats: int
+def measure(module: Gemma, drafters: dict[str, tuple[Drafter, int]], prompt: list[int], tokens: int, repeats: int
             ) -> dict:
     """Plain and each drafter's run alternating, `repeats` times: medians of tok/s and ratios to the plain run of
     the same repeat, acceptance, and a drafted round's cost split into draft steps and verification."""
@@ -162,7 +162,7 @@ def measure(module: Gemma, drafters: dict[str, Drafter], prompt: list[int], toke
     for _ in range(repeats):
         dt = decode_seconds(generate_step(module, [prompt], SamplingParams(), tokens))
         runs["plain"].append((tokens - 1) / dt)
-        for name, d in drafters.items():
+        for name, (d, k) in drafters.items():
             runs[name].append(drafted_run(module, d, prompt, tokens, k))
     med = statistics.median
     out = {"plain_tok_s": med(runs["plain"]), "plain": runs["plain"]}
@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--draft-tokens", type=int, default=4)
+    ap.add_argument("--draft-tokens", default="4,8", help="draft lengths to measure, comma-separated")
+    ap.add_argument("--float-drafter", action="store_true",
+                    help="the drafter in fp32 PyTorch (default: its projections on Q8_0 blocks, as a GGUF drafter)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default=None)
@@ -194,17 +196,22 @@ def main(argv: list[str] | None = None) -> Path:
               "tokens": a.tokens, "draft_tokens": a.draft_tokens, "load_before": load(),
               "note": "shared machine: 2 other helpers and the lead's benchmarks ran beside it"}
     module, embed = target(a.layers, a.vocab)
-    drafters = {"agreeing": drafter(module.config, embed, True), "never_agreeing": drafter(module.config, embed, False)}
+    kinds = {"agreeing": drafter(module.config, embed, True), "never_agreeing": drafter(module.config, embed, False)}
     del embed
-    result["drafter"] = drafters["agreeing"].config.to_hf()["text_config"] | {"backbone_hidden_size": 2560}
-    result.update(measure(module, drafters, prompt, a.tokens, a.draft_tokens, a.repeats))
+    result["drafter"] = kinds["agreeing"].config.to_hf()["text_config"] | {"backbone_hidden_size": 2560}
+    result["drafter_weights"] = "fp32" if a.float_drafter else "Q8_0 blocks (embedding rows, centroids fp32)"
+    if not a.float_drafter:
+        kinds = {name: drafter_on_blocks(d) for name, d in kinds.items()}
+    ks = [int(k) for k in str(a.draft_tokens).split(",")]
+    drafters = {f"{name} k={k}": (d, k) for k in ks for name, d in kinds.items()}
+    result.update(measure(module, drafters, prompt, a.tokens, a.repeats))
     result["load_after"] = load()
     result["peak_rss_mb"] = peak_rss_mb()
     rows = [f"| {k} | {result['plain_tok_s']:.2f} | {v['draft_tok_s']:.2f} | {v['ratio']:.2f}x | {v['acceptance']:.0%} "
             f"| {v['draft_ms_per_round']:.1f} | {v['verify_ms_per_round']:.1f} |"
             for k, v in ((k, result[k]) for k in drafters)]
     table = (f"# Assistant drafter (256 wide, 4 layers), target E4B widths, {a.layers} layers, vocab {a.vocab}, Q8_0 "
-             f"({machine()}, 2 threads, shared machine)\n\n{a.tokens} tokens, up to {a.draft_tokens} drafts a round, "
+             f"({machine()}, 2 threads, shared machine)\n\n{a.tokens} tokens, drafter {result['drafter_weights']}, "
              f"medians of {a.repeats} alternating repeats.\n\n| drafter | plain tok/s | drafted tok/s | ratio | accepted "
              "| draft ms/round | verify ms/round |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
              f"Load before: `{result['load_before']}`; after: `{result['load_after']}`.\n")
