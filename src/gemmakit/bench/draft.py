@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -109,14 +110,40 @@ def load() -> str:
         return "unknown"
 
 
+class PauseClock:
+    """perf_counter minus the time this process spent stopped: a thread ticks every 5 ms and counts any gap over
+    250 ms as a pause. On this shared machine other benchmarks SIGSTOP every other Python process while they run
+    (/work/quiet-bench.sh), for seconds to minutes; ordinary preemption at load 2-4 delays a tick by milliseconds."""
+
+    def __init__(self) -> None:
+        self.paused = 0.0
+        threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self) -> None:
+        last = time.perf_counter()
+        while True:
+            time.sleep(0.005)
+            now = time.perf_counter()
+            if now - last > 0.25:
+                self.paused += now - last - 0.005
+            last = now
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.paused
+
+
+CLOCK = PauseClock()
+
+
 def decode_seconds(steps) -> float:
-    """Seconds from the first token (the prefill's) to the last: decode alone, as the targets are stated."""
+    """Seconds from the first token (the prefill's) to the last, not counting pauses: decode alone, as the targets
+    are stated."""
     it = iter(steps)
     next(it)
-    t = time.perf_counter()
+    t = CLOCK()
     for _ in it:
         pass
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def drafted_run(module: Gemma, d: Drafter, prompt: list[int], tokens: int, k: int) -> dict:
@@ -125,16 +152,16 @@ def drafted_run(module: Gemma, d: Drafter, prompt: list[int], tokens: int, k: in
     real_propose, real_hidden = speculative.propose, module.hidden_states
 
     def propose(*a, **kw):
-        t = time.perf_counter()
+        t = CLOCK()
         out = real_propose(*a, **kw)
-        times["draft"] += time.perf_counter() - t
+        times["draft"] += CLOCK() - t
         return out
 
     def hidden(*a, **kw):
-        t = time.perf_counter()
+        t = CLOCK()
         out = real_hidden(*a, **kw)
         if times["calls"]:  # the first call is the prefill
-            times["verify"] += time.perf_counter() - t
+            times["verify"] += CLOCK() - t
         times["calls"] += 1
         return out
 
@@ -172,6 +199,7 @@ def measure(module: Gemma, drafters: dict[str, tuple[Drafter, int]], prompt: lis
         out[name] = {"draft_tok_s": med(r["tok_s"] for r in rs),
                      "ratio": med(r["tok_s"] / p for r, p in zip(rs, runs["plain"], strict=True)),
                      "acceptance": med(r["acceptance"] for r in rs), "rounds": rounds,
+                     "ratio_best": max(r["tok_s"] for r in rs) / max(runs["plain"]),
                      "draft_ms_per_round": med(1e3 * r["draft_s"] / max(1, r["rounds"]) for r in rs),
                      "verify_ms_per_round": med(1e3 * r["verify_s"] / max(1, r["verify_calls"]) for r in rs),
                      "runs": rs}
@@ -206,15 +234,18 @@ def main(argv: list[str] | None = None) -> Path:
     drafters = {f"{name} k={k}": (d, k) for k in ks for name, d in kinds.items()}
     result.update(measure(module, drafters, prompt, a.tokens, a.repeats))
     result["load_after"] = load()
+    result["paused_s"] = CLOCK.paused
     result["peak_rss_mb"] = peak_rss_mb()
-    rows = [f"| {k} | {result['plain_tok_s']:.2f} | {v['draft_tok_s']:.2f} | {v['ratio']:.2f}x | {v['acceptance']:.0%} "
-            f"| {v['draft_ms_per_round']:.1f} | {v['verify_ms_per_round']:.1f} |"
+    rows = [f"| {k} | {result['plain_tok_s']:.2f} | {v['draft_tok_s']:.2f} | {v['ratio']:.2f}x | {v['ratio_best']:.2f}x "
+            f"| {v['acceptance']:.0%} | {v['draft_ms_per_round']:.1f} | {v['verify_ms_per_round']:.1f} |"
             for k, v in ((k, result[k]) for k in drafters)]
     table = (f"# Assistant drafter (256 wide, 4 layers), target E4B widths, {a.layers} layers, vocab {a.vocab}, Q8_0 "
              f"({machine()}, 2 threads, shared machine)\n\n{a.tokens} tokens, drafter {result['drafter_weights']}, "
-             f"medians of {a.repeats} alternating repeats.\n\n| drafter | plain tok/s | drafted tok/s | ratio | accepted "
-             "| draft ms/round | verify ms/round |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-             f"Load before: `{result['load_before']}`; after: `{result['load_after']}`.\n")
+             f"medians of {a.repeats} alternating repeats (ratio: median of each repeat's drafted / plain; best: fastest "
+             "drafted run / fastest plain run).\n\n| drafter | plain tok/s | drafted tok/s | ratio | best | accepted "
+             "| draft ms/round | verify ms/round |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+             f"Load before: `{result['load_before']}`; after: `{result['load_after']}`; {CLOCK.paused:.0f} s "
+             "stopped by other benchmarks, not counted.\n")
     out = write_results(a.out, a.name, result, table, kind="draft")
     print(table)
     return out
