@@ -13,7 +13,9 @@
  * Only for products with many rows (qmatmul's prefill, M >= TILE_ROWS): results differ from the one-row kernels in
  * the order of the float sums (within the int8-activation tolerance of the gguf dequantization), so decode and
  * draft verification (qmatmul_team) never come here and a row's logits do not depend on how many rows share them.
- * x86 with AVX2 only; other builds keep blocks.c's paths (tiles_cover() is 0 there).
+ * Builds with AVX-512 VNNI use 512-bit vectors (TN = 16 weight rows x TM = 8 activation rows: 32 registers), AVX2
+ * builds 256-bit ones (8 x 4), with vpdpbusd where AVX-VNNI exists and maddubs + madd otherwise. x86 only; other
+ * builds keep blocks.c's paths (tiles_cover() is 0 there).
  */
 #include <string.h>
 #if defined(__x86_64__) || defined(__i386__)
@@ -31,19 +33,54 @@
 int tiles_cover(long type) { return TILES && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K); }
 
 #if TILES
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define ZMM 1  /* 512-bit vectors: 16 weight rows, 8 activation rows (32 registers) */
+#define TN 16
+#define TM 8
+typedef __m512i vint;
+typedef __m512 vflt;
+#define VLOAD_I(p) _mm512_load_si512((const void *)(p))
+#define VZERO_I() _mm512_setzero_si512()
+#define VSET1_32(v) _mm512_set1_epi32(v)
+#define VSUB_32(a, b) _mm512_sub_epi32(a, b)
+#define VCVT(z) _mm512_cvtepi32_ps(z)
+#define VLOAD_F(p) _mm512_load_ps(p)
+#define VBCAST_F(p) _mm512_set1_ps(*(p))
+#define VZERO_F() _mm512_setzero_ps()
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VFNMA(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define VSTORE_F(p, v) _mm512_storeu_ps(p, v)
+#else
+#define ZMM 0
 #define TN 8  /* weight rows per tile: one per 32-bit lane */
 #define TM 4  /* activation rows per pass over the tile's weights */
+typedef __m256i vint;
+typedef __m256 vflt;
+#define VLOAD_I(p) _mm256_load_si256((const __m256i *)(p))
+#define VZERO_I() _mm256_setzero_si256()
+#define VSET1_32(v) _mm256_set1_epi32(v)
+#define VSUB_32(a, b) _mm256_sub_epi32(a, b)
+#define VCVT(z) _mm256_cvtepi32_ps(z)
+#define VLOAD_F(p) _mm256_load_ps(p)
+#define VBCAST_F(p) _mm256_broadcast_ss(p)
+#define VZERO_F() _mm256_setzero_ps()
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VFNMA(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define VSTORE_F(p, v) _mm256_storeu_ps(p, v)
+#endif
 
 /* One super-block (256 values) of a tile's TN weight rows, unpacked and interleaved. */
 typedef struct {
-    uint8_t w[8][8][32] __attribute__((aligned(32)));  /* [unit][4-value chunk][row r: 4 bytes at 4r] */
-    float fw[8][TN] __attribute__((aligned(32)));      /* [unit][row]: d * scale (Q6_K: of the unit's first half) */
-    float om[8][TN] __attribute__((aligned(32)));      /* Q4_K/Q5_K: dmin * min; Q6_K: d * scale of the 2nd half */
+    uint8_t w[8][8][4 * TN] __attribute__((aligned(64)));  /* [unit][4-value chunk][row r: 4 bytes at 4r] */
+    float fw[8][TN] __attribute__((aligned(64)));  /* [unit][row]: d * scale (Q6_K: of the unit's first half) */
+    float om[8][TN] __attribute__((aligned(64)));  /* Q4_K/Q5_K: dmin * min; Q6_K: d * scale of the 2nd half */
 } tile_sb;
 
 long tile_bytes(long K) { return (long)sizeof(tile_sb) * (K / 256) + 64; }
 
-#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#if ZMM || (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
 #define VNNI 1
 #else
 #define VNNI 0
@@ -132,10 +169,10 @@ static void unpack_tile(tile_sb *t, const qmat_t *W, long n0, int nr) {
     }
 }
 
-static inline __m256i bcast4(const int8_t *p) {
+static inline vint bcast4(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
+    return VSET1_32(v);
 }
 
 /* Chunks c0 .. c0+n-1 of one unit, times activation row a (n 4-value chunks): the exact integer sums, one per
@@ -143,12 +180,14 @@ static inline __m256i bcast4(const int8_t *p) {
  * values up to 31 (4 x 2 x 31 x 127 = 31496) and n = 2 for Q6_K's up to 63 (2 x 2 x 63 x 127 = 32004): no wrap. */
 #define DOT_ROWS(Z, c0, n)                                                                                      \
     for (int c = (c0); c < (c0) + (n); c++) {                                                                   \
-        const __m256i w = _mm256_load_si256((const __m256i *)t->w[u][c]);                                     \
+        const vint w = VLOAD_I(t->w[u][c]);                                                                    \
         for (int r = 0; r < R; r++) Z[r] = DOT_STEP(Z[r], w, bcast4(a[r] + 4 * c));                             \
     }
 
 #if VNNI
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if ZMM
+#define DOT_STEP(z, w, a) _mm512_dpbusd_epi32(z, w, a)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DOT_STEP(z, w, a) _mm256_dpbusd_epi32(z, w, a)
 #else
 #define DOT_STEP(z, w, a) _mm256_dpbusd_avx_epi32(z, w, a)
@@ -169,8 +208,8 @@ static inline __m256i bcast4(const int8_t *p) {
 /* Activation rows m .. m+R-1 (R <= TM) against one tile: out[r][lane] = y[m + r][n0 + lane]. */
 static inline __attribute__((always_inline)) void tile_rows(const tile_sb *T, long nsb, long type, int R,
                                                             const act_t *A, long m, float out[TM][TN]) {
-    __m256 acc[TM];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    vflt acc[TM];
+    for (int r = 0; r < R; r++) acc[r] = VZERO_F();
 #if !VNNI
     const int run = type == T_Q6_K ? 2 : 4;
 #endif
@@ -181,40 +220,47 @@ static inline __attribute__((always_inline)) void tile_rows(const tile_sb *T, lo
             const int8_t *a[TM];
             for (int r = 0; r < R; r++) a[r] = A->q + ((m + r) * A->units + o) * 32;
             if (type == T_Q6_K) {
-                __m256i z0[TM], z1[TM];
-                for (int r = 0; r < R; r++) z0[r] = z1[r] = _mm256_setzero_si256();
+                vint z0[TM], z1[TM];
+                for (int r = 0; r < R; r++) z0[r] = z1[r] = VZERO_I();
                 UNIT_SUMS(z0, 0, 4)
                 UNIT_SUMS(z1, 4, 4)
-                const __m256 f0 = _mm256_load_ps(t->fw[u]), f1 = _mm256_load_ps(t->om[u]);
+                const vflt f0 = VLOAD_F(t->fw[u]), f1 = VLOAD_F(t->om[u]);
                 for (int r = 0; r < R; r++) {
                     const int16_t *s = A->s16 + ((m + r) * A->units + o) * 2;
-                    const __m256i c0 = _mm256_sub_epi32(z0[r], _mm256_set1_epi32(32 * s[0]));
-                    const __m256i c1 = _mm256_sub_epi32(z1[r], _mm256_set1_epi32(32 * s[1]));
-                    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1), f1,
-                                                     _mm256_mul_ps(_mm256_cvtepi32_ps(c0), f0));
-                    acc[r] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(A->d + (m + r) * A->units + o), acc[r]);
+                    const vint c0 = VSUB_32(z0[r], VSET1_32(32 * s[0])), c1 = VSUB_32(z1[r], VSET1_32(32 * s[1]));
+                    const vflt v = VFMA(VCVT(c1), f1, VMUL(VCVT(c0), f0));
+                    acc[r] = VFMA(v, VBCAST_F(A->d + (m + r) * A->units + o), acc[r]);
                 }
             } else {
-                __m256i z[TM];
-                for (int r = 0; r < R; r++) z[r] = _mm256_setzero_si256();
+                vint z[TM];
+                for (int r = 0; r < R; r++) z[r] = VZERO_I();
                 UNIT_SUMS(z, 0, 8)
-                const __m256 fw = _mm256_load_ps(t->fw[u]), om = _mm256_load_ps(t->om[u]);
+                const vflt fw = VLOAD_F(t->fw[u]), om = VLOAD_F(t->om[u]);
                 for (int r = 0; r < R; r++) {
                     const long i = (m + r) * A->units + o;
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(z[r]), _mm256_mul_ps(fw, _mm256_broadcast_ss(A->d + i)),
-                                             acc[r]);
-                    acc[r] = _mm256_fnmadd_ps(om, _mm256_broadcast_ss(A->fs + i), acc[r]);
+                    acc[r] = VFMA(VCVT(z[r]), VMUL(fw, VBCAST_F(A->d + i)), acc[r]);
+                    acc[r] = VFNMA(om, VBCAST_F(A->fs + i), acc[r]);
                 }
             }
         }
     }
-    for (int r = 0; r < R; r++) _mm256_storeu_ps(out[r], acc[r]);
+    for (int r = 0; r < R; r++) VSTORE_F(out[r], acc[r]);
 }
 
 /* One specialised loop per (block type, row count): the tests leave the inner loops. */
+#if ZMM
+#define ZMM_CASES(TY)                                                                                \
+    case 8: tile_rows(T, nsb, TY, 8, A, m, out); break;                                              \
+    case 7: tile_rows(T, nsb, TY, 7, A, m, out); break;                                              \
+    case 6: tile_rows(T, nsb, TY, 6, A, m, out); break;                                              \
+    case 5: tile_rows(T, nsb, TY, 5, A, m, out); break;
+#else
+#define ZMM_CASES(TY)
+#endif
 static void tile_pass(const tile_sb *T, long nsb, long type, int R, const act_t *A, long m, float out[TM][TN]) {
 #define PASS(TY)                                                                                     \
     switch (R) {                                                                                     \
+        ZMM_CASES(TY)                                                                                \
         case 4: tile_rows(T, nsb, TY, 4, A, m, out); break;                                          \
         case 3: tile_rows(T, nsb, TY, 3, A, m, out); break;                                          \
         case 2: tile_rows(T, nsb, TY, 2, A, m, out); break;                                          \
@@ -229,7 +275,7 @@ static void tile_pass(const tile_sb *T, long nsb, long type, int R, const act_t 
 void tiles_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
     tile_sb *T = (tile_sb *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
     const long nsb = W->cols / 256;
-    float out[TM][TN] __attribute__((aligned(32)));
+    float out[TM][TN] __attribute__((aligned(64)));
     for (long n = n0; n < n1; n += TN) {
         const int nr = (int)(n1 - n < TN ? n1 - n : TN);
         unpack_tile(T, W, n, nr);
