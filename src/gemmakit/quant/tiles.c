@@ -101,12 +101,22 @@ static inline float half_to_float(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-/* Row r's 8 units (one 32-byte vector each) into the interleaved layout: chunk c of unit u at t->w[u][c][4r]. */
-static inline void scatter_units(tile_sb *t, const __m256i v[8], int r) {
-    for (int u = 0; u < 8; u++) {
-        uint32_t d[8];
-        _mm256_storeu_si256((__m256i *)d, v[u]);
-        for (int c = 0; c < 8; c++) memcpy(&t->w[u][c][4 * r], &d[c], 4);
+/* Rows R[0..7] of 8 dwords (a unit's 8 chunks of 4 values) -> O[c] = chunk c of the 8 rows: an 8x8 transpose. */
+static inline void transpose8(const __m256i R[8], __m256i O[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(R[2 * i], R[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(R[2 * i], R[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++) {  /* rows 0-3, rows 4-7 */
+        u[4 * h] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        O[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+        O[c + 4] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
     }
 }
 
@@ -114,14 +124,13 @@ static inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_e
 static inline __m256i high4(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
 
 /* Q4_K / Q5_K super-block b of one weight row into lane r (values 0..31, scales d*sc, minimums dmin*m). */
-static void unpack_k45(tile_sb *t, const uint8_t *b, long type, int r) {
+static void unpack_k45(tile_sb *t, const uint8_t *b, long type, int r, __m256i v[8]) {
     const float d = half_to_float(b), dmin = half_to_float(b + 2);
     uint8_t sc[8], mn[8];
     kmins(b + 4, sc, mn);
     for (int u = 0; u < 8; u++) t->fw[u][r] = d * (float)sc[u], t->om[u][r] = dmin * (float)mn[u];
     const uint8_t *qs = b + (type == T_Q4_K ? 16 : 48);
     const __m256i h = type == T_Q5_K ? _mm256_loadu_si256((const __m256i *)(b + 16)) : _mm256_setzero_si256();
-    __m256i v[8];
     for (int i = 0; i < 4; i++) {
         const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
         __m256i lo = low4(q), hi = high4(q);
@@ -133,17 +142,15 @@ static void unpack_k45(tile_sb *t, const uint8_t *b, long type, int r) {
         }
         v[2 * i] = lo, v[2 * i + 1] = hi;
     }
-    scatter_units(t, v, r);
 }
 
 /* Q6_K super-block b of one weight row into lane r: values 0..63 (the -32 is applied from activation sums), the
  * unit's two 16-value scales times d (exact in fp32: an fp16 times an int8). */
-static void unpack_q6k(tile_sb *t, const uint8_t *b, int r) {
+static void unpack_q6k(tile_sb *t, const uint8_t *b, int r, __m256i v[8]) {
     const int8_t *sc = (const int8_t *)(b + 192);
     const float d = half_to_float(b + 208);
     for (int u = 0; u < 8; u++) t->fw[u][r] = d * (float)sc[2 * u], t->om[u][r] = d * (float)sc[2 * u + 1];
     const __m256i m3 = _mm256_set1_epi8(3);
-    __m256i v[8];
     for (int half = 0; half < 2; half++) {
         const uint8_t *l = b + 64 * half, *qh = b + 128 + 32 * half;
         const __m256i l0 = _mm256_loadu_si256((const __m256i *)l), l1 = _mm256_loadu_si256((const __m256i *)(l + 32));
@@ -153,19 +160,30 @@ static void unpack_q6k(tile_sb *t, const uint8_t *b, int r) {
         v[4 * half + 2] = _mm256_or_si256(high4(l0), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 4), m3), 4));
         v[4 * half + 3] = _mm256_or_si256(high4(l1), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 6), m3), 4));
     }
-    scatter_units(t, v, r);
 }
 
-/* Weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes are zero) of every super-block. */
+/* Weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes are zero) of every super-block: each row's units unpacked,
+ * then 8 rows at a time transposed into the interleaved chunks. */
 static void unpack_tile(tile_sb *t, const qmat_t *W, long n0, int nr) {
     const long nsb = W->cols / 256, bsz = W->type == T_Q4_K ? 144 : W->type == T_Q5_K ? 176 : 210;
-    if (nr < TN) memset(t, 0, sizeof(tile_sb) * nsb);
-    for (int r = 0; r < nr; r++) {
-        const uint8_t *row = W->data + (n0 + r) * W->row_bytes;
-        for (long g = 0; g < nsb; g++) {
-            if (W->type == T_Q6_K) unpack_q6k(t + g, row + g * bsz, r);
-            else unpack_k45(t + g, row + g * bsz, W->type, r);
+    __m256i v[TN][8], R[8], O[8];  /* [row][unit] */
+    if (nr < TN) {
+        memset(t, 0, sizeof(tile_sb) * nsb);
+        for (int r = nr; r < TN; r++)
+            for (int u = 0; u < 8; u++) v[r][u] = _mm256_setzero_si256();
+    }
+    for (long g = 0; g < nsb; g++) {
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *b = W->data + (n0 + r) * W->row_bytes + g * bsz;
+            if (W->type == T_Q6_K) unpack_q6k(t + g, b, r, v[r]);
+            else unpack_k45(t + g, b, W->type, r, v[r]);
         }
+        for (int u = 0; u < 8; u++)
+            for (int h = 0; h < TN / 8; h++) {
+                for (int i = 0; i < 8; i++) R[i] = v[8 * h + i][u];
+                transpose8(R, O);
+                for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t[g].w[u][c] + 32 * h), O[c]);
+            }
     }
 }
 
