@@ -24,28 +24,7 @@
 
 #include "blocks.h"
 #include "decode.h"
-
-typedef struct {
-    qmat_t q, k, v, o, gate, up, down;      /* k.data NULL on KV-shared layers; v.data NULL with attention_k_eq_v */
-    qmat_t ple_gate, ple_proj;              /* [P, D], [D, P]; data NULL without per-layer embeddings */
-    qmat_t router;                          /* [E, D] (F32 blocks); data NULL without experts */
-    const qmat_t *gate_up_exps, *down_exps; /* E matrices each: [2F, D], [D, F] */
-    const float *attn_norm, *q_norm, *k_norm, *post_attn_norm, *pre_ffw_norm, *post_ffw_norm;
-    const float *post_ffw_norm_1, *pre_ffw_norm_2, *post_ffw_norm_2; /* MoE */
-    const float *router_scale, *expert_scale; /* router.scale [D], router.per_expert_scale [E] */
-    const float *ple_norm;                  /* post_per_layer_input_norm */
-    const float *inv_freq;                  /* H/2 RoPE frequencies of this layer */
-    float *k_cache, *v_cache;               /* [rows][KV][S][H]: the source layer's on KV-shared layers */
-    int64_t *slot_pos;                      /* [rows][S] */
-    long slots, ring, window;               /* as decode.c's layer_t */
-    long head_dim, n_kv, inter, n_experts;
-    float layer_scalar;
-} layer4_t;
-
-typedef struct {
-    long dim, n_heads, ple, top_k;          /* ple: per-layer input width P (0 = none); top_k experts per token */
-    float eps, scaling, softcap;            /* softcap 0 = none */
-} dims4_t;
+#include "decode_gemma4.h"
 
 static void add(float *x, const float *y, long n) {
     for (long i = 0; i < n; i++) x[i] += y[i];
@@ -72,17 +51,6 @@ static void route(const layer4_t *L, long M, long E, long k, float *logits, int 
         for (long j = 0; j < k; j++) wts[m * k + j] = wts[m * k + j] / sum * L->expert_scale[idx[m * k + j]];
     }
 }
-
-/* Scratch of one step, sized for its widest layer. */
-typedef struct {
-    float *h, *qkv, *att, *o, *gu, *act, *mlp, *pg, *logits, *wts, *xs, *gus, *acts, *ys, *part, *ones;
-    int *idx, *order, *first, *count;  /* routed slots in expert order; each used expert's first slot and count */
-    int used;                           /* experts routed to in this layer, their ids in used_ids */
-    int *used_ids;
-    void *scratch;
-    uint8_t *groups;
-    long gb;
-} work_t;
 
 /* The MoE branch (moe.py, Block._experts) on the residual stream x, added to mlp: worker 0 routes and gathers the
  * routed rows in expert order, the team runs each used expert's products on its rows, worker 0 sums the slots. */
@@ -173,8 +141,9 @@ static void experts(const layer4_t *L, const dims4_t *dm, const float *x, long M
     }
 }
 
-/* The attention half of a layer: x -> w->o (o product of the attention output), complete after a barrier. */
-static void attend(const layer4_t *L, const dims4_t *dm, const float *x, long M, long T, const int64_t *pos,
+/* The attention half of a layer: x -> w->o (o product of the attention output), complete after a barrier; w->h holds
+ * the normed x. */
+void attend4(const layer4_t *L, const dims4_t *dm, const float *x, long M, long T, const int64_t *pos,
                    const int64_t *cols, long end, work_t *w, int tid, int nth, team_t *team) {
     const long D = dm->dim, N = dm->n_heads, KV = L->n_kv, H = L->head_dim, S = L->slots;
     const long QKV = (N + 2 * KV) * H;
@@ -227,7 +196,7 @@ static void layer(const layer4_t *L, long l, long n_layers, const dims4_t *dm, f
     const long D = dm->dim, I = L->inter, P = dm->ple;
     void *G = w->groups + tid * w->gb;
     long a, b;
-    attend(L, dm, x, M, T, pos, cols, end, w, tid, nth, team);
+    attend4(L, dm, x, M, T, pos, cols, end, w, tid, nth, team);
     if (tid == 0) {
         rms_norm(w->o, L->post_attn_norm, w->o, M, D, dm->eps);
         add(x, w->o, M * D);

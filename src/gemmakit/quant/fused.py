@@ -130,6 +130,11 @@ def attach(model: nn.Module) -> None:
 
         attach_gemma4(model, lib)
         return
+    if model.config.family == "gemma3n":
+        from .fused_gemma3n import attach as attach_gemma3n  # here: fused_gemma3n builds on this module
+
+        attach_gemma3n(model, lib)
+        return
     if model.config.family not in ("gemma", "gemma2", "gemma3"):
         return
     for block in model.model.layers:

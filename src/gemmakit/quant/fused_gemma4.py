@@ -121,7 +121,7 @@ class FusedDecodeGemma4(FusedDecode):
         L.inv_freq = self._keep(model.inv_freq(i, torch.device("cpu")).float().contiguous())
         L.window = cfg.sliding_window if cfg.layer_types[i] == SLIDING and cfg.sliding_window else 0
         L.head_dim, L.n_kv, L.inter = att.head_dim, att.n_kv, block.mlp.gate_proj.out_features
-        L.layer_scalar = float(block.layer_scalar)
+        L.layer_scalar = 1.0 if block.layer_scalar is None else float(block.layer_scalar)  # Gemma 3n: none
 
     def __call__(self, x: Tensor, positions: Tensor, cache, ple: Tensor | None = None) -> Tensor:
         """x: (B, T, D) embedded tokens of rows 0..B-1, ple: their per-layer inputs (B, T, L, P) or None -> hidden

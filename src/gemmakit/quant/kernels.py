@@ -138,8 +138,9 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm.argtypes = [ptr, ptr, ptr, long_, long_, ctypes.c_float]
     lib.decode_layers.argtypes = [ptr, long_, ptr, ptr, long_, long_, ptr, ptr, long_, int_]
     lib.decode_gemma4.argtypes = [ptr, long_, ptr, ptr, ptr, long_, long_, ptr, ptr, long_, int_]
+    lib.decode_gemma3n.argtypes = [ptr, ptr, long_, ptr, ptr, ptr, ptr, long_, long_, ptr, ptr, long_, int_]
     for f in (lib.qmatmul, lib.dequant_rows, lib.dequant_rows_bf16, lib.rms_norm, lib.decode_layers,
-              lib.decode_gemma4):
+              lib.decode_gemma4, lib.decode_gemma3n):
         f.restype = None
     lib.release_threads.argtypes = []
     lib.release_threads.restype = int_
