@@ -11,8 +11,8 @@
  *   correct: modalities of x; every stream = (x - a) * (corr_coefs @ modalities + 1) + its prediction;
  *   per-layer input: the corrected active stream (times correct_scale) gates this layer's per-layer input,
  *            projected and normed, added to every stream but the first.
- * The streams are made from the embedding before the call and merged after it (altup.py expand/merge_streams), the
- * per-layer inputs computed before it, the final norm, head and soft-cap after it (model.py).
+ * Before the layers the streams are made from the embedding, after them merged (altup.py expand/merge_streams). The
+ * per-layer inputs are computed before the call, the final norm, head and soft-cap after it (model.py).
  *
  * One region per step (team.c); workers split products and elementwise pieces, worker 0 runs the short serial parts.
  * Each row's values are computed by the same code in the same order whatever the number of rows or workers, so a
@@ -21,6 +21,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "blocks.h"
 #include "decode.h"
@@ -36,12 +37,32 @@ typedef struct {
 
 typedef struct {
     long streams, active;
+    const qmat_t *proj, *unembed;             /* S - 1 matrices each [D, D]: the streams from the embedding and back */
 } dims3n_t;
 
 /* Buffers of a Gemma 3n layer beside the attention's work_t. */
 typedef struct {
-    float *pred, *x, *rin, *rl, *coef, *lr, *lo, *first, *gu, *act, *mlp, *pg;
+    float *pred, *x, *rin, *rl, *coef, *lr, *lo, *first, *gu, *act, *mlp, *pg, *target;
 } alt_work_t;
+
+/* sqrt(mean(x^2)) of each of M rows of D. */
+static void rms_rows(const float *x, long M, long D, float *out) {
+    for (long m = 0; m < M; m++) {
+        double ss = 0.0;
+        for (long i = 0; i < D; i++) ss += (double)x[m * D + i] * x[m * D + i];
+        out[m] = (float)sqrt(ss / D);
+    }
+}
+
+/* y scaled to the RMS `target` of its row, its own RMS floored at sqrt(1e-5) (altup.py _rescaled). */
+static void rescale(float *y, const float *target, long M, long D) {
+    for (long m = 0; m < M; m++) {
+        double ss = 0.0;
+        for (long i = 0; i < D; i++) ss += (double)y[m * D + i] * y[m * D + i];
+        const float ms = (float)(ss / D), norm = sqrtf(ms > 1e-5f ? ms : 1e-5f);
+        for (long i = 0; i < D; i++) y[m * D + i] = y[m * D + i] * target[m] / norm;
+    }
+}
 
 /* rin = router_norm(x) * 1/D (the 1/D rounded to fp32 as a tensor of the activations' dtype), on worker 0. */
 static void router_input(const altup_t *A, const dims4_t *dm, const float *x, float *rin, long M) {
@@ -216,7 +237,7 @@ typedef struct {
     long n_layers;
     const dims4_t *dm;
     const dims3n_t *d3;
-    float *xs;
+    float *x, *xs;
     const float *ple;
     long M, T;
     const int64_t *pos, *cols;
@@ -226,17 +247,62 @@ typedef struct {
     team_t team;
 } step3n_t;
 
+/* The embedding x [M, D] -> streams xs [S][M][D]: x, then its projections at its RMS (altup.py expand_streams). */
+static void expand(step3n_t *st, int tid, int nth) {
+    const long M = st->M, D = st->dm->dim, S = st->d3->streams;
+    work_t *w = st->w;
+    if (S > 1) {
+        float *y[8];
+        long ld[8];
+        for (long i = 0; i < S - 1; i++) y[i] = st->xs + (i + 1) * M * D, ld[i] = D;
+        qmatmul_team(st->d3->proj, (int)(S - 1), st->x, M, y, ld, w->scratch, w->groups + tid * w->gb, tid, nth,
+                     &st->team);
+    }
+    team_barrier(&st->team, nth);
+    if (tid == 0) {
+        memcpy(st->xs, st->x, M * D * sizeof(float));
+        rms_rows(st->x, M, D, st->a->target);
+        for (long i = 1; i < S; i++) rescale(st->xs + i * M * D, st->a->target, M, D);
+    }
+}
+
+/* Streams -> x: streams 1.. un-projected to stream 0's RMS, then the mean of all (altup.py merge_streams). */
+static void merge(step3n_t *st, int tid, int nth) {
+    const long M = st->M, D = st->dm->dim, S = st->d3->streams;
+    work_t *w = st->w;
+    float *parts = st->a->pred;  /* S - 1 un-projected streams */
+    for (long i = 0; i < S - 1; i++) {
+        float *const y[1] = {parts + i * M * D};
+        const long ld[1] = {D};
+        qmatmul_team(st->d3->unembed + i, 1, st->xs + (i + 1) * M * D, M, y, ld, w->scratch,
+                     w->groups + tid * w->gb, tid, nth, &st->team);
+    }
+    team_barrier(&st->team, nth);
+    if (tid == 0) {
+        rms_rows(st->xs, M, D, st->a->target);
+        for (long i = 0; i < S - 1; i++) rescale(parts + i * M * D, st->a->target, M, D);
+        for (long j = 0; j < M * D; j++) {
+            float sum = st->xs[j];
+            for (long i = 0; i < S - 1; i++) sum += parts[i * M * D + j];
+            st->x[j] = sum / (float)S;
+        }
+    }
+}
+
 static void step_worker(void *arg, int tid, int nth) {
     step3n_t *st = arg;
+    expand(st, tid, nth);
+    team_barrier(&st->team, nth);
     for (long l = 0; l < st->n_layers; l++)
         layer(st->layers + l, st->alt + l, l, st->n_layers, st->dm, st->d3, st->xs, st->ple, st->M, st->T, st->pos,
               st->cols, st->end, st->a, st->w, tid, nth, &st->team);
+    merge(st, tid, nth);
 }
 
-/* xs: [S][M][D] AltUp streams of M = B * T new tokens (T per cache row), updated in place to the streams after the
- * last layer; ple: [M][n_layers][P] per-layer inputs; pos, cols, end as decode_gemma4. */
+/* x: [M, D] embedded tokens of M = B * T new tokens (T per cache row), updated in place to the merged streams after
+ * the last layer; ple: [M][n_layers][P] per-layer inputs; pos, cols, end as decode_gemma4. */
 void decode_gemma3n(const layer4_t *layers, const altup_t *alt, long n_layers, const dims4_t *dm,
-                    const dims3n_t *d3, float *xs, const float *ple, long M, long T, const int64_t *pos,
+                    const dims3n_t *d3, float *x, const float *ple, long M, long T, const int64_t *pos,
                     const int64_t *cols, long end, int threads) {
     const long D = dm->dim, N = dm->n_heads, P = dm->ple, S = d3->streams;
     long H = 0, QKV = 0, I = 0, R = 0, chunks = 1;
@@ -255,7 +321,7 @@ void decode_gemma3n(const layer4_t *layers, const altup_t *alt, long n_layers, c
     widest = widest > P ? widest : P;
     const long GU = 2 * I > P ? 2 * I : P;
     const long floats = M * (D + QKV + N * H + D) + M * N * chunks * (H + 2) + H +
-                        M * (S * D + D + D + S + S * S + R + D + D + GU + I + D + P);
+                        M * (S * D + D + D + S + S * S + R + D + D + GU + I + D + P + 1 + S * D);
     float *buf = malloc(sizeof(float) * floats), *p = buf;
     work_t w = {0};
     alt_work_t a;
@@ -277,11 +343,13 @@ void decode_gemma3n(const layer4_t *layers, const altup_t *alt, long n_layers, c
     a.gu = p, p += M * GU;
     a.act = p, p += M * I;
     a.mlp = p, p += M * D;
-    a.pg = p;
+    a.pg = p, p += M * P;
+    a.target = p, p += M;
+    float *xs = p;  /* the streams [S][M][D] */
     w.scratch = malloc(act_bytes(M, widest));
     w.gb = group_bytes(widest);
     w.groups = aligned_alloc(64, w.gb * (threads > 0 ? threads : 1));
-    step3n_t st = {layers, alt, n_layers, dm, d3, xs, ple, M, T, pos, cols, end, &a, &w, {0, 0}};
+    step3n_t st = {layers, alt, n_layers, dm, d3, x, xs, ple, M, T, pos, cols, end, &a, &w, {0, 0}};
     team_run(threads, step_worker, &st);
     free(w.groups);
     free(w.scratch);

@@ -4,9 +4,9 @@ as quant/fused_gemma4.py is for Gemma 4.
 Gemma 3n on its PyTorch layers paid ~100 dispatched ops per layer around the native products (AltUp predict and
 correct, LAuReL, the Gaussian top-k: ~3 ms per layer; E2B widths decoded at 0.66x llama.cpp). The table here is
 Gemma 4's (attention with QK-norm, V-norm and KV sharing, the MLP, the per-layer input gate and projection) plus each
-layer's AltUp router, coefficients and output scale, LAuReL factors and top-k quantile. The streams are made from
-the embedding before the call and merged after it here (six products and a few ops per step); the per-layer inputs
-are computed before it, the final norm, head and soft-cap after it (model.py).
+layer's AltUp router, coefficients and output scale, LAuReL factors and top-k quantile, and the stream projections
+(the streams are made from the embedding and merged in the call too: ~40 ops and 6 ms a step at E2B widths as
+PyTorch). The per-layer inputs are computed before it, the final norm, head and soft-cap after it (model.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from ..altup import expand_streams, merge_streams
 from .fused import _Mat
 from .fused_gemma4 import FusedDecodeGemma4, _Dims4, _Layer4, _mat, _scale
 from .qlinear import QLinear
@@ -32,7 +31,7 @@ class _AltUp(ctypes.Structure):  # decode_gemma3n.c altup_t
 
 
 class _Dims3n(ctypes.Structure):  # decode_gemma3n.c dims3n_t
-    _fields_ = [("streams", _L), ("active", _L)]
+    _fields_ = [("streams", _L), ("active", _L), ("proj", _P), ("unembed", _P)]
 
 
 def supported(model: nn.Module) -> bool:
@@ -43,7 +42,8 @@ def supported(model: nn.Module) -> bool:
                 return False
         if not all(isinstance(block.get_submodule(n), nn.Linear) for n in _FLOAT_LINEARS):
             return False
-    return True
+    streams = [*model.model.altup_projections, *model.model.altup_unembed_projections]
+    return len(streams) <= 14 and all(isinstance(m, QLinear) for m in streams)  # at most 8 streams
 
 
 class FusedDecodeGemma3n(FusedDecodeGemma4):
@@ -54,15 +54,21 @@ class FusedDecodeGemma3n(FusedDecodeGemma4):
         self.lib = lib
         self.dims = _Dims4(cfg.hidden_size, cfg.num_attention_heads, cfg.hidden_size_per_layer_input, 0,
                            cfg.rms_norm_eps, cfg.scaling, cfg.attn_logit_softcapping or 0.0)
-        self.d3 = _Dims3n(cfg.altup_num_inputs, cfg.altup_active_idx)
-        self.projections = model.model.altup_projections
-        self.unembed = model.model.altup_unembed_projections
         self.keep: list = []
+        self.d3 = _Dims3n(cfg.altup_num_inputs, cfg.altup_active_idx, self._mats(model.model.altup_projections),
+                          self._mats(model.model.altup_unembed_projections))
         self.layers = (_Layer4 * cfg.num_hidden_layers)()
         self.alt = (_AltUp * cfg.num_hidden_layers)()
         for i, block in enumerate(model.model.layers):
             self._fill(self.layers[i], i, block, model, cfg)
             self._fill_altup(self.alt[i], block)
+
+    def _mats(self, linears: nn.ModuleList) -> int | None:
+        if not len(linears):
+            return None
+        table = (_Mat * len(linears))(*(_mat(m.qweight) for m in linears))
+        self.keep.append(table)
+        return ctypes.addressof(table)
 
     def _fill_altup(self, A: _AltUp, block: nn.Module) -> None:
         altup, laurel = block.altup, block.laurel
@@ -80,15 +86,15 @@ class FusedDecodeGemma3n(FusedDecodeGemma4):
         """x: (B, T, D) embedded tokens of rows 0..B-1, ple: their per-layer inputs (B, T, L, P) -> hidden states
         after the last layer, the streams merged (before the final norm). The cache must be prepared for this step."""
         B, T, _ = x.shape
-        streams = expand_streams(x, self.projections).contiguous()  # (S, B, T, D), updated in place
+        x = x.clone(memory_format=torch.contiguous_format)  # the native step updates it in place
         ple = ple.float().contiguous()
         pos = positions.reshape(-1).to(torch.long).contiguous()
         first = cache.layers[0]
         cols = (first.starts[:, None] + torch.arange(T)).reshape(-1).contiguous()
         self.lib.decode_gemma3n(self._table(cache)[0], self.alt, len(self.layers), ctypes.byref(self.dims),
-                                ctypes.byref(self.d3), streams.data_ptr(), ple.data_ptr(), B * T, T, pos.data_ptr(),
+                                ctypes.byref(self.d3), x.data_ptr(), ple.data_ptr(), B * T, T, pos.data_ptr(),
                                 cols.data_ptr(), first.end, torch.get_num_threads())
-        return merge_streams(streams, self.unembed)
+        return x
 
 
 def attach(model: nn.Module, lib: ctypes.CDLL) -> None:
