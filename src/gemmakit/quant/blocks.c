@@ -924,6 +924,22 @@ static void rows_pair(const group_t *G, const group_t *G2, long groups, long typ
 }
 #endif
 
+#if defined(__AVX2__)
+/* 8 weights of a float row from column k, as fp32. */
+static inline __m256 float_w8(long type, const uint8_t *row, long k) {
+    if (type == T_F32) return _mm256_loadu_ps((const float *)row + k);
+#if defined(__F16C__)
+    if (type == T_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k)));
+#endif
+    if (type == T_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k))), 16));
+    float t[8];
+    for (int i = 0; i < 8; i++) t[i] = fp16_to_fp32(rd16(row + 2 * (k + i)));
+    return _mm256_loadu_ps(t);
+}
+#endif
+
 /* One float weight row (F32/F16/BF16) against fp32 activation rows. */
 static void row_float(const qmat_t *W, long n, const act_t *A, long m0, int mr, float *y, long ldy) {
     const uint8_t *row = W->data + n * W->row_bytes;
@@ -931,22 +947,19 @@ static void row_float(const qmat_t *W, long n, const act_t *A, long m0, int mr, 
     long k = 0;
 #if defined(__AVX2__)
     __m256 acc[MR];
-    for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
-    for (; k + 8 <= K; k += 8) {
-        __m256 w;
-        if (W->type == T_F32) w = _mm256_loadu_ps((const float *)row + k);
-#if defined(__F16C__)
-        else if (W->type == T_F16) w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k)));
-#endif
-        else if (W->type == T_BF16)
-            w = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k))), 16));
-        else {
-            float t[8];
-            for (int i = 0; i < 8; i++) t[i] = fp16_to_fp32(rd16(row + 2 * (k + i)));
-            w = _mm256_loadu_ps(t);
+    if (mr == 1) {  /* one row (decode): its sum in a register, not in acc[] on the stack (~2.5x faster); the same
+                       multiply-adds in the same order */
+        const float *x = A->x + m0 * K;
+        __m256 a = _mm256_setzero_ps();
+        for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(float_w8(W->type, row, k), _mm256_loadu_ps(x + k), a);
+        acc[0] = a;
+    } else {
+        for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+        for (; k + 8 <= K; k += 8) {
+            const __m256 w = float_w8(W->type, row, k);
+            for (int r = 0; r < mr; r++)
+                acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(A->x + (m0 + r) * K + k), acc[r]);
         }
-        for (int r = 0; r < mr; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(A->x + (m0 + r) * K + k), acc[r]);
     }
     float out[MR];
     for (int r = 0; r < mr; r++) {
