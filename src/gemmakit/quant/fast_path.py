@@ -10,8 +10,8 @@ Gemma 4's matrices run on these products too: every matrix, including the packed
 lookup) and each expert's slice of the 3-D expert tensors (quant/experts.py: a token reads only its routed experts'
 blocks). Gemma 3n likewise: every matrix, including each of the AltUp stream projections (one stacked tensor in the
 file, sliced per stream like the experts), the router and LAuReL factors where their rows are whole units. Decode
-steps run as one native call on Gemma 1, 2 and 3 (quant/fused.py) and Gemma 4 (quant/fused_gemma4.py); Gemma 3n
-runs its PyTorch layers.
+steps run as one native call on Gemma 1, 2 and 3 (quant/fused.py), Gemma 4 (quant/fused_gemma4.py) and Gemma 3n
+(quant/fused_gemma3n.py).
 """
 
 from __future__ import annotations
