@@ -11,12 +11,16 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 
 import gemmakit
 from finetune_helpers import tiny_tokenizer
 from gemmakit.generate import generate_step
 from gemmakit.quant import kernels
+from gemmakit.quant.fast_path import _float_blocks
+from gemmakit.quant.fused import attach
 from gemmakit.quant.fused_gemma3n import FusedDecodeGemma3n
+from gemmakit.quant.qlinear import swap_in
 from gemmakit.sampling import SamplingParams
 from gemmakit.weights.writers import write_gguf
 from test_fast_path import _decode_rows
@@ -115,3 +119,16 @@ def test_any_team_and_thread_give_the_same_logits(models):
     worker.start()
     worker.join()
     assert all(torch.equal(a, b) for a, b in zip(got["x"], one, strict=True))
+
+
+def test_without_the_corrected_stream_scale(tmp_path):
+    """altup_correct_scale=False (no GGUF holds it: llama.cpp always scales): a folder's matrices as F32 blocks, the
+    native step against the module path, as for the GGUF kinds."""
+    cfg = CONFIGS["plain"].replace(altup_correct_scale=False)
+    hf_gemma3n(cfg).save_pretrained(tmp_path)
+    module = gemmakit.load(tmp_path, dtype="float32", device="cpu", quant=None, progress=False).module
+    swap_in(module, {f"{n}.weight": _float_blocks(m.weight, exact=True) for n, m in module.named_modules()
+                     if isinstance(m, nn.Linear | nn.Embedding) and m.weight.shape[1] % 32 == 0})
+    attach(module)
+    prompts, steps = _inputs(cfg)
+    assert _worst(_steps(module, True, prompts, steps), _steps(module, False, prompts, steps)) <= 1e-4
