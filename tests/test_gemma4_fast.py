@@ -103,8 +103,8 @@ def block_errors(fast, ref, ids) -> list[float]:
     errors = []
     with reference_routes(fast, ref, ids), torch.inference_mode():
         for block, (args, out) in zip(fast.model.layers, calls, strict=True):
-            x, rope, pos, cache, masks, shared, ple = args
-            errors.append(rel(block(x, rope, pos, cache, dict(masks), dict(shared), ple), out))
+            x, rope, pos, cache, masks, shared, *rest = args  # rest: the per-layer input (and text spans)
+            errors.append(rel(block(x, rope, pos, cache, dict(masks), dict(shared), *rest), out))
     return errors
 
 

@@ -128,7 +128,7 @@ class Model:
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
                  logits_processors: ProcessorFactory | None = None, json_schema: Any = None,
                  regex: str | None = None, grammar: str | None = None, watermark: WatermarkKeys | None = None,
-                 draft: Any = None, draft_tokens: int = 4) -> GenerationResult | list[GenerationResult]:
+                 draft: Any = None, draft_tokens: int = 8) -> GenerationResult | list[GenerationResult]:
         """Continue a prompt (text or token ids); a list of prompts is generated as one batch -> list of results.
 
         temperature=0 is greedy; the same seed gives the same text. Stops at EOS/<end_of_turn> (unless
@@ -153,7 +153,7 @@ class Model:
                stop: str | Sequence[str] | None = None, ignore_eos: bool = False, lookup: int = 0,
                logits_processors: ProcessorFactory | None = None, json_schema: Any = None,
                regex: str | None = None, grammar: str | None = None, watermark: WatermarkKeys | None = None,
-               draft: Any = None, draft_tokens: int = 4) -> Iterator[str]:
+               draft: Any = None, draft_tokens: int = 8) -> Iterator[str]:
         """Like generate() for one prompt, yielding text pieces as they are produced (never a split character)."""
         gen, batched = self._generation(prompt, max_new_tokens, GenerateOptions.of(locals()))
         if batched:
@@ -316,7 +316,7 @@ class GenerateOptions:
     grammar: str | None = None
     watermark: WatermarkKeys | None = None
     draft: Any = None  # a Gemma 4 assistant drafter (draft.Drafter)
-    draft_tokens: int = 4
+    draft_tokens: int = 8
 
     @classmethod
     def of(cls, call: Mapping[str, Any]) -> GenerateOptions:

@@ -266,7 +266,7 @@ class Generation:
     def __init__(self, model: Gemma, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int, params: SamplingParams, stop: Sequence[str] = (),
                  ignore_eos: bool = False, lookup: int = 0, processors: RowProcessors | None = None,
-                 parse: Callable[[str], Any] | None = None, draft: Any = None, draft_tokens: int = 4) -> None:
+                 parse: Callable[[str], Any] | None = None, draft: Any = None, draft_tokens: int = 8) -> None:
         cfg = model.config
         if not prompts:
             raise GemmaError("no prompts given")

@@ -163,7 +163,7 @@ def chat(
     ] = True,
     watermark: Annotated[str | None, typer.Option(help="SynthID-Text keys file: watermark the replies.")] = None,
     draft: DraftOpt = None,
-    draft_tokens: DraftTokensOpt = 4,
+    draft_tokens: DraftTokensOpt = 8,
 ) -> None:
     """Chat with a model in the terminal: streaming replies, multi-turn history, /reset /system /save /load.
 

@@ -32,7 +32,7 @@ def run(
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
     lookup: Annotated[int, typer.Option(help="Prompt-lookup speculative decoding: draft up to N tokens (greedy).")] = 0,
     draft: DraftOpt = None,
-    draft_tokens: DraftTokensOpt = 4,
+    draft_tokens: DraftTokensOpt = 8,
     quant: Annotated[str, typer.Option(help="auto (fast path for quantized GGUF), q8, or none (exact fp32).")] = "auto",
     adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder (PEFT format) to apply.")] = None,
     variant: Annotated[str | None, typer.Option(help="Variant of a gemma_pytorch .ckpt, e.g. gemma-2b.")] = None,

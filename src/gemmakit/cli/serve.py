@@ -108,7 +108,7 @@ def serve(
                      "'*' for any; default: none)."),
     ] = None,
     draft: DraftOpt = None,
-    draft_tokens: DraftTokensOpt = 4,
+    draft_tokens: DraftTokensOpt = 8,
 ) -> None:
     """Serve models over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health.
 

@@ -123,7 +123,7 @@ def create_app(
     cors_origins: Sequence[str] = (),
     embedders: Mapping[str, EmbeddingModel] | None = None,
     drafts: Mapping[str, Any] | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = 8,
 ) -> FastAPI:
     """An app serving each model under its name; engines start and stop with the app's lifespan.
 

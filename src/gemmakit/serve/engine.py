@@ -108,7 +108,7 @@ class Engine:
 
     def __init__(
         self, model: Model, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
-        draft: Any = None, draft_tokens: int = 4,
+        draft: Any = None, draft_tokens: int = 8,
     ) -> None:
         if model.tokenizer is None:
             raise GemmaError(
