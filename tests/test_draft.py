@@ -198,7 +198,7 @@ def test_api_generate_stream_chat_with_a_drafter(pair):
         model.generate(PROMPT, 4, draft=drafter, lookup=3)
 
 
-def test_server_engine_drafts_for_every_greedy_row(pair):
+def test_server_engine_drafts_for_greedy_and_sampling_rows(pair):
     """Continuous batching with a drafter: 4 jobs on 3 rows (one joins when a row frees), greedy rows drafted and
     verified together, a sampling row riding along undrafted: each greedy job gets plain greedy's tokens, and the
     seeded sampling job the tokens it gets without a drafter."""
@@ -238,7 +238,12 @@ def test_server_engine_drafts_for_every_greedy_row(pair):
 
     plain, _ = run(None)
     drafted, engine = run(drafter)
-    assert drafted == plain and engine.peak_batch == 3 and engine.draft_stats[0] > 0
+    greedy = [0, 1, 3]
+    assert [drafted[i] for i in greedy] == [plain[i] for i in greedy]
+    assert engine.peak_batch == 3 and engine.draft_stats[0] > 0
+    # The sampling row drafts too (speculative sampling with its own seeded generator): the same tokens again.
+    again, _ = run(drafter)
+    assert len(drafted[2]) == 12 and again == drafted
     expected = [int(t) for t in generate_step(model.module, [PROMPT], SamplingParams(), 12)]
     assert drafted[0] == expected
 

@@ -135,8 +135,8 @@ def create_app(
     generated sequence carries that SynthID-Text watermark.
 
     `thinking` is the default of Gemma 4's thinking mode for requests that do not choose (off, as in the template).
-    `drafts` maps a model's name to its assistant drafter: its engine drafts up to `draft_tokens` for every greedy
-    row (serve/drafting.py).
+    `drafts` maps a model's name to its assistant drafter: its engine drafts up to `draft_tokens` for every row
+    without penalties, a logit bias or processors, greedy or sampling (serve/drafting.py).
     """
     embedders = dict(embedders or {})
     if not models and not embedders:

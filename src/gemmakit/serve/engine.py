@@ -101,6 +101,7 @@ class _Seq:
     last: int = 0
     position: int = 0
     generated: int = 0
+    draft_gen: torch.Generator | None = None  # a sampling row's generator for drafting (serve/drafting.py)
 
 
 class Engine:
@@ -120,7 +121,7 @@ class Engine:
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.vocab_size = cfg.vocab_size
-        # An assistant drafter (serve/drafting.py): greedy rows draft, one forward verifies every row.
+        # An assistant drafter (serve/drafting.py): greedy and sampling rows draft, one forward verifies every row.
         self.draft, self.draft_state = draft, {}
         self.draft_stats = [0, 0]  # draft tokens proposed, accepted
         if draft is not None:
@@ -279,15 +280,15 @@ class Engine:
     def _decode_drafted(self, live: list[tuple[int, _Seq]]) -> None:
         """One draft + verify round (serve/drafting.py); each row emits its kept drafts, then its next token."""
         self.peak_batch = max(self.peak_batch, len(live))
-        logits, rounds = decode_step(self, live, {r for r, s in live if _plain_greedy(s)}, self.draft_length)
+        logits, rounds = decode_step(self, live, {r for r, s in live if _draftable(s)}, self.draft_length)
         for r, seq in live:
-            draft, kept = rounds.get(r, ([], 0))
+            draft, kept, nxt = rounds.get(r, ([], 0, None))
             try:
                 for j in range(kept + 1):
                     if self.rows[r] is not seq:  # finished (a stop token, its length) inside the kept drafts
                         break
                     seq.position += 1
-                    token = draft[j] if j < kept else (int(logits[r, j].argmax()) if r in rounds else None)
+                    token = draft[j] if j < kept else nxt
                     self._emit(r, seq, logits[r, j : j + 1], token)
             except Exception as e:
                 self._fail_one(r, seq.job, e)
@@ -395,6 +396,11 @@ def _plain_greedy(seq: _Seq) -> bool:
     job = seq.job
     return (job.params.greedy and seq.seen is None and seq.counts is None and seq.bias is None
             and not job.processors)
+
+
+def _draftable(seq: _Seq) -> bool:
+    """Greedy or sampling with the plain distribution: the rows a drafter proposes for (serve/drafting.py)."""
+    return seq.seen is None and seq.counts is None and seq.bias is None and not seq.job.processors
 
 
 def _send(job: Job, event: Event) -> None:
