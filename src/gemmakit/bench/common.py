@@ -7,8 +7,11 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
@@ -89,3 +92,33 @@ def busy_core() -> Iterator[int]:
     finally:
         spinner.kill()
         spinner.wait()
+
+
+class Pauses:
+    """Seconds this process spent stopped: on a shared machine a scheduler may SIGSTOP it mid-run, and the stop
+    would count as run time. A thread ticking every 20 ms sees the stop as a gap; SIGCONT confirms it was one."""
+
+    def __init__(self) -> None:
+        self.resumes, self.stopped = 0, 0.0
+        if hasattr(signal, "SIGCONT"):
+            try:
+                signal.signal(signal.SIGCONT, self._resumed)
+            except ValueError:  # not the main thread: the gaps alone tell
+                pass
+        threading.Thread(target=self._tick, daemon=True).start()
+
+    def _resumed(self, *_: object) -> None:
+        self.resumes += 1
+
+    def _tick(self) -> None:
+        last = time.perf_counter()
+        while True:
+            time.sleep(0.02)
+            now = time.perf_counter()
+            if now - last > 0.25:
+                self.stopped += now - last - 0.02
+            last = now
+
+    def clock(self) -> float:
+        """perf_counter less the stops seen so far: a timer for runs that may be stopped."""
+        return time.perf_counter() - self.stopped

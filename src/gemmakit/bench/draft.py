@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +34,7 @@ from ..generate import generate_step
 from ..model import Gemma
 from ..quant import fast_path
 from ..sampling import SamplingParams
-from .common import isa, machine, peak_rss_mb, write_results
+from .common import Pauses, isa, machine, peak_rss_mb, write_results
 
 DRAFT_WIDTH, DRAFT_HEADS, DRAFT_INTER = 256, 4, 2048  # the E2B/E4B assistants' stream; see the module docstring
 
@@ -110,29 +108,7 @@ def load() -> str:
         return "unknown"
 
 
-class PauseClock:
-    """perf_counter minus the time this process spent stopped: a thread ticks every 5 ms and counts any gap over
-    250 ms as a pause. On this shared machine other benchmarks SIGSTOP every other Python process while they run
-    (/work/quiet-bench.sh), for seconds to minutes; ordinary preemption at load 2-4 delays a tick by milliseconds."""
-
-    def __init__(self) -> None:
-        self.paused = 0.0
-        threading.Thread(target=self._tick, daemon=True).start()
-
-    def _tick(self) -> None:
-        last = time.perf_counter()
-        while True:
-            time.sleep(0.005)
-            now = time.perf_counter()
-            if now - last > 0.25:
-                self.paused += now - last - 0.005
-            last = now
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.paused
-
-
-CLOCK = PauseClock()
+CLOCK = Pauses()  # timings leave out the time this process spends stopped (SIGSTOP by another benchmark)
 
 
 def decode_seconds(steps) -> float:
@@ -140,10 +116,10 @@ def decode_seconds(steps) -> float:
     are stated."""
     it = iter(steps)
     next(it)
-    t = CLOCK()
+    t = CLOCK.clock()
     for _ in it:
         pass
-    return CLOCK() - t
+    return CLOCK.clock() - t
 
 
 def drafted_run(module: Gemma, d: Drafter, prompt: list[int], tokens: int, k: int) -> dict:
@@ -152,16 +128,16 @@ def drafted_run(module: Gemma, d: Drafter, prompt: list[int], tokens: int, k: in
     real_propose, real_hidden = speculative.propose, module.hidden_states
 
     def propose(*a, **kw):
-        t = CLOCK()
+        t = CLOCK.clock()
         out = real_propose(*a, **kw)
-        times["draft"] += CLOCK() - t
+        times["draft"] += CLOCK.clock() - t
         return out
 
     def hidden(*a, **kw):
-        t = CLOCK()
+        t = CLOCK.clock()
         out = real_hidden(*a, **kw)
         if times["calls"]:  # the first call is the prefill
-            times["verify"] += CLOCK() - t
+            times["verify"] += CLOCK.clock() - t
         times["calls"] += 1
         return out
 
@@ -234,7 +210,7 @@ def main(argv: list[str] | None = None) -> Path:
     drafters = {f"{name} k={k}": (d, k) for k in ks for name, d in kinds.items()}
     result.update(measure(module, drafters, prompt, a.tokens, a.repeats))
     result["load_after"] = load()
-    result["paused_s"] = CLOCK.paused
+    result["paused_s"] = CLOCK.stopped
     result["peak_rss_mb"] = peak_rss_mb()
     rows = [f"| {k} | {result['plain_tok_s']:.2f} | {v['draft_tok_s']:.2f} | {v['ratio']:.2f}x | {v['ratio_best']:.2f}x "
             f"| {v['acceptance']:.0%} | {v['draft_ms_per_round']:.1f} | {v['verify_ms_per_round']:.1f} |"
@@ -244,7 +220,7 @@ def main(argv: list[str] | None = None) -> Path:
              f"medians of {a.repeats} alternating repeats (ratio: median of each repeat's drafted / plain; best: fastest "
              "drafted run / fastest plain run).\n\n| drafter | plain tok/s | drafted tok/s | ratio | best | accepted "
              "| draft ms/round | verify ms/round |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-             f"Load before: `{result['load_before']}`; after: `{result['load_after']}`; {CLOCK.paused:.0f} s "
+             f"Load before: `{result['load_before']}`; after: `{result['load_after']}`; {CLOCK.stopped:.0f} s "
              "stopped by other benchmarks, not counted.\n")
     out = write_results(a.out, a.name, result, table, kind="draft")
     print(table)

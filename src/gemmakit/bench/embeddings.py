@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import isa, machine, peak_rss_mb, write_results
+from .common import Pauses, isa, machine, peak_rss_mb, write_results
 
 DTYPES = {"gemmakit": "fp32", "gemmakit-bf16": "bf16", "sentence-transformers": "fp32", "llama.cpp": "f32 GGUF"}
 SHAPE = dict(vocab_size=262144, hidden_size=768, intermediate_size=1152, num_hidden_layers=24, num_attention_heads=3,
@@ -73,29 +71,6 @@ def texts(n: int) -> list[str]:
         out.append(" ".join(words[at: at + k]))
         at += k
     return out
-
-
-class Pauses:
-    """Seconds this process spent stopped: on a shared machine a scheduler may SIGSTOP it mid-run, and the stop
-    would count as run time. A thread ticking every 20 ms sees the stop as a gap; SIGCONT confirms it was one."""
-
-    def __init__(self) -> None:
-        self.resumes, self.stopped = 0, 0.0
-        if hasattr(signal, "SIGCONT"):
-            signal.signal(signal.SIGCONT, self._resumed)
-        threading.Thread(target=self._tick, daemon=True).start()
-
-    def _resumed(self, *_: object) -> None:
-        self.resumes += 1
-
-    def _tick(self) -> None:
-        last = time.perf_counter()
-        while True:
-            time.sleep(0.02)
-            now = time.perf_counter()
-            if now - last > 0.25:
-                self.stopped += now - last - 0.02
-            last = now
 
 
 def timed(f: Callable[[], np.ndarray], pauses: Pauses) -> tuple[float, np.ndarray, float]:
