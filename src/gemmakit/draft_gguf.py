@@ -37,6 +37,7 @@ from .weights.writers import (
     _write_metadata,
     _write_tokenizer,
     atomic_write,
+    finish_gguf,
     rope_freqs,
 )
 
@@ -86,10 +87,7 @@ def write_drafter_gguf(path: str | Path, drafter: Drafter, tokenizer: Tokenizer 
             gguf_name = _MTP.get(name) or hf_to_gguf(name, "gemma4")
             _add_tensor(w, gguf_name, data, "f32" if name == "masked_embedding.centroids.weight" else qtype)
         w.add_tensor(ROPE_FREQS, rope_freqs(text))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        finish_gguf(w)
 
     atomic_write(path, write)
     return path

@@ -13,7 +13,7 @@ from ..tokenizer import Tokenizer
 from ..weights.gguf import EMBEDDING_ARCH, EMBEDDING_DENSE
 from ..weights.hf import read_hf_config, read_hf_state_dict
 from ..weights.names import hf_to_gguf
-from ..weights.writers import _add_tensor, _write_metadata, _write_tokenizer, atomic_write
+from ..weights.writers import _add_tensor, _write_metadata, _write_tokenizer, atomic_write, finish_gguf
 from .head import read_sentence_transformers
 from .loading import encoder_state
 
@@ -51,10 +51,7 @@ def write_gemma_embedding_gguf(folder: str | Path, path: str | Path, *, qtype: s
             _add_tensor(w, hf_to_gguf(name, "gemma3"), data, qtype)
         for name, (linear, _) in zip(EMBEDDING_DENSE, spec.dense, strict=True):
             _add_tensor(w, name, linear.weight.detach().float().numpy(), qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        finish_gguf(w)
 
     atomic_write(path, write)
     return path

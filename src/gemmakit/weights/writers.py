@@ -166,9 +166,8 @@ def write_gguf(
     tensors = float_state(state, cfg)
     if cfg.family == "gemma3n":
         tensors = _gemma3n_tensors(tensors, cfg, tokenizer.vocab_size if trim else None)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         writer = GGUFWriter(tmp, cfg.family)
         _write_metadata(writer, cfg, qtype)
         _write_tokenizer(writer, tokenizer)
@@ -181,20 +180,18 @@ def write_gguf(
             _add_tensor(writer, hf_to_gguf(name, cfg.family), data, qtype)
         if cfg.family == "gemma4":
             writer.add_tensor(ROPE_FREQS, rope_freqs(cfg))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        finish_gguf(writer)
+
+    atomic_write(path, write)
     return path
+
+
+def finish_gguf(writer: GGUFWriter) -> None:
+    """Write the header, the metadata and the tensors added to `writer`, and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, qtype: str) -> None:
