@@ -294,9 +294,7 @@ class Generation:
                              "pass one of them")
         if draft is not None and draft_tokens < 1:
             raise GemmaError(f"draft_tokens must be >= 1, got {draft_tokens}")
-        # A drafter where the result stays the target's: no per-row processors, no repetition penalty.
-        self.draft = draft if draft is not None and not (processors and any(processors)) and (
-            params.repetition_penalty in (None, 1.0)) else None
+        self.draft = draft
         self.draft_tokens = draft_tokens
         self.rounds: list[list[Any]] = [[] for _ in prompts]
 
@@ -308,7 +306,8 @@ class Generation:
             from .speculative import speculative_step
 
             steps = speculative_step(self.model, self.draft, self.prompts, self.params, self.budget,
-                                     self.draft_tokens, stop_ids=self.stop_ids, rounds=self.rounds)
+                                     self.draft_tokens, stop_ids=self.stop_ids, rounds=self.rounds,
+                                     processors=self.processors)
         elif self.lookup:
             procs = self.processors[0] if self.processors else ()
             steps = lookup_step(self.model, self.prompts[0], self.budget, self.lookup, processors=procs,

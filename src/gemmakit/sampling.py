@@ -216,3 +216,41 @@ def make_sampler(params: SamplingParams, device: torch.device | str = "cpu") -> 
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     return sample
+
+
+@dataclass
+class RowRules:
+    """One sequence's rules beyond its SamplingParams: a logit bias, OpenAI's frequency/presence penalties, the
+    repetition penalty's set of seen tokens, and its LogitsProcessors. The server keeps one per request row; the
+    speculative paths use it to score a draft position with exactly what a plain step would apply there."""
+
+    params: SamplingParams
+    processors: Sequence[LogitsProcessor] = ()
+    seen: Tensor | None = None  # (1, V) bool: prompt + output so far (repetition penalty)
+    counts: Tensor | None = None  # (1, V) float: output tokens so far (frequency/presence penalties)
+    frequency: float = 0.0
+    presence: float = 0.0
+    bias: tuple[Tensor, Tensor] | None = None  # (ids, values)
+    generator: torch.Generator | None = None  # the row's own, for drafting and acceptance
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but the SamplingParams shapes this row's distribution."""
+        return not self.processors and self.seen is None and self.counts is None and self.bias is None
+
+    def penalized(self, logits: Tensor, counts: Tensor | None = None) -> Tensor:
+        """fp32 logits (1, V) with the logit bias, then the frequency/presence penalties of `counts` (default: the
+        row's own) applied; what the sampler then processes."""
+        scores = logits.float()
+        if self.bias is not None:
+            scores = scores.index_add(1, self.bias[0], self.bias[1][None])
+        counts = self.counts if counts is None else counts
+        if counts is not None:
+            scores = scores - counts * self.frequency - (counts > 0).float() * self.presence
+        return scores
+
+    def distribution(self, logits: Tensor, seen: Tensor | None, counts: Tensor | None, processors: bool) -> Tensor:
+        """The processed logits (1, V) that sampling draws from, given the tokens so far (`seen`, `counts`), with or
+        without the row's processors (a drafter proposes without them: they have not seen its earlier drafts)."""
+        rows = [self.processors] if processors and self.processors else None
+        return process_logits(self.penalized(logits, counts), self.params, seen, rows)

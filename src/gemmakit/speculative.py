@@ -24,7 +24,7 @@ from torch import Tensor
 from .draft import Drafter, check_pair, greedy_pick, propose, sample_pick, sliding_window_span, target_kv
 from .generate import left_pad
 from .model import Gemma, KVCache
-from .sampling import SamplingParams, process_logits
+from .sampling import RowProcessors, RowRules, SamplingParams, process_logits
 
 
 @dataclass
@@ -93,14 +93,98 @@ class _Row:
 def _accept_sampled(p: Tensor, q: Tensor, draft: list[int], gen: torch.Generator | None) -> tuple[int, int]:
     """(drafts kept, the next token) under the speculative-sampling rule; p (k+1, V), q (k, V) probabilities."""
     for j, x in enumerate(draft):
-        u = torch.rand((), generator=gen).item()
-        if u < (p[j, x] / q[j, x]).item():
-            continue
-        residual = (p[j] - q[j]).clamp(min=0)
-        total = residual.sum()
-        dist = residual / total if total > 0 else p[j]
-        return j, int(torch.multinomial(dist, 1, generator=gen))
+        other = _judge(p[j], q[j], x, gen)
+        if other is not None:
+            return j, other
     return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=gen))
+
+
+def _judge(p: Tensor, q: Tensor, x: int, gen: torch.Generator | None) -> int | None:
+    """None when draft token x (drawn from q) is kept under target distribution p (both (V,)), else the token
+    drawn from normalize(max(p - q, 0)) in its place."""
+    u = torch.rand((), generator=gen).item()
+    if u < (p[x] / q[x]).item():
+        return None
+    residual = (p - q).clamp(min=0)
+    total = residual.sum()
+    return int(torch.multinomial(residual / total if total > 0 else p, 1, generator=gen))
+
+
+class DraftPicker:
+    """The drafter's choice for each active row, step by step (propose's `pick`): the arg-max for greedy rows, a
+    sample of the row's distribution otherwise, with the row's bias and penalties counting its earlier drafts (not
+    its processors, which have not seen them). Keeps each sampling row's q per step for the acceptance test."""
+
+    def __init__(self, rules: Sequence[RowRules]) -> None:
+        self.rules = rules
+        self.tallies = [None if r.plain else _Tally(r) for r in rules]
+        self.q: list[list[Tensor]] = [[] for _ in rules]
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        out = logits.argmax(-1)
+        for i, (r, tally) in enumerate(zip(self.rules, self.tallies, strict=True)):
+            if r.plain and r.params.greedy:
+                continue
+            scores = (process_logits(logits[i : i + 1].float(), r.params) if tally is None
+                      else r.distribution(logits[i : i + 1], tally.seen, tally.counts, processors=False))
+            if r.params.greedy:
+                out[i] = scores.max(-1).indices[0]
+            else:
+                q = scores.softmax(-1)
+                self.q[i].append(q[0])
+                out[i] = torch.multinomial(q, 1, generator=r.generator)[0, 0]
+            if tally is not None:
+                tally.add(int(out[i]))
+        return out
+
+
+def verify_row(logits: Tensor, draft: list[int], rules: RowRules, q: list[Tensor],
+               stop_ids: Collection[int] = ()) -> tuple[int, int]:
+    """(drafts kept, the next token) of one row from its verification logits (len(draft) + 1, V).
+
+    A plain row is judged on all positions at once. A row with a bias, penalties or processors is judged position
+    by position, each scored with the penalties of the drafts kept before it and processed by processors that
+    have accepted them (the LogitsProcessor contract: process() per position, accept() per kept draft, nothing
+    after a stop token), so greedy output equals plain greedy's and sampled output keeps the row's distribution.
+    The next token is not accept()ed here: the caller does that with every token it emits."""
+    params = rules.params
+    if rules.plain:
+        if params.greedy:
+            return _accept_greedy(logits, draft)
+        p = process_logits(logits.float(), params).softmax(-1)
+        return _accept_sampled(p, torch.stack(q) if draft else p[:0], draft, rules.generator)
+    tally = _Tally(rules)
+    for j in range(len(draft) + 1):
+        scores = rules.distribution(logits[j : j + 1], tally.seen, tally.counts, processors=True)
+        if params.greedy:
+            token = int(scores.max(-1).indices[0])
+            other = None if j < len(draft) and token == draft[j] else token
+        elif j == len(draft):
+            other = int(torch.multinomial(scores.softmax(-1)[0], 1, generator=rules.generator))
+        else:
+            other = _judge(scores.softmax(-1)[0], q[j], draft[j], rules.generator)
+        if other is not None:
+            return j, other
+        for proc in rules.processors:
+            proc.accept(draft[j])
+        tally.add(draft[j])
+        if draft[j] in stop_ids:  # the row ends with this draft: nothing after it is scored or accepted
+            return j + 1, draft[j]
+    raise AssertionError("unreachable")
+
+
+class _Tally:
+    """A row's seen set and counts extended by the drafts of this round (the row's own stay as they are)."""
+
+    def __init__(self, rules: RowRules) -> None:
+        self.seen = rules.seen.clone() if rules.seen is not None else None
+        self.counts = rules.counts.clone() if rules.counts is not None else None
+
+    def add(self, token: int) -> None:
+        if self.seen is not None:
+            self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
 
 
 def _accept_greedy(logits: Tensor, draft: list[int]) -> tuple[int, int]:
@@ -114,11 +198,14 @@ def _accept_greedy(logits: Tensor, draft: list[int]) -> tuple[int, int]:
 @torch.inference_mode()
 def speculative_step(model: Gemma, drafter: Drafter, prompts: Sequence[Sequence[int]], params: SamplingParams,
                      max_new_tokens: int, k: int, *, stop_ids: Collection[int] = (),
-                     rounds: list[list[Round]] | None = None, adaptive: bool = True) -> Iterator[Tensor]:
+                     rounds: list[list[Round]] | None = None, adaptive: bool = True,
+                     processors: RowProcessors | None = None) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), max_new_tokens times, as generate_step does.
 
     Rows whose queue of kept tokens is empty take part in the next round; the others wait, so every row runs at
     its own pace through one cache. `rounds` (one list per row) receives each round's drafts and kept count.
+    With `processors` (each row's LogitsProcessors) or a repetition penalty, every row's drafts are verified
+    position by position under its rules (verify_row).
     """
     check_pair(drafter, model.config)
     device, B = model.device, len(prompts)
@@ -134,8 +221,9 @@ def speculative_step(model: Gemma, drafter: Drafter, prompts: Sequence[Sequence[
         return process_logits(logits, params).softmax(-1)
 
     pick = greedy_pick if params.greedy else sample_pick(probs, gen)
+    rules = _row_rules(prompts, params, processors, gen, model.config.vocab_size, device)
     h = model.hidden_states(ids, pos, cache)[:, -1]
-    first = pick(model.head(h))
+    first = pick(model.head(h)) if rules is None else _first_tokens(rules, model.head(h), stop_ids)
     W = model.config.sliding_window or 0
     rows = []
     for b in range(B):
@@ -147,13 +235,60 @@ def speculative_step(model: Gemma, drafter: Drafter, prompts: Sequence[Sequence[
         while any(not r.queue for r in rows):
             active = [b for b, r in enumerate(rows) if not r.queue]
             _round(model, drafter, cache, rows, active, params, pick, probs, gen, max_new_tokens, length,
-                   stop_ids, rounds)
+                   stop_ids, rounds, rules)
         yield torch.tensor([r.queue.pop(0) for r in rows], device=device)
+
+
+def _row_rules(prompts: Sequence[Sequence[int]], params: SamplingParams, processors: RowProcessors | None,
+               gen: torch.Generator | None, vocab: int, device: torch.device) -> list[RowRules] | None:
+    """Each row's rules when some row has processors or the repetition penalty is on (else None: the plain path);
+    the processors begin() on their row's prompt."""
+    penalty = params.repetition_penalty not in (None, 1.0)
+    if not penalty and not (processors and any(processors)):
+        return None
+    rules = []
+    for b, prompt in enumerate(prompts):
+        procs = list(processors[b]) if processors else []
+        for p in procs:
+            p.begin(prompt)
+        seen = None
+        if penalty:
+            seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            seen[0, torch.tensor(list(prompt), device=device)] = True
+        rules.append(RowRules(params, procs, seen, generator=gen))
+    return rules
+
+
+def _first_tokens(rules: list[RowRules], logits: Tensor, stop_ids: Collection[int]) -> Tensor:
+    """The prefill's next token of each row under its rules, told to the row's processors and tallies."""
+    out = []
+    for b, r in enumerate(rules):
+        scores = r.distribution(logits[b : b + 1], r.seen, None, processors=True)
+        if r.params.greedy:
+            token = int(scores.max(-1).indices[0])
+        else:
+            token = int(torch.multinomial(scores.softmax(-1)[0], 1, generator=r.generator))
+        _chosen(r, [token], stop_ids)
+        out.append(token)
+    return torch.tensor(out, device=logits.device)
+
+
+def _chosen(r: RowRules, tokens: list[int], stop_ids: Collection[int]) -> None:
+    """Tokens chosen for a row whose processors have not seen them: accept()ed, and added to its seen set; after a
+    stop token its processors are no longer called."""
+    for t in tokens:
+        if r.seen is not None:
+            r.seen[0, t] = True
+        for p in r.processors:
+            p.accept(t)
+        if t in stop_ids:
+            r.processors = ()
+            return
 
 
 def _round(model: Gemma, drafter: Drafter, cache: KVCache, rows: list[_Row], active: list[int],
            params: SamplingParams, pick, probs, gen, budget: int, length: DraftLength,
-           stop_ids: Collection[int], rounds: list[list[Round]] | None) -> None:
+           stop_ids: Collection[int], rounds: list[list[Round]] | None, rules: list[RowRules] | None) -> None:
     """One draft + verify round for the `active` rows (each gets at least one new token in its queue)."""
     device = model.device
     act = [rows[b] for b in active]
@@ -161,11 +296,12 @@ def _round(model: Gemma, drafter: Drafter, cache: KVCache, rows: list[_Row], act
     tokens = torch.tensor([r.token for r in act], device=device)
     positions = torch.tensor([r.position for r in act], device=device)
     drafts, draft_logits = torch.zeros(len(act), 0, dtype=torch.long, device=device), []
+    picker = DraftPicker([rules[b] for b in active]) if rules is not None else None
     if k > 0:  # drafted before the rollback: the drafter sees the cache as transformers' does (draft.target_kv)
         spans = torch.tensor([r.sliding for r in act], device=device)
         kv = target_kv(model.config, cache, active, positions, spans)
         drafts, draft_logits = propose(drafter, model, tokens, torch.stack([r.hidden for r in act]), positions, kv,
-                                       k, pick)
+                                       k, picker or pick)
     for b, r in zip(active, act, strict=True):
         cache.rollback(b, r.column)  # forget the last round's rejected drafts (their keys stayed for drafting)
     inp = torch.cat([tokens[:, None], drafts], 1)
@@ -176,7 +312,16 @@ def _round(model: Gemma, drafter: Drafter, cache: KVCache, rows: list[_Row], act
     for i, (b, r) in enumerate(zip(active, act, strict=True)):
         draft = drafts[i].tolist()
         draft = draft[: next((j for j, t in enumerate(draft) if t in stop_ids), len(draft)) + 1]
-        if params.greedy:
+        if picker is not None:
+            rule = picker.rules[i]
+            kept, nxt = verify_row(logits[i, : len(draft) + 1], draft, rule, picker.q[i], stop_ids)
+            if rule.seen is not None:
+                rule.seen[0, draft[:kept]] = True
+            if kept and draft[kept - 1] in stop_ids:  # the row ended with a kept draft
+                rule.processors = ()
+            else:
+                _chosen(rule, [nxt], stop_ids)
+        elif params.greedy:
             kept, nxt = _accept_greedy(logits[i, : len(draft) + 1], draft)
         else:
             q = torch.stack([probs(dl[i : i + 1])[0] for dl in draft_logits[: len(draft)]]) if draft else None

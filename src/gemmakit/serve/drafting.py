@@ -1,9 +1,9 @@
-"""The engine's decode step with an assistant drafter: every row without penalties, a logit bias or processors
-drafts up to k tokens and one forward verifies them all (speculative.py, row by row): greedy rows keep the drafts
-the arg-max agrees with, sampling rows follow the speculative-sampling rule with their own temperature, top-k/top-p
-and generator, so each row's output keeps its target distribution. Rows with penalties, a bias or processors
-(grammars, tools) ride in the same forward with their one token, the draft slots padded at position -1 (masked
-out, rolled back).
+"""The engine's decode step with an assistant drafter: every row drafts up to k tokens and one forward verifies them
+all (speculative.py, row by row): greedy rows keep the drafts the arg-max agrees with, sampling rows follow the
+speculative-sampling rule with their own temperature, top-k/top-p and generator, so each row's output keeps its
+target distribution. A row with penalties, a logit bias or processors (grammars, tools, watermarks) is verified
+position by position with the penalties of the drafts before it and processors that have accepted them
+(speculative.verify_row), so it too gets exactly what plain steps would give it.
 
 Per row the engine keeps what the drafter needs next: the target's hidden state that predicted the row's last
 token, the sliding-layer key span it may read, and the cache column of that token (columns past it hold the last
@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ..draft import propose, sliding_window_span, target_kv
-from ..sampling import process_logits
-from ..speculative import DraftLength, _accept_greedy, _accept_sampled
+from ..sampling import RowRules
+from ..speculative import DraftLength, DraftPicker, verify_row
 
 
 @dataclass
@@ -37,19 +37,19 @@ def prefill_state(engine: Any, r: int, hidden: Tensor, length: int) -> None:
 
 
 @torch.inference_mode()
-def decode_step(engine: Any, live: list[tuple[int, Any]], drafting: set[int], length: DraftLength
+def decode_step(engine: Any, live: list[tuple[int, Any]], length: DraftLength
                 ) -> tuple[Tensor, dict[int, tuple[list[int], int, int]]]:
-    """One round for rows 0..hi-1: -> (logits (hi, k+1, V), {row: (drafts, kept, next token)} of the drafting rows).
+    """One round for rows 0..hi-1: -> (logits (hi, k+1, V), {row: (drafts, kept, next token)} of the rows that
+    drafted (all, unless k is 0).
 
-    The caller emits each drafting row's kept drafts and next token, and every other row's one token from
-    logits[r, 0]."""
+    The caller emits each drafting row's kept drafts and next token, every other row's one token from logits[r, 0];
+    a row's processors have already accept()ed its kept drafts (not its next token)."""
     module, cache, device = engine.model.module, engine.cache, engine.model.device
     hi = live[-1][0] + 1
-    limits = [seq.job.max_new_tokens - seq.generated - 1 for r, seq in live if r in drafting]
+    limits = [seq.job.max_new_tokens - seq.generated - 1 for r, seq in live]
     limits += [engine.context - engine.draft_state[r].column - 1 for r, _ in live]
-    k = min(length.next(), *limits) if drafting else 0
-    k = max(k, 0)
-    act = [r for r, _ in live if r in drafting] if k else []
+    k = max(min(length.next(), *limits), 0)
+    act = [r for r, _ in live] if k else []
     tokens = torch.zeros(hi, k + 1, dtype=torch.long, device=device)
     pos = torch.full((hi, k + 1), -1, dtype=torch.long, device=device)
     for r, seq in live:
@@ -58,9 +58,9 @@ def decode_step(engine: Any, live: list[tuple[int, Any]], drafting: set[int], le
         states = [engine.draft_state[r] for r in act]
         positions = torch.tensor([engine.rows[r].position for r in act], device=device)
         kv = target_kv(module.config, cache, act, positions, torch.tensor([s.sliding for s in states], device=device))
-        seqs = [engine.rows[r] for r in act]
-        drafts, draft_logits = propose(engine.draft, module, tokens[act, 0], torch.stack([s.hidden for s in states]),
-                                       positions, kv, k, lambda logits: _pick(seqs, logits))
+        picker = DraftPicker([row_rules(engine.rows[r]) for r in act])
+        drafts, _ = propose(engine.draft, module, tokens[act, 0], torch.stack([s.hidden for s in states]),
+                            positions, kv, k, picker)
         tokens[act, 1:] = drafts
         pos[act] = positions[:, None] + torch.arange(k + 1, device=device)
     for r, _ in live:
@@ -76,11 +76,8 @@ def decode_step(engine: Any, live: list[tuple[int, Any]], drafting: set[int], le
         if r in act:
             i = act.index(r)
             draft = tokens[r, 1:].tolist()
-            if seq.job.params.greedy:
-                kept, nxt = _accept_greedy(logits[r], draft)
-            else:
-                q = torch.cat([_probs(seq, dl[i : i + 1]) for dl in draft_logits])
-                kept, nxt = _accept_sampled(_probs(seq, logits[r]), q, draft, _generator(seq))
+            stops = () if seq.job.ignore_eos else engine.stop_ids
+            kept, nxt = verify_row(logits[r], draft, picker.rules[i], picker.q[i], stops)
             kept_total += kept
             out[r] = (draft, kept, nxt)
         state.sliding = sliding_window_span(W, seq.position, seq.position + (k if r in act else 0),
@@ -96,24 +93,13 @@ def decode_step(engine: Any, live: list[tuple[int, Any]], drafting: set[int], le
     return logits, out
 
 
-def _probs(seq: Any, logits: Tensor) -> Tensor:
-    """The row's sampling distribution (temperature, top-k, top-p, min-p) over (n, V) logits."""
-    return process_logits(logits.float(), seq.job.params).softmax(-1)
-
-
-def _generator(seq: Any) -> torch.Generator:
-    """The row's own generator for drafting and acceptance, seeded from its request's seed."""
-    if seq.draft_gen is None:
+def row_rules(seq: Any, drafting: bool = True) -> RowRules:
+    """The engine row's bias, penalties and processors (serve/engine._Seq), and when drafting a sampling row's own
+    generator for drafts and acceptance, seeded from its request's seed."""
+    job = seq.job
+    if drafting and seq.draft_gen is None and not job.params.greedy:
         seq.draft_gen = torch.Generator()
-        seed = seq.job.params.seed
+        seed = job.params.seed
         seq.draft_gen.manual_seed(seed) if seed is not None else seq.draft_gen.seed()
-    return seq.draft_gen
-
-
-def _pick(seqs: list[Any], logits: Tensor) -> Tensor:
-    """The drafter's choice per row: the arg-max for greedy rows, a sample of the row's distribution otherwise."""
-    out = logits.argmax(-1)
-    for i, seq in enumerate(seqs):
-        if not seq.job.params.greedy:
-            out[i] = torch.multinomial(_probs(seq, logits[i : i + 1]), 1, generator=_generator(seq))[0, 0]
-    return out
+    return RowRules(job.params, job.processors, seq.seen, seq.counts, job.frequency_penalty, job.presence_penalty,
+                    seq.bias, seq.draft_gen)

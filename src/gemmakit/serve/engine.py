@@ -37,7 +37,7 @@ from ..quant.kernels import release_threads
 from ..sampling import LogitsProcessor, Sampler, SamplingParams, make_sampler
 from ..speculative import DraftLength
 from ..tokenizer import StreamDecoder
-from .drafting import decode_step, prefill_state
+from .drafting import decode_step, prefill_state, row_rules
 
 log = logging.getLogger("gemmakit.serve")
 
@@ -121,7 +121,7 @@ class Engine:
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.vocab_size = cfg.vocab_size
-        # An assistant drafter (serve/drafting.py): greedy and sampling rows draft, one forward verifies every row.
+        # An assistant drafter (serve/drafting.py): every row drafts, one forward verifies them all.
         self.draft, self.draft_state = draft, {}
         self.draft_stats = [0, 0]  # draft tokens proposed, accepted
         if draft is not None:
@@ -280,7 +280,7 @@ class Engine:
     def _decode_drafted(self, live: list[tuple[int, _Seq]]) -> None:
         """One draft + verify round (serve/drafting.py); each row emits its kept drafts, then its next token."""
         self.peak_batch = max(self.peak_batch, len(live))
-        logits, rounds = decode_step(self, live, {r for r, s in live if _draftable(s)}, self.draft_length)
+        logits, rounds = decode_step(self, live, self.draft_length)
         for r, seq in live:
             draft, kept, nxt = rounds.get(r, ([], 0, None))
             try:
@@ -289,7 +289,7 @@ class Engine:
                         break
                     seq.position += 1
                     token = draft[j] if j < kept else nxt
-                    self._emit(r, seq, logits[r, j : j + 1], token)
+                    self._emit(r, seq, logits[r, j : j + 1], token, accepted=j < kept)
             except Exception as e:
                 self._fail_one(r, seq.job, e)
 
@@ -314,9 +314,9 @@ class Engine:
         splitter = reasoning_splitter(self.model.tokenizer) if job.split_reasoning else None
         return _Seq(job, row, sample, seen, counts, bias, splitter)
 
-    def _emit(self, r: int, seq: _Seq, logits: Tensor, token: int | None = None) -> None:
+    def _emit(self, r: int, seq: _Seq, logits: Tensor, token: int | None = None, accepted: bool = False) -> None:
         """Sample this row's next token from its logits (1, V) unless `token` was chosen already, stream the text,
-        finish if it is over."""
+        finish if it is over. `accepted`: the row's processors have accept()ed the token already (a kept draft)."""
         job = seq.job
         if token is None:
             token = self._choose(seq, logits)
@@ -336,7 +336,7 @@ class Engine:
             seq.seen[0, token] = True
         if seq.counts is not None:
             seq.counts[0, token] += 1
-        for proc in job.processors:
+        for proc in () if accepted else job.processors:
             proc.accept(token)
         stops = set() if job.ignore_eos else self.stop_ids
         text = seq.row.push(token, stops)
@@ -362,12 +362,8 @@ class Engine:
     def _choose(self, seq: _Seq, logits: Tensor) -> int:
         job = seq.job
         scores = logits.float()
-        if seq.bias is not None:
-            scores = scores.index_add(1, seq.bias[0], seq.bias[1][None])
-        if seq.counts is not None:  # OpenAI's penalties on tokens generated so far
-            scores = (
-                scores - seq.counts * job.frequency_penalty - (seq.counts > 0).float() * job.presence_penalty
-            )
+        if seq.bias is not None or seq.counts is not None:  # the logit bias, OpenAI's penalties on tokens so far
+            scores = row_rules(seq, drafting=False).penalized(scores)
         return int(seq.sample(scores, seq.seen, [job.processors] if job.processors else None)[0])
 
     def _release(self, r: int) -> None:
@@ -396,11 +392,6 @@ def _plain_greedy(seq: _Seq) -> bool:
     job = seq.job
     return (job.params.greedy and seq.seen is None and seq.counts is None and seq.bias is None
             and not job.processors)
-
-
-def _draftable(seq: _Seq) -> bool:
-    """Greedy or sampling with the plain distribution: the rows a drafter proposes for (serve/drafting.py)."""
-    return seq.seen is None and seq.counts is None and seq.bias is None and not seq.job.processors
 
 
 def _send(job: Job, event: Event) -> None:
