@@ -53,8 +53,9 @@ class LayerCache:
             return keys, values, kpos
         self._store(rows, cols % S if self.ring else cols, k, v, qpos)
         end = S if self.ring else self.end
-        return (self._view(self.k)[:, :, :end], self._view(self.v)[:, :, :end],
-                self._view(self.slot_pos)[:, :end])
+        # cut to the columns in use before gathering rows: a gather copies, and the cache may be far longer
+        return (self._view(self.k[:, :, :end]), self._view(self.v[:, :, :end]),
+                self._view(self.slot_pos[:, :end]))
 
     def _store(self, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor, qpos: Tensor) -> None:
         r = rows[:, None]  # (R, 1) against slots (R, T): advanced indexing gives (R, T, K, H)
