@@ -1,12 +1,14 @@
 """Continuous batching: one thread owns a model and its KV cache and runs every request's sequences together.
 
-Each cache row holds one sequence. Between two decode steps, waiting sequences are prefilled into free rows
-(`module(ids, cache=..., rows=[r])`), then one forward decodes every row at its own position. Free rows ride
-along with a dummy token at position -1, which attention masks out (model.py); they are reset after each step so
-they hold nothing. A finished or cancelled sequence frees its row at once, so a new request joins the running
-batch without waiting for the others to end. Sampling is per row: every request has its own parameters and its
-own seeded generator, so a seeded request gives the same text as `Model.generate` with that seed (rows that
-only take the arg-max share one reduction over the batch).
+Each cache row holds one sequence. Between two decode steps, waiting sequences are prefilled into free rows:
+those admitted together share forwards, left-padded as in generate (padding at position -1, which attention masks
+out), grouped by length so padding costs less than the forwards it saves. Then one forward decodes every row at its
+own position. Free rows ride along with a dummy token at position -1; they are reset after each step so they hold
+nothing. A finished or cancelled sequence frees its row at once, so a new request joins the running batch without
+waiting for the others to end. Every request has its own sampling parameters; the step's tokens are chosen
+together (serve/choose.py: one arg-max, one draw for the unseeded rows), and a seeded request gives the same text
+as `Model.generate` with that seed. A step's events are handed off together: one call per receiving event loop
+(Job.mailbox), not one per row.
 
 One sequence's failure is its own: an exception while a sequence starts (its sampler, processors, prefill) or
 while its token is chosen, its processors advanced or its text decoded ends that sequence alone, with an error
@@ -31,15 +33,18 @@ from ..chat_templates import reasoning_splitter
 from ..chat_templates.reasoning import ReasoningSplitter
 from ..draft import check_pair
 from ..errors import GemmaError
-from ..generate import TextRow, check_prompt, stop_ids
+from ..generate import TextRow, check_prompt, left_pad, stop_ids
 from ..model import KVCache
 from ..quant.kernels import release_threads
 from ..sampling import LogitsProcessor, Sampler, SamplingParams, make_sampler
 from ..speculative import DraftLength
 from ..tokenizer import StreamDecoder
-from .drafting import decode_step, prefill_state, row_rules
+from .choose import choose
+from .drafting import decode_step, prefill_state
 
 log = logging.getLogger("gemmakit.serve")
+PAD_COST = 32  # a prefill forward's fixed cost in prompt tokens (~35 ms of a 270M forward on 2 cores)
+MAX_PREFILL = 2048  # tokens (padding included) of one batched prefill, beyond which sequences prefill alone
 
 
 class QueueFull(Exception):
@@ -85,6 +90,16 @@ class Job:
     processors: list[LogitsProcessor] = field(default_factory=list)  # this sequence's own (sampling.py contract)
     split_reasoning: bool = False  # route Gemma 4's <|channel>...<channel|> text to Event.reasoning
     cancelled: bool = False  # set by the server (e.g. the client went away); the engine frees the row
+    # With a mailbox, the engine hands each step's events of all such jobs to mailbox.post([(job, event), ...]) at
+    # once (e.g. one wake-up of an event loop), and the mailbox calls the sinks; without one, it calls the sink.
+    mailbox: Mailbox | None = None
+
+
+class Mailbox:
+    """Delivers a step's events to their jobs' sinks, e.g. on an event loop; post must not block."""
+
+    def post(self, items: list[tuple[Job, Event]]) -> None:
+        raise NotImplementedError
 
 
 @dataclass
@@ -132,6 +147,9 @@ class Engine:
         self.rows: list[_Seq | None] = [None] * max_batch
         self.waiting: deque[Job] = deque()
         self.stop_ids = stop_ids(cfg, model.tokenizer)
+        self.generator = torch.Generator(device=model.device)  # the unseeded rows' draws (serve/choose.py)
+        self.generator.seed()
+        self._outbox: list[tuple[Job, Event]] = []  # the events of this step, handed off by _flush
         self.tokens_generated = 0
         self.requests_done = 0
         self.peak_batch = 0  # most sequences decoded by one forward so far: evidence of batching
@@ -208,12 +226,9 @@ class Engine:
                 for r in range(self.max_batch):
                     if self.rows[r] is None and self.waiting:
                         admitted.append((r, self.waiting.popleft()))
-            for r, job in admitted:
-                if not job.cancelled:
-                    try:
-                        self._prefill(r, job)
-                    except Exception as e:
-                        self._fail_one(r, job, e)
+            if admitted:
+                self._start(admitted)
+                self._flush()  # first tokens out before the next step
             try:
                 for r, seq in enumerate(self.rows):
                     if seq is not None and seq.job.cancelled:
@@ -223,28 +238,75 @@ class Engine:
             except Exception as e:  # the shared forward failed: every running sequence is lost, the server carries on
                 log.exception("engine step failed")
                 self._fail_all(f"internal error while generating: {type(e).__name__}")
+            self._flush()
         self._fail_all("the server is shutting down")
+        self._flush()
         with self._cond:
             for job in self.waiting:
                 _send(job, Event("", [], None, 0, error="the server is shutting down"))
             self.waiting.clear()
 
-    @torch.inference_mode()
-    def _prefill(self, r: int, job: Job) -> None:
-        device = self.model.device
-        self.cache.reset(r)
-        seq = self._new_seq(job)
-        ids = torch.tensor([job.prompt], device=device)
-        pos = torch.arange(len(job.prompt), device=device)[None]
+    def _start(self, admitted: list[tuple[int, Job]]) -> None:
+        """Prefill the admitted jobs into their rows, in batched groups, and emit each one's first token."""
+        ready = []
+        for r, job in admitted:
+            if job.cancelled:
+                continue
+            try:
+                self.cache.reset(r)
+                ready.append((r, self._new_seq(job)))
+            except Exception as e:
+                self._fail_one(r, job, e)
+        work = self._groups(ready)
+        while work:
+            group = work.pop(0)
+            try:
+                logits = self._prefill(group)
+            except Exception as e:
+                if len(group) == 1:
+                    self._fail_one(group[0][0], group[0][1].job, e)
+                    continue
+                log.warning("a batched prefill failed (%s: %s); prefilling its sequences one by one",
+                            type(e).__name__, e)
+                for r, _ in group:
+                    self.cache.reset(r)
+                work[:0] = [[item] for item in group]  # so only the sequence at fault fails
+                continue
+            for r, seq in group:
+                seq.position = len(seq.job.prompt)
+                self.rows[r] = seq
+            self._emit_step(group, logits)
+
+    def _groups(self, ready: list[tuple[int, _Seq]]) -> list[list[tuple[int, _Seq]]]:
+        """Sequences to prefill together: by prompt length, a longer one joins while the padding it adds costs
+        less than a forward of its own, every member still fits the context padded, and the group stays within
+        MAX_PREFILL tokens. With a drafter each prefills alone (its per-row state counts unpadded columns)."""
         if self.draft is not None:
-            h = self.model.module.hidden_states(ids, pos, self.cache, rows=[r])[:, -1]
-            logits = self.model.module.head(h)
-            prefill_state(self, r, h[0], len(job.prompt))
-        else:
-            logits = self.model.module(ids, pos, self.cache, rows=[r], last_only=True)[:, -1]
-        seq.position = len(job.prompt)
-        self.rows[r] = seq
-        self._emit(r, seq, logits)
+            return [[item] for item in ready]
+        groups: list[list[tuple[int, _Seq]]] = []
+        for item in sorted(ready, key=lambda item: len(item[1].job.prompt)):
+            n = len(item[1].job.prompt)
+            g = groups[-1] if groups else None
+            if g is not None:
+                width = len(g[-1][1].job.prompt)  # the group's longest so far
+                fits = all(n + s.job.max_new_tokens <= self.context for _, s in [*g, item])
+                if (fits and (len(g) + 1) * n <= min(len(g) * width + n + PAD_COST, max(MAX_PREFILL, n))):
+                    g.append(item)
+                    continue
+            groups.append([item])
+        return groups
+
+    @torch.inference_mode()
+    def _prefill(self, group: list[tuple[int, _Seq]]) -> Tensor:
+        """One forward over the group's left-padded prompts -> each row's next-token logits (n, V)."""
+        module, device = self.model.module, self.model.device
+        rows = [r for r, _ in group]
+        ids, pos = left_pad([s.job.prompt for _, s in group], self.model.config.pad_token_id, device)
+        if self.draft is not None:  # one row (_groups)
+            h = module.hidden_states(ids, pos, self.cache, rows=rows)[:, -1]
+            prefill_state(self, rows[0], h[0], len(group[0][1].job.prompt))
+            return module.head(h)
+        return module(ids, pos, self.cache, rows=rows, last_only=True)[:, -1]
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -266,14 +328,19 @@ class Engine:
         for r in rows:
             if self.rows[r] is None:
                 self.cache.reset(r)  # drop the dummy column: free rows stay empty
-        # Rows that take the plain arg-max (greedy, no penalty, bias or processor) share one reduction over the
-        # batch's logits: 8 separate (1, V) reductions cost ~8% of a 270M batch-8 step.
-        plain = [r for r, seq in live if _plain_greedy(seq)]
-        chosen = dict(zip(plain, logits.max(dim=-1).indices[plain].tolist(), strict=True)) if plain else {}
-        for r, seq in live:
+        for _, seq in live:
             seq.position += 1
+        self._emit_step(live, logits[[r for r, _ in live]] if len(live) < hi else logits)
+
+    def _emit_step(self, live: list[tuple[int, _Seq]], logits: Tensor) -> None:
+        """Choose every row's token from its logits (len(live), V) together (serve/choose.py), then emit each;
+        a row whose choice or emission fails ends alone."""
+        tokens = choose([seq for _, seq in live], logits, self.generator)
+        for i, ((r, seq), token) in enumerate(zip(live, tokens, strict=True)):
             try:
-                self._emit(r, seq, logits[r : r + 1], chosen.get(r))
+                if isinstance(token, Exception):
+                    raise token
+                self._emit(r, seq, logits[i : i + 1], token)
             except Exception as e:
                 self._fail_one(r, seq.job, e)
 
@@ -319,7 +386,9 @@ class Engine:
         finish if it is over. `accepted`: the row's processors have accept()ed the token already (a kept draft)."""
         job = seq.job
         if token is None:
-            token = self._choose(seq, logits)
+            token = choose([seq], logits, self.generator)[0]
+            if isinstance(token, Exception):
+                raise token
         info = []
         if job.logprobs is not None and token not in self.stop_ids:
             lp = torch.log_softmax(logits.float(), dim=-1)[
@@ -354,17 +423,27 @@ class Engine:
             reasoning, text = seq.splitter.split(text)
             if seq.row.finish_reason is not None:
                 reasoning += seq.splitter.finish()
-        _send(job, Event(text, info, seq.row.finish_reason, seq.generated, reasoning=reasoning, ids=[token]))
+        self._outbox.append((job, Event(text, info, seq.row.finish_reason, seq.generated, reasoning=reasoning,
+                                        ids=[token])))
         if seq.row.finish_reason is not None:
             self._release(r)
             self.requests_done += 1
 
-    def _choose(self, seq: _Seq, logits: Tensor) -> int:
-        job = seq.job
-        scores = logits.float()
-        if seq.bias is not None or seq.counts is not None:  # the logit bias, OpenAI's penalties on tokens so far
-            scores = row_rules(seq, drafting=False).penalized(scores)
-        return int(seq.sample(scores, seq.seen, [job.processors] if job.processors else None)[0])
+    def _flush(self) -> None:
+        """Hand off the events of this step: one post per mailbox, each other job's sink called."""
+        out, self._outbox = self._outbox, []
+        boxes: dict[int, tuple[Mailbox, list[tuple[Job, Event]]]] = {}
+        for job, event in out:
+            if job.mailbox is None:
+                _send(job, event)
+            else:
+                boxes.setdefault(id(job.mailbox), (job.mailbox, []))[1].append((job, event))
+        for box, items in boxes.values():
+            try:
+                box.post(items)
+            except Exception:  # the receiver is gone (its event loop closed): nobody waits for these jobs any more
+                for job, _ in items:
+                    job.cancelled = True
 
     def _release(self, r: int) -> None:
         self.rows[r] = None
@@ -375,28 +454,27 @@ class Engine:
         log.error("sequence in row %d failed: %s: %s", r, type(error).__name__, error, exc_info=error)
         seq = self.rows[r]
         generated = seq.generated if seq is not None and seq.job is job else 0
-        _send(job, Event("", [], None, generated, error=f"internal error while generating: {type(error).__name__}"))
+        error_event = Event("", [], None, generated, error=f"internal error while generating: {type(error).__name__}")
+        self._outbox.append((job, error_event))
         self._release(r)
 
     def _fail_all(self, message: str) -> None:
         for r, seq in enumerate(self.rows):
             if seq is not None:
-                _send(seq.job, Event("", [], None, seq.generated, error=message))
+                self._outbox.append((seq.job, Event("", [], None, seq.generated, error=message)))
                 self.rows[r] = None
         for r in range(self.max_batch):
             self.cache.reset(r)
 
 
-def _plain_greedy(seq: _Seq) -> bool:
-    """The next token is the first maximum of the raw logits (what _choose gives for such a row)."""
-    job = seq.job
-    return (job.params.greedy and seq.seen is None and seq.counts is None and seq.bias is None
-            and not job.processors)
 
 
 def _send(job: Job, event: Event) -> None:
     try:
-        job.sink(event)
+        if job.mailbox is not None:
+            job.mailbox.post([(job, event)])
+        else:
+            job.sink(event)
     except Exception:  # the receiver is gone (its event loop closed): nobody is waiting for this job any more
         job.cancelled = True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .. import __version__
 from ..errors import GemmaError
 from . import schemas, structured
-from .engine import Engine, Event, Job, QueueFull, TokenLogprob
+from .engine import Engine, Event, Job, Mailbox, QueueFull, TokenLogprob
 
 FINGERPRINT = f"gemmakit-{__version__}"
 RETRY_AFTER_S = 1
@@ -64,16 +65,44 @@ class Meta:
     prompt_tokens: int
 
 
+class LoopMailbox(Mailbox):
+    """Every event of an engine step for one event loop in one call_soon_threadsafe: the loop wakes once per step,
+    not once per row (its sinks then run on the loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def post(self, items: list[tuple[Job, Event]]) -> None:
+        self.loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[Job, Event]]) -> None:
+    for job, event in items:
+        job.sink(event)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox] = weakref.WeakKeyDictionary()
+
+
+def loop_mailbox(loop: asyncio.AbstractEventLoop) -> LoopMailbox:
+    """The one mailbox of `loop`, shared by all its requests."""
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = LoopMailbox(loop)
+    return box
+
+
 class Run:
     """A request's jobs in the engine, their events delivered to this event loop; cancel() frees their rows."""
 
     def __init__(self, engine: Engine, jobs: list[Job]) -> None:
-        loop = asyncio.get_running_loop()
+        mailbox = loop_mailbox(asyncio.get_running_loop())
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.jobs = jobs
         self.choices = [Choice() for _ in jobs]
         for i, job in enumerate(jobs):
-            job.sink = lambda ev, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+            job.sink = lambda ev, i=i: self.queue.put_nowait((i, ev))
+            job.mailbox = mailbox
         try:
             engine.submit(jobs)
         except QueueFull as e:
