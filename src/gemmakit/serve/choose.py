@@ -50,7 +50,9 @@ def choose(seqs: Sequence[Any], logits: Tensor, generator: torch.Generator) -> l
                     procs = [seq.job.processors] if seq.job.processors else None
                     out[i] = int(seq.sample(rules.penalized(logits[i : i + 1]), seq.seen, procs)[0])
                 else:
-                    pending.append(([i], rules.distribution(logits[i : i + 1], seq.seen, None, True).softmax(-1)))
+                    pending.append(
+                        ([i], rules.distribution(logits[i : i + 1], seq.seen, None, True).softmax(-1))
+                    )
             except Exception as e:
                 out[i] = e
     if greedy:
@@ -68,4 +70,3 @@ def choose(seqs: Sequence[Any], logits: Tensor, generator: torch.Generator) -> l
         for i, t in zip([i for rows, _ in pending for i in rows], drawn, strict=True):
             out[i] = t if t >= 0 else BadDistribution("the row's sampling distribution is not finite")
     return out
-
