@@ -131,3 +131,10 @@ class KVCache:
     def reset(self, row: int) -> None:
         """Free a row for a new sequence."""
         self.rollback(row, 0)
+
+    def clear(self, row: int) -> None:
+        """Empty every slot of a row: after a forward that failed part-way, layers before the failure hold keys
+        in columns the row's length does not count (a ring layer would attend to them)."""
+        for layer in self.stored:
+            layer.slot_pos[row] = -1
+        self.lengths[row] = 0

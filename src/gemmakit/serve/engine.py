@@ -263,13 +263,13 @@ class Engine:
             try:
                 logits = self._prefill(group)
             except Exception as e:
+                for r, _ in group:
+                    self.cache.clear(r)
                 if len(group) == 1:
                     self._fail_one(group[0][0], group[0][1].job, e)
                     continue
                 log.warning("a batched prefill failed (%s: %s); prefilling its sequences one by one",
                             type(e).__name__, e)
-                for r, _ in group:
-                    self.cache.reset(r)
                 work[:0] = [[item] for item in group]  # so only the sequence at fault fails
                 continue
             for r, seq in group:
@@ -464,7 +464,7 @@ class Engine:
                 self._outbox.append((seq.job, Event("", [], None, seq.generated, error=message)))
                 self.rows[r] = None
         for r in range(self.max_batch):
-            self.cache.reset(r)
+            self.cache.clear(r)  # the failed forward may have stored keys past the rows' lengths
 
 
 
