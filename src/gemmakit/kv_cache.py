@@ -44,10 +44,12 @@ class LayerCache:
         rows = self.rows if self.rows is not None else torch.arange(k.shape[0], device=k.device)
         cols = self.starts[:, None] + torch.arange(T, device=k.device)  # (R, T)
         if self.ring and T > 1:
-            # Earlier new tokens may need slots that later ones overwrite: attend over old + new, then store.
-            keys = torch.cat([self._view(self.k), k], dim=2)
-            values = torch.cat([self._view(self.v), v], dim=2)
-            kpos = torch.cat([self._view(self.slot_pos), qpos], dim=1)
+            # Earlier new tokens may need slots that later ones overwrite: attend over old + new, then store. Until
+            # the rows wrap, the old keys are their first columns only (a new row's prefill reads none, not S).
+            old = min(S, self.end - T)
+            keys = torch.cat([self._view(self.k[:, :, :old]), k], dim=2)
+            values = torch.cat([self._view(self.v[:, :, :old]), v], dim=2)
+            kpos = torch.cat([self._view(self.slot_pos[:, :old]), qpos], dim=1)
             keep = min(T, S)
             self._store(rows, cols[:, -keep:] % S, k[:, :, -keep:], v[:, :, -keep:], qpos[:, -keep:])
             return keys, values, kpos
