@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gemmakit import GemmaError
-from gemmakit.bench.server import run_load_test
+from gemmakit.bench.server import markdown, run_load_test
 
 
 def test_load_test_reports_every_round():
@@ -17,6 +17,8 @@ def test_load_test_reports_every_round():
     for r in out["rounds"]:
         assert r["requests"] == r["clients"] and r["completion_tokens"] == 4 * r["clients"]
         assert r["aggregate_tok_s"] > 0 and 0 < r["ttft_s_mean"] <= r["ttft_s_max"] <= r["wall_s"]
+        assert r["generate_tok_s"] > 0  # the same work through Model.generate, the server's yardstick
+    assert "serve vs generate" in markdown(out)
 
 
 def test_load_test_refuses_bad_arguments():

@@ -3,6 +3,10 @@
 Every client streams /v1/completions with `ignore_eos`, so each request generates exactly `max_tokens` tokens and
 rounds with different client counts do the same work per request. Aggregate tok/s = all completion tokens of a
 round / the round's wall time. Only the standard library talks HTTP here, so this runs without dev extras.
+
+The yardstick for the server's batching is `Model.generate` doing the same work in one process: the same prompts as
+one batch, the same tokens, timed end to end (prefill included, as a server round is), in a subprocess of its own
+after the server has stopped (generate_rounds). The server can at best equal it.
 """
 
 from __future__ import annotations
@@ -130,12 +134,14 @@ def run_load_test(
     device: str = "auto",
     startup_timeout: float = 300.0,
     kernel_flags: str = "",
+    reference: bool = True,
 ) -> dict:
     """Serve `source` (None: the embedded model) in a subprocess and measure aggregate decode throughput.
 
     -> {"model", "device", "max_tokens", "max_batch", "rounds": [{"clients", "aggregate_tok_s", ...}, ...]}.
     The server gets max_batch = the largest client count unless given, so every round fits in one batch;
-    `kernel_flags` (GEMMAKIT_CFLAGS, e.g. -mno-avx512f) are the server's kernel build flags.
+    `kernel_flags` (GEMMAKIT_CFLAGS, e.g. -mno-avx512f) are the server's kernel build flags. With `reference`,
+    each round also gets `generate_tok_s`: Model.generate on the same prompts as one batch (generate_rounds).
     """
     from .common import isa, machine
 
@@ -185,6 +191,10 @@ def run_load_test(
             proc.wait()
         log.close()
         Path(log.name).unlink(missing_ok=True)
+    if reference:
+        same = _reference(source, clients, max_tokens, device, env)
+        for r in rounds:
+            r["generate_tok_s"] = same[str(r["clients"])]
     return {
         "model": source or "embedded",
         "device": device,
@@ -197,6 +207,37 @@ def run_load_test(
         "isa": isa(),
         "kernel_flags": kernel_flags,
     }
+
+
+def generate_rounds(source: str | None, clients: Sequence[int], max_tokens: int, device: str = "auto",
+                    repeats: int = 3) -> dict[str, float]:
+    """{clients: aggregate tok/s} of Model.generate on the load test's prompts for that many clients as one batch,
+    max_tokens each with ignore_eos, end to end (prefill included); median wall time of `repeats` after a warm-up."""
+    import gemmakit
+
+    model = gemmakit.load(source or _embedded(), device=device, progress=False)
+    model.generate([PROMPTS[0]], min(8, max_tokens), ignore_eos=True)  # warm-up, as the server gets
+    out = {}
+    for c in clients:
+        prompts = [PROMPTS[k % len(PROMPTS)] for k in range(c)]
+        walls, tokens = [], 0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            results = model.generate(prompts, max_tokens, ignore_eos=True)
+            walls.append(time.perf_counter() - t0)
+            tokens = sum(len(r.token_ids) for r in results)
+        out[str(c)] = round(tokens / statistics.median(walls), 2)
+    return out
+
+
+def _reference(source: str | None, clients: Sequence[int], max_tokens: int, device: str, env: dict) -> dict:
+    """generate_rounds in a subprocess with the server's environment (kernel flags, ISA caps)."""
+    cmd = [sys.executable, "-m", "gemmakit.bench.server", "--generate", "--clients", ",".join(map(str, clients)),
+           "--max-tokens", str(max_tokens), "--device", device, *([source] if source else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise GemmaError(f"the generate reference run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def save(result: dict, folder: Path, name: str | None = None) -> Path:
@@ -213,11 +254,17 @@ def markdown(result: dict) -> str:
     lines = [f"`gemmakit serve` load test on {result.get('machine', '?')}"
              + (f" (GEMMAKIT_CFLAGS={result['kernel_flags']})" if result.get("kernel_flags") else "")
              + f", {result['max_tokens']} tokens per request, --max-batch {result['max_batch']}.", "",
-             "| clients | aggregate tok/s | vs 1 client | first token mean (s) |", "|---|---|---|---|"]
+             "| clients | aggregate tok/s | vs 1 client | first token mean (s) | `generate`, same prompts as one batch "
+             "(tok/s) | serve vs generate |", "|---|---|---|---|---|---|"]
     for r in rounds:
         ratio = f"{r['aggregate_tok_s'] / one:.2f}x" if one else ""
-        lines.append(f"| {r['clients']} | {r['aggregate_tok_s']:.1f} | {ratio} | {r['ttft_s_mean']:.3f} |")
-    return "\n".join(lines) + "\n"
+        same = r.get("generate_tok_s")
+        ref = f"{same:.1f} | {r['aggregate_tok_s'] / same:.2f}x" if same else " | "
+        lines.append(f"| {r['clients']} | {r['aggregate_tok_s']:.1f} | {ratio} | {r['ttft_s_mean']:.3f} | {ref} |")
+    note = ("" if not any(r.get("generate_tok_s") for r in rounds) else
+            "\n`generate`: Model.generate in one process on the same prompts as one batch, the same tokens each, "
+            "timed end to end (prefill included) as a server round is; median of 3.\n")
+    return "\n".join(lines) + "\n" + note
 
 
 def _embedded() -> str:
@@ -252,6 +299,10 @@ if __name__ == "__main__":
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--generate", action="store_true", help="only the Model.generate reference, as one JSON line")
     a = ap.parse_args()
+    if a.generate:
+        print(json.dumps(generate_rounds(a.source, [int(c) for c in a.clients.split(",")], a.max_tokens, a.device)))
+        raise SystemExit(0)
     out = run_load_test(a.source, [int(c) for c in a.clients.split(",")], a.max_tokens, device=a.device)
     print(json.dumps(out, indent=2))
