@@ -999,7 +999,9 @@ int qtype_supported(long type) {
            type == T_Q5_K || type == T_Q6_K;
 }
 
-#define TILE_ROWS 16  /* qmatmul (prefill) products of this many rows go through tiles.c */
+/* qmatmul (prefill) products of this many rows go through tiles.c; up to 16 (fused.py's STEP_ROWS, a full decode
+ * batch) the tied head's product keeps batch.c's exact kernels, so a row's logits do not depend on the batch. */
+#define TILE_ROWS 17
 #define NB 16   /* weight rows per task: their bytes stay in L2 while every activation tile passes */
 #define MC_BYTES (192 << 10)  /* int8 activation bytes per pass over a task's weight rows: they stay in L2 */
 
@@ -1025,6 +1027,10 @@ static void matmuls_share(const qmat_t *W, int n_mats, const act_t *A, float *co
         const long groups = (w->cols / UNIT + group_units(w->type) - 1) / group_units(w->type);
         if (tiles && M >= TILE_ROWS && tiles_cover(w->type)) {  /* prefill: register tiles (tiles.c) */
             tiles_rows(w, n0, n1, A, y[i], ldy[i], tiles);
+            continue;
+        }
+        if (M >= 2 && batch_cover(w->type)) {  /* decode batches, drafts: exact register tiles (batch.c) */
+            batch_rows(w, n0, n1, A, y[i], ldy[i], G);
             continue;
         }
         for (long m0 = 0; m0 < M; m0 += MC) {
@@ -1069,7 +1075,9 @@ static void matmuls_share(const qmat_t *W, int n_mats, const act_t *A, float *co
 /* Bytes of one worker's group buffer for rows of up to K values (64-byte multiples, so buffers can sit side by side). */
 long group_bytes(long K) {
     const long max_groups = (K / UNIT + QUAD - 1) / QUAD;
-    return (long)((sizeof(group_t) * max_groups * (I8MM ? 2 : 1) + 63) / 64 * 64);  /* i8mm: two rows' groups */
+    const long b = (long)(sizeof(group_t) * max_groups * (I8MM ? 2 : 1));  /* i8mm: two rows' groups */
+    const long x = batch_bytes(K);  /* or batch.c's tile (K-quant rows: K a multiple of 256) */
+    return ((b > x ? b : x) + 63) / 64 * 64;
 }
 
 /* Y_i = X @ W_i^T for n_mats matrices of the same K (at most 8), by worker `tid` of `nth`: every worker calls it

@@ -60,3 +60,9 @@ static inline void share(long total, int tid, int nth, long *a, long *b) {
 int tiles_cover(long type);
 long tile_bytes(long K);
 void tiles_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf);
+
+/* batch.c: register-blocked products for a few rows (decode batches, drafts) over Q4_K, Q5_K, Q6_K, bit-identical
+ * to the one-row kernels; buf: batch_bytes(K) (a worker's group buffer, group_bytes, holds it). */
+int batch_cover(long type);
+long batch_bytes(long K);
+void batch_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf);

@@ -1,0 +1,221 @@
+/* Register-blocked int8 products for a few activation rows (decode batches, speculative drafts: 2 to 16 rows) over
+ * Q4_K, Q5_K and Q6_K blocks, bit-identical to blocks.c's one-row kernels.
+ *
+ * blocks.c's batched kernel unpacks a weight row once for its rows, but each 32-value unit's integer dot product
+ * still ends in its own 8-lane vector and needs a horizontal reduction (hadd chains) per unit and row: at 4-8 rows
+ * that reduction, not the multiplies, bounds the step. Here, as in the prefill tiles (tiles.h), TN weight rows are
+ * unpacked and interleaved, and broadcast activation bytes give the sums of every weight row in its own lane.
+ *
+ * Exactness that prompt lookup and drafts rely on: a row's logits must not depend on how many rows share the call,
+ * and one row runs blocks.c's row1. Integer unit sums are exact whatever computes them; the float steps that follow
+ * must be row1's, in its order. row1 keeps one lane per unit index u (0..7) of a super-block, accumulating over the
+ * super-blocks g: dot[u] += float(z) * ((d * sc[u]) * d_a), off[u] += (dmin * m[u]) * fs_a (Q6_K: dot only, its
+ * scales and -32 applied to the integers), then sums the 8 lanes as ((0+4) + (2+6)) + ((1+5) + (3+7)). Here lane r
+ * holds weight row r, so the same fused multiply-adds run per lane with one accumulator per u: the tile is stored
+ * unit-major ([u][g]) and u is the outer loop, so only one u's accumulators (dot, off, sums: 3 x TM vectors) are
+ * live at a time; the 8 per-u results then add in row1's order. Each weight row's blocks are unpacked once per call,
+ * into the worker's buffer (batch_bytes: the whole row width, ~200-400 KB at K = 16384), not at load: no second copy
+ * of the weights, nothing to convert when a model loads.
+ *
+ * AVX-512 VNNI builds: 16 weight rows x 8 activation rows in zmm; AVX2 builds: 8 x 4 in ymm, vpdpbusd where
+ * AVX-VNNI exists, maddubs + madd otherwise. Other builds keep blocks.c's kernels (batch_cover() is 0).
+ */
+#include "blocks.h"
+#include "tiles.h"
+
+int batch_cover(long type) { return TILES && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K); }
+
+#if TILES
+#define KB 4  /* super-blocks per block of the tile: its unpacked bytes (<= 24 KB) and activations stay in L1 */
+#define MAX_ROWS 16  /* rows whose accumulators batch_bytes provides for (STEP_ROWS); more go TM at a time */
+
+/* KB super-blocks of a tile of TN weight rows, unit-major; index (u * KB + g) * TN + r for the scales. */
+typedef struct {
+    uint8_t w[8][KB][8][4 * TN] __attribute__((aligned(64)));  /* [unit][super-block][chunk][row: 4 bytes] */
+    float f[8][KB][TN] __attribute__((aligned(64)));     /* Q4_K/Q5_K: d * sc[u]; Q6_K: d, in f[0] */
+    float om[8][KB][TN] __attribute__((aligned(64)));    /* Q4_K/Q5_K: dmin * m[u] */
+    int32_t s0[8][KB][TN] __attribute__((aligned(64)));  /* Q6_K: the unit's two 16-value scales */
+    int32_t s1[8][KB][TN] __attribute__((aligned(64)));
+} xblock_t;
+
+/* Per activation row and unit index u, the running dot and off of row1 (one lane per weight row). */
+typedef struct {
+    vflt dot[8][TM], off[8][TM];
+} xacc_t;
+
+long batch_bytes(long K) {
+    (void)K;
+    return (long)(sizeof(xblock_t) + sizeof(xacc_t) * ((MAX_ROWS + TM - 1) / TM)) + 64;
+}
+
+/* Super-blocks g0 .. g0+gn-1 (gn <= KB) of weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes zero). */
+static void xblock_unpack(xblock_t *t, const qmat_t *W, long n0, int nr, long g0, long gn) {
+    const long bsz = W->type == T_Q4_K ? 144 : W->type == T_Q5_K ? 176 : 210;
+    __m256i v[TN][8];  /* [row][unit] */
+    if (nr < TN) {
+        memset(t->f, 0, sizeof(t->f) + sizeof(t->om) + sizeof(t->s0) + sizeof(t->s1));
+        for (int r = nr; r < TN; r++)
+            for (int u = 0; u < 8; u++) v[r][u] = _mm256_setzero_si256();
+    }
+    for (long g = 0; g < gn; g++) {
+        for (int h = 0; h < TN / 8; h++) {  /* 8 rows at a time: their scales [row][unit] -> [unit][row] */
+            __m256i a[8], c[8], A8[8], C8[8];
+            for (int i = 0; i < 8; i++) {
+                const int r = 8 * h + i;
+                if (r >= nr) {
+                    a[i] = c[i] = _mm256_setzero_si256();
+                    continue;
+                }
+                const uint8_t *b = W->data + (n0 + r) * W->row_bytes + (g0 + g) * bsz;
+                if (W->type == T_Q6_K) {
+                    unpack_q6k(b, v[r], &a[i], &c[i], &t->f[0][g][r]);  /* d: one per super-block and row */
+                } else {
+                    __m256 fw, om;
+                    unpack_k45(b, W->type, v[r], &fw, &om);
+                    a[i] = _mm256_castps_si256(fw), c[i] = _mm256_castps_si256(om);
+                }
+            }
+            transpose8(a, A8);
+            transpose8(c, C8);
+            for (int u = 0; u < 8; u++) {
+                if (W->type == T_Q6_K) {
+                    _mm256_store_si256((__m256i *)(t->s0[u][g] + 8 * h), A8[u]);
+                    _mm256_store_si256((__m256i *)(t->s1[u][g] + 8 * h), C8[u]);
+                } else {
+                    _mm256_store_si256((__m256i *)(t->f[u][g] + 8 * h), A8[u]);
+                    _mm256_store_si256((__m256i *)(t->om[u][g] + 8 * h), C8[u]);
+                }
+            }
+        }
+#define DST(u) t->w[u][g][0]
+        INTERLEAVE(v, DST)
+#undef DST
+    }
+}
+
+/* Activation rows m .. m+R-1 (R <= TM) against super-blocks g0 .. g0+gn-1 of a tile, into their accumulators
+ * (zeroed first when g0 is 0): row1's fused multiply-adds per lane, in its order over the super-blocks. */
+static inline __attribute__((always_inline)) void xblock_rows(const xblock_t *t, long g0, long gn, long type, int R,
+                                                              const act_t *A, long m, xacc_t *acc) {
+    const long U = A->units;
+#if !VNNI
+    const int run = type == T_Q6_K ? 2 : 4;
+#endif
+    for (int u = 0; u < 8; u++) {
+        vflt dot[TM], off[TM];
+        for (int r = 0; r < R; r++) dot[r] = g0 ? acc->dot[u][r] : VZERO_F();
+        for (long g = 0; g < gn; g++) {
+            const long o = (g0 + g) * 8 + u;  /* the unit's index in an activation row */
+            const uint8_t *wt = t->w[u][g][0];
+            const int8_t *a[TM];
+            for (int r = 0; r < R; r++) a[r] = A->q + ((m + r) * U + o) * 32;
+            vint z[TM];
+            for (int r = 0; r < R; r++) z[r] = VZERO_I();
+            if (type == T_Q6_K) {  /* z = sc0 * (sum0 - 32 s0) + sc1 * (sum1 - 32 s1): row1's integer, exactly */
+                vint zz[TM];
+                UNIT_SUMS(z, wt, 0, 4)
+                const vint s0 = VLOAD_I(t->s0[u][g]), s1 = VLOAD_I(t->s1[u][g]);
+                for (int r = 0; r < R; r++) {
+                    zz[r] = VMULLO_32(s0, VSUB_32(z[r], VSET1_32(32 * A->s16[((m + r) * U + o) * 2])));
+                    z[r] = VZERO_I();
+                }
+                UNIT_SUMS(z, wt, 4, 4)
+                for (int r = 0; r < R; r++)
+                    z[r] = VADD_32(zz[r], VMULLO_32(s1, VSUB_32(z[r], VSET1_32(32 * A->s16[((m + r) * U + o) * 2 + 1]))));
+            } else {
+                UNIT_SUMS(z, wt, 0, 8)
+            }
+            const vflt f = VLOAD_F(t->f[type == T_Q6_K ? 0 : u][g]);  /* Q6_K: d */
+            for (int r = 0; r < R; r++) dot[r] = VFMA(VCVT(z[r]), VMUL(f, VBCAST_F(A->d + (m + r) * U + o)), dot[r]);
+        }
+        for (int r = 0; r < R; r++) acc->dot[u][r] = dot[r];
+        if (type == T_Q6_K) continue;
+        for (int r = 0; r < R; r++) off[r] = g0 ? acc->off[u][r] : VZERO_F();
+        for (long g = 0; g < gn; g++) {  /* the minimums: off[u] += (dmin * m[u]) * fs_a */
+            const vflt om = VLOAD_F(t->om[u][g]);
+            for (int r = 0; r < R; r++) off[r] = VFMA(om, VBCAST_F(A->fs + (m + r) * U + (g0 + g) * 8 + u), off[r]);
+        }
+        for (int r = 0; r < R; r++) acc->off[u][r] = off[r];
+    }
+}
+
+/* One specialised loop per (block type, row count): the tests leave the inner loops. */
+#if ZMM
+#define ZMM_CASES(TY)                                                                                \
+    case 8: xblock_rows(t, g0, gn, TY, 8, A, m, acc); break;                                         \
+    case 7: xblock_rows(t, g0, gn, TY, 7, A, m, acc); break;                                         \
+    case 6: xblock_rows(t, g0, gn, TY, 6, A, m, acc); break;                                         \
+    case 5: xblock_rows(t, g0, gn, TY, 5, A, m, acc); break;
+#else
+#define ZMM_CASES(TY)
+#endif
+static void xblock_pass(const xblock_t *t, long g0, long gn, long type, int R, const act_t *A, long m,
+                        xacc_t *acc) {
+#define PASS(TY)                                                                                     \
+    switch (R) {                                                                                     \
+        ZMM_CASES(TY)                                                                                \
+        case 4: xblock_rows(t, g0, gn, TY, 4, A, m, acc); break;                                     \
+        case 3: xblock_rows(t, g0, gn, TY, 3, A, m, acc); break;                                     \
+        case 2: xblock_rows(t, g0, gn, TY, 2, A, m, acc); break;                                     \
+        default: xblock_rows(t, g0, gn, TY, 1, A, m, acc); break;                                    \
+    }
+    if (type == T_Q6_K) { PASS(T_Q6_K) } else { PASS(T_Q4_K) }  /* Q5_K: unpacked as Q4_K's 0..31 */
+#undef PASS
+}
+
+/* Rows m .. m+R-1 of Y at columns n .. n+nr-1 from their accumulators: dot - off per unit index (Q6_K: dot), then
+ * row1's horizontal sum ((0+4) + (2+6)) + ((1+5) + (3+7)). */
+static void xacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, int nr) {
+    float out[TN] __attribute__((aligned(64)));
+    for (int r = 0; r < R; r++) {
+        vflt p[8];
+        for (int u = 0; u < 8; u++) p[u] = type == T_Q6_K ? acc->dot[u][r] : VSUB(acc->dot[u][r], acc->off[u][r]);
+        VSTORE_F(out, VADD(VADD(VADD(p[0], p[4]), VADD(p[2], p[6])), VADD(VADD(p[1], p[5]), VADD(p[3], p[7]))));
+        memcpy(y + r * ldy, out, sizeof(float) * nr);
+    }
+}
+
+/* The same super-blocks of the next tile's rows, into L2 while this tile computes: 16 rows read a few hundred
+ * bytes at a time are too many streams for the hardware prefetchers (without this, unpacking waited on memory). */
+static void xblock_prefetch(const qmat_t *W, long n0, long g0, long gn) {
+    const long bsz = W->type == T_Q4_K ? 144 : W->type == T_Q5_K ? 176 : 210;
+    const long n1 = n0 + TN < W->rows ? n0 + TN : W->rows;
+    for (long n = n0; n < n1; n++) {
+        const char *p = (const char *)(W->data + n * W->row_bytes + g0 * bsz);
+        for (long c = 0; c < gn * bsz; c += 64) _mm_prefetch(p + c, _MM_HINT_T1);
+    }
+}
+
+/* Y[m, n] for every activation row and weight rows n0 .. n1-1 (any count): per tile of TN weight rows, KB
+ * super-blocks at a time are unpacked into `buf` (batch_bytes) and every TM activation rows pass over them. */
+void batch_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
+    const long nsb = W->cols / 256, M = A->rows;
+    xblock_t *t = (xblock_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    xacc_t *acc = (xacc_t *)(t + 1);
+    const long passes = (M + TM - 1) / TM, held = (MAX_ROWS + TM - 1) / TM;  /* accumulators for `held` passes */
+    for (long n = n0; n < n1; n += TN) {
+        const int nr = (int)(n1 - n < TN ? n1 - n : TN);
+        for (long p0 = 0; p0 < passes; p0 += held) {  /* more than MAX_ROWS rows: the weights unpacked again */
+            const long p1 = p0 + held < passes ? p0 + held : passes;
+            for (long g0 = 0; g0 < nsb; g0 += KB) {
+                const long gn = nsb - g0 < KB ? nsb - g0 : KB;
+                xblock_prefetch(W, n + TN, g0, gn);
+                xblock_unpack(t, W, n, nr, g0, gn);
+                for (long p = p0; p < p1; p++) {
+                    const int R = (int)(M - p * TM < TM ? M - p * TM : TM);
+                    xblock_pass(t, g0, gn, W->type, R, A, p * TM, acc + (p - p0));
+                }
+            }
+            for (long p = p0; p < p1; p++) {
+                const int R = (int)(M - p * TM < TM ? M - p * TM : TM);
+                xacc_store(acc + (p - p0), W->type, R, y + p * TM * ldy + n, ldy, nr);
+            }
+        }
+    }
+}
+#else
+long batch_bytes(long K) { (void)K; return 0; }
+void batch_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
+    (void)W, (void)n0, (void)n1, (void)A, (void)y, (void)ldy, (void)buf;  /* never called: batch_cover() is 0 */
+}
+#endif

@@ -1,0 +1,126 @@
+"""The decode-batch kernels (quant/batch.c): products of 2 to 16 rows over Q4_K, Q5_K and Q6_K give every row the
+one-row kernel's result bit for bit (prompt lookup and drafts rely on it), equal the gguf dequantization times the
+int8-rounded activations, and a batched native decode step gives each row its batch-1 logits, on the default build
+and the AVX2 builds with and without VNNI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+
+from gemmakit.quant import kernels
+from gemmakit.quant.qlinear import QWeight
+from test_fast_path import _tiny_fast, needs_native, quantize_activations, random_blocks
+
+BATCH_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
+MOST_ROWS = 16  # blocks.c: qmatmul products of 17 rows and more go through the prefill tiles instead
+
+
+def _check_rows(qtype: QT, n: int, k: int) -> None:
+    """Every row count 1..MOST_ROWS, at two places in the activations: each row equals its one-row call."""
+    raw = random_blocks(qtype, n, k, seed=n + k)
+    w = QWeight.from_bytes(raw, qtype, n, k)
+    ref = torch.from_numpy(dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32)).double()
+    torch.manual_seed(n * k)
+    x = torch.randn(MOST_ROWS + 3, k) * 3
+    single = torch.cat([w.matmul(x[i : i + 1]) for i in range(len(x))])
+    expected = quantize_activations(x) @ ref.T
+    assert (single.double() - expected).abs().max() <= 3e-5 * expected.abs().max(), (qtype.name, n, k)
+    for m in range(1, MOST_ROWS + 1):
+        for start in (0, 3):
+            got = w.matmul(x[start : start + m])
+            assert torch.equal(got, single[start : start + m]), (qtype.name, n, k, m, start)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("qtype", BATCH_TYPES, ids=lambda t: t.name)
+def test_batch_rows_equal_the_one_row_kernel(qtype, threads, monkeypatch):
+    """Weight rows not a multiple of the tile's 8 or 16 (37, 13, 3); 1, 6 and 9 super-blocks per row (batch.c
+    unpacks 4 at a time: a short last block); every row count that reaches the batch kernels."""
+    monkeypatch.setattr(kernels, "native_bf16", lambda *_: False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, k in ((37, 256), (13, 1536), (3, 2304)):
+            _check_rows(qtype, n, k)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", BATCH_TYPES, ids=lambda t: t.name)
+def test_batch_sums_at_their_extremes(qtype):
+    """Every weight at its largest value against activations all at +-127, 1 to 9 rows: the int16 sums of the AVX2
+    build without VNNI are at their bound and must not wrap; each row equals the one-row call."""
+    n, k = 19, 512
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.full((n, k // block, size), 0xFF, dtype=np.uint8)
+    one = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+    if qtype == QT.Q6_K:
+        raw[..., 192:208] = 0x7F
+        raw[..., 208:210] = one
+    else:
+        raw[..., 0:2], raw[..., 2:4] = one, 0
+    raw = raw.reshape(n, -1)
+    w = QWeight.from_bytes(raw, qtype, n, k)
+    ref = torch.from_numpy(dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32)).double()
+    for sign in (1.0, -1.0):
+        x = torch.full((9, k), sign)
+        x[1::2] *= -1
+        expected = quantize_activations(x) @ ref.T
+        got = w.matmul(x)
+        assert (got.double() - expected).abs().max() <= 3e-5 * expected.abs().max(), (qtype, sign)
+        for m in range(9):
+            assert torch.equal(w.matmul(x[m : m + 1])[0], got[m])
+
+
+@needs_native
+def test_decode_batch_rows_equal_batch_one_logits():
+    """Native decode steps of 16 rows (fused.STEP_ROWS, the most a native step takes), 9 and 6 give each row
+    exactly the logits it gets decoding alone (Q4_K, Q5_K and Q6_K projections among others). Every
+    token goes through decode steps from an empty cache, so no prefill product (whose row count differs) enters."""
+    from gemmakit.model import KVCache
+
+    module = _tiny_fast("gemma3")
+    cfg = module.config
+    torch.manual_seed(2)
+    steps = torch.randint(0, cfg.vocab_size, (4, 16))
+
+    def decode(rows: list[int]) -> torch.Tensor:
+        cache = KVCache(cfg, len(rows), 32, dtype=torch.float32, device="cpu", slack=4)
+        with torch.inference_mode():
+            out = [module(step[rows, None], torch.full((len(rows), 1), t), cache=cache)[:, -1]
+                   for t, step in enumerate(steps)]
+        return torch.stack(out, 1)  # [rows, steps, vocab]
+
+    alone = torch.cat([decode([i]) for i in range(steps.shape[1])])
+    assert torch.equal(decode(list(range(16))), alone)
+    for rows in ([4, 9, 0, 15, 2, 11], [1, 3, 5, 7, 8, 10, 12, 14, 13]):
+        assert torch.equal(decode(rows), alone[rows]), rows
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avxvnni"]], ids=["avx2", "avx2-no-vnni"]
+)
+def test_batch_rows_on_avx2_builds(flags, monkeypatch):
+    """The AVX2 laptop builds (8 x 4 tiles): vpdpbusd where AVX-VNNI exists, maddubs with int16 sums where not."""
+    if " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("GEMMAKIT_CFLAGS", " ".join(flags))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.available()
+        for qtype in BATCH_TYPES:
+            test_batch_rows_equal_the_one_row_kernel(qtype, 2, monkeypatch)
+            test_batch_sums_at_their_extremes(qtype)
+        test_decode_batch_rows_equal_batch_one_logits()
+    finally:
+        kernels.library.cache_clear()
