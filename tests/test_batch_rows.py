@@ -96,8 +96,10 @@ def test_decode_batch_rows_equal_batch_one_logits():
     def decode(rows: list[int]) -> torch.Tensor:
         cache = KVCache(cfg, len(rows), 32, dtype=torch.float32, device="cpu", slack=4)
         with torch.inference_mode():
-            out = [module(step[rows, None], torch.full((len(rows), 1), t), cache=cache)[:, -1]
-                   for t, step in enumerate(steps)]
+            out = [
+                module(step[rows, None], torch.full((len(rows), 1), t), cache=cache)[:, -1]
+                for t, step in enumerate(steps)
+            ]
         return torch.stack(out, 1)  # [rows, steps, vocab]
 
     alone = torch.cat([decode([i]) for i in range(steps.shape[1])])
