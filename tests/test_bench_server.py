@@ -11,12 +11,13 @@ from gemmakit.bench.server import markdown, run_load_test
 
 
 def test_load_test_reports_every_round():
-    out = run_load_test(None, clients=(1, 3), max_tokens=4, ctx_size=128)
+    out = run_load_test(None, clients=(1, 3), max_tokens=4, ctx_size=128, repeats=2)
     json.dumps(out)  # JSON-able
     assert out["max_batch"] == 3 and [r["clients"] for r in out["rounds"]] == [1, 3]
     for r in out["rounds"]:
         assert r["requests"] == r["clients"] and r["completion_tokens"] == 4 * r["clients"]
         assert r["aggregate_tok_s"] > 0 and 0 < r["ttft_s_mean"] <= r["ttft_s_max"] <= r["wall_s"]
+        assert len(r["aggregate_runs"]) == 2 and r["aggregate_tok_s"] == min(r["aggregate_runs"])
         assert r["generate_tok_s"] > 0  # the same work through Model.generate, the server's yardstick
     assert "serve vs generate" in markdown(out)
 

@@ -70,7 +70,7 @@ def bench(
             from ..bench import server as server_bench
 
             step("server load test (1, 4, 8 clients)")
-            result = server_bench.run_load_test(model, kernel_flags=cflags)
+            result = server_bench.run_load_test(model, kernel_flags=cflags, repeats=repeats)
             result["busy_core"] = busy_cpu
             _report(console, server_bench, result, out, name)
             return
