@@ -5,8 +5,6 @@ and the AVX2 builds with and without VNNI."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,14 @@ from gguf.quants import dequantize
 
 from gemmakit.quant import kernels
 from gemmakit.quant.qlinear import QWeight
-from test_fast_path import _tiny_fast, needs_native, quantize_activations, random_blocks
+from test_fast_path import (
+    _tiny_fast,
+    avx2_builds,
+    kernels_built_with,
+    needs_native,
+    quantize_activations,
+    random_blocks,
+)
 
 BATCH_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
 MOST_ROWS = 16  # blocks.c: qmatmul products of 17 rows and more go through the prefill tiles instead
@@ -109,20 +114,11 @@ def test_decode_batch_rows_equal_batch_one_logits():
 
 
 @needs_native
-@pytest.mark.parametrize(
-    "flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avxvnni"]], ids=["avx2", "avx2-no-vnni"]
-)
+@avx2_builds
 def test_batch_rows_on_avx2_builds(flags, monkeypatch):
-    """The AVX2 laptop builds (8 x 4 tiles): vpdpbusd where AVX-VNNI exists, maddubs with int16 sums where not."""
-    if " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
-        pytest.skip("this CPU has no AVX2")
-    monkeypatch.setenv("GEMMAKIT_CFLAGS", " ".join(flags))
-    kernels.library.cache_clear()
-    try:
-        assert kernels.available()
+    """The AVX2 laptop builds (8 x 4 tiles)."""
+    with kernels_built_with(flags, monkeypatch):
         for qtype in BATCH_TYPES:
             test_batch_rows_equal_the_one_row_kernel(qtype, 2, monkeypatch)
             test_batch_sums_at_their_extremes(qtype)
         test_decode_batch_rows_equal_batch_one_logits()
-    finally:
-        kernels.library.cache_clear()

@@ -4,6 +4,9 @@ quality budget; the native decode step equals the modules, and verifies drafts b
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,24 @@ from gemmakit.weights.gguf import read_gguf
 from reference import texts
 
 needs_native = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels not built")
+# the AVX2 laptop builds: vpdpbusd where AVX-VNNI exists, maddubs with int16 sums where it does not
+avx2_builds = pytest.mark.parametrize(
+    "flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avxvnni"]], ids=["avx2", "avx2-no-vnni"]
+)
+
+
+@contextmanager
+def kernels_built_with(flags: list[str], monkeypatch) -> Iterator[None]:
+    """The native kernels rebuilt with extra gcc flags for the block (skips on a CPU without AVX2)."""
+    if " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("GEMMAKIT_CFLAGS", " ".join(flags))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.available()
+        yield
+    finally:
+        kernels.library.cache_clear()
 TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16, QT.F32]
 
 

@@ -4,8 +4,6 @@ with and without VNNI; rows stay independent of how many share the call; decode-
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,7 @@ from gguf.quants import dequantize
 
 from gemmakit.quant import kernels
 from gemmakit.quant.qlinear import QWeight
-from test_fast_path import needs_native, quantize_activations, random_blocks
+from test_fast_path import avx2_builds, kernels_built_with, needs_native, quantize_activations, random_blocks
 
 TILE_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
 TILE_ROWS = 17  # blocks.c: qmatmul products of this many rows go through the tiles
@@ -88,20 +86,11 @@ def test_decode_sized_calls_keep_their_kernels():
 
 
 @needs_native
-@pytest.mark.parametrize(
-    "flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avxvnni"]], ids=["avx2", "avx2-no-vnni"]
-)
+@avx2_builds
 def test_tiles_on_avx2_builds(flags, monkeypatch):
-    """The AVX2 laptop builds: vpdpbusd where AVX-VNNI exists, maddubs with int16 sums where it does not."""
-    if " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
-        pytest.skip("this CPU has no AVX2")
-    monkeypatch.setenv("GEMMAKIT_CFLAGS", " ".join(flags))
-    kernels.library.cache_clear()
-    try:
-        assert kernels.available()
+    """The AVX2 laptop builds (8 x 4 tiles)."""
+    with kernels_built_with(flags, monkeypatch):
         for qtype in TILE_TYPES:
             test_tiles_equal_the_dequantized_product(qtype, 2, monkeypatch)
             test_tile_sums_at_their_extremes(qtype, monkeypatch)
         test_decode_sized_calls_keep_their_kernels()
-    finally:
-        kernels.library.cache_clear()
