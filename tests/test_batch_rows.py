@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
@@ -17,6 +16,7 @@ from gemmakit.quant.qlinear import QWeight
 from test_fast_path import (
     _tiny_fast,
     avx2_builds,
+    extreme_blocks,
     kernels_built_with,
     needs_native,
     quantize_activations,
@@ -65,17 +65,7 @@ def test_batch_sums_at_their_extremes(qtype):
     """Every weight at its largest value against activations all at +-127, 1 to 9 rows: the int16 sums of the AVX2
     build without VNNI are at their bound and must not wrap; each row equals the one-row call."""
     n, k = 19, 512
-    block, size = GGML_QUANT_SIZES[qtype]
-    raw = np.full((n, k // block, size), 0xFF, dtype=np.uint8)
-    one = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
-    if qtype == QT.Q6_K:
-        raw[..., 192:208] = 0x7F
-        raw[..., 208:210] = one
-    else:
-        raw[..., 0:2], raw[..., 2:4] = one, 0
-    raw = raw.reshape(n, -1)
-    w = QWeight.from_bytes(raw, qtype, n, k)
-    ref = torch.from_numpy(dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32)).double()
+    w, ref = extreme_blocks(qtype, n, k)
     for sign in (1.0, -1.0):
         x = torch.full((9, k), sign)
         x[1::2] *= -1

@@ -29,6 +29,23 @@ avx2_builds = pytest.mark.parametrize(
 )
 
 
+def extreme_blocks(qtype: QT, n: int, k: int) -> tuple[QWeight, torch.Tensor]:
+    """n x k K-quant blocks with every weight at its largest value (the int16 sums of the AVX2 build without VNNI
+    at their bound against activations at +-127), and their float64 dequantization."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.full((n, k // block, size), 0xFF, dtype=np.uint8)
+    one = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+    if qtype == QT.Q6_K:
+        raw[..., 192:208] = 0x7F
+        raw[..., 208:210] = one
+    else:
+        raw[..., 0:2], raw[..., 2:4] = one, 0
+    raw = raw.reshape(n, -1)
+    w = QWeight.from_bytes(raw, qtype, n, k)
+    ref = torch.from_numpy(dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32)).double()
+    return w, ref
+
+
 @contextmanager
 def kernels_built_with(flags: list[str], monkeypatch) -> Iterator[None]:
     """The native kernels rebuilt with extra gcc flags for the block (skips on a CPU without AVX2)."""

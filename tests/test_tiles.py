@@ -7,13 +7,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from gemmakit.quant import kernels
 from gemmakit.quant.qlinear import QWeight
-from test_fast_path import avx2_builds, kernels_built_with, needs_native, quantize_activations, random_blocks
+from test_fast_path import (
+    avx2_builds,
+    extreme_blocks,
+    kernels_built_with,
+    needs_native,
+    quantize_activations,
+    random_blocks,
+)
 
 TILE_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
 TILE_ROWS = 17  # blocks.c: qmatmul products of this many rows go through the tiles
@@ -57,17 +63,7 @@ def test_tile_sums_at_their_extremes(qtype, monkeypatch):
     without VNNI are at their bound and must not wrap. Exact against the dequantized weights."""
     monkeypatch.setattr(kernels, "native_bf16", lambda *_: False)
     n, k = 11, 512
-    block, size = GGML_QUANT_SIZES[qtype]
-    raw = np.full((n, k // block, size), 0xFF, dtype=np.uint8)
-    one = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
-    if qtype == QT.Q6_K:
-        raw[..., 192:208] = 0x7F
-        raw[..., 208:210] = one
-    else:
-        raw[..., 0:2], raw[..., 2:4] = one, 0
-    raw = raw.reshape(n, -1)
-    w = QWeight.from_bytes(raw, qtype, n, k)
-    ref = torch.from_numpy(dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32)).double()
+    w, ref = extreme_blocks(qtype, n, k)
     for sign in (1.0, -1.0):
         x = torch.full((TILE_ROWS + 3, k), sign)
         expected = quantize_activations(x) @ ref.T
