@@ -14,8 +14,8 @@
  * holds weight row r, so the same fused multiply-adds run per lane with one accumulator per u: the tile is stored
  * unit-major ([u][g]) and u is the outer loop, so only one u's accumulators (dot, off, sums: 3 x TM vectors) are
  * live at a time; the 8 per-u results then add in row1's order. Each weight row's blocks are unpacked once per call,
- * into the worker's buffer (batch_bytes: the whole row width, ~200-400 KB at K = 16384), not at load: no second copy
- * of the weights, nothing to convert when a model loads.
+ * KB super-blocks of a tile at a time, into the worker's buffer (batch_bytes: 41 KB on AVX-512 builds, whatever K),
+ * not at load: no second copy of the weights, nothing to convert when a model loads.
  *
  * AVX-512 VNNI builds: 16 weight rows x 8 activation rows in zmm; AVX2 builds: 8 x 4 in ymm, vpdpbusd where
  * AVX-VNNI exists, maddubs + madd otherwise. Other builds keep blocks.c's kernels (batch_cover() is 0).

@@ -467,8 +467,6 @@ class Engine:
             self.cache.clear(r)  # the failed forward may have stored keys past the rows' lengths
 
 
-
-
 def _send(job: Job, event: Event) -> None:
     try:
         if job.mailbox is not None:
