@@ -28,6 +28,7 @@ int qtype_supported(long type);
  * (decode.c's one region per step); each worker passes the team's size, nth. */
 typedef struct {
     int count, gen;  /* arrivals, generation */
+    long next;       /* items claimed by the current claim() loop; every team_barrier resets it */
 } team_t;
 
 typedef void (*team_fn)(void *ctx, int tid, int nth);
@@ -54,6 +55,22 @@ static inline void share(long total, int tid, int nth, long *a, long *b) {
     const long q = total / nth, r = total % nth;
     *a = q * tid + (tid < r ? tid : r);
     *b = *a + q + (tid < r);
+}
+
+/* Guided share: the next chunk [*a, *b) of `total` items for the calling worker, 0 when none are left. Chunks
+ * shrink with the items left (half of them over nth, at least one), so a worker whose core another program takes
+ * (the server's event loop, its clients, an editor) claims fewer of them instead of stalling the whole step, as a
+ * static share() does. A claim loop starts after a team_barrier (which resets the count) and runs alone until the
+ * next one. Which worker computes an item does not change its value. */
+static inline int claim(team_t *t, long total, int nth, long *a, long *b) {
+    long cur = __atomic_load_n(&t->next, __ATOMIC_RELAXED), n;
+    do {
+        if (cur >= total) return 0;
+        n = (total - cur) / (2L * nth);
+        n = n < 1 ? 1 : n;
+    } while (!__atomic_compare_exchange_n(&t->next, &cur, cur + n, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    *a = cur, *b = cur + n;
+    return 1;
 }
 
 /* tiles.c: register-blocked products for many activation rows (prefill) over Q4_K, Q5_K, Q6_K. */

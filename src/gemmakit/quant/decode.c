@@ -429,7 +429,7 @@ void decode_layers(const layer_t *layers, long n_layers, const dims_t *dm, float
     const long gb = group_bytes(widest);
     uint8_t *groups = aligned_alloc(64, gb * (threads > 0 ? threads : 1));
     step_t st = {layers, n_layers, dm, x, M, T, end, pos, cols, h, qkv, att, gu, act, o, part, scratch, groups, gb,
-                 {0, 0}};
+                 {0}};
     team_run(threads, step_worker, &st);
     free(groups);
     free(scratch);

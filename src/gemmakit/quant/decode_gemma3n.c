@@ -349,7 +349,7 @@ void decode_gemma3n(const layer4_t *layers, const altup_t *alt, long n_layers, c
     w.scratch = malloc(act_bytes(M, widest));
     w.gb = group_bytes(widest);
     w.groups = aligned_alloc(64, w.gb * (threads > 0 ? threads : 1));
-    step3n_t st = {layers, alt, n_layers, dm, d3, x, xs, ple, M, T, pos, cols, end, &a, &w, {0, 0}};
+    step3n_t st = {layers, alt, n_layers, dm, d3, x, xs, ple, M, T, pos, cols, end, &a, &w, {0}};
     team_run(threads, step_worker, &st);
     free(w.groups);
     free(w.scratch);

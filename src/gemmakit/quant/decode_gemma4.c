@@ -318,7 +318,7 @@ void decode_gemma4(const layer4_t *layers, long n_layers, const dims4_t *dm, flo
     w.scratch = malloc(act_bytes(M, widest));
     w.gb = group_bytes(widest);
     w.groups = aligned_alloc(64, w.gb * (threads > 0 ? threads : 1));
-    step4_t st = {layers, n_layers, dm, x, ple, M, T, pos, cols, end, &w, {0, 0}};
+    step4_t st = {layers, n_layers, dm, x, ple, M, T, pos, cols, end, &w, {0}};
     team_run(threads, step_worker, &st);
     free(w.groups);
     free(w.scratch);

@@ -32,10 +32,14 @@
  * spins briefly, then yields the CPU, whatever libgomp decides. (Sleeping on a futex after the spin measured
  * worse: with grammar masks computed on another thread, a yielding waiter hands it its core at once.) */
 void team_barrier(team_t *b, int n) {
-    if (n <= 1) return;
+    if (n <= 1) {
+        b->next = 0;
+        return;
+    }
     const int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == n) {
         __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->next, 0, __ATOMIC_RELAXED);  /* every worker is here: no claim() loop is running */
         __atomic_store_n(&b->gen, gen + 1, __ATOMIC_RELEASE);
         return;
     }
