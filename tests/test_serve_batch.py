@@ -167,6 +167,44 @@ def test_batched_prefill_equals_generate_per_prompt(tiny, monkeypatch):
     assert max(groups) > 1, groups  # the prompts did share a prefill
 
 
+def test_an_idle_engine_prefills_a_burst_of_requests_together(tiny, monkeypatch):
+    """Requests that reach an idle, running engine one by one (8 clients starting at once) share one prefill, so
+    their rows decode in step from the first token; one that comes while rows decode joins at the next step."""
+    import threading
+    import time
+
+    prompts = _prompts(tiny)
+    engine = Engine(tiny, max_batch=8, context=256)
+    groups = []
+    real = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda group: groups.append(len(group)) or real(group))
+    engine.start()
+    try:
+        jobs = [_job(p, 8, ignore_eos=True) for p in prompts]
+        gate = threading.Barrier(len(jobs))
+
+        def client(job):
+            gate.wait()
+            engine.submit([job])
+
+        threads = [threading.Thread(target=client, args=(job,)) for job, _ in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        late = _job(prompts[0], 4, ignore_eos=True)
+        time.sleep(0.05)  # the burst is decoding by now
+        engine.submit([late[0]])
+        outs = [_drain(events)[0] for _, events in jobs]
+        assert _drain(late[1])[0] == tiny.generate(prompts[0], 4, ignore_eos=True).token_ids
+        assert wait_idle(engine)
+    finally:
+        engine.stop()
+    assert groups[0] == len(jobs), groups  # one prefill for the whole burst
+    for p, out in zip(prompts, outs, strict=True):
+        assert out == tiny.generate(p, 8, ignore_eos=True).token_ids
+
+
 def test_a_failing_row_in_a_batched_prefill_ends_alone(tiny, caplog):
     """A prompt whose forward fails fails the batched prefill; its group is prefilled again one by one, so only
     that request ends with an error, and the rows it shared a forward with get exactly their own output."""
