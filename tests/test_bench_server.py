@@ -10,20 +10,25 @@ from gemmakit import GemmaError
 from gemmakit.bench.server import markdown, run_load_test
 
 
-def test_load_test_reports_every_round():
-    out = run_load_test(None, clients=(1, 3), max_tokens=4, ctx_size=128, repeats=2)
+@pytest.mark.parametrize("client", ["http", "openai"])
+def test_load_test_reports_every_round(client):
+    out = run_load_test(None, clients=(1, 3), max_tokens=4, ctx_size=128, repeats=2, client=client)
     json.dumps(out)  # JSON-able
+    assert out["client"] == client
     assert out["max_batch"] == 3 and [r["clients"] for r in out["rounds"]] == [1, 3]
     for r in out["rounds"]:
         assert r["requests"] == r["clients"] and r["completion_tokens"] == 4 * r["clients"]
         assert r["aggregate_tok_s"] > 0 and 0 < r["ttft_s_mean"] <= r["ttft_s_max"] <= r["wall_s"]
         assert len(r["aggregate_runs"]) == 2 and r["aggregate_tok_s"] == min(r["aggregate_runs"])
-        assert r["generate_tok_s"] > 0  # the same work through Model.generate, the server's yardstick
+        # the same work through Model.generate after each server round, the server's yardstick
+        assert len(r["generate_runs"]) == 2 and r["generate_tok_s"] > 0 and r["vs_generate"] > 0
     assert "serve vs generate" in markdown(out)
 
 
 def test_load_test_refuses_bad_arguments():
     with pytest.raises(GemmaError):
         run_load_test(None, clients=(), max_tokens=4)
+    with pytest.raises(GemmaError, match="unknown load test client"):
+        run_load_test(None, clients=(1,), max_tokens=4, client="curl")
     with pytest.raises(GemmaError, match="exited"):
         run_load_test("/nonexistent/model.gguf", clients=(1,), max_tokens=4, startup_timeout=60)

@@ -2,11 +2,14 @@
 
 Every client streams /v1/completions with `ignore_eos`, so each request generates exactly `max_tokens` tokens and
 rounds with different client counts do the same work per request. Aggregate tok/s = all completion tokens of a
-round / the round's wall time. Only the standard library talks HTTP here, so this runs without dev extras.
+round / the round's wall time. The clients are the standard library's HTTP (client="http": runs without dev
+extras) or the official `openai` package (client="openai": as a user's app would, its parsing included).
 
 The yardstick for the server's batching is `Model.generate` doing the same work in one process: the same prompts as
-one batch, the same tokens, timed end to end (prefill included, as a server round is), in a subprocess of its own
-after the server has stopped (generate_rounds). The server can at best equal it.
+one batch, the same tokens, timed end to end (prefill included, as a server round is). It runs in a worker process
+of its own, alive beside the server, and each server round is followed by its generate round, so that the two are
+measured minutes apart at most on a machine whose speed drifts (GenerateWorker). The server can at best equal it:
+the clients and the server's event loop share its cores.
 """
 
 from __future__ import annotations
@@ -83,8 +86,34 @@ def stream_completion(port: int, prompt: str, max_tokens: int, timeout: float = 
     return {"tokens": tokens, "ttft_s": first if first is not None else total, "total_s": total}
 
 
-def run_round(port: int, clients: int, max_tokens: int, requests_per_client: int = 1) -> dict:
+def stream_openai(port: int, prompt: str, max_tokens: int, timeout: float = 600.0) -> dict:
+    """stream_completion through the official openai client (one per request, as separate apps would hold)."""
+    try:
+        from openai import OpenAI
+    except ImportError:
+        raise GemmaError("the load test's openai client needs the openai package: pip install openai "
+                         "(or use the standard library's client)") from None
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    with OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=timeout, max_retries=0) as client:
+        stream = client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if first is None and any(c.text for c in chunk.choices):
+                first = time.perf_counter() - t0
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+    total = time.perf_counter() - t0
+    return {"tokens": tokens, "ttft_s": first if first is not None else total, "total_s": total}
+
+
+CLIENTS = {"http": stream_completion, "openai": stream_openai}
+
+
+def run_round(port: int, clients: int, max_tokens: int, requests_per_client: int = 1, client: str = "http") -> dict:
     """`clients` threads, each sending requests_per_client streaming requests back to back."""
+    stream = CLIENTS[client]
     results: list[dict] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -92,7 +121,7 @@ def run_round(port: int, clients: int, max_tokens: int, requests_per_client: int
     def client(k: int) -> None:
         for j in range(requests_per_client):
             try:
-                r = stream_completion(port, PROMPTS[(k + j) % len(PROMPTS)], max_tokens)
+                r = stream(port, PROMPTS[(k + j) % len(PROMPTS)], max_tokens)
             except BaseException as e:  # reported after the round; a thread must not die silently
                 with lock:
                     errors.append(e)
@@ -136,15 +165,17 @@ def run_load_test(
     kernel_flags: str = "",
     reference: bool = True,
     repeats: int = 3,
+    client: str = "http",
 ) -> dict:
     """Serve `source` (None: the embedded model) in a subprocess and measure aggregate decode throughput.
 
     -> {"model", "device", "max_tokens", "max_batch", "rounds": [{"clients", "aggregate_tok_s", ...}, ...]}.
     The server gets max_batch = the largest client count unless given, so every round fits in one batch;
-    `kernel_flags` (GEMMAKIT_CFLAGS, e.g. -mno-avx512f) are the server's kernel build flags. With `reference`,
-    each round also gets `generate_tok_s`: Model.generate on the same prompts as one batch (generate_rounds).
-    Every client count runs `repeats` times, the counts alternating; each reported round is the median one by
-    aggregate tok/s (its `aggregate_runs` lists them all).
+    `kernel_flags` (GEMMAKIT_CFLAGS, e.g. -mno-avx512f) are the server's kernel build flags; `client` is "http"
+    or "openai" (CLIENTS). With `reference`, each server round is followed by the same work through
+    Model.generate in a worker process (GenerateWorker): each round gets `generate_tok_s` (the median of those
+    runs) and `vs_generate` (the median of the paired ratios). Every client count runs `repeats` times, the counts
+    alternating; each reported round is the median one by aggregate tok/s (its `aggregate_runs` lists them all).
     """
     from .common import isa, machine
 
@@ -152,28 +183,13 @@ def run_load_test(
         raise GemmaError("clients must be a non-empty list of positive counts")
     if max_tokens < 1:
         raise GemmaError("max_tokens must be >= 1")
+    if client not in CLIENTS:
+        raise GemmaError(f"unknown load test client {client!r}; use one of {', '.join(CLIENTS)}")
     batch = max_batch or max(clients)
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "gemmakit",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-batch",
-        str(batch),
-        "--ctx-size",
-        str(ctx_size),
-        "--device",
-        device,
-        "--log-level",
-        "warning",
-        "-m",
-        f"{MODEL_NAME}={source}" if source else f"{MODEL_NAME}=" + _embedded(),
-    ]
+    cmd = [sys.executable, "-m", "gemmakit", "serve", "--host", "127.0.0.1", "--port", str(port), "--max-batch",
+           str(batch), "--ctx-size", str(ctx_size), "--device", device, "--log-level", "warning",
+           "-m", f"{MODEL_NAME}={source}" if source else f"{MODEL_NAME}=" + _embedded()]
     log = tempfile.NamedTemporaryFile("w+", prefix="gemmakit-loadtest-", suffix=".log", delete=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if kernel_flags:
@@ -181,15 +197,22 @@ def run_load_test(
         if "-mno-avx512f" in kernel_flags:  # torch's own GEMMs and oneDNN off AVX-512 and AMX too, as on AVX2 CPUs
             env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    worker = None
     try:
         _wait_ready(proc, port, startup_timeout, Path(log.name))
-        stream_completion(port, PROMPTS[0], min(8, max_tokens))  # warm-up: first-call allocations, kernels
+        CLIENTS[client](port, PROMPTS[0], min(8, max_tokens))  # warm-up: first-call allocations, kernels
+        worker = GenerateWorker(source, max_tokens, device, env) if reference else None
         runs: dict[int, list[dict]] = {c: [] for c in clients}
         for _ in range(max(1, repeats)):
             for c in clients:
-                runs[c].append(run_round(port, c, max_tokens, requests_per_client))
+                r = run_round(port, c, max_tokens, requests_per_client, client)
+                if worker is not None:
+                    r["generate_tok_s"] = worker.run(c)
+                runs[c].append(r)
         rounds = [_median_round(runs[c]) for c in clients]
     finally:
+        if worker is not None:
+            worker.close()
         proc.terminate()
         try:
             proc.wait(timeout=30)
@@ -198,10 +221,6 @@ def run_load_test(
             proc.wait()
         log.close()
         Path(log.name).unlink(missing_ok=True)
-    if reference:
-        same = _reference(source, clients, max_tokens, device, env)
-        for r in rounds:
-            r["generate_tok_s"] = same[str(r["clients"])]
     return {
         "model": source or "embedded",
         "device": device,
@@ -210,6 +229,7 @@ def run_load_test(
         "ctx_size": ctx_size,
         "requests_per_client": requests_per_client,
         "repeats": max(1, repeats),
+        "client": client,
         "rounds": rounds,
         "machine": machine(),
         "isa": isa(),
@@ -218,40 +238,65 @@ def run_load_test(
 
 
 def _median_round(runs: list[dict]) -> dict:
-    """The median run by aggregate tok/s (the lower middle one for an even count), with every run's figure."""
+    """The median run by aggregate tok/s (the lower middle one for an even count), with every run's figure; with a
+    generate reference, the median of its runs and of the paired ratios."""
     ordered = sorted(runs, key=lambda r: r["aggregate_tok_s"])
-    return {**ordered[(len(ordered) - 1) // 2], "aggregate_runs": [r["aggregate_tok_s"] for r in runs]}
+    out = {**ordered[(len(ordered) - 1) // 2], "aggregate_runs": [r["aggregate_tok_s"] for r in runs]}
+    if all("generate_tok_s" in r for r in runs):
+        out["generate_runs"] = [r["generate_tok_s"] for r in runs]
+        out["generate_tok_s"] = round(statistics.median(out["generate_runs"]), 2)
+        out["vs_generate"] = round(statistics.median(r["aggregate_tok_s"] / r["generate_tok_s"] for r in runs), 3)
+    return out
 
 
-def generate_rounds(source: str | None, clients: Sequence[int], max_tokens: int, device: str = "auto",
-                    repeats: int = 3) -> dict[str, float]:
-    """{clients: aggregate tok/s} of Model.generate on the load test's prompts for that many clients as one batch,
-    max_tokens each with ignore_eos, end to end (prefill included); median wall time of `repeats` after a warm-up."""
+class GenerateWorker:
+    """Model.generate on the load test's prompts in a process of its own (the server's environment: kernel flags,
+    ISA caps), alive beside the server: run(c) times one batch of the first c prompts, max_tokens each with
+    ignore_eos, end to end (prefill included) -> aggregate tok/s."""
+
+    def __init__(self, source: str | None, max_tokens: int, device: str, env: dict) -> None:
+        cmd = [sys.executable, "-m", "gemmakit.bench.server", "--generate", "--max-tokens", str(max_tokens),
+               "--device", device, *([source] if source else [])]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self._read()  # "ready": loaded and warmed up
+
+    def run(self, clients: int) -> float:
+        self.proc.stdin.write(f"{clients}\n")
+        self.proc.stdin.flush()
+        return float(self._read())
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise GemmaError(f"the generate reference run failed (exit {self.proc.returncode}):\n"
+                             f"{self.proc.stderr.read()[-2000:]}")
+        return line.strip()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+def generate_serve(source: str | None, max_tokens: int, device: str = "auto") -> None:
+    """GenerateWorker's side: load, warm up, print "ready"; then per line of stdin (a client count c) print the
+    aggregate tok/s of Model.generate on the first c prompts as one batch."""
     import gemmakit
 
     model = gemmakit.load(source or _embedded(), device=device, progress=False)
     model.generate([PROMPTS[0]], min(8, max_tokens), ignore_eos=True)  # warm-up, as the server gets
-    out = {}
-    for c in clients:
-        prompts = [PROMPTS[k % len(PROMPTS)] for k in range(c)]
-        walls, tokens = [], 0
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            results = model.generate(prompts, max_tokens, ignore_eos=True)
-            walls.append(time.perf_counter() - t0)
-            tokens = sum(len(r.token_ids) for r in results)
-        out[str(c)] = round(tokens / statistics.median(walls), 2)
-    return out
-
-
-def _reference(source: str | None, clients: Sequence[int], max_tokens: int, device: str, env: dict) -> dict:
-    """generate_rounds in a subprocess with the server's environment (kernel flags, ISA caps)."""
-    cmd = [sys.executable, "-m", "gemmakit.bench.server", "--generate", "--clients", ",".join(map(str, clients)),
-           "--max-tokens", str(max_tokens), "--device", device, *([source] if source else [])]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise GemmaError(f"the generate reference run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        c = int(line)
+        t0 = time.perf_counter()
+        results = model.generate([PROMPTS[k % len(PROMPTS)] for k in range(c)], max_tokens, ignore_eos=True)
+        wall = time.perf_counter() - t0
+        print(round(sum(len(r.token_ids) for r in results) / wall, 2), flush=True)
 
 
 def save(result: dict, folder: Path, name: str | None = None) -> Path:
@@ -267,18 +312,24 @@ def markdown(result: dict) -> str:
     one = next((r["aggregate_tok_s"] for r in rounds if r["clients"] == 1), None)
     lines = [f"`gemmakit serve` load test on {result.get('machine', '?')}"
              + (f" (GEMMAKIT_CFLAGS={result['kernel_flags']})" if result.get("kernel_flags") else "")
-             + f", {result['max_tokens']} tokens per request, --max-batch {result['max_batch']}.", "",
+             + f", {result['max_tokens']} tokens per request, --max-batch {result['max_batch']}"
+             + (", clients: the official openai package" if result.get("client") == "openai" else "")
+             + ".", "",
              "| clients | aggregate tok/s | vs 1 client | first token mean (s) | `generate`, same prompts as one batch "
              "(tok/s) | serve vs generate |", "|---|---|---|---|---|---|"]
     for r in rounds:
         ratio = f"{r['aggregate_tok_s'] / one:.2f}x" if one else ""
         same = r.get("generate_tok_s")
-        ref = f"{same:.1f} | {r['aggregate_tok_s'] / same:.2f}x" if same else " | "
+        ratio_g = r.get("vs_generate") or (r["aggregate_tok_s"] / same if same else None)
+        ref = f"{same:.1f} | {ratio_g:.2f}x" if same else " | "
         lines.append(f"| {r['clients']} | {r['aggregate_tok_s']:.1f} | {ratio} | {r['ttft_s_mean']:.3f} | {ref} |")
+    paired = any("vs_generate" in r for r in rounds)
     note = ("" if not any(r.get("generate_tok_s") for r in rounds) else
             "\n`generate`: Model.generate in one process on the same prompts as one batch, the same tokens each, "
-            "timed end to end (prefill included) as a server round is; median of 3. Server rounds: the median of "
-            f"{result.get('repeats', 1)} alternating runs.\n")
+            "timed end to end (prefill included) as a server round is"
+            + ("; run after each server round, beside the server: the median of its runs, and the median of the "
+               "paired ratios" if paired else "; median of 3")
+            + f". Server rounds: the median of {result.get('repeats', 1)} alternating runs.\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -314,10 +365,12 @@ if __name__ == "__main__":
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--generate", action="store_true", help="only the Model.generate reference, as one JSON line")
+    ap.add_argument("--client", default="http", choices=sorted(CLIENTS))
+    ap.add_argument("--generate", action="store_true", help="be the Model.generate reference (GenerateWorker)")
     a = ap.parse_args()
     if a.generate:
-        print(json.dumps(generate_rounds(a.source, [int(c) for c in a.clients.split(",")], a.max_tokens, a.device)))
+        generate_serve(a.source, a.max_tokens, a.device)
         raise SystemExit(0)
-    out = run_load_test(a.source, [int(c) for c in a.clients.split(",")], a.max_tokens, device=a.device)
+    out = run_load_test(a.source, [int(c) for c in a.clients.split(",")], a.max_tokens, device=a.device,
+                        client=a.client)
     print(json.dumps(out, indent=2))

@@ -22,6 +22,8 @@ def bench(
     engines: Annotated[str, typer.Option(help="Comma-separated subset of gemmakit,llama.cpp,transformers.")] = (
         "gemmakit,llama.cpp,transformers"),
     server: Annotated[bool, typer.Option("--server", help="Instead: aggregate tok/s of 1, 4, 8 server clients.")] = False,
+    client: Annotated[str, typer.Option(help="--server: the clients' HTTP, http (the standard library) or openai "
+                                             "(the official openai package, as an app would use)")] = "http",
     finetune: Annotated[bool, typer.Option("--finetune", help="Instead: LoRA training vs transformers+PEFT "
                                                               "(fp32 and bf16).")] = False,
     structured: Annotated[bool, typer.Option("--structured", help="Instead: grammar-mask overhead on decode tok/s "
@@ -52,6 +54,7 @@ def bench(
                gemmakit bench --cflags=-mno-avx512f --llama-path peers/llama-avx2 --name avx2   # the AVX2 path
                gemmakit bench --busy-core          # the same with one core kept busy by another program
                gemmakit bench --server             # OpenAI server with 1, 4 and 8 concurrent clients
+               gemmakit bench --server --client openai   # the same through the official openai client
                gemmakit bench --finetune           # LoRA steps vs transformers + PEFT, fp32 and bf16
                gemmakit bench --structured         # constrained decoding: mask overhead, engines compared
                gemmakit bench --watermark          # watermark detection: AUC and TPR at 1% FPR, 32 + 32 samples
@@ -70,7 +73,7 @@ def bench(
             from ..bench import server as server_bench
 
             step("server load test (1, 4, 8 clients)")
-            result = server_bench.run_load_test(model, kernel_flags=cflags, repeats=repeats)
+            result = server_bench.run_load_test(model, kernel_flags=cflags, repeats=repeats, client=client)
             result["busy_core"] = busy_cpu
             _report(console, server_bench, result, out, name)
             return
