@@ -46,10 +46,12 @@ log = logging.getLogger("gemmakit.serve")
 PAD_COST = 32  # a prefill forward's fixed cost in prompt tokens (~35 ms of a 270M forward on 2 cores)
 MAX_PREFILL = 2048  # tokens (padding included) of one batched prefill, beyond which sequences prefill alone
 # An idle engine lets a burst of requests arrive before its first prefill (_gather): it starts once no request has
-# come for GATHER_GAP_S, or GATHER_MAX_S after it woke. 8 clients starting at once reach it over ~15 ms; prefilled
-# as they came (4, a batch-4 step, then 4) they took 243 ms to their first batch-8 step, 140 ms as one group.
-GATHER_GAP_S = 0.003
-GATHER_MAX_S = 0.03
+# come for GATHER_GAP_S, or GATHER_MAX_S after it woke. 8 clients starting at once reach it over 10-20 ms, with
+# gaps of up to 6 ms through the openai client (each request parsed on the event loop in turn). Prefilled as they
+# came (4, a batch-4 step, then 4) they took 243 ms to their first batch-8 step, 140 ms as one group (270M, 2 cores).
+# A lone request's first token waits GATHER_GAP_S more.
+GATHER_GAP_S = 0.008
+GATHER_MAX_S = 0.04
 
 
 class QueueFull(Exception):
