@@ -58,7 +58,7 @@ static inline void share(long total, int tid, int nth, long *a, long *b) {
 }
 
 /* Guided share: the next chunk [*a, *b) of `total` items for the calling worker, 0 when none are left. Chunks
- * shrink with the items left (half of them over nth, at least one), so a worker whose core another program takes
+ * shrink with the items left (those over 2 nth, at least one), so a worker whose core another program takes
  * (the server's event loop, its clients, an editor) claims fewer of them instead of stalling the whole step, as a
  * static share() does. A claim loop starts after a team_barrier (which resets the count) and runs alone until the
  * next one. Which worker computes an item does not change its value. */

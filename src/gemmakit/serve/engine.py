@@ -258,7 +258,7 @@ class Engine:
             self.waiting.clear()
 
     def _gather(self) -> None:
-        """Idle, with jobs waiting: wait (holding no lock) while requests keep arriving, so that a burst shares one
+        """Idle, with jobs waiting: wait (the wait releases the lock) while requests keep arriving, so that a burst shares one
         prefill and its rows decode in step from the first token (see GATHER_GAP_S). A lone request waits
         GATHER_GAP_S; an engine already decoding never waits, its rows would stall."""
         end = time.monotonic() + GATHER_MAX_S
