@@ -13,7 +13,8 @@ from ..api import ProcessorFactory
 from ..errors import GemmaError
 from ..sampling import SamplingParams
 from . import schemas
-from .engine import Engine, Event, Job
+from .engine import Engine
+from .events import Event, Job
 from .output import ApiError
 
 

@@ -34,7 +34,7 @@ from ..quant.kernels import release_threads
 from ..safety.guard import Guard, GuardResult
 from ..safety.policies import resolve
 from . import schemas
-from .engine import Event, TokenLogprob
+from .events import Event, TokenLogprob
 from .output import ApiError, Choice, Run
 
 log = logging.getLogger("gemmakit.serve")

@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .. import __version__
 from ..errors import GemmaError
 from . import schemas, structured
-from .engine import Engine, Event, Job, Mailbox, QueueFull, TokenLogprob
+from .engine import Engine
+from .events import Event, Job, Mailbox, QueueFull, TokenLogprob
 
 FINGERPRINT = f"gemmakit-{__version__}"
 RETRY_AFTER_S = 1
