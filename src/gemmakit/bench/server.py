@@ -271,9 +271,11 @@ class GenerateWorker:
     def __init__(self, source: str | None, max_tokens: int, device: str, env: dict) -> None:
         cmd = [sys.executable, "-m", "gemmakit.bench.server", "--generate", "--max-tokens", str(max_tokens),
                "--device", device, *([source] if source else [])]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
-        self._read()  # "ready": loaded and warmed up
+        self.log = tempfile.TemporaryFile("w+")  # its stderr: a pipe nobody reads could fill and stall it
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env)
+        while self._read() != "ready":  # loaded and warmed up (anything printed before is not ours)
+            pass
 
     def run(self, clients: int) -> float:
         self.proc.stdin.write(f"{clients}\n")
@@ -284,8 +286,9 @@ class GenerateWorker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
+            self.log.seek(0)
             raise GemmaError(f"the generate reference run failed (exit {self.proc.returncode}):\n"
-                             f"{self.proc.stderr.read()[-2000:]}")
+                             f"{self.log.read()[-2000:]}")
         return line.strip()
 
     def close(self) -> None:
@@ -295,6 +298,7 @@ class GenerateWorker:
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 def generate_serve(source: str | None, max_tokens: int, device: str = "auto") -> None:
