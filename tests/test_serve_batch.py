@@ -235,3 +235,34 @@ def test_a_failing_row_in_a_batched_prefill_ends_alone(tiny, caplog):
     assert "a batched prefill failed" in caplog.text  # the bad prompt did share a forward
     for p, out in zip(good, outs, strict=True):
         assert out == tiny.generate(p, 10, ignore_eos=True).token_ids
+
+
+def test_rows_freed_below_a_live_row_are_packed(tiny, monkeypatch):
+    """When the low rows finish and no request takes them, the rows above move down (KVCache.move), so the decode
+    steps span the live rows only; the moved row's output is exactly its own, past its sliding window's wrap."""
+    prompts = _prompts(tiny)
+    engine = Engine(tiny, max_batch=8, context=256)
+    batches = []
+    real = tiny.module.forward
+
+    def spy(ids, *args, **kwargs):
+        if ids.shape[1] == 1:
+            batches.append(ids.shape[0])
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(tiny.module, "forward", spy)
+    short = [_job(p, 3, ignore_eos=True) for p in prompts[:3]]
+    long = _job(prompts[3], 24, ignore_eos=True)  # row 3; 24 tokens wrap its sliding layers' 8-slot rings
+    engine.submit([job for job, _ in short] + [long[0]])
+    engine.start()
+    try:
+        outs = [_drain(events)[0] for _, events in short]
+        out = _drain(long[1])[0]
+        assert wait_idle(engine)
+    finally:
+        engine.stop()
+    for p, o in zip(prompts, [*outs, out], strict=True):
+        assert o == tiny.generate(p, len(o), ignore_eos=True).token_ids
+    assert batches[:2] == [4, 4] and batches[-1] == 1, batches  # the long row moved to row 0
+    assert batches.count(4) <= 3, batches  # one step with free rows in its span before the move
+    assert engine.cache.lengths == [0] * 8

@@ -130,6 +130,20 @@ class KVCache:
             layer.slot_pos[row, cols % size if layer.ring else cols] = -1
         self.lengths[row] = length
 
+    def move(self, src: int, dst: int) -> None:
+        """Move row src's keys into the free row dst (src is free after): the server packs its live rows low, so
+        that a decode step spans no free rows. Copies the columns in use only, the ring layers' slots included."""
+        if self.lengths[dst]:
+            raise RuntimeError(f"KV cache row {dst} is not free")
+        n = self.lengths[src]
+        for layer in self.stored:
+            used = min(n, layer.slot_pos.shape[1])  # a ring's slot = column % size: past its size, every slot
+            layer.k[dst, :, :used] = layer.k[src, :, :used]
+            layer.v[dst, :, :used] = layer.v[src, :, :used]
+            layer.slot_pos[dst, :used] = layer.slot_pos[src, :used]
+        self.lengths[dst] = n
+        self.reset(src)
+
     def reset(self, row: int) -> None:
         """Free a row for a new sequence."""
         self.rollback(row, 0)

@@ -106,6 +106,7 @@ class Engine:
         self.tokens_generated = 0
         self.requests_done = 0
         self.peak_batch = 0  # most sequences decoded by one forward so far: evidence of batching
+        self._holey = 0  # decode steps in a row whose span held free rows (_pack)
         self._cond = threading.Condition()
         self._last_submit = 0.0  # time.monotonic() of the last submit (_gather)
         self._stopping = False
@@ -285,7 +286,10 @@ class Engine:
             self._decode_drafted(live)
             return
         # Decode rows 0..hi-1 only (a view of the cache, no copy): new requests take the lowest free rows, so one
-        # client decodes at batch 1, not at max_batch.
+        # client decodes at batch 1, not at max_batch; rows freed below the highest live one are packed (_pack).
+        self._holey = self._holey + 1 if live[-1][0] + 1 > len(live) else 0
+        if self._holey > 1:
+            live = self._pack(live)
         hi = live[-1][0] + 1
         tokens = torch.zeros(hi, 1, dtype=torch.long)
         pos = torch.full((hi, 1), -1, dtype=torch.long)
@@ -300,6 +304,19 @@ class Engine:
         for _, seq in live:
             seq.position += 1
         self._emit_step(live, logits[[r for r, _ in live]] if len(live) < hi else logits)
+
+    def _pack(self, live: list[tuple[int, _Seq]]) -> list[tuple[int, _Seq]]:
+        """Move the highest live rows into the free rows below them, so that the step spans len(live) rows. Only
+        once the free rows have outlasted a step (a client's next request usually fills them sooner): a move
+        copies the row's cache columns once (a few ms), a free row inside the span costs its share of every
+        step."""
+        n = len(live)
+        holes = [r for r in range(n) if self.rows[r] is None]
+        for dst, (src, seq) in zip(holes, [item for item in reversed(live) if item[0] >= n], strict=True):
+            self.cache.move(src, dst)
+            self.rows[dst], self.rows[src] = seq, None
+        self._holey = 0
+        return [(r, s) for r, s in enumerate(self.rows) if s is not None]
 
     def _emit_step(self, live: list[tuple[int, _Seq]], logits: Tensor) -> None:
         """Choose every row's token from its logits (len(live), V) together (serve/choose.py), then emit each;
