@@ -16,7 +16,7 @@ from torch import Tensor
 from .errors import GemmaError
 from .model import Gemma, KVCache
 from .quant.kernels import release_threads
-from .sampling import LogitsProcessor, RowProcessors, SamplingParams, accept_tokens, make_sampler
+from .sampling import LogitsProcessor, RowProcessors, SamplingParams, accept_tokens, first_max, make_sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -144,7 +144,7 @@ def _verify(logits: Tensor, draft: Sequence[int], processors: Sequence[LogitsPro
     kept, so a processor sees exactly the calls that single greedy steps would make (LogitsProcessor contract).
     """
     if not processors:
-        preds = logits.max(-1).indices.tolist()
+        preds = first_max(logits).tolist()
         accepted = 0
         while accepted < len(draft) and preds[accepted] == draft[accepted]:
             accepted += 1

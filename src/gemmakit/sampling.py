@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import GemmaError
+from .quant.kernels import first_max as native_first_max
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 # Below this temperature sampling is arg-max in all but ties, and logits / temperature would leave fp32's range
@@ -247,11 +248,19 @@ def make_sampler(params: SamplingParams, device: torch.device | str = "cpu") -> 
     def sample(logits: Tensor, seen: Tensor | None = None, rows: RowProcessors | None = None) -> Tensor:
         logits = process_logits(logits.float(), params, seen, rows)
         if params.greedy:
-            return logits.max(dim=-1).indices  # same first-maximum index as argmax, ~3x faster on a CPU vocab row
+            return first_max(logits)
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     return sample
+
+
+def first_max(logits: Tensor) -> Tensor:
+    """Each row's greedy token, (B, V) -> (B,): the index of its first maximum, as argmax gives it. By the native
+    kernels where a quantized model loaded them (quant/argmax.c: 8 rows of a 262k vocabulary in 0.2-0.25 instead of
+    0.6-1.6 ms on 2 cores); else torch's max, ~3x faster than its argmax on a CPU vocabulary row."""
+    out = native_first_max(logits)
+    return logits.max(dim=-1).indices if out is None else out
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch import Tensor
 from .draft import Drafter, check_pair, greedy_pick, propose, sample_pick, sliding_window_span, target_kv
 from .generate import left_pad
 from .model import Gemma, KVCache
-from .sampling import RowProcessors, RowRules, SamplingParams, process_logits
+from .sampling import RowProcessors, RowRules, SamplingParams, first_max, process_logits
 
 
 @dataclass
@@ -121,7 +121,7 @@ class DraftPicker:
         self.q: list[list[Tensor]] = [[] for _ in rules]
 
     def __call__(self, logits: Tensor) -> Tensor:
-        out = logits.argmax(-1)
+        out = first_max(logits)
         for i, (r, tally) in enumerate(zip(self.rules, self.tallies, strict=True)):
             if r.plain and r.params.greedy:
                 continue
@@ -188,7 +188,7 @@ class _Tally:
 
 
 def _accept_greedy(logits: Tensor, draft: list[int]) -> tuple[int, int]:
-    preds = logits.argmax(-1).tolist()
+    preds = first_max(logits).tolist()
     j = 0
     while j < len(draft) and preds[j] == draft[j]:
         j += 1

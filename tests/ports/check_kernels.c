@@ -226,6 +226,35 @@ static void check_decode(const char *mode, const char *file) {
     free(one), free(three);
 }
 
+void argmax_rows(const float *x, long rows, long n, long stride, int64_t *out, float *work, int threads);
+long argmax_work(long rows, long n);
+
+/* argmax.c: each row's first maximum over rows that put it in every place a vector loop could lose it: the tail,
+ * a tie across chunks and lanes, a NaN (the first one wins), a row of -inf. Printed, so every build agrees. */
+static void check_argmax(void) {
+    enum { ROWS = 7, N = 9001, STRIDE = 9017 };
+    float *x = malloc(sizeof(float) * ROWS * STRIDE);
+    float *work = malloc(sizeof(float) * argmax_work(ROWS, N));
+    int64_t out[ROWS], one[ROWS];
+    srand(7);
+    for (long i = 0; i < ROWS * STRIDE; i++) x[i] = (float)rand() / RAND_MAX - 0.5f;
+    x[1 * STRIDE + 8999] = 3.0f;                                   /* in the tail */
+    x[2 * STRIDE + 4097] = 3.0f, x[2 * STRIDE + 37] = 3.0f;        /* a tie: the first */
+    x[3 * STRIDE + 6000] = NAN, x[3 * STRIDE + 7000] = NAN, x[3 * STRIDE + 10] = 9.0f;
+    for (long i = 0; i < N; i++) x[4 * STRIDE + i] = -INFINITY;
+    x[5 * STRIDE + 4095] = 2.0f, x[5 * STRIDE + 4096] = 2.0f;      /* across a chunk's edge */
+    argmax_rows(x, ROWS, N, STRIDE, out, work, 3);
+    for (long r = 0; r < ROWS; r++) {
+        argmax_rows(x + r * STRIDE, 1, N, STRIDE, one + r, work, 1);
+        if (one[r] != out[r]) printf("argmax row %ld: %lld alone, %lld beside others\n", r, (long long)one[r],
+                                     (long long)out[r]), failures++;
+    }
+    printf("argmax");
+    for (long r = 0; r < ROWS; r++) printf(" %lld", (long long)out[r]);
+    printf("\n");
+    free(x), free(work);
+}
+
 int main(int argc, char **argv) {
     static const struct { long type; const char *name; long K[4]; } cases[] = {
         {Q4_0, "Q4_0", {32, 160, 640, 1152}}, {Q5_0, "Q5_0", {32, 160, 640, 1152}},
@@ -238,6 +267,7 @@ int main(int argc, char **argv) {
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
         for (int k = 0; k < 4; k++) check(cases[c].type, cases[c].name, cases[c].K[k], Ns[(c + k) % 4]);
     check_decode(argc > 2 ? argv[1] : NULL, argc > 2 ? argv[2] : NULL);
+    check_argmax();
     if (failures) printf("%d FAILURES\n", failures);
     return failures != 0;
 }

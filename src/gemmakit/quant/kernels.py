@@ -25,6 +25,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ..disk_cache import cache_dir, prune
 
@@ -142,6 +143,12 @@ def library() -> ctypes.CDLL | None:
     for f in (lib.qmatmul, lib.dequant_rows, lib.dequant_rows_bf16, lib.rms_norm, lib.decode_layers,
               lib.decode_gemma4, lib.decode_gemma3n):
         f.restype = None
+    lib.argmax_rows.argtypes = [ptr, long_, long_, long_, ptr, ptr, int_]
+    lib.argmax_rows.restype = None
+    lib.argmax_vectorized.argtypes = []
+    lib.argmax_vectorized.restype = int_
+    lib.argmax_work.argtypes = [long_, long_]
+    lib.argmax_work.restype = long_
     lib.release_threads.argtypes = []
     lib.release_threads.restype = int_
     lib.act_bytes.argtypes = [long_, long_]
@@ -169,6 +176,24 @@ def release_threads() -> None:
     is never built for this)."""
     if library.cache_info().currsize and (lib := library()) is not None:
         lib.release_threads()
+
+
+def first_max(logits: Tensor) -> Tensor | None:
+    """Each row's index of its first maximum (B, V) -> (B,) int64, as logits.max(-1).indices, by argmax.c: for
+    float32 CPU rows with unit stride, once the library is loaded (a quantized model loaded it; this never builds
+    it). None where it does not apply."""
+    if not (library.cache_info().currsize and logits.dim() == 2 and logits.dtype == torch.float32
+            and logits.device.type == "cpu" and logits.stride(-1) == 1 and logits.shape[1] > 0):
+        return None
+    lib = library()
+    if lib is None or not lib.argmax_vectorized():  # its scalar loop is slower than torch's
+        return None
+    rows, n = logits.shape
+    out = torch.empty(rows, dtype=torch.int64)
+    work = torch.empty(lib.argmax_work(rows, n), dtype=torch.float32)
+    lib.argmax_rows(logits.data_ptr(), rows, n, logits.stride(0), out.data_ptr(), work.data_ptr(),
+                    torch.get_num_threads())
+    return out
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sampling import SamplingParams, draw, process_logits
+from ..sampling import SamplingParams, draw, first_max, process_logits
 from .drafting import row_rules
 
 
@@ -59,7 +59,7 @@ def choose(seqs: Sequence[Any], logits: Tensor, generator: torch.Generator) -> l
         # The first maximum, as the greedy sampler takes it. Over every row unless most rows sample: gathering the
         # greedy rows first copies megabytes of fresh memory, slower than reducing the rows that did not need it.
         many = 2 * len(greedy) >= len(seqs)
-        best = (logits if many else logits[greedy]).max(dim=-1).indices.tolist()
+        best = first_max(logits if many else logits[greedy]).tolist()
         for k, i in enumerate(greedy):
             out[i] = best[i] if many else best[k]
     for rows in groups.values():
