@@ -5,6 +5,8 @@ and the AVX2 builds with and without VNNI."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,7 @@ from test_fast_path import (
     random_blocks,
 )
 
-BATCH_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
+BATCH_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0]
 MOST_ROWS = 16  # blocks.c: qmatmul products of 17 rows and more go through the prefill tiles instead
 
 
@@ -48,13 +50,17 @@ def _check_rows(qtype: QT, n: int, k: int) -> None:
 @pytest.mark.parametrize("qtype", BATCH_TYPES, ids=lambda t: t.name)
 def test_batch_rows_equal_the_one_row_kernel(qtype, threads, monkeypatch):
     """Weight rows not a multiple of the tile's 8 or 16 (37, 13, 3); 1, 6 and 9 super-blocks per row (batch.c
-    unpacks 4 at a time: a short last block); every row count that reaches the batch kernels."""
+    unpacks 4 at a time: a short last block; Q8_0, 8 quads of 4 blocks); every row count that reaches the batch
+    kernels."""
     monkeypatch.setattr(kernels, "native_bf16", lambda *_: False)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for n, k in ((37, 256), (13, 1536), (3, 2304)):
             _check_rows(qtype, n, k)
+        if qtype == QT.Q8_0:  # the 270M's 640 (5 quads), a short last quad, a tile block of 8 quads and 1 more
+            for n, k in ((21, 640), (5, 96), (11, 1184)):
+                _check_rows(qtype, n, k)
     finally:
         torch.set_num_threads(before)
 
@@ -112,3 +118,33 @@ def test_batch_rows_on_avx2_builds(flags, monkeypatch):
             test_batch_rows_equal_the_one_row_kernel(qtype, 2, monkeypatch)
             test_batch_sums_at_their_extremes(qtype)
         test_decode_batch_rows_equal_batch_one_logits()
+
+
+def _logits_with_traps(rows: int, n: int) -> torch.Tensor:
+    """Random rows and the places a chunked, vectorized arg-max could lose the first maximum."""
+    torch.manual_seed(rows * n)
+    x = torch.randn(rows, n + 5)[:, :n]  # rows apart by more than their length
+    x[1 % rows, n - 1] = 50.0  # in the tail
+    if rows > 4:
+        x[2, 4097 % n], x[2, 37] = 50.0, 50.0  # a tie: the first one
+        x[3, n // 2], x[3, n // 3] = float("nan"), float("nan")  # the first NaN wins, as torch's max
+        x[4] = -float("inf")
+    return x
+
+
+@needs_native
+@pytest.mark.parametrize("flags", [[], ["-mno-avx512f"]], ids=["native", "avx2"])
+@pytest.mark.parametrize("shape", [(1, 262144), (8, 262144), (6, 9001), (3, 1), (5, 4096)])
+def test_native_first_max_is_torchs_first_maximum(flags, shape, monkeypatch):
+    """quant/argmax.c, the greedy token of generate and the server: the index torch's max(dim=-1) gives, NaNs and
+    ties included, on the default and the AVX2 build."""
+    from gemmakit.sampling import first_max
+
+    with kernels_built_with(flags, monkeypatch) if flags else nullcontext():
+        kernels.library()
+        x = _logits_with_traps(*shape)
+        native = kernels.first_max(x)
+        assert native is not None
+        assert torch.equal(native, x.max(dim=-1).indices)
+        assert torch.equal(first_max(x), x.max(dim=-1).indices)
+        assert kernels.first_max(x.double()) is None and kernels.first_max(x[None]) is None  # torch's, there

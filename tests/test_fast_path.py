@@ -30,7 +30,7 @@ avx2_builds = pytest.mark.parametrize(
 
 
 def extreme_blocks(qtype: QT, n: int, k: int) -> tuple[QWeight, torch.Tensor]:
-    """n x k K-quant blocks with every weight at its largest value (the int16 sums of the AVX2 build without VNNI
+    """n x k K-quant (or Q8_0) blocks with every weight at its largest value (the int16 sums of the AVX2 build without VNNI
     at their bound against activations at +-127), and their float64 dequantization."""
     block, size = GGML_QUANT_SIZES[qtype]
     raw = np.full((n, k // block, size), 0xFF, dtype=np.uint8)
@@ -38,6 +38,8 @@ def extreme_blocks(qtype: QT, n: int, k: int) -> tuple[QWeight, torch.Tensor]:
     if qtype == QT.Q6_K:
         raw[..., 192:208] = 0x7F
         raw[..., 208:210] = one
+    elif qtype == QT.Q8_0:  # -128: the largest magnitude, 128 as the unsigned |w| of the AVX2 sign trick
+        raw[..., 0:2], raw[..., 2:] = one, 0x80
     else:
         raw[..., 0:2], raw[..., 2:4] = one, 0
     raw = raw.reshape(n, -1)

@@ -23,7 +23,9 @@
 #include "blocks.h"
 #include "tiles.h"
 
-int batch_cover(long type) { return TILES && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K); }
+int batch_cover(long type) {
+    return TILES && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K || type == T_Q8_0);
+}
 
 #if TILES
 #define KB 4  /* super-blocks per block of the tile: its unpacked bytes (<= 24 KB) and activations stay in L1 */
@@ -47,9 +49,26 @@ typedef struct {
     vflt dot[8][TM], off[8][TM];
 } xacc_t;
 
+/* Q8_0 (the 270M's tied head, ~60% of its batch-8 step): KQ quads of 4 blocks of TN weight rows, unit-major like
+ * xblock_t. row1_b32 keeps one lane per block position u (0..3) of a quad, accumulating over the quads: dot[u] +=
+ * float(z) * (d_w * d_a), then sums its lanes as (0+2) + (1+3); here lane r holds weight row r and there is one
+ * accumulator per u. The integer z of a unit is exact however computed: with VNNI the weights are stored as
+ * unsigned w + 128 and 128 * (the unit's activation sum) comes off after the dot product; without it, maddubs would
+ * saturate on w + 128, so |w| is stored with the weights themselves and the activations take their signs (row1's
+ * own trick), a madd after every chunk (2 x 128 x 127 = 32512 fits int16). */
+#define KQ 8  /* quads per block of the tile: 18 KB of unpacked weights (AVX-512), in L1 with the activations */
+typedef struct {
+    uint8_t w[4][KQ][8][4 * TN] __attribute__((aligned(64)));  /* [unit of the quad][quad][chunk][row: 4 bytes] */
+#if !VNNI
+    int8_t sg[4][KQ][8][4 * TN] __attribute__((aligned(64)));  /* the signed weights, whose signs the rows take */
+#endif
+    float f[4][KQ][TN] __attribute__((aligned(64)));            /* d_w */
+} qblock_t;
+
 long batch_bytes(long K) {
     (void)K;
-    return (long)(sizeof(xblock_t) + sizeof(xacc_t) * ((MAX_ROWS + TM - 1) / TM)) + 64;
+    const size_t tile = sizeof(xblock_t) > sizeof(qblock_t) ? sizeof(xblock_t) : sizeof(qblock_t);
+    return (long)(tile + sizeof(xacc_t) * ((MAX_ROWS + TM - 1) / TM)) + 64;
 }
 
 /* Super-blocks g0 .. g0+gn-1 (gn <= KB) of weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes zero). */
@@ -182,9 +201,136 @@ static void xacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, 
     }
 }
 
+/* Quads q0 .. q0+qn-1 (qn <= KQ) of Q8_0 weight rows n0 .. n0+nr-1 (nr <= TN; missing rows and blocks zero). */
+static void qblock_unpack(qblock_t *t, const qmat_t *W, long n0, int nr, long q0, long qn) {
+    const long nb = W->cols / 32;
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (long q = 0; q < qn; q++)
+        for (int u = 0; u < 4; u++) {
+            const long b = (q0 + q) * 4 + u;  /* the block's index in a row */
+            for (int h = 0; h < TN / 8; h++) {
+                __m256i R[8], O[8];
+#if !VNNI
+                __m256i S[8], P[8];
+#endif
+                for (int i = 0; i < 8; i++) {
+                    const int r = 8 * h + i;
+                    __m256i w = _mm256_setzero_si256();
+                    float d = 0.0f;
+                    if (r < nr && b < nb) {
+                        const uint8_t *blk = W->data + (n0 + r) * W->row_bytes + b * 34;
+                        if (n0 + r + PF_ROWS < W->rows) _mm_prefetch((const char *)(blk + PF_ROWS * W->row_bytes),
+                                                                     _MM_HINT_T0);
+                        w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                        d = half_to_float(blk);
+                    }
+                    t->f[u][q][r] = d;
+#if VNNI
+                    R[i] = _mm256_xor_si256(w, flip);  /* w + 128 as an unsigned byte */
+#else
+                    R[i] = _mm256_sign_epi8(w, w), S[i] = w;
+#endif
+                }
+                transpose8(R, O);
+                for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->w[u][q][c] + 32 * h), O[c]);
+#if !VNNI
+                transpose8(S, P);
+                for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->sg[u][q][c] + 32 * h), P[c]);
+#endif
+            }
+        }
+    (void)flip;  /* without VNNI the weights keep their signs */
+}
+
+/* Activation rows m .. m+R-1 (R <= TM) against quads q0 .. q0+qn-1 of a tile, into acc->dot[u] (zeroed first when
+ * q0 is 0): row1_b32's multiply-adds per lane, in its order over the quads. */
+static inline __attribute__((always_inline)) void qblock_rows(const qblock_t *t, long q0, long qn, int R,
+                                                              const act_t *A, long m, xacc_t *acc) {
+    const long U = A->units;
+    for (int u = 0; u < 4; u++) {
+        vflt dot[TM];
+        for (int r = 0; r < R; r++) dot[r] = q0 ? acc->dot[u][r] : VZERO_F();
+        for (long q = 0; q < qn; q++) {
+            const long o = (q0 + q) * 4 + u;  /* the unit's index in an activation row */
+            const uint8_t *wt = t->w[u][q][0];
+            const int8_t *a[TM];
+            for (int r = 0; r < R; r++) a[r] = A->q + ((m + r) * U + o) * 32;
+            vint z[TM];
+            for (int r = 0; r < R; r++) z[r] = VZERO_I();
+#if VNNI
+            DOT_ROWS(z, wt, 0, 8)
+            for (int r = 0; r < R; r++) {
+                const int16_t *s = A->s16 + ((m + r) * U + o) * 2;
+                z[r] = VSUB_32(z[r], VSET1_32(128 * ((int32_t)s[0] + s[1])));
+            }
+#else
+            for (int c = 0; c < 8; c++) {
+                const __m256i w = VLOAD_I(wt + c * 4 * TN), sg = VLOAD_I(t->sg[u][q][c]);
+                for (int r = 0; r < R; r++)
+                    z[r] = _mm256_add_epi32(z[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_sign_epi8(
+                                                                        bcast4(a[r] + 4 * c), sg)),
+                                                                    _mm256_set1_epi16(1)));
+            }
+#endif
+            const vflt f = VLOAD_F(t->f[u][q]);
+            for (int r = 0; r < R; r++) dot[r] = VFMA(VCVT(z[r]), VMUL(f, VBCAST_F(A->d + (m + r) * U + o)), dot[r]);
+        }
+        for (int r = 0; r < R; r++) acc->dot[u][r] = dot[r];
+    }
+}
+
+static void qblock_pass(const qblock_t *t, long q0, long qn, int R, const act_t *A, long m, xacc_t *acc) {
+    switch (R) {  /* one loop per row count: the tests leave the inner loops */
+#if ZMM
+        case 8: qblock_rows(t, q0, qn, 8, A, m, acc); break;
+        case 7: qblock_rows(t, q0, qn, 7, A, m, acc); break;
+        case 6: qblock_rows(t, q0, qn, 6, A, m, acc); break;
+        case 5: qblock_rows(t, q0, qn, 5, A, m, acc); break;
+#endif
+        case 4: qblock_rows(t, q0, qn, 4, A, m, acc); break;
+        case 3: qblock_rows(t, q0, qn, 3, A, m, acc); break;
+        case 2: qblock_rows(t, q0, qn, 2, A, m, acc); break;
+        default: qblock_rows(t, q0, qn, 1, A, m, acc); break;
+    }
+}
+
+/* Rows m .. m+R-1 of Y at columns n .. n+nr-1: row1_b32's horizontal sum (0+2) + (1+3) of the 4 accumulators. */
+static void qacc_store(const xacc_t *acc, int R, float *y, long ldy, int nr) {
+    float out[TN] __attribute__((aligned(64)));
+    for (int r = 0; r < R; r++) {
+        VSTORE_F(out, VADD(VADD(acc->dot[0][r], acc->dot[2][r]), VADD(acc->dot[1][r], acc->dot[3][r])));
+        memcpy(y + r * ldy, out, sizeof(float) * nr);
+    }
+}
+
+static void q8_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
+    const long nq = (W->cols / 32 + 3) / 4, M = A->rows;
+    qblock_t *t = (qblock_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    xacc_t *acc = (xacc_t *)(((uintptr_t)(t + 1) + 63) & ~(uintptr_t)63);
+    const long passes = (M + TM - 1) / TM, held = (MAX_ROWS + TM - 1) / TM;
+    for (long n = n0; n < n1; n += TN) {
+        const int nr = (int)(n1 - n < TN ? n1 - n : TN);
+        for (long p0 = 0; p0 < passes; p0 += held) {
+            const long p1 = p0 + held < passes ? p0 + held : passes;
+            for (long q0 = 0; q0 < nq; q0 += KQ) {
+                const long qn = nq - q0 < KQ ? nq - q0 : KQ;
+                qblock_unpack(t, W, n, nr, q0, qn);
+                for (long p = p0; p < p1; p++)
+                    qblock_pass(t, q0, qn, (int)(M - p * TM < TM ? M - p * TM : TM), A, p * TM, acc + (p - p0));
+            }
+            for (long p = p0; p < p1; p++)
+                qacc_store(acc + (p - p0), (int)(M - p * TM < TM ? M - p * TM : TM), y + p * TM * ldy + n, ldy, nr);
+        }
+    }
+}
+
 /* Y[m, n] for every activation row and weight rows n0 .. n1-1 (any count): per tile of TN weight rows, KB
  * super-blocks at a time are unpacked into `buf` (batch_bytes) and every TM activation rows pass over them. */
 void batch_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
+    if (W->type == T_Q8_0) {
+        q8_rows(W, n0, n1, A, y, ldy, buf);
+        return;
+    }
     const long nsb = W->cols / 256, M = A->rows;
     xblock_t *t = (xblock_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
     xacc_t *acc = (xacc_t *)(t + 1);
