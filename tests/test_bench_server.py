@@ -32,3 +32,23 @@ def test_load_test_refuses_bad_arguments():
         run_load_test(None, clients=(1,), max_tokens=4, client="curl")
     with pytest.raises(GemmaError, match="exited"):
         run_load_test("/nonexistent/model.gguf", clients=(1,), max_tokens=4, startup_timeout=60)
+
+
+def test_mixed_workload_serves_the_same_queue_every_round(monkeypatch):
+    """--mixed: every round serves the whole queue of mixed requests, its clients each taking the next one; no
+    generate yardstick. Shrunk here: 5 requests of 4 or 30 words and 2 or 3 tokens."""
+    from gemmakit.bench import server
+
+    monkeypatch.setattr(server, "MIXED_WORDS", (4, 30))
+    monkeypatch.setattr(server, "MIXED_TOKENS", (2, 3))
+    monkeypatch.setattr(server, "MIXED_REQUESTS", 5)
+    jobs = server.mixed_jobs()
+    assert jobs == server.mixed_jobs() and {len(p.split()) for p, _ in jobs} == {4, 30}
+    out = run_load_test(None, clients=(1, 2), ctx_size=128, repeats=1, workload="mixed")
+    assert out["workload"] == "mixed"
+    for r in out["rounds"]:
+        assert r["requests"] == 5 and r["completion_tokens"] == sum(n for _, n in jobs)
+        assert "generate_tok_s" not in r
+    assert "the mixed workload" in markdown(out)
+    with pytest.raises(GemmaError, match="unknown load test workload"):
+        run_load_test(None, clients=(1,), workload="chat")

@@ -41,6 +41,26 @@ PROMPTS = [
     "The city at night looks like",
 ]
 MODEL_NAME = "bench"
+# The mixed workload (workload="mixed"): requests as a chat app's users send them, prompts of 16 to 400 words and
+# 32 to 128 new tokens, through a queue every client takes its next request from as soon as its last one ends. The
+# prompts' prefill does not batch the way decode steps do, so this measures how much of one client's pace the
+# server keeps for many, where the default workload measures the decode batching alone.
+MIXED_WORDS = (16, 64, 200, 400)
+MIXED_TOKENS = (32, 64, 128)
+MIXED_REQUESTS = 24
+_TEXT = ("the river runs past the old mill where the miller keeps his stones and his dog sleeps in the sun while "
+         "children walk to school along the road that climbs the hill toward the church and the market square ").split()
+
+
+def mixed_jobs() -> list[tuple[str, int]]:
+    """MIXED_REQUESTS (prompt, max_tokens) pairs, the same on every run: every length with every budget."""
+    jobs = []
+    for k in range(MIXED_REQUESTS):
+        n = MIXED_WORDS[k % len(MIXED_WORDS)]
+        words = [_TEXT[(k + i) % len(_TEXT)] for i in range(n)]
+        jobs.append((" ".join(words), MIXED_TOKENS[(k // len(MIXED_WORDS) + k) % len(MIXED_TOKENS)]))
+    return jobs
+
 # Before each timed round with a generate reference, both sides first generate this many tokens untimed. The two
 # processes hold a copy of the weights each, and the one that runs reads its own back into the CPU caches: on a
 # 480 MB L3, two 270M copies do not fit, and the first round after the other side's took 330 instead of 170 ms for
@@ -127,17 +147,26 @@ def _openai(port: int, timeout: float) -> Any:
 CLIENTS = {"http": stream_completion, "openai": stream_openai}
 
 
-def run_round(port: int, clients: int, max_tokens: int, requests_per_client: int = 1, client: str = "http") -> dict:
-    """`clients` threads, each sending requests_per_client streaming requests back to back."""
+def run_round(port: int, clients: int, max_tokens: int, requests_per_client: int = 1, client: str = "http",
+              jobs: Sequence[tuple[str, int]] | None = None) -> dict:
+    """`clients` threads, each sending requests_per_client streaming requests back to back; with `jobs` ((prompt,
+    max_tokens) pairs), each takes the next job of the queue until none is left."""
     stream = CLIENTS[client]
     results: list[dict] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
+    # each client's own list of jobs, or one queue that all of them share
+    queues = ([[(PROMPTS[(k + j) % len(PROMPTS)], max_tokens) for j in range(requests_per_client)]
+               for k in range(clients)] if jobs is None else [list(jobs)] * clients)
+
+    def next_job(k: int) -> tuple[str, int] | None:
+        with lock:
+            return queues[k].pop(0) if queues[k] else None
 
     def client(k: int) -> None:
-        for j in range(requests_per_client):
+        while (job := next_job(k)) is not None:
             try:
-                r = stream(port, PROMPTS[(k + j) % len(PROMPTS)], max_tokens)
+                r = stream(port, *job)
             except BaseException as e:  # reported after the round; a thread must not die silently
                 with lock:
                     errors.append(e)
@@ -182,6 +211,7 @@ def run_load_test(
     reference: bool = True,
     repeats: int = 3,
     client: str = "http",
+    workload: str = "fixed",
 ) -> dict:
     """Serve `source` (None: the embedded model) in a subprocess and measure aggregate decode throughput.
 
@@ -192,6 +222,8 @@ def run_load_test(
     Model.generate in a worker process (GenerateWorker): each round gets `generate_tok_s` (the median of those
     runs) and `vs_generate` (the median of the paired ratios). Every client count runs `repeats` times, the counts
     alternating; each reported round is the median one by aggregate tok/s (its `aggregate_runs` lists them all).
+    workload="mixed": every round serves the same queue of mixed_jobs() instead (max_tokens unused), without the
+    generate reference: one batch of prompts from 16 to 400 words is not what a server facing such traffic does.
     """
     from .common import isa, machine
 
@@ -201,6 +233,10 @@ def run_load_test(
         raise GemmaError("max_tokens must be >= 1")
     if client not in CLIENTS:
         raise GemmaError(f"unknown load test client {client!r}; use one of {', '.join(CLIENTS)}")
+    if workload not in ("fixed", "mixed"):
+        raise GemmaError(f"unknown load test workload {workload!r}; use fixed or mixed")
+    jobs = mixed_jobs() if workload == "mixed" else None
+    reference = reference and jobs is None
     batch = max_batch or max(clients)
     port = free_port()
     cmd = [sys.executable, "-m", "gemmakit", "serve", "--host", "127.0.0.1", "--port", str(port), "--max-batch",
@@ -223,7 +259,7 @@ def run_load_test(
             for c in clients:
                 if worker is not None:  # its run evicted the server's weights from the CPU caches (GenerateWorker)
                     CLIENTS[client](port, PROMPTS[0], WARM_TOKENS)
-                r = run_round(port, c, max_tokens, requests_per_client, client)
+                r = run_round(port, c, max_tokens, requests_per_client, client, jobs)
                 if worker is not None:
                     r["generate_tok_s"] = worker.run(c)
                 runs[c].append(r)
@@ -251,6 +287,7 @@ def run_load_test(
         "requests_per_client": requests_per_client,
         "repeats": max(1, repeats),
         "client": client,
+        "workload": workload,
         "rounds": rounds,
         "machine": machine(),
         "isa": isa(),
@@ -338,7 +375,10 @@ def markdown(result: dict) -> str:
     one = next((r["aggregate_tok_s"] for r in rounds if r["clients"] == 1), None)
     lines = [f"`gemmakit serve` load test on {result.get('machine', '?')}"
              + (f" (GEMMAKIT_CFLAGS={result['kernel_flags']})" if result.get("kernel_flags") else "")
-             + f", {result['max_tokens']} tokens per request, --max-batch {result['max_batch']}"
+             + (f", the mixed workload ({MIXED_REQUESTS} requests: prompts of {'/'.join(map(str, MIXED_WORDS))} "
+                f"words, {'/'.join(map(str, MIXED_TOKENS))} new tokens, each client taking the next one)"
+                if result.get("workload") == "mixed" else f", {result['max_tokens']} tokens per request")
+             + f", --max-batch {result['max_batch']}"
              + (", clients: the official openai package" if result.get("client") == "openai" else "")
              + ".", "",
              "| clients | aggregate tok/s | vs 1 client | first token mean (s) | `generate`, same prompts as one batch "

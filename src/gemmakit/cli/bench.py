@@ -24,6 +24,8 @@ def bench(
     server: Annotated[bool, typer.Option("--server", help="Instead: aggregate tok/s of 1, 4, 8 server clients.")] = False,
     client: Annotated[str, typer.Option(help="--server: the clients' HTTP, http (the standard library) or openai "
                                              "(the official openai package, as an app would use)")] = "http",
+    mixed: Annotated[bool, typer.Option("--mixed", help="--server: a queue of mixed requests (prompts of 16 to 400 "
+                                                        "words, 32 to 128 new tokens) instead of equal ones.")] = False,
     finetune: Annotated[bool, typer.Option("--finetune", help="Instead: LoRA training vs transformers+PEFT "
                                                               "(fp32 and bf16).")] = False,
     structured: Annotated[bool, typer.Option("--structured", help="Instead: grammar-mask overhead on decode tok/s "
@@ -55,6 +57,7 @@ def bench(
                gemmakit bench --busy-core          # the same with one core kept busy by another program
                gemmakit bench --server             # OpenAI server with 1, 4 and 8 concurrent clients
                gemmakit bench --server --client openai   # the same through the official openai client
+               gemmakit bench --server --mixed     # a queue of requests of mixed lengths
                gemmakit bench --finetune           # LoRA steps vs transformers + PEFT, fp32 and bf16
                gemmakit bench --structured         # constrained decoding: mask overhead, engines compared
                gemmakit bench --watermark          # watermark detection: AUC and TPR at 1% FPR, 32 + 32 samples
@@ -73,7 +76,8 @@ def bench(
             from ..bench import server as server_bench
 
             step("server load test (1, 4, 8 clients)")
-            result = server_bench.run_load_test(model, kernel_flags=cflags, repeats=repeats, client=client)
+            result = server_bench.run_load_test(model, kernel_flags=cflags, repeats=repeats, client=client,
+                                                workload="mixed" if mixed else "fixed")
             result["busy_core"] = busy_cpu
             _report(console, server_bench, result, out, name)
             return
