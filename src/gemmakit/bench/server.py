@@ -373,6 +373,7 @@ def markdown(result: dict) -> str:
     """The rounds as a table, with each round's aggregate throughput relative to one client."""
     rounds = result["rounds"]
     one = next((r["aggregate_tok_s"] for r in rounds if r["clients"] == 1), None)
+    referenced = any(r.get("generate_tok_s") for r in rounds)
     lines = [f"`gemmakit serve` load test on {result.get('machine', '?')}"
              + (f" (GEMMAKIT_CFLAGS={result['kernel_flags']})" if result.get("kernel_flags") else "")
              + (f", the mixed workload ({MIXED_REQUESTS} requests: prompts of {'/'.join(map(str, MIXED_WORDS))} "
@@ -381,21 +382,21 @@ def markdown(result: dict) -> str:
              + f", --max-batch {result['max_batch']}"
              + (", clients: the official openai package" if result.get("client") == "openai" else "")
              + ".", "",
-             "| clients | aggregate tok/s | vs 1 client | first token mean (s) | `generate`, same prompts as one batch "
-             "(tok/s) | serve vs generate |", "|---|---|---|---|---|---|"]
+             "| clients | aggregate tok/s | vs 1 client | first token mean (s) |"
+             + (" `generate`, same prompts as one batch (tok/s) | serve vs generate |" if referenced else ""),
+             "|---|---|---|---|" + ("---|---|" if referenced else "")]
     for r in rounds:
         ratio = f"{r['aggregate_tok_s'] / one:.2f}x" if one else ""
         same = r.get("generate_tok_s")
         ratio_g = r.get("vs_generate") or (r["aggregate_tok_s"] / same if same else None)
-        ref = f"{same:.1f} | {ratio_g:.2f}x" if same else " | "
-        lines.append(f"| {r['clients']} | {r['aggregate_tok_s']:.1f} | {ratio} | {r['ttft_s_mean']:.3f} | {ref} |")
+        ref = (f" {same:.1f} | {ratio_g:.2f}x |" if same else "  |  |") if referenced else ""
+        lines.append(f"| {r['clients']} | {r['aggregate_tok_s']:.1f} | {ratio} | {r['ttft_s_mean']:.3f} |{ref}")
     paired = any("vs_generate" in r for r in rounds)
-    note = ("" if not any(r.get("generate_tok_s") for r in rounds) else
-            "\n`generate`: Model.generate in one process on the same prompts as one batch, the same tokens each, "
-            "timed end to end (prefill included) as a server round is"
-            + ("; run after each server round, beside the server: the median of its runs, and the median of the "
-               "paired ratios" if paired else "; median of 3")
-            + f". Server rounds: the median of {result.get('repeats', 1)} alternating runs.\n")
+    note = (("\n`generate`: Model.generate in one process on the same prompts as one batch, the same tokens each, "
+             "timed end to end (prefill included) as a server round is"
+             + ("; run after each server round, beside the server: the median of its runs, and the median of the "
+                "paired ratios" if paired else "; median of 3") + ". " if referenced else "\n")
+            + f"Server rounds: the median of {result.get('repeats', 1)} alternating runs.\n")
     return "\n".join(lines) + "\n" + note
 
 
