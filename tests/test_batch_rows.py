@@ -25,7 +25,7 @@ from test_fast_path import (
     random_blocks,
 )
 
-BATCH_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0]
+BATCH_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q4_0, QT.Q5_0, QT.Q8_0]
 MOST_ROWS = 16  # blocks.c: qmatmul products of 17 rows and more go through the prefill tiles instead
 
 
@@ -50,15 +50,15 @@ def _check_rows(qtype: QT, n: int, k: int) -> None:
 @pytest.mark.parametrize("qtype", BATCH_TYPES, ids=lambda t: t.name)
 def test_batch_rows_equal_the_one_row_kernel(qtype, threads, monkeypatch):
     """Weight rows not a multiple of the tile's 8 or 16 (37, 13, 3); 1, 6 and 9 super-blocks per row (batch.c
-    unpacks 4 at a time: a short last block; Q8_0, 8 quads of 4 blocks); every row count that reaches the batch
-    kernels."""
+    unpacks 4 at a time: a short last block; blocks of 32, 8 quads of 4 blocks); every row count that reaches the
+    batch kernels."""
     monkeypatch.setattr(kernels, "native_bf16", lambda *_: False)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for n, k in ((37, 256), (13, 1536), (3, 2304)):
             _check_rows(qtype, n, k)
-        if qtype == QT.Q8_0:  # the 270M's 640 (5 quads), a short last quad, a tile block of 8 quads and 1 more
+        if qtype in (QT.Q4_0, QT.Q5_0, QT.Q8_0):  # 640 (5 quads), a short last quad, 8 quads (a tile block) and 1
             for n, k in ((21, 640), (5, 96), (11, 1184)):
                 _check_rows(qtype, n, k)
     finally:

@@ -24,7 +24,8 @@
 #include "tiles.h"
 
 int batch_cover(long type) {
-    return TILES && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K || type == T_Q8_0);
+    return TILES && (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K || type == T_Q4_0 || type == T_Q5_0 ||
+                     type == T_Q8_0);
 }
 
 #if TILES
@@ -49,13 +50,15 @@ typedef struct {
     vflt dot[8][TM], off[8][TM];
 } xacc_t;
 
-/* Q8_0 (the 270M's tied head, ~60% of its batch-8 step): KQ quads of 4 blocks of TN weight rows, unit-major like
- * xblock_t. row1_b32 keeps one lane per block position u (0..3) of a quad, accumulating over the quads: dot[u] +=
- * float(z) * (d_w * d_a), then sums its lanes as (0+2) + (1+3); here lane r holds weight row r and there is one
- * accumulator per u. The integer z of a unit is exact however computed: with VNNI the weights are stored as
- * unsigned w + 128 and 128 * (the unit's activation sum) comes off after the dot product; without it, maddubs would
- * saturate on w + 128, so |w| is stored with the weights themselves and the activations take their signs (row1's
- * own trick), a madd after every chunk (2 x 128 x 127 = 32512 fits int16). */
+/* Blocks of 32: Q8_0 (the 270M's tied head, ~60% of its batch-8 step), Q4_0 and Q5_0 (Gemma's QAT files). KQ
+ * quads of 4 blocks of TN weight rows, unit-major like xblock_t. row1_b32 keeps one lane per block position u
+ * (0..3) of a quad, accumulating over the quads dot[u] += float(z) * (d_w * d_a) and (Q4_0, Q5_0, whose values are
+ * stored unsigned, 8 or 16 above the true ones) off[u] += d_w * fs_a, then sums its lanes dot - off * 8 (16) as
+ * (0+2) + (1+3); here lane r holds weight row r and there is one accumulator per u. The integer z of a unit is exact
+ * however computed. Q8_0's weights are signed: with VNNI they are stored as unsigned w + 128 and 128 * (the unit's
+ * activation sum) comes off after the dot product; without it, maddubs would saturate on w + 128, so |w| is stored
+ * with the weights themselves and the activations take their signs (row1's own trick), a madd after every chunk
+ * (2 x 128 x 127 = 32512 fits int16). Q4_0 / Q5_0 values (at most 31) run as the K-quants' do. */
 #define KQ 8  /* quads per block of the tile: 18 KB of unpacked weights (AVX-512), in L1 with the activations */
 typedef struct {
     uint8_t w[4][KQ][8][4 * TN] __attribute__((aligned(64)));  /* [unit of the quad][quad][chunk][row: 4 bytes] */
@@ -64,6 +67,8 @@ typedef struct {
 #endif
     float f[4][KQ][TN] __attribute__((aligned(64)));            /* d_w */
 } qblock_t;
+
+static long b32_bytes(long type) { return type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34; }
 
 long batch_bytes(long K) {
     (void)K;
@@ -201,9 +206,9 @@ static void xacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, 
     }
 }
 
-/* Quads q0 .. q0+qn-1 (qn <= KQ) of Q8_0 weight rows n0 .. n0+nr-1 (nr <= TN; missing rows and blocks zero). */
+/* Quads q0 .. q0+qn-1 (qn <= KQ) of weight rows n0 .. n0+nr-1 (nr <= TN; missing rows and blocks zero). */
 static void qblock_unpack(qblock_t *t, const qmat_t *W, long n0, int nr, long q0, long qn) {
-    const long nb = W->cols / 32;
+    const long nb = W->cols / 32, bsz = b32_bytes(W->type);
     const __m256i flip = _mm256_set1_epi8((char)0x80);
     for (long q = 0; q < qn; q++)
         for (int u = 0; u < 4; u++) {
@@ -218,38 +223,62 @@ static void qblock_unpack(qblock_t *t, const qmat_t *W, long n0, int nr, long q0
                     __m256i w = _mm256_setzero_si256();
                     float d = 0.0f;
                     if (r < nr && b < nb) {
-                        const uint8_t *blk = W->data + (n0 + r) * W->row_bytes + b * 34;
+                        const uint8_t *blk = W->data + (n0 + r) * W->row_bytes + b * bsz;
                         if (n0 + r + PF_ROWS < W->rows) _mm_prefetch((const char *)(blk + PF_ROWS * W->row_bytes),
                                                                      _MM_HINT_T0);
-                        w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                        if (W->type == T_Q8_0) {
+                            w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                        } else {  /* row1_b32's unpacking: values 0..15 (+16 from Q5_0's fifth bits) */
+                            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (W->type == T_Q4_0 ? 2 : 6)));
+                            w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+                                                 _mm256_set1_epi8(0x0F));
+                            if (W->type == T_Q5_0) {
+                                uint32_t qh;
+                                memcpy(&qh, blk + 2, 4);
+                                w = _mm256_or_si256(w, bits_to_0x10(qh));
+                            }
+                        }
                         d = half_to_float(blk);
                     }
                     t->f[u][q][r] = d;
-#if VNNI
-                    R[i] = _mm256_xor_si256(w, flip);  /* w + 128 as an unsigned byte */
-#else
-                    R[i] = _mm256_sign_epi8(w, w), S[i] = w;
+                    if (W->type != T_Q8_0) {
+                        R[i] = w;
+#if !VNNI
+                        S[i] = w;
 #endif
+                    } else {
+#if VNNI
+                        R[i] = _mm256_xor_si256(w, flip);  /* w + 128 as an unsigned byte */
+#else
+                        R[i] = _mm256_sign_epi8(w, w), S[i] = w;
+#endif
+                    }
                 }
                 transpose8(R, O);
                 for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->w[u][q][c] + 32 * h), O[c]);
 #if !VNNI
-                transpose8(S, P);
-                for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->sg[u][q][c] + 32 * h), P[c]);
+                if (W->type == T_Q8_0) {
+                    transpose8(S, P);
+                    for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->sg[u][q][c] + 32 * h), P[c]);
+                }
 #endif
             }
         }
     (void)flip;  /* without VNNI the weights keep their signs */
 }
 
-/* Activation rows m .. m+R-1 (R <= TM) against quads q0 .. q0+qn-1 of a tile, into acc->dot[u] (zeroed first when
- * q0 is 0): row1_b32's multiply-adds per lane, in its order over the quads. */
-static inline __attribute__((always_inline)) void qblock_rows(const qblock_t *t, long q0, long qn, int R,
+/* Activation rows m .. m+R-1 (R <= TM) against quads q0 .. q0+qn-1 of a tile, into acc->dot[u] and acc->off[u]
+ * (zeroed first when q0 is 0): row1_b32's multiply-adds per lane, in its order over the quads. */
+static inline __attribute__((always_inline)) void qblock_rows(const qblock_t *t, long q0, long qn, long type, int R,
                                                               const act_t *A, long m, xacc_t *acc) {
     const long U = A->units;
+#if !VNNI
+    const int run = 4;  /* Q4_0 / Q5_0: values up to 31, as the K-quants' (DOT_ROWS) */
+#endif
     for (int u = 0; u < 4; u++) {
-        vflt dot[TM];
+        vflt dot[TM], off[TM];
         for (int r = 0; r < R; r++) dot[r] = q0 ? acc->dot[u][r] : VZERO_F();
+        for (int r = 0; r < R; r++) off[r] = q0 ? acc->off[u][r] : VZERO_F();
         for (long q = 0; q < qn; q++) {
             const long o = (q0 + q) * 4 + u;  /* the unit's index in an activation row */
             const uint8_t *wt = t->w[u][q][0];
@@ -257,6 +286,9 @@ static inline __attribute__((always_inline)) void qblock_rows(const qblock_t *t,
             for (int r = 0; r < R; r++) a[r] = A->q + ((m + r) * U + o) * 32;
             vint z[TM];
             for (int r = 0; r < R; r++) z[r] = VZERO_I();
+            if (type != T_Q8_0) {
+                UNIT_SUMS(z, wt, 0, 8)
+            } else {
 #if VNNI
             DOT_ROWS(z, wt, 0, 8)
             for (int r = 0; r < R; r++) {
@@ -272,38 +304,55 @@ static inline __attribute__((always_inline)) void qblock_rows(const qblock_t *t,
                                                                     _mm256_set1_epi16(1)));
             }
 #endif
+            }
             const vflt f = VLOAD_F(t->f[u][q]);
             for (int r = 0; r < R; r++) dot[r] = VFMA(VCVT(z[r]), VMUL(f, VBCAST_F(A->d + (m + r) * U + o)), dot[r]);
+            if (type != T_Q8_0)
+                for (int r = 0; r < R; r++) off[r] = VFMA(f, VBCAST_F(A->fs + (m + r) * U + o), off[r]);
         }
         for (int r = 0; r < R; r++) acc->dot[u][r] = dot[r];
+        for (int r = 0; r < R; r++) acc->off[u][r] = off[r];
     }
 }
 
-static void qblock_pass(const qblock_t *t, long q0, long qn, int R, const act_t *A, long m, xacc_t *acc) {
-    switch (R) {  /* one loop per row count: the tests leave the inner loops */
+static void qblock_pass(const qblock_t *t, long q0, long qn, long type, int R, const act_t *A, long m,
+                        xacc_t *acc) {
+#define QPASS(TY)  /* one loop per (block type, row count): the tests leave the inner loops */                  \
+    switch (R) {                                                                                              \
+        ZMM_QCASES(TY)                                                                                        \
+        case 4: qblock_rows(t, q0, qn, TY, 4, A, m, acc); break;                                              \
+        case 3: qblock_rows(t, q0, qn, TY, 3, A, m, acc); break;                                              \
+        case 2: qblock_rows(t, q0, qn, TY, 2, A, m, acc); break;                                              \
+        default: qblock_rows(t, q0, qn, TY, 1, A, m, acc); break;                                             \
+    }
 #if ZMM
-        case 8: qblock_rows(t, q0, qn, 8, A, m, acc); break;
-        case 7: qblock_rows(t, q0, qn, 7, A, m, acc); break;
-        case 6: qblock_rows(t, q0, qn, 6, A, m, acc); break;
-        case 5: qblock_rows(t, q0, qn, 5, A, m, acc); break;
+#define ZMM_QCASES(TY)                                                                                        \
+    case 8: qblock_rows(t, q0, qn, TY, 8, A, m, acc); break;                                                  \
+    case 7: qblock_rows(t, q0, qn, TY, 7, A, m, acc); break;                                                  \
+    case 6: qblock_rows(t, q0, qn, TY, 6, A, m, acc); break;                                                  \
+    case 5: qblock_rows(t, q0, qn, TY, 5, A, m, acc); break;
+#else
+#define ZMM_QCASES(TY)
 #endif
-        case 4: qblock_rows(t, q0, qn, 4, A, m, acc); break;
-        case 3: qblock_rows(t, q0, qn, 3, A, m, acc); break;
-        case 2: qblock_rows(t, q0, qn, 2, A, m, acc); break;
-        default: qblock_rows(t, q0, qn, 1, A, m, acc); break;
-    }
+    if (type == T_Q8_0) { QPASS(T_Q8_0) } else { QPASS(T_Q4_0) }  /* Q5_0: unpacked as Q4_0's 0..31 */
+#undef QPASS
+#undef ZMM_QCASES
 }
 
-/* Rows m .. m+R-1 of Y at columns n .. n+nr-1: row1_b32's horizontal sum (0+2) + (1+3) of the 4 accumulators. */
-static void qacc_store(const xacc_t *acc, int R, float *y, long ldy, int nr) {
+/* Rows m .. m+R-1 of Y at columns n .. n+nr-1: row1_b32's dot - off * 8 (Q5_0: 16; Q8_0: dot) per accumulator,
+ * then its horizontal sum (0+2) + (1+3). */
+static void qacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, int nr) {
     float out[TN] __attribute__((aligned(64)));
+    const vflt k = VSET1_F(type == T_Q4_0 ? 8.0f : 16.0f);
     for (int r = 0; r < R; r++) {
-        VSTORE_F(out, VADD(VADD(acc->dot[0][r], acc->dot[2][r]), VADD(acc->dot[1][r], acc->dot[3][r])));
+        vflt p[4];
+        for (int u = 0; u < 4; u++) p[u] = type == T_Q8_0 ? acc->dot[u][r] : VFNMA(acc->off[u][r], k, acc->dot[u][r]);
+        VSTORE_F(out, VADD(VADD(p[0], p[2]), VADD(p[1], p[3])));
         memcpy(y + r * ldy, out, sizeof(float) * nr);
     }
 }
 
-static void q8_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
+static void b32_tiles(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
     const long nq = (W->cols / 32 + 3) / 4, M = A->rows;
     qblock_t *t = (qblock_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
     xacc_t *acc = (xacc_t *)(((uintptr_t)(t + 1) + 63) & ~(uintptr_t)63);
@@ -316,10 +365,12 @@ static void q8_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y,
                 const long qn = nq - q0 < KQ ? nq - q0 : KQ;
                 qblock_unpack(t, W, n, nr, q0, qn);
                 for (long p = p0; p < p1; p++)
-                    qblock_pass(t, q0, qn, (int)(M - p * TM < TM ? M - p * TM : TM), A, p * TM, acc + (p - p0));
+                    qblock_pass(t, q0, qn, W->type, (int)(M - p * TM < TM ? M - p * TM : TM), A, p * TM,
+                                acc + (p - p0));
             }
             for (long p = p0; p < p1; p++)
-                qacc_store(acc + (p - p0), (int)(M - p * TM < TM ? M - p * TM : TM), y + p * TM * ldy + n, ldy, nr);
+                qacc_store(acc + (p - p0), W->type, (int)(M - p * TM < TM ? M - p * TM : TM), y + p * TM * ldy + n,
+                           ldy, nr);
         }
     }
 }
@@ -327,8 +378,8 @@ static void q8_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y,
 /* Y[m, n] for every activation row and weight rows n0 .. n1-1 (any count): per tile of TN weight rows, KB
  * super-blocks at a time are unpacked into `buf` (batch_bytes) and every TM activation rows pass over them. */
 void batch_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
-    if (W->type == T_Q8_0) {
-        q8_rows(W, n0, n1, A, y, ldy, buf);
+    if (W->type == T_Q8_0 || W->type == T_Q4_0 || W->type == T_Q5_0) {
+        b32_tiles(W, n0, n1, A, y, ldy, buf);
         return;
     }
     const long nsb = W->cols / 256, M = A->rows;

@@ -203,16 +203,6 @@ static inline __m256i nibbles_lo(__m256i v) { return _mm256_and_si256(v, _mm256_
 static inline __m256i nibbles_hi(__m256i v) {
     return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
 }
-/* 32 bits -> 32 bytes, 0x10 where the bit is set (the 5th bit of Q5 values). */
-static inline __m256i bits_to_0x10(uint32_t bits) {
-    const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
-                                            0x0303030303030303);
-    const __m256i bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
-    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
-    v = _mm256_or_si256(v, bit);
-    v = _mm256_cmpeq_epi8(v, _mm256_set1_epi64x(-1));
-    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
-}
 
 /* Q6_K: unit u's two 16-value sub-block scales, each repeated over its 8 int16 lanes (from the 16 scales as int16) */
 static inline __m256i q6k_unit_scales(__m256i scv, int u) {

@@ -78,8 +78,22 @@ int tiles_cover(long type);
 long tile_bytes(long K);
 void tiles_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf);
 
-/* batch.c: register-blocked products for a few rows (decode batches, drafts) over Q4_K, Q5_K, Q6_K, bit-identical
- * to the one-row kernels; buf: batch_bytes(K) (a worker's group buffer, group_bytes, holds it). */
+/* batch.c: register-blocked products for a few rows (decode batches, drafts) over Q4_K, Q5_K, Q6_K, Q4_0, Q5_0
+ * and Q8_0, bit-identical to the one-row kernels; buf: batch_bytes(K) (a worker's group buffer, group_bytes). */
 int batch_cover(long type);
 long batch_bytes(long K);
 void batch_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf);
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* 32 bits -> 32 bytes, 0x10 where the bit is set (the 5th bit of Q5 values): blocks.c's rows, batch.c's tiles. */
+static inline __m256i bits_to_0x10(uint32_t bits) {
+    const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+                                            0x0303030303030303);
+    const __m256i bit = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    v = _mm256_or_si256(v, bit);
+    v = _mm256_cmpeq_epi8(v, _mm256_set1_epi64x(-1));
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+#endif
