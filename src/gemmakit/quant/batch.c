@@ -1,5 +1,8 @@
 /* Register-blocked int8 products for a few activation rows (decode batches, speculative drafts: 2 to 16 rows) over
- * Q4_K, Q5_K and Q6_K blocks, bit-identical to blocks.c's one-row kernels.
+ * Q4_K, Q5_K and Q6_K blocks and blocks of 32 (Q4_0, Q5_0, Q8_0: see qblock_t), bit-identical to blocks.c's
+ * one-row kernels. Products of more rows with blocks of 32 (prefill; tiles.c covers the K-quants) run here too,
+ * MAX_ROWS rows per unpacking: the 270M, whose matrices 640 wide are Q5_0 and Q8_0, prefilled 256 tokens at
+ * 542-691 instead of 477-569 tok/s on the AVX2 build.
  *
  * blocks.c's batched kernel unpacks a weight row once for its rows, but each 32-value unit's integer dot product
  * still ends in its own 8-lane vector and needs a horizontal reduction (hadd chains) per unit and row: at 4-8 rows
