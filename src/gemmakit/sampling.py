@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from .errors import GemmaError
-from .quant.kernels import first_max as native_first_max
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 # Below this temperature sampling is arg-max in all but ties, and logits / temperature would leave fp32's range
@@ -255,11 +254,16 @@ def make_sampler(params: SamplingParams, device: torch.device | str = "cpu") -> 
     return sample
 
 
+# quant/kernels.py's first_max, set there when the native kernels load (this layer may not import quant/): None
+# where they do not apply
+native_first_max: Callable[[Tensor], Tensor | None] | None = None
+
+
 def first_max(logits: Tensor) -> Tensor:
     """Each row's greedy token, (B, V) -> (B,): the index of its first maximum, as argmax gives it. By the native
     kernels where a quantized model loaded them (quant/argmax.c: 8 rows of a 262k vocabulary in 0.2-0.25 instead of
     0.6-1.6 ms on 2 cores); else torch's max, ~3x faster than its argmax on a CPU vocabulary row."""
-    out = native_first_max(logits)
+    out = native_first_max(logits) if native_first_max is not None else None
     return logits.max(dim=-1).indices if out is None else out
 
 

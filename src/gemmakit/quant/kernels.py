@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import sampling
 from ..disk_cache import cache_dir, prune
 
 HERE = Path(__file__).parent
@@ -149,6 +150,7 @@ def library() -> ctypes.CDLL | None:
     lib.argmax_vectorized.restype = int_
     lib.argmax_work.argtypes = [long_, long_]
     lib.argmax_work.restype = long_
+    sampling.native_first_max = first_max  # greedy tokens by argmax.c from now on (sampling.first_max)
     lib.release_threads.argtypes = []
     lib.release_threads.restype = int_
     lib.act_bytes.argtypes = [long_, long_]
