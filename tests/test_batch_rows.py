@@ -148,3 +148,19 @@ def test_native_first_max_is_torchs_first_maximum(flags, shape, monkeypatch):
         assert torch.equal(native, x.max(dim=-1).indices)
         assert torch.equal(first_max(x), x.max(dim=-1).indices)
         assert kernels.first_max(x.double()) is None and kernels.first_max(x[None]) is None  # torch's, there
+
+
+@needs_native
+@pytest.mark.parametrize("flags", [[], ["-mno-avx512f"]], ids=["native", "avx2"])
+def test_prefill_products_of_blocks_of_32_equal_single_rows(flags, monkeypatch):
+    """Products of many rows over Q4_0, Q5_0 and Q8_0 (prefill) run on the same tiles, MAX_ROWS rows per unpacking
+    (batch.c: 16 on AVX-512, 64 on AVX2): 150 rows, several passes and a short last one, each equal to its row."""
+    monkeypatch.setattr(kernels, "native_bf16", lambda *_: False)
+    with kernels_built_with(flags, monkeypatch) if flags else nullcontext():
+        for qtype in (QT.Q4_0, QT.Q5_0, QT.Q8_0):
+            n, k = 21, 640
+            w = QWeight.from_bytes(random_blocks(qtype, n, k, seed=5), qtype, n, k)
+            torch.manual_seed(5)
+            x = torch.randn(150, k) * 3
+            single = torch.cat([w.matmul(x[i : i + 1]) for i in range(len(x))])
+            assert torch.equal(w.matmul(x), single), qtype.name
