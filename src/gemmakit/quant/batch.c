@@ -88,7 +88,8 @@ long batch_bytes(long K) {
 }
 
 /* Super-blocks g0 .. g0+gn-1 (gn <= KB) of weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes zero). */
-static void xblock_unpack(xblock_t *t, const qmat_t *W, long n0, int nr, long g0, long gn) {
+static void xblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long g0, long gn) {
+    xblock_t *t = tile;
     const long bsz = W->type == T_Q4_K ? 144 : W->type == T_Q5_K ? 176 : 210;
     __m256i v[TN][8];  /* [row][unit] */
     if (nr < TN) {
@@ -181,28 +182,33 @@ static inline __attribute__((always_inline)) void xblock_rows(const xblock_t *t,
     }
 }
 
-/* One specialised loop per (block type, row count): the tests leave the inner loops. */
+/* One specialised loop per (block type, row count): the tests leave the inner loops. ROW_SWITCH(R, CALL) runs
+ * CALL(r) for the r that equals R, a constant in each branch. */
 #if ZMM
-#define ZMM_CASES(TY)                                                                                \
-    case 8: xblock_rows(t, g0, gn, TY, 8, A, m, acc); break;                                         \
-    case 7: xblock_rows(t, g0, gn, TY, 7, A, m, acc); break;                                         \
-    case 6: xblock_rows(t, g0, gn, TY, 6, A, m, acc); break;                                         \
-    case 5: xblock_rows(t, g0, gn, TY, 5, A, m, acc); break;
+#define ZMM_ROW_CASES(CALL)                                                                                      \
+    case 8: CALL(8); break;                                                                                      \
+    case 7: CALL(7); break;                                                                                      \
+    case 6: CALL(6); break;                                                                                      \
+    case 5: CALL(5); break;
 #else
-#define ZMM_CASES(TY)
+#define ZMM_ROW_CASES(CALL)
 #endif
-static void xblock_pass(const xblock_t *t, long g0, long gn, long type, int R, const act_t *A, long m,
-                        xacc_t *acc) {
-#define PASS(TY)                                                                                     \
-    switch (R) {                                                                                     \
-        ZMM_CASES(TY)                                                                                \
-        case 4: xblock_rows(t, g0, gn, TY, 4, A, m, acc); break;                                     \
-        case 3: xblock_rows(t, g0, gn, TY, 3, A, m, acc); break;                                     \
-        case 2: xblock_rows(t, g0, gn, TY, 2, A, m, acc); break;                                     \
-        default: xblock_rows(t, g0, gn, TY, 1, A, m, acc); break;                                    \
+#define ROW_SWITCH(R, CALL)                                                                                      \
+    switch (R) {                                                                                                 \
+        ZMM_ROW_CASES(CALL)                                                                                      \
+        case 4: CALL(4); break;                                                                                  \
+        case 3: CALL(3); break;                                                                                  \
+        case 2: CALL(2); break;                                                                                  \
+        default: CALL(1); break;                                                                                 \
     }
-    if (type == T_Q6_K) { PASS(T_Q6_K) } else { PASS(T_Q4_K) }  /* Q5_K: unpacked as Q4_K's 0..31 */
-#undef PASS
+
+static void xblock_pass(const void *tile, long g0, long gn, long type, int R, const act_t *A, long m, xacc_t *acc) {
+    const xblock_t *t = tile;
+#define Q6(r) xblock_rows(t, g0, gn, T_Q6_K, r, A, m, acc)
+#define Q4(r) xblock_rows(t, g0, gn, T_Q4_K, r, A, m, acc)
+    if (type == T_Q6_K) { ROW_SWITCH(R, Q6) } else { ROW_SWITCH(R, Q4) }  /* Q5_K: unpacked as Q4_K's 0..31 */
+#undef Q6
+#undef Q4
 }
 
 /* Rows m .. m+R-1 of Y at columns n .. n+nr-1 from their accumulators: dot - off per unit index (Q6_K: dot), then
@@ -218,7 +224,8 @@ static void xacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, 
 }
 
 /* Quads q0 .. q0+qn-1 (qn <= KQ) of weight rows n0 .. n0+nr-1 (nr <= TN; missing rows and blocks zero). */
-static void qblock_unpack(qblock_t *t, const qmat_t *W, long n0, int nr, long q0, long qn) {
+static void qblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long q0, long qn) {
+    qblock_t *t = tile;
     const long nb = W->cols / 32, bsz = b32_bytes(W->type);
     const __m256i flip = _mm256_set1_epi8((char)0x80);
     for (long q = 0; q < qn; q++)
@@ -326,28 +333,13 @@ static inline __attribute__((always_inline)) void qblock_rows(const qblock_t *t,
     }
 }
 
-static void qblock_pass(const qblock_t *t, long q0, long qn, long type, int R, const act_t *A, long m,
-                        xacc_t *acc) {
-#define QPASS(TY)  /* one loop per (block type, row count): the tests leave the inner loops */                  \
-    switch (R) {                                                                                              \
-        ZMM_QCASES(TY)                                                                                        \
-        case 4: qblock_rows(t, q0, qn, TY, 4, A, m, acc); break;                                              \
-        case 3: qblock_rows(t, q0, qn, TY, 3, A, m, acc); break;                                              \
-        case 2: qblock_rows(t, q0, qn, TY, 2, A, m, acc); break;                                              \
-        default: qblock_rows(t, q0, qn, TY, 1, A, m, acc); break;                                             \
-    }
-#if ZMM
-#define ZMM_QCASES(TY)                                                                                        \
-    case 8: qblock_rows(t, q0, qn, TY, 8, A, m, acc); break;                                                  \
-    case 7: qblock_rows(t, q0, qn, TY, 7, A, m, acc); break;                                                  \
-    case 6: qblock_rows(t, q0, qn, TY, 6, A, m, acc); break;                                                  \
-    case 5: qblock_rows(t, q0, qn, TY, 5, A, m, acc); break;
-#else
-#define ZMM_QCASES(TY)
-#endif
-    if (type == T_Q8_0) { QPASS(T_Q8_0) } else { QPASS(T_Q4_0) }  /* Q5_0: unpacked as Q4_0's 0..31 */
-#undef QPASS
-#undef ZMM_QCASES
+static void qblock_pass(const void *tile, long q0, long qn, long type, int R, const act_t *A, long m, xacc_t *acc) {
+    const qblock_t *t = tile;
+#define Q8(r) qblock_rows(t, q0, qn, T_Q8_0, r, A, m, acc)
+#define Q4(r) qblock_rows(t, q0, qn, T_Q4_0, r, A, m, acc)
+    if (type == T_Q8_0) { ROW_SWITCH(R, Q8) } else { ROW_SWITCH(R, Q4) }  /* Q5_0: unpacked as Q4_0's 0..31 */
+#undef Q8
+#undef Q4
 }
 
 /* Rows m .. m+R-1 of Y at columns n .. n+nr-1: row1_b32's dot - off * 8 (Q5_0: 16; Q8_0: dot) per accumulator,
@@ -363,56 +355,39 @@ static void qacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, 
     }
 }
 
-static void b32_tiles(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
-    const long nq = (W->cols / 32 + 3) / 4, M = A->rows;
-    qblock_t *t = (qblock_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
-    xacc_t *acc = (xacc_t *)(((uintptr_t)(t + 1) + 63) & ~(uintptr_t)63);
-    const long passes = (M + TM - 1) / TM, held = (MAX_ROWS + TM - 1) / TM;
-    for (long n = n0; n < n1; n += TN) {
-        const int nr = (int)(n1 - n < TN ? n1 - n : TN);
-        for (long p0 = 0; p0 < passes; p0 += held) {
-            const long p1 = p0 + held < passes ? p0 + held : passes;
-            for (long q0 = 0; q0 < nq; q0 += KQ) {
-                const long qn = nq - q0 < KQ ? nq - q0 : KQ;
-                qblock_unpack(t, W, n, nr, q0, qn);
-                for (long p = p0; p < p1; p++)
-                    qblock_pass(t, q0, qn, W->type, (int)(M - p * TM < TM ? M - p * TM : TM), A, p * TM,
-                                acc + (p - p0));
-            }
-            for (long p = p0; p < p1; p++)
-                qacc_store(acc + (p - p0), W->type, (int)(M - p * TM < TM ? M - p * TM : TM), y + p * TM * ldy + n,
-                           ldy, nr);
-        }
-    }
-}
+/* One family of tiles: its tile's size, blocks per row (super-blocks, quads) and per unpacking, and its functions. */
+typedef struct {
+    size_t size;
+    long blocks, per;
+    void (*unpack)(void *t, const qmat_t *W, long n0, int nr, long b0, long bn);
+    void (*pass)(const void *t, long b0, long bn, long type, int R, const act_t *A, long m, xacc_t *acc);
+    void (*store)(const xacc_t *acc, long type, int R, float *y, long ldy, int nr);
+} family_t;
 
-/* Y[m, n] for every activation row and weight rows n0 .. n1-1 (any count): per tile of TN weight rows, KB
- * super-blocks at a time are unpacked into `buf` (batch_bytes) and every TM activation rows pass over them. */
+/* Y[m, n] for every activation row and weight rows n0 .. n1-1 (any count): per tile of TN weight rows, `per` blocks
+ * at a time are unpacked into `buf` (batch_bytes) and every TM activation rows pass over them. */
 void batch_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
-    if (W->type == T_Q8_0 || W->type == T_Q4_0 || W->type == T_Q5_0) {
-        b32_tiles(W, n0, n1, A, y, ldy, buf);
-        return;
-    }
-    const long nsb = W->cols / 256, M = A->rows;
-    xblock_t *t = (xblock_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
-    xacc_t *acc = (xacc_t *)(t + 1);
+    const int b32 = W->type == T_Q8_0 || W->type == T_Q4_0 || W->type == T_Q5_0;
+    const family_t F = b32 ? (family_t){sizeof(qblock_t), (W->cols / 32 + 3) / 4, KQ, qblock_unpack, qblock_pass,
+                                       qacc_store}
+                           : (family_t){sizeof(xblock_t), W->cols / 256, KB, xblock_unpack, xblock_pass, xacc_store};
+    const long M = A->rows;
+    void *t = (void *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    xacc_t *acc = (xacc_t *)((char *)t + F.size);  /* both tiles' sizes are multiples of 64 */
     const long passes = (M + TM - 1) / TM, held = (MAX_ROWS + TM - 1) / TM;  /* accumulators for `held` passes */
     for (long n = n0; n < n1; n += TN) {
         const int nr = (int)(n1 - n < TN ? n1 - n : TN);
         for (long p0 = 0; p0 < passes; p0 += held) {  /* more than MAX_ROWS rows: the weights unpacked again */
             const long p1 = p0 + held < passes ? p0 + held : passes;
-            for (long g0 = 0; g0 < nsb; g0 += KB) {
-                const long gn = nsb - g0 < KB ? nsb - g0 : KB;
-                xblock_unpack(t, W, n, nr, g0, gn);
-                for (long p = p0; p < p1; p++) {
-                    const int R = (int)(M - p * TM < TM ? M - p * TM : TM);
-                    xblock_pass(t, g0, gn, W->type, R, A, p * TM, acc + (p - p0));
-                }
+            for (long b0 = 0; b0 < F.blocks; b0 += F.per) {
+                const long bn = F.blocks - b0 < F.per ? F.blocks - b0 : F.per;
+                F.unpack(t, W, n, nr, b0, bn);
+                for (long p = p0; p < p1; p++)
+                    F.pass(t, b0, bn, W->type, (int)(M - p * TM < TM ? M - p * TM : TM), A, p * TM, acc + (p - p0));
             }
-            for (long p = p0; p < p1; p++) {
-                const int R = (int)(M - p * TM < TM ? M - p * TM : TM);
-                xacc_store(acc + (p - p0), W->type, R, y + p * TM * ldy + n, ldy, nr);
-            }
+            for (long p = p0; p < p1; p++)
+                F.store(acc + (p - p0), W->type, (int)(M - p * TM < TM ? M - p * TM : TM), y + p * TM * ldy + n, ldy,
+                        nr);
         }
     }
 }
