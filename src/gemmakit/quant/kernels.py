@@ -150,7 +150,8 @@ def library() -> ctypes.CDLL | None:
     lib.argmax_vectorized.restype = int_
     lib.argmax_work.argtypes = [long_, long_]
     lib.argmax_work.restype = long_
-    sampling.native_first_max = first_max  # greedy tokens by argmax.c from now on (sampling.first_max)
+    # greedy tokens by argmax.c from now on (sampling.first_max); its scalar loop is slower than torch's
+    sampling.native_first_max = first_max if lib.argmax_vectorized() else None
     lib.release_threads.argtypes = []
     lib.release_threads.restype = int_
     lib.act_bytes.argtypes = [long_, long_]
@@ -182,13 +183,13 @@ def release_threads() -> None:
 
 def first_max(logits: Tensor) -> Tensor | None:
     """Each row's index of its first maximum (B, V) -> (B,) int64, as logits.max(-1).indices, by argmax.c: for
-    float32 CPU rows with unit stride, once the library is loaded (a quantized model loaded it; this never builds
-    it). None where it does not apply."""
-    if not (library.cache_info().currsize and logits.dim() == 2 and logits.dtype == torch.float32
-            and logits.device.type == "cpu" and logits.stride(-1) == 1 and logits.shape[1] > 0):
+    float32 CPU rows with unit stride; None where it does not apply. library() hands it to sampling.first_max once
+    the kernels are loaded (a quantized model loaded them), so it never builds them."""
+    if not (logits.dim() == 2 and logits.dtype == torch.float32 and logits.device.type == "cpu"
+            and logits.stride(-1) == 1 and logits.shape[1] > 0):
         return None
     lib = library()
-    if lib is None or not lib.argmax_vectorized():  # its scalar loop is slower than torch's
+    if lib is None:
         return None
     rows, n = logits.shape
     out = torch.empty(rows, dtype=torch.int64)
