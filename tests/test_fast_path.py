@@ -150,13 +150,14 @@ def test_integer_sums_at_their_extremes(qtype):
 
 
 @needs_native
+@pytest.mark.parametrize("tile_rows", [64, 256], ids=["tiles", "one-tile"])
 @pytest.mark.parametrize("native", [True, False], ids=["bf16-tiles", "int8"])
-def test_long_inputs_of_integer_blocks(native, monkeypatch):
-    """From BF16_ROWS rows, CPUs with native bf16 multiply bf16 tiles of the dequantized rows (more than one tile
-    here: TILE_BYTES shrunk), others the int8 kernels, whose rows do not depend on the row count: both close to
+def test_long_inputs_of_integer_blocks(native, tile_rows, monkeypatch):
+    """From BF16_ROWS rows, CPUs with native bf16 multiply bf16 tiles of the dequantized rows (several tiles, or
+    one covering the matrix), others the int8 kernels, whose rows do not depend on the row count: all close to
     the exact product."""
     monkeypatch.setattr(kernels, "native_bf16", lambda *_: native)
-    monkeypatch.setattr(qlinear, "TILE_BYTES", 64 * 2 * 512)
+    monkeypatch.setattr(qlinear, "TILE_BYTES", tile_rows * 2 * 512)
     raw = random_blocks(QT.Q4_K, 200, 512)
     w = QWeight.from_bytes(raw, QT.Q4_K, 200, 512)
     ref = torch.from_numpy(dequantize(raw.reshape(-1), QT.Q4_K).reshape(200, 512).astype(np.float32))
@@ -165,6 +166,34 @@ def test_long_inputs_of_integer_blocks(native, monkeypatch):
     assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
     if not native:
         assert torch.equal(w.matmul(x[:BF16_ROWS + 1])[:BF16_ROWS], got[:BF16_ROWS])
+
+
+@needs_native
+def test_native_geglu_matches_torch_for_any_thread_count():
+    """The fast path's GeGLU (decode.c's, for prefills) is torch's gelu_tanh(gate) * up to float rounding, the same
+    bits for any thread count, and torch's own where autograd needs it."""
+    g, u = torch.randn(300, 2048) * 4, torch.randn(300, 2048)
+    exact = torch.nn.functional.gelu(g.double(), approximate="tanh") * u.double()
+    with torch.inference_mode():
+        got = qlinear.fast_geglu(g, u)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = qlinear.fast_geglu(g, u)
+        finally:
+            torch.set_num_threads(threads)
+    assert (got.double() - exact).abs().max() < 1e-5
+    assert torch.equal(got, one)
+    odd = qlinear.fast_geglu(g[:, :37].contiguous(), u[:, :37].contiguous())  # a scalar tail
+    assert (odd.double() - exact[:, :37]).abs().max() < 1e-5
+    g.requires_grad_(True)
+    qlinear.fast_geglu(g, u).sum().backward()
+    assert g.grad is not None
+
+
+def test_fast_path_mlps_take_the_native_geglu(fast_model):
+    mlps = [layer.mlp for layer in fast_model.module.model.layers]
+    assert mlps and all(m.geglu is qlinear.fast_geglu for m in mlps)
 
 
 @needs_native

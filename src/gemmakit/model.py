@@ -207,12 +207,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, cfg.hidden_size, bias=False)
         sparsity = cfg.activation_sparsity(layer)
         self.std_multiplier = std_multiplier(sparsity) if sparsity > 0.0 else None
+        self.geglu = geglu  # the fast path's is native (quant/qlinear.py swap_in_fast_geglu)
 
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gate_proj(x)
         if self.std_multiplier is not None:
             gate = gaussian_topk(gate, self.std_multiplier)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * self.up_proj(x))
+        return self.down_proj(self.geglu(gate, self.up_proj(x)))
+
+
+def geglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.gelu(gate, approximate="tanh") * up
 
 
 class Block(nn.Module):
