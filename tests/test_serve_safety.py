@@ -61,13 +61,15 @@ def test_stream_is_cut_with_content_filter(tiny, guard):
     passed and ends with content_filter at the first that fails, whatever the timing."""
     reply = tiny.chat(ASK, 24, ignore_eos=True, temperature=1.0, seed=1).text
     ends = list(range(WINDOW, len(reply) + 1, WINDOW))
-    scores = [r.scores["pirate"] for r in guard.batch([(ASK[0]["content"], reply[:e]) for e in ends])]
+    scores = [guard.batch([(ASK[0]["content"], reply[:e])])[0].scores["pirate"] for e in ends]  # each alone, as
+    # the server scores a stream's prefixes
     assert len(ends) >= 4
-    # a threshold above the first boundary's score and at most a later one, away from every score
-    candidates = sorted({s for s in scores[1:] if s > scores[0] + 0.002})
-    assert candidates, f"no later boundary scores above the first: {scores}"
-    threshold = next(t for t in ((scores[0] + s) / 2 for s in candidates)
-                     if all(abs(t - s) > 0.0005 for s in scores))
+    # a threshold above the first boundary's score and at most a later one, away from every score: the middle of
+    # two neighbouring scores from the first one up
+    ordered = sorted(set(scores))
+    middles = [(a + b) / 2 for a, b in zip(ordered, ordered[1:], strict=False) if a >= scores[0]]
+    threshold = next((t for t in middles if all(abs(t - s) > 0.0005 for s in scores)), None)
+    assert threshold is not None, f"no later boundary scores clearly above the first: {scores}"
     cut = next(k for k, s in enumerate(scores) if s >= threshold)  # the first failing boundary
     moderator = Moderator(Guard(guard.model, [PIRATE], threshold=threshold), inputs=False, outputs=True,
                           window=WINDOW)

@@ -5,9 +5,9 @@
   "content_filter".
 - Output: a reply's text is released only after the classifier passed it, scored as a response to the user's text.
   A stream is screened at every `window` characters: the prefixes ending at those boundaries are scored in order
-  (several at once when generation ran ahead), text up to the last passing boundary is sent, and at the first
-  failing one the generation stops with finish_reason "content_filter". So flagged text is never sent, and the
-  boundaries (hence what a client receives) do not depend on timing. A non-streamed reply is scored whole once;
+  (several in turn when generation ran ahead, each in a forward of its own), text up to the last passing boundary
+  is sent, and at the first failing one the generation stops with finish_reason "content_filter". So flagged text
+  is never sent, and the boundaries and their scores (hence what a client receives) do not depend on timing. A non-streamed reply is scored whole once;
   a flagged one comes back empty with finish_reason "content_filter".
 - POST /v1/moderations: OpenAI's moderation response (results[].flagged, categories, category_scores), one result
   per input, categories named after the policies.
@@ -90,12 +90,17 @@ class Moderator:
         return (f"moderation: {kinds} (+ /v1/moderations), classifier {self.name}, policies "
                 f"{', '.join(p.name for p in self.guard.policies)}, threshold {self.guard.threshold}")
 
-    async def score(self, items: Sequence[tuple[str, str | None]], what: str) -> list[GuardResult]:
-        """Scores of (prompt, response or None) pairs, computed off the event loop and logged."""
+    async def score(self, items: Sequence[tuple[str, str | None]], what: str, alone: bool = False
+                    ) -> list[GuardResult]:
+        """Scores of (prompt, response or None) pairs, computed off the event loop and logged. alone: each pair in
+        a forward of its own, so that its score does not depend on which others were pending at the time (a
+        padded batch of the 270M's prefixes takes other products than one prefix: scores moved by up to 0.013)."""
 
         def work() -> list[GuardResult]:
             try:
                 with self._lock:
+                    if alone:
+                        return [self.guard.batch([item])[0] for item in items]
                     return self.guard.batch(items)
             finally:
                 release_threads()  # this pool thread's OpenMP workers must not make the engine's stop spinning
@@ -172,7 +177,7 @@ class ScreenedRun:
             ends.append(len(full))
         flagged = False
         if ends:
-            results = await self.moderator.score([(self.users[i], full[:e]) for e in ends], "output")
+            results = await self.moderator.score([(self.users[i], full[:e]) for e in ends], "output", alone=True)
             passed = next((k for k, r in enumerate(results) if r.flagged), len(ends))
             flagged = passed < len(ends)
             end = ends[passed - 1] if passed else released
