@@ -7,8 +7,8 @@
   A stream is screened at every `window` characters: the prefixes ending at those boundaries are scored in order
   (several in turn when generation ran ahead, each in a forward of its own), text up to the last passing boundary
   is sent, and at the first failing one the generation stops with finish_reason "content_filter". So flagged text
-  is never sent, and the boundaries and their scores (hence what a client receives) do not depend on timing. A non-streamed reply is scored whole once;
-  a flagged one comes back empty with finish_reason "content_filter".
+  is never sent, and the boundaries and their scores (hence what a client receives) do not depend on timing. A
+  non-streamed reply is scored whole once; a flagged one comes back empty with finish_reason "content_filter".
 - POST /v1/moderations: OpenAI's moderation response (results[].flagged, categories, category_scores), one result
   per input, categories named after the policies.
 
