@@ -8,6 +8,7 @@ the server flags is known in advance.
 from __future__ import annotations
 
 import logging
+import re
 
 import httpx
 import openai
@@ -53,7 +54,10 @@ def test_flagged_request_is_refused(tiny, guard, caplog):
             client.completions.create(model="tiny", prompt="Tell me about ships.", max_tokens=8)
         assert err.value.code == "content_filter" and err.value.body["param"] == "prompt"
         assert app.state.engines["tiny"].requests_done == 0  # nothing was generated
-    assert f"moderation input: pirate={score:.3f} -> flagged (pirate)" in caplog.text
+    # the server's own score: on CPUs with native bf16 this 128-token prompt's products go through torch's bf16
+    # GEMM, whose sums depend on the thread count (cpu_share.py), e.g. 0.723 here and 0.728 with a core busy
+    logged = re.search(r"moderation input: pirate=(\d\.\d{3}) -> flagged \(pirate\)", caplog.text)
+    assert logged and abs(float(logged.group(1)) - score) < 0.05
 
 
 def test_stream_is_cut_with_content_filter(tiny, guard):

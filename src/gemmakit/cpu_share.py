@@ -9,7 +9,10 @@ process on one core). Fewer threads on the free cores are faster than all of the
 cores we may use spent busy, less our own process's, is what other programs took. The thread count becomes the
 cores left free (at least one), never above the count the user set (torch.set_num_threads, --threads), which it
 restores once the other program stops. The native kernels give the same results for any thread count, so this
-changes speed, never tokens. GEMMAKIT_FIXED_THREADS=1 turns it off.
+changes speed, not tokens, with one exception: on CPUs with native bf16 (AVX512-BF16, AMX), products of 64 rows
+or more (prefills) go through torch's bf16 GEMM (quant/qlinear.py), whose sums depend on the thread count (a
+guard score of a 128-token prompt on the 270M: 0.7234 with 2 threads, 0.7278 with 1). GEMMAKIT_FIXED_THREADS=1
+turns it off.
 """
 
 from __future__ import annotations
