@@ -93,15 +93,21 @@ class Moderator:
     async def score(self, items: Sequence[tuple[str, str | None]], what: str, alone: bool = False
                     ) -> list[GuardResult]:
         """Scores of (prompt, response or None) pairs, computed off the event loop and logged. alone: each pair in
-        a forward of its own, so that its score does not depend on which others were pending at the time (a
-        padded batch of the 270M's prefixes takes other products than one prefix: scores moved by up to 0.013)."""
+        a forward of its own, in order, up to the first flagged one (a stream's prefixes: those after it are never
+        sent), so that its score does not depend on which others were pending at the time (a padded batch of the
+        270M's prefixes takes other products than one prefix: scores moved by up to 0.013)."""
 
         def work() -> list[GuardResult]:
             try:
                 with self._lock:
-                    if alone:
-                        return [self.guard.batch([item])[0] for item in items]
-                    return self.guard.batch(items)
+                    if not alone:
+                        return self.guard.batch(items)
+                    out: list[GuardResult] = []
+                    for item in items:
+                        out.append(self.guard.batch([item])[0])
+                        if out[-1].flagged:
+                            break
+                    return out
             finally:
                 release_threads()  # this pool thread's OpenMP workers must not make the engine's stop spinning
 
@@ -178,7 +184,7 @@ class ScreenedRun:
         flagged = False
         if ends:
             results = await self.moderator.score([(self.users[i], full[:e]) for e in ends], "output", alone=True)
-            passed = next((k for k, r in enumerate(results) if r.flagged), len(ends))
+            passed = next((k for k, r in enumerate(results) if r.flagged), len(ends))  # results stop there
             flagged = passed < len(ends)
             end = ends[passed - 1] if passed else released
         elif finish is None:
