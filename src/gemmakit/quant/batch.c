@@ -37,6 +37,9 @@ int batch_cover(long type) {
  * tile reads TN rows a few hundred bytes at a time, too many streams for the hardware prefetchers. Measured on the
  * Gemma 1 2B shape's matrices from memory at 8 rows: 175 ms with, 251 ms without (32 rows ahead: 181, 64: 190). */
 #define PF_ROWS 16
+/* Into L2, not L1: the burst of a tile's prefetches then waits on fewer of L1's fill buffers. The 2B shape's Q6_K
+ * head at 8 rows, 2 cores: 36.4 instead of 38.7 ms (AVX-512), 40.3 instead of 42.9 ms (AVX2). */
+#define PF_HINT _MM_HINT_T1
 /* Rows whose accumulators batch_bytes provides for (at least STEP_ROWS); more go MAX_ROWS at a time, the tile
  * unpacked again for each. On AVX2, 64 (16 passes of 4 rows, 32 KB of accumulators, in L1): a 256-row Q5_0
  * product (prefill) took 2.81 instead of 3.26 ms; on AVX-512, 64 rows' accumulators (64 KB) spill L1: 2.74 against
@@ -52,8 +55,8 @@ typedef struct {
     uint8_t w[8][KB][8][4 * TN] __attribute__((aligned(64)));  /* [unit][super-block][chunk][row: 4 bytes] */
     float f[8][KB][TN] __attribute__((aligned(64)));     /* Q4_K/Q5_K: d * sc[u]; Q6_K: d, in f[0] */
     float om[8][KB][TN] __attribute__((aligned(64)));    /* Q4_K/Q5_K: dmin * m[u] */
-    int32_t s0[8][KB][TN] __attribute__((aligned(64)));  /* Q6_K: the unit's two 16-value scales */
-    int32_t s1[8][KB][TN] __attribute__((aligned(64)));
+    float s0[8][KB][TN] __attribute__((aligned(64)));  /* Q6_K: the unit's two 16-value scales (int8 values) */
+    float s1[8][KB][TN] __attribute__((aligned(64)));
 } xblock_t;
 
 /* Per activation row and unit index u, the running dot and off of row1 (one lane per weight row). */
@@ -87,53 +90,60 @@ long batch_bytes(long K) {
     return (long)(tile + sizeof(xacc_t) * ((MAX_ROWS + TM - 1) / TM)) + 64;
 }
 
-/* Super-blocks g0 .. g0+gn-1 (gn <= KB) of weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes zero). */
+/* Super-blocks g0 .. g0+gn-1 (gn <= KB) of weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes zero), 8 rows at a
+ * time. Their scales come transposed (load8t16: lane i = row i), so each unit's scales for the 8 rows are a few
+ * lane-wise shifts and masks, the same products as blocks.c's. Decoded one row at a time, then transposed, they
+ * took ~30% of the unpacking: a Q4_K 16384 x 2048 product of 8 rows (AVX2, 2 cores) 1.94 ms, now 1.76. */
 static void xblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long g0, long gn) {
     xblock_t *t = tile;
     const long bsz = W->type == T_Q4_K ? 144 : W->type == T_Q5_K ? 176 : 210;
-    __m256i v[TN][8];  /* [row][unit] */
-    if (nr < TN) {
-        memset(t->f, 0, sizeof(t->f) + sizeof(t->om) + sizeof(t->s0) + sizeof(t->s1));
-        for (int r = nr; r < TN; r++)
-            for (int u = 0; u < 8; u++) v[r][u] = _mm256_setzero_si256();
-    }
-    for (long g = 0; g < gn; g++) {
-        for (int h = 0; h < TN / 8; h++) {  /* 8 rows at a time: their scales [row][unit] -> [unit][row] */
-            __m256i a[8], c[8], A8[8], C8[8];
+    for (long g = 0; g < gn; g++)
+        for (int h = 0; h < TN / 8; h++) {
+            const uint8_t *b[8];
             for (int i = 0; i < 8; i++) {
                 const int r = 8 * h + i;
-                if (r >= nr) {
-                    a[i] = c[i] = _mm256_setzero_si256();
-                    continue;
+                b[i] = r < nr ? W->data + (n0 + r) * W->row_bytes + (g0 + g) * bsz : NULL;
+                if (b[i] && n0 + r + PF_ROWS < W->rows)  /* see PF_ROWS */
+                    for (long k = 0; k < bsz; k += 64)
+                        _mm_prefetch((const char *)(b[i] + PF_ROWS * W->row_bytes + k), PF_HINT);
+            }
+            __m256i V[4];
+            if (W->type == T_Q6_K) {  /* 16 int8 scales, unit u's at bytes 2u and 2u + 1; d at 208 */
+                load8t16(b, 192, V);
+                for (int u = 0; u < 8; u++) {
+                    const __m256i v = V[u >> 1];
+                    const int lo = 16 * (u & 1);  /* the bit where the unit's first scale starts in the dword */
+                    _mm256_store_ps(t->s0[u][g] + 8 * h,
+                                    _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - lo), 24)));
+                    _mm256_store_ps(t->s1[u][g] + 8 * h,
+                                    _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16 - lo), 24)));
                 }
-                const uint8_t *b = W->data + (n0 + r) * W->row_bytes + (g0 + g) * bsz;
-                if (n0 + r + PF_ROWS < W->rows)  /* see PF_ROWS */
-                    for (long c = 0; c < bsz; c += 64)
-                        _mm_prefetch((const char *)(b + PF_ROWS * W->row_bytes + c), _MM_HINT_T0);
-                if (W->type == T_Q6_K) {
-                    unpack_q6k(b, v[r], &a[i], &c[i], &t->f[0][g][r]);  /* d: one per super-block and row */
-                } else {
-                    __m256 fw, om;
-                    unpack_k45(b, W->type, v[r], &fw, &om);
-                    a[i] = _mm256_castps_si256(fw), c[i] = _mm256_castps_si256(om);
+                for (int i = 0; i < 8; i++) t->f[0][g][8 * h + i] = b[i] ? half_to_float(b[i] + 208) : 0.0f;
+            } else {  /* d, dmin, then 12 bytes of 6-bit scales and mins (blocks.c's k_scales) */
+                load8t16(b, 0, V);
+                const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f);
+                const __m256i m2 = _mm256_set1_epi32(0x30303030);
+                const __m256i su[4] = {
+                    _mm256_and_si256(V[1], m6),
+                    _mm256_or_si256(_mm256_and_si256(V[3], m4), _mm256_and_si256(_mm256_srli_epi32(V[1], 2), m2)),
+                    _mm256_and_si256(V[2], m6),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(V[3], 4), m4),
+                                    _mm256_and_si256(_mm256_srli_epi32(V[2], 2), m2))};
+                const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4,
+                                                      5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+                const __m256i dd = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(V[0], pick), 0xD8);
+                const __m256 d = _mm256_cvtph_ps(_mm256_castsi256_si128(dd));
+                const __m256 dmin = _mm256_cvtph_ps(_mm256_extracti128_si256(dd, 1));
+                const __m256i ff = _mm256_set1_epi32(0xff);
+                for (int u = 0; u < 8; u++) {
+                    const __m256i sc = _mm256_and_si256(_mm256_srli_epi32(su[u >> 2], 8 * (u & 3)), ff);
+                    const __m256i mn = _mm256_and_si256(_mm256_srli_epi32(su[2 + (u >> 2)], 8 * (u & 3)), ff);
+                    _mm256_store_ps(t->f[u][g] + 8 * h, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
+                    _mm256_store_ps(t->om[u][g] + 8 * h, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn)));
                 }
             }
-            transpose8(a, A8);
-            transpose8(c, C8);
-            for (int u = 0; u < 8; u++) {
-                if (W->type == T_Q6_K) {
-                    _mm256_store_si256((__m256i *)(t->s0[u][g] + 8 * h), A8[u]);
-                    _mm256_store_si256((__m256i *)(t->s1[u][g] + 8 * h), C8[u]);
-                } else {
-                    _mm256_store_si256((__m256i *)(t->f[u][g] + 8 * h), A8[u]);
-                    _mm256_store_si256((__m256i *)(t->om[u][g] + 8 * h), C8[u]);
-                }
-            }
+            interleave8(b, W->type, t->w[0][g][0] + 32 * h, sizeof(t->w[0]));
         }
-#define DST(u) t->w[u][g][0]
-        INTERLEAVE(v, DST)
-#undef DST
-    }
 }
 
 /* Activation rows m .. m+R-1 (R <= TM) against super-blocks g0 .. g0+gn-1 of a tile, into their accumulators
@@ -153,23 +163,29 @@ static inline __attribute__((always_inline)) void xblock_rows(const xblock_t *t,
             const int8_t *a[TM];
             for (int r = 0; r < R; r++) a[r] = A->q + ((m + r) * U + o) * 32;
             vint z[TM];
-            for (int r = 0; r < R; r++) z[r] = VZERO_I();
-            if (type == T_Q6_K) {  /* z = sc0 * (sum0 - 32 s0) + sc1 * (sum1 - 32 s1): row1's integer, exactly */
+            vflt zf[TM];
+            if (type == T_Q6_K) {
+                /* row1's integer sc0 * (sum0 - 32 s0) + sc1 * (sum1 - 32 s1), in fp32 and exactly: each half's sum
+                 * starts at -32 times its activation sum, so it ends within 16 x 32 x 127 = 65024 of zero; times
+                 * a scale (|sc| <= 128) that is below 2^23, and the two together at most 2^24, every value an
+                 * integer that fp32 holds exactly. Two conversions, a multiply and an fma: no 32-bit multiplies,
+                 * no broadcasts through the shuffle port. */
                 vint zz[TM];
-                UNIT_SUMS(z, wt, 0, 4)
-                const vint s0 = VLOAD_I(t->s0[u][g]), s1 = VLOAD_I(t->s1[u][g]);
                 for (int r = 0; r < R; r++) {
-                    zz[r] = VMULLO_32(s0, VSUB_32(z[r], VSET1_32(32 * A->s16[((m + r) * U + o) * 2])));
-                    z[r] = VZERO_I();
+                    z[r] = VSET1_32(A->n32[((m + r) * U + o) * 2]);
+                    zz[r] = VSET1_32(A->n32[((m + r) * U + o) * 2 + 1]);
                 }
-                UNIT_SUMS(z, wt, 4, 4)
-                for (int r = 0; r < R; r++)
-                    z[r] = VADD_32(zz[r], VMULLO_32(s1, VSUB_32(z[r], VSET1_32(32 * A->s16[((m + r) * U + o) * 2 + 1]))));
+                UNIT_SUMS(z, wt, 0, 4)
+                UNIT_SUMS(zz, wt, 4, 4)
+                const vflt s0 = VLOAD_F(t->s0[u][g]), s1 = VLOAD_F(t->s1[u][g]);
+                for (int r = 0; r < R; r++) zf[r] = VFMA(VCVT(zz[r]), s1, VMUL(VCVT(z[r]), s0));
             } else {
+                for (int r = 0; r < R; r++) z[r] = VZERO_I();
                 UNIT_SUMS(z, wt, 0, 8)
+                for (int r = 0; r < R; r++) zf[r] = VCVT(z[r]);
             }
             const vflt f = VLOAD_F(t->f[type == T_Q6_K ? 0 : u][g]);  /* Q6_K: d */
-            for (int r = 0; r < R; r++) dot[r] = VFMA(VCVT(z[r]), VMUL(f, VBCAST_F(A->d + (m + r) * U + o)), dot[r]);
+            for (int r = 0; r < R; r++) dot[r] = VFMA(zf[r], VMUL(f, VBCAST_F(A->d + (m + r) * U + o)), dot[r]);
         }
         for (int r = 0; r < R; r++) acc->dot[u][r] = dot[r];
         if (type == T_Q6_K) continue;
@@ -243,7 +259,7 @@ static void qblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long q0,
                     if (r < nr && b < nb) {
                         const uint8_t *blk = W->data + (n0 + r) * W->row_bytes + b * bsz;
                         if (n0 + r + PF_ROWS < W->rows) _mm_prefetch((const char *)(blk + PF_ROWS * W->row_bytes),
-                                                                     _MM_HINT_T0);
+                                                                     PF_HINT);
                         if (W->type == T_Q8_0) {
                             w = _mm256_loadu_si256((const __m256i *)(blk + 2));
                         } else {  /* row1_b32's unpacking: values 0..15 (+16 from Q5_0's fifth bits) */

@@ -11,12 +11,14 @@ typedef struct {
 } qmat_t;
 
 /* Quantized activations of M rows (see qmatmul_team): per row `units` (padded to a multiple of 8) units of 32 int8
- * with an fp32 scale d, the fp32 sum d * sum(q) of each unit, and the int16 sums of each 16 values. */
+ * with an fp32 scale d, the fp32 sum d * sum(q) of each unit, and the int16 sums of each 16 values (also as -32
+ * times them in int32: Q6_K's offset, where batch.c's accumulators start). */
 typedef struct {
     int8_t *q;       /* [M][units * 32], zero past K */
     float *d;        /* [M][units] */
     float *fs;       /* [M][units] */
     int16_t *s16;    /* [M][units * 2] */
+    int32_t *n32;    /* [M][units * 2]: -32 * s16 */
     const float *x;  /* the fp32 rows themselves, for float weights */
     long rows, cols, units;
 } act_t;

@@ -32,36 +32,30 @@ typedef struct {
 
 long tile_bytes(long K) { return (long)sizeof(tile_sb) * (K / 256) + 64; }
 
-/* Weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes are zero) of every super-block: each row's units unpacked,
- * then 8 rows at a time transposed into the interleaved chunks. */
+/* Weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes are zero) of every super-block: each row's scales, then 8 rows
+ * at a time their values interleaved (interleave8). */
 static void unpack_tile(tile_sb *t, const qmat_t *W, long n0, int nr) {
     const long nsb = W->cols / 256, bsz = W->type == T_Q4_K ? 144 : W->type == T_Q5_K ? 176 : 210;
-    __m256i v[TN][8];  /* [row][unit] */
-    if (nr < TN) {
-        memset(t, 0, sizeof(tile_sb) * nsb);
-        for (int r = nr; r < TN; r++)
-            for (int u = 0; u < 8; u++) v[r][u] = _mm256_setzero_si256();
-    }
+    if (nr < TN) memset(t, 0, sizeof(tile_sb) * nsb);
     for (long g = 0; g < nsb; g++) {
+        const uint8_t *b[TN];
+        for (int r = 0; r < TN; r++) b[r] = r < nr ? W->data + (n0 + r) * W->row_bytes + g * bsz : NULL;
         for (int r = 0; r < nr; r++) {
-            const uint8_t *b = W->data + (n0 + r) * W->row_bytes + g * bsz;
             float fw[8], om[8];
             if (W->type == T_Q6_K) {  /* the unit's two 16-value scales times d (exact: an fp16 times an int8) */
                 __m256i s0, s1;
                 float d;
-                unpack_q6k(b, v[r], &s0, &s1, &d);
+                q6k_scales(b[r], &s0, &s1, &d);
                 _mm256_storeu_ps(fw, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s0)));
                 _mm256_storeu_ps(om, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s1)));
             } else {
                 __m256 f, o;
-                unpack_k45(b, W->type, v[r], &f, &o);
+                k45_scales(b[r], &f, &o);
                 _mm256_storeu_ps(fw, f), _mm256_storeu_ps(om, o);
             }
             for (int u = 0; u < 8; u++) t[g].fw[u][r] = fw[u], t[g].om[u][r] = om[u];
         }
-#define DST(u) t[g].w[u][0]
-        INTERLEAVE(v, DST)
-#undef DST
+        for (int h = 0; h < TN / 8; h++) interleave8(b + 8 * h, W->type, t[g].w[0][0] + 32 * h, sizeof(t[g].w[0]));
     }
 }
 
