@@ -41,13 +41,13 @@ int batch_cover(long type) {
  * head at 8 rows, 2 cores: 36.4 instead of 38.7 ms (AVX-512), 40.3 instead of 42.9 ms (AVX2). */
 #define PF_HINT _MM_HINT_T1
 /* Rows whose accumulators batch_bytes provides for (at least STEP_ROWS); more go MAX_ROWS at a time, the tile
- * unpacked again for each. On AVX2, 64 (16 passes of 4 rows, 32 KB of accumulators, in L1): a 256-row Q5_0
- * product (prefill) took 2.81 instead of 3.26 ms; on AVX-512, 64 rows' accumulators (64 KB) spill L1: 2.74 against
- * 1.97 ms with 16. */
+ * unpacked again for each. On AVX2, 512 (128 passes of 4 rows, 256 KB of accumulators, in L2): a 256-row Q5_0
+ * product (prefill) took 2.81 ms with 64 (3.26 with 16); the 270M's four Q5_0 / Q8_0 shapes at 512 rows 7.71
+ * instead of 8.34 ms with 64. On AVX-512, 64 rows' accumulators (64 KB) spill L1: 2.74 against 1.97 ms with 16. */
 #if ZMM
 #define MAX_ROWS 16
 #else
-#define MAX_ROWS 64
+#define MAX_ROWS 512
 #endif
 
 /* KB super-blocks of a tile of TN weight rows, unit-major; index (u * KB + g) * TN + r for the scales. */
