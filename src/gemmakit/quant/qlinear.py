@@ -152,7 +152,7 @@ class QEmbedding(nn.Module):
         rounded = torch.round(units * torch.where(d > 0, 1 / d, 0)) * d  # quantize_row's steps, ties to even
         residual = torch.zeros_like(x)
         residual[:, : units.shape[1] * 32] = (units - rounded).reshape(rows, -1)
-        return logits + self.head(residual.reshape(h.shape).to(h.dtype))
+        return logits.add_(self.head(residual.reshape(h.shape).to(h.dtype)))  # in place: logits can be 100s of MB
 
 
 def swap_in(module: nn.Module, weights: dict[str, QWeight]) -> None:
