@@ -60,32 +60,39 @@ def test_flagged_request_is_refused(tiny, guard, caplog):
     assert logged and abs(float(logged.group(1)) - score) < 0.05
 
 
+def _cut_case(tiny, guard):
+    """A sampled reply, its screening boundaries, and a threshold that passes the first boundaries and fails a later
+    one, away from every score; the first seed (of 8) whose reply has such a boundary. Each prefix is scored alone,
+    as the server scores a stream's prefixes. Whether a reply has one depends on the products' numerics (int8 on
+    CPUs without native bf16, bf16 tiles elsewhere), so the seed is searched, not fixed."""
+    for seed in range(1, 9):
+        reply = tiny.chat(ASK, 24, ignore_eos=True, temperature=1.0, seed=seed).text
+        ends = list(range(WINDOW, len(reply) + 1, WINDOW))
+        assert len(ends) >= 4
+        scores = [guard.batch([(ASK[0]["content"], reply[:e])])[0].scores["pirate"] for e in ends]
+        for k in range(1, len(scores)):
+            passed = max(scores[:k])
+            nearest = min(s for s in scores if s > passed) if scores[k] > passed else None
+            if nearest is not None and nearest - passed > 0.001:  # every score at least 0.0005 from the threshold
+                return seed, reply, ends, (passed + nearest) / 2, k
+    raise AssertionError("no seed gives a reply whose later boundary scores clearly above the earlier ones")
+
+
 def test_stream_is_cut_with_content_filter(tiny, guard):
     """The reply is screened at every WINDOW characters; the server sends the text up to the last boundary that
     passed and ends with content_filter at the first that fails, whatever the timing."""
-    reply = tiny.chat(ASK, 24, ignore_eos=True, temperature=1.0, seed=1).text
-    ends = list(range(WINDOW, len(reply) + 1, WINDOW))
-    scores = [guard.batch([(ASK[0]["content"], reply[:e])])[0].scores["pirate"] for e in ends]  # each alone, as
-    # the server scores a stream's prefixes
-    assert len(ends) >= 4
-    # a threshold above the first boundary's score and at most a later one, away from every score: the middle of
-    # two neighbouring scores from the first one up
-    ordered = sorted(set(scores))
-    middles = [(a + b) / 2 for a, b in zip(ordered, ordered[1:], strict=False) if a >= scores[0]]
-    threshold = next((t for t in middles if all(abs(t - s) > 0.0005 for s in scores)), None)
-    assert threshold is not None, f"no later boundary scores clearly above the first: {scores}"
-    cut = next(k for k, s in enumerate(scores) if s >= threshold)  # the first failing boundary
+    seed, reply, ends, threshold, cut = _cut_case(tiny, guard)
     moderator = Moderator(Guard(guard.model, [PIRATE], threshold=threshold), inputs=False, outputs=True,
                           window=WINDOW)
     with running_server({"tiny": tiny}, moderator=moderator) as (url, _):
         stream = client_for(url).chat.completions.create(model="tiny", messages=ASK, max_tokens=24, stream=True,
-                                                         temperature=1.0, seed=1, extra_body={"ignore_eos": True})
+                                                         temperature=1.0, seed=seed, extra_body={"ignore_eos": True})
         pieces, finish = [], []
         for chunk in stream:
             pieces.append(chunk.choices[0].delta.content or "")
             finish.append(chunk.choices[0].finish_reason)
         whole = client_for(url).chat.completions.create(model="tiny", messages=ASK, max_tokens=24, temperature=1.0,
-                                                        seed=1, extra_body={"ignore_eos": True})
+                                                        seed=seed, extra_body={"ignore_eos": True})
     assert cut >= 1 and "".join(pieces) == reply[: ends[cut - 1]]  # screened text only, up to the cut
     assert [f for f in finish if f] == ["content_filter"] and finish[-1] == "content_filter"
     # a whole (non-streamed) reply is screened once, whole: flagged, nothing of it is returned
