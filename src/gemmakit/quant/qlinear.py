@@ -66,7 +66,7 @@ class QWeight:
         lib = kernels.library()
         x = x.float().contiguous()
         m = x.shape[0]
-        if m >= BF16_ROWS and self.qtype not in FLOAT_TYPES and kernels.native_bf16():
+        if not self.int8_products(m) and self.qtype not in FLOAT_TYPES:
             return self.matmul_bf16(x)
         y = torch.empty(m, self.rows)
         scratch = torch.empty(lib.act_bytes(m, self.cols), dtype=torch.uint8)
@@ -74,6 +74,11 @@ class QWeight:
                     m, y.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
         return y
 
+
+    def int8_products(self, m: int) -> bool:
+        """Whether matmul multiplies m rows with int8 activations: integer blocks, unless the rows are many and the
+        CPU multiplies bf16 natively (then bf16 tiles)."""
+        return self.qtype not in FLOAT_TYPES and not (m >= BF16_ROWS and kernels.native_bf16())
 
     def matmul_bf16(self, x: Tensor) -> Tensor:
         """x @ W.T with W dequantized to bf16 a tile of rows at a time (TILE_BYTES), for long prefills where the
@@ -141,18 +146,13 @@ class QEmbedding(nn.Module):
         position, whose logits must not depend on the batch, keep the one product."""
         logits = self.head(h)
         rows = h.numel() // self.embedding_dim
-        w = self.qweight
-        if rows < SCORE_ROWS or torch.is_grad_enabled() or h.device.type != "cpu" or w.qtype in FLOAT_TYPES:
+        if rows < SCORE_ROWS or torch.is_grad_enabled() or h.device.type != "cpu" or not self.qweight.int8_products(rows):
             return logits
-        if rows >= BF16_ROWS and kernels.native_bf16():  # bf16 products (QWeight.matmul): no int8 rounding
-            return logits
-        x = h.float().reshape(rows, -1)
-        units = x[:, : x.shape[1] // 32 * 32].reshape(rows, -1, 32)  # the kernels' units of 32 (act_t)
+        units = h.float().reshape(rows, -1, 32)  # blocks.c's units of 32 (integer blocks: K a multiple of 32)
         d = units.abs().amax(-1, keepdim=True) / 127
         rounded = torch.round(units * torch.where(d > 0, 1 / d, 0)) * d  # quantize_row's steps, ties to even
-        residual = torch.zeros_like(x)
-        residual[:, : units.shape[1] * 32] = (units - rounded).reshape(rows, -1)
-        return logits.add_(self.head(residual.reshape(h.shape).to(h.dtype)))  # in place: logits can be 100s of MB
+        residual = (units - rounded).reshape(h.shape).to(h.dtype)
+        return logits.add_(self.head(residual))  # in place: logits can be 100s of MB
 
 
 def swap_in(module: nn.Module, weights: dict[str, QWeight]) -> None:
