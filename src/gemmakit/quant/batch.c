@@ -227,6 +227,17 @@ static void xblock_pass(const void *tile, long g0, long gn, long type, int R, co
 #undef Q4
 }
 
+/* One row's nr <= TN outputs: a whole tile's as one vector store, not a library call per row (memcpy of a
+ * variable size was ~10% of a 270M prefill); a partial tile's through `buf`. */
+static inline void store_cols(float *y, vflt v, float *buf, int nr) {
+    if (nr == TN) {
+        VSTORE_F(y, v);
+    } else {
+        VSTORE_F(buf, v);
+        memcpy(y, buf, sizeof(float) * nr);
+    }
+}
+
 /* Rows m .. m+R-1 of Y at columns n .. n+nr-1 from their accumulators: dot - off per unit index (Q6_K: dot), then
  * row1's horizontal sum ((0+4) + (2+6)) + ((1+5) + (3+7)). */
 static void xacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, int nr) {
@@ -234,8 +245,8 @@ static void xacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, 
     for (int r = 0; r < R; r++) {
         vflt p[8];
         for (int u = 0; u < 8; u++) p[u] = type == T_Q6_K ? acc->dot[u][r] : VSUB(acc->dot[u][r], acc->off[u][r]);
-        VSTORE_F(out, VADD(VADD(VADD(p[0], p[4]), VADD(p[2], p[6])), VADD(VADD(p[1], p[5]), VADD(p[3], p[7]))));
-        memcpy(y + r * ldy, out, sizeof(float) * nr);
+        const vflt sum = VADD(VADD(VADD(p[0], p[4]), VADD(p[2], p[6])), VADD(VADD(p[1], p[5]), VADD(p[3], p[7])));
+        store_cols(y + r * ldy, sum, out, nr);
     }
 }
 
@@ -366,8 +377,7 @@ static void qacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, 
     for (int r = 0; r < R; r++) {
         vflt p[4];
         for (int u = 0; u < 4; u++) p[u] = type == T_Q8_0 ? acc->dot[u][r] : VFNMA(acc->off[u][r], k, acc->dot[u][r]);
-        VSTORE_F(out, VADD(VADD(p[0], p[2]), VADD(p[1], p[3])));
-        memcpy(y + r * ldy, out, sizeof(float) * nr);
+        store_cols(y + r * ldy, VADD(VADD(p[0], p[2]), VADD(p[1], p[3])), out, nr);
     }
 }
 
@@ -382,6 +392,7 @@ typedef struct {
 
 /* Y[m, n] for every activation row and weight rows n0 .. n1-1 (any count): per tile of TN weight rows, `per` blocks
  * at a time are unpacked into `buf` (batch_bytes) and every TM activation rows pass over them. */
+#define PFW 2  /* output rows prefetched for writing PFW passes ahead: rows 2^k floats apart share cache sets */
 void batch_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, long ldy, void *buf) {
     const int b32 = W->type == T_Q8_0 || W->type == T_Q4_0 || W->type == T_Q5_0;
     const family_t F = b32 ? (family_t){sizeof(qblock_t), (W->cols / 32 + 3) / 4, KQ, qblock_unpack, qblock_pass,
@@ -401,9 +412,12 @@ void batch_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, lon
                 for (long p = p0; p < p1; p++)
                     F.pass(t, b0, bn, W->type, (int)(M - p * TM < TM ? M - p * TM : TM), A, p * TM, acc + (p - p0));
             }
-            for (long p = p0; p < p1; p++)
+            for (long p = p0; p < p1; p++) {
+                for (long r = (p + PFW) * TM; r < (p + PFW + 1) * TM && r < M; r++)
+                    __builtin_prefetch(y + r * ldy + n, 1, 3);
                 F.store(acc + (p - p0), W->type, (int)(M - p * TM < TM ? M - p * TM : TM), y + p * TM * ldy + n, ldy,
                         nr);
+            }
         }
     }
 }
