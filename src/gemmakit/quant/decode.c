@@ -208,17 +208,67 @@ void rope(float *x, long heads, long H, const float *c, const float *s) {
     }
 }
 
-/* Gemma RMSNorm for short inputs (decode): y = x * rsqrt(mean(x^2) + eps) * scale, scale = 1 + w, in fp32.
- * One call instead of torch's ~6 dispatched ops (25 us -> ~3 us per norm on the 270M, 109 norms per token). */
+/* Sum of squares in 16 fixed lanes (lane l: fused multiply-adds of values l, l + 16, ... in order), the lanes
+ * added by halves, then the tail: every build (AVX-512, AVX2, NEON, scalar) gets the same bits. */
+static float sum_squares(const float *x, long n) {
+    float lane[16];
+    long i = 0;
+#ifdef VL
+    vf acc[16 / VL];
+    for (int c = 0; c < 16 / VL; c++) acc[c] = vset(0.0f);
+    for (; i + 16 <= n; i += 16)
+        for (int c = 0; c < 16 / VL; c++) {
+            const vf v = vload(x + i + c * VL);
+            acc[c] = vfma(v, v, acc[c]);
+        }
+    for (int c = 0; c < 16 / VL; c++) vstore(lane + c * VL, acc[c]);
+#else
+    for (int l = 0; l < 16; l++) lane[l] = 0.0f;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) lane[l] = fmaf(x[i + l], x[i + l], lane[l]);
+#endif
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) lane[l] += lane[l + w];
+    float s = lane[0];
+    for (; i < n; i++) s = fmaf(x[i], x[i], s);
+    return s;
+}
+
+/* Gemma RMSNorm: y = x * rsqrt(mean(x^2) + eps) * scale, scale = 1 + w, in fp32. One call instead of torch's
+ * ~6 dispatched ops (25 us -> ~3 us per norm on the 270M, 109 norms per token). */
 void rms_norm(const float *x, const float *scale, float *y, long rows, long dim, float eps) {
     for (long r = 0; r < rows; r++) {
         const float *xr = x + r * dim;
         float *yr = y + r * dim;
-        double ss = 0.0;
-        for (long i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
-        const float inv = 1.0f / sqrtf((float)(ss / dim) + eps);
-        for (long i = 0; i < dim; i++) yr[i] = xr[i] * inv * scale[i];
+        const float inv = 1.0f / sqrtf(sum_squares(xr, dim) / (float)dim + eps);
+        long i = 0;
+#ifdef VL
+        const vf iv = vset(inv);
+        for (; i + VL <= dim; i += VL) vstore(yr + i, vmul(vmul(vload(xr + i), iv), vload(scale + i)));
+#endif
+        for (; i < dim; i++) yr[i] = xr[i] * inv * scale[i];
     }
+}
+
+/* rms_norm over many rows (prefills) by `threads` workers, rows shared: torch's took 0.8 ms for 520 x 640 on 2
+ * cores, ~15% of a 270M prefill. A row's values do not depend on the thread count. */
+typedef struct {
+    const float *x, *scale;
+    float *y;
+    long rows, dim;
+    float eps;
+} norm_job;
+
+static void norm_worker(void *ctx, int tid, int nth) {
+    const norm_job *j = ctx;
+    long a, b;
+    share(j->rows, tid, nth, &a, &b);
+    if (b > a) rms_norm(j->x + a * j->dim, j->scale, j->y + a * j->dim, b - a, j->dim, j->eps);
+}
+
+void rms_norm_many(const float *x, const float *scale, float *y, long rows, long dim, float eps, int threads) {
+    norm_job j = {x, scale, y, rows, dim, eps};
+    team_run(rows * dim >= 16384 ? threads : 1, norm_worker, &j);
 }
 
 /* Attention of the `rep` query heads sharing one KV head over slots [j0, j1) (j0 a multiple of CHUNK): each key

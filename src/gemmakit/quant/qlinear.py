@@ -192,8 +192,9 @@ def quantize_q8(w: Tensor | np.ndarray) -> np.ndarray:
 
 
 class FastRMSNorm(nn.Module):
-    """Inference-only Gemma RMSNorm with (offset + w) precomputed (1 + w for Gemma 1-3, w for Gemma 4); the native
-    kernel for short inputs, torch otherwise."""
+    """Inference-only Gemma RMSNorm with (offset + w) precomputed (1 + w for Gemma 1-3, w for Gemma 4): decode.c's
+    for fp32 CPU inputs of any length (the decode step's own values; torch's took 0.8 ms for 520 x 640 on 2 cores,
+    ~15% of a 270M prefill), torch otherwise."""
 
     def __init__(self, weight: Tensor, eps: float, offset: float = 1.0) -> None:
         super().__init__()
@@ -203,12 +204,12 @@ class FastRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lib = kernels.library()
-        if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > 64 * x.shape[-1]:
+        if lib is None or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
         x = x.contiguous()
         y = torch.empty_like(x)
-        lib.rms_norm(x.data_ptr(), self.scale.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
-                     self.eps)
+        lib.rms_norm_many(x.data_ptr(), self.scale.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                          self.eps, torch.get_num_threads())
         return y
 
 
