@@ -72,6 +72,18 @@ def visible(qpos: Tensor, kpos: Tensor, window: int | None, bidirectional: bool 
     return allowed[:, None]
 
 
+def plain_causal(qpos: Tensor, kpos: Tensor, window: int | None, bidirectional: bool) -> bool:
+    """Whether `visible` would be the plain causal mask: every row's queries are its keys, at consecutive
+    positions from >= 0, and the window (if any) spans them all. SDPA's causal kernel then skips the blocks above
+    the diagonal (a fresh prompt's prefill: 4.9 -> 4.4 ms per 270M layer at 520 tokens, the same values)."""
+    T = qpos.shape[1]
+    if bidirectional or T < 2 or qpos.shape != kpos.shape or (window is not None and T > window):
+        return False
+    start = qpos[:, :1]
+    return bool((start >= 0).all()) and torch.equal(qpos, kpos) and torch.equal(
+        qpos, start + torch.arange(T, device=qpos.device))
+
+
 def span_mask(length: int, window: int | None, bidirectional: bool) -> Tensor | None:
     """(1, 1, L, L) bool mask of one packed sequence of `length` tokens (positions 0..L-1, see `visible`); None
     when every key is visible (an encoder's global layers, or a sequence within the window), so SDPA needs none."""
@@ -146,8 +158,9 @@ class Attention(nn.Module):
         else:
             key = (self.window, kpos.shape[1], cache is not None and cache.ring)  # same for all layers of a kind
             if key not in masks:
-                masks[key] = visible(qpos, kpos, self.window, self.bidirectional)
-            out = self._attend(q, keys, values, masks[key])
+                masks[key] = (visible(qpos, kpos, self.window, self.bidirectional),
+                              plain_causal(qpos, kpos, self.window, self.bidirectional))
+            out = self._attend(q, keys, values, *masks[key])
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _attend_packed(self, q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]], masks: dict) -> Tensor:
@@ -163,8 +176,9 @@ class Attention(nn.Module):
                                                 masks[key])
         return out
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
-        """allowed: (B, 1, T, S) bool, or None where every key is visible (packed encoder sequences)."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, causal: bool = False) -> Tensor:
+        """allowed: (B, 1, T, S) bool, or None where every key is visible (packed encoder sequences); causal: it is
+        the plain causal mask (plain_causal)."""
         B, N, T, H = q.shape
         if self.softcap is None and T == 1 and not torch.is_grad_enabled():
             # Decode: query heads sharing a KV head become rows of one matmul; at T=1 this beats SDPA's kernel
@@ -183,6 +197,9 @@ class Attention(nn.Module):
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             return (probs @ v).reshape(B, N, 1, H)
         if self.softcap is None:
+            if causal:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
+                                                      enable_gqa=self.n_kv != self.n_heads)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling,
                                                   enable_gqa=self.n_kv != self.n_heads)
         # Gemma 2: scale -> soft-cap 50 -> mask -> fp32 softmax -> cast back (spec §1.5, HF eager order).
