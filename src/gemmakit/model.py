@@ -103,6 +103,7 @@ class Attention(nn.Module):
         self.bidirectional = cfg.use_bidirectional_attention  # an encoder (EmbeddingGemma): no causal mask
         self.scaling = cfg.scaling  # query_pre_attn_scalar ** -0.5, applied to q·k like HF (spec §1.5); Gemma 4: 1.0
         self.softcap = cfg.attn_logit_softcapping
+        self.rope = apply_rope  # the fast path's is native (quant/qlinear.py swap_in_fast_geglu)
         # Gemma 4 KV sharing (HF-G4 kv_sharing_modes): a shared layer has no k/v weights and attends to the keys and
         # values its source layer computed in this same forward; a source "stores" them for the shared layers.
         self.shared = cfg.kv_source(layer) != layer
@@ -136,7 +137,7 @@ class Attention(nn.Module):
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, N, T, H)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = apply_rope(q, *rope)
+        q = self.rope(q, *rope)
         if self.shared:  # (keys, values, key positions) of the source layer, from this forward (HF-G4)
             keys, values, kpos = shared[self.kind]
         else:
@@ -144,7 +145,7 @@ class Attention(nn.Module):
             v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
             if self.k_norm is not None:
                 k = self.k_norm(k)
-            k = apply_rope(k, *rope)
+            k = self.rope(k, *rope)
             if self.v_norm is not None:
                 v = self.v_norm(v)
             if cache is None:

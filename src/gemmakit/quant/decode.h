@@ -22,6 +22,8 @@ typedef struct {
 #define CHUNK 256  /* slots per attention task, at fixed offsets: results do not depend on how many slots follow */
 
 void rms_norm(const float *x, const float *scale, float *y, long rows, long dim, float eps);
+void rope_many(const float *x, const float *cos, const float *sin, float *out, long B, long N, long T, long H,
+               int threads);
 void rms_norm_many(const float *x, const float *scale, float *y, long rows, long dim, float eps, int threads);
 void geglu_many(const float *g, const float *u, float *out, long n, int threads);
 /* Hidden: calls between the two files bind here, never to a same-named symbol another loaded library exports. */

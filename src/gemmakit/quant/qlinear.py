@@ -235,8 +235,29 @@ def fast_geglu(gate: Tensor, up: Tensor) -> Tensor:
     return out
 
 
+def fast_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """model.apply_rope by decode.c, torch's values in one pass instead of five (~12 ms of a 270M 520-token
+    prefill), for fp32 CPU inputs without autograd and cos/sin of x's rows and positions; torch otherwise."""
+    from ..model import apply_rope  # here: model.py imports nothing from quant
+
+    lib = kernels.library()
+    B, N, T, H = x.shape
+    if (lib is None or x.dtype != torch.float32 or cos.dtype != torch.float32 or x.device.type != "cpu"
+            or cos.shape != (B, 1, T, H) or sin.shape != cos.shape or H % 2
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return apply_rope(x, cos, sin)
+    x, c, s = x.contiguous(), cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(x)
+    lib.rope_many(x.data_ptr(), c.data_ptr(), s.data_ptr(), out.data_ptr(), B, N, T, H, torch.get_num_threads())
+    return out
+
+
 def swap_in_fast_geglu(module: nn.Module, mlp_type: type) -> None:
-    """Give every `mlp_type` (model.MLP) the native GeGLU."""
+    """Give every `mlp_type` (model.MLP) the native GeGLU, and every attention layer the native RoPE."""
+    from ..model import apply_rope
+
     for m in module.modules():
         if isinstance(m, mlp_type):
             m.geglu = fast_geglu
+        if getattr(m, "rope", None) is apply_rope:  # model.Attention's
+            m.rope = fast_rope
