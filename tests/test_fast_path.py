@@ -469,6 +469,33 @@ def test_native_attention_across_chunks():
 
 
 @needs_native
+def test_short_prompts_prefill_natively_into_any_row():
+    """A prompt of up to STEP_ROWS tokens prefilled into one cache row (any row, as the server does) runs the native
+    step, before the sliding rings wrap (W=8 + slack 4 here): 3, 5 and 11 tokens do, 13 do not (test above: the
+    logits are the module path's)."""
+    from gemmakit.model import KVCache
+
+    module = _tiny_fast("gemma3", "mixed")
+    fused = module.fused_decode
+    calls = []
+
+    class Spy:
+        def applies(self, x, cache):
+            return fused.applies(x, cache)
+
+        def __call__(self, x, positions, cache, ple=None):
+            calls.append((x.shape[1], int(cache.layers[0].rows[0])))
+            return fused(x, positions, cache, ple)
+
+    module.fused_decode = Spy()
+    cache = KVCache(module.config, 4, 64, dtype=torch.float32, device="cpu", slack=4)
+    with torch.inference_mode():
+        for r, n in ((2, 5), (1, 11), (3, 3), (0, 13)):
+            module(torch.randint(0, module.config.vocab_size, (1, n)), cache=cache, rows=[r], last_only=True)
+    assert calls == [(5, 2), (11, 1), (3, 3)]
+
+
+@needs_native
 def test_native_decode_is_used_and_matches_on_the_embedded_model(fast_model):
     """The real 270M: the native decode step is attached, and step by step (the same tokens fed to both) its logits
     follow the module path's within the int8 rounding budget, with the same top-1 token at nearly every step."""
