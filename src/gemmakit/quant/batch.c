@@ -40,7 +40,7 @@ int batch_cover(long type) {
 /* Into L2, not L1: the burst of a tile's prefetches then waits on fewer of L1's fill buffers. The 2B shape's Q6_K
  * head at 8 rows, 2 cores: 36.4 instead of 38.7 ms (AVX-512), 40.3 instead of 42.9 ms (AVX2). */
 #define PF_HINT _MM_HINT_T1
-/* Rows whose accumulators batch_bytes provides for (at least STEP_ROWS); more go MAX_ROWS at a time, the tile
+/* Rows whose accumulators batch_bytes provides for (a decode batch); more go MAX_ROWS at a time, the tile
  * unpacked again for each. On AVX2, 512 (128 passes of 4 rows, 256 KB of accumulators, in L2): a 256-row Q5_0
  * product (prefill) took 2.81 ms with 64 (3.26 with 16); the 270M's four Q5_0 / Q8_0 shapes at 512 rows 7.71
  * instead of 8.34 ms with 64. On AVX-512, 64 rows' accumulators (64 KB) spill L1: 2.74 against 1.97 ms with 16. */

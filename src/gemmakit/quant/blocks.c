@@ -993,8 +993,9 @@ int qtype_supported(long type) {
            type == T_Q5_K || type == T_Q6_K;
 }
 
-/* qmatmul (prefill) products of this many rows go through tiles.c; up to 16 (fused.py's STEP_ROWS, a full decode
- * batch) the tied head's product keeps batch.c's exact kernels, so a row's logits do not depend on the batch. */
+/* qmatmul (prefill) products of this many rows go through tiles.c; up to 16 (a full decode batch) the tied head's
+ * product keeps batch.c's exact kernels, so a row's logits do not depend on the batch. The native step's products
+ * (qmatmul_team) stay exact at any row count. */
 #define TILE_ROWS 17
 #define NB 16   /* weight rows per task: their bytes stay in L2 while every activation tile passes */
 #define MC_BYTES (192 << 10)  /* int8 activation bytes per pass over a task's weight rows: they stay in L2 */
