@@ -31,7 +31,7 @@ def test_scored_positions_come_near_the_exact_product(monkeypatch):
     emb, exact = _head()
     h = torch.randn(1, 40, 640) * torch.linspace(0.1, 10, 640)  # uneven units, as hidden states are
     with torch.no_grad():
-        scored = emb.attend(h)[0].double()
+        scored = emb.attend(h, score=True)[0].double()
         one_pass = emb.head(h)[0].double()
     want = h[0].double() @ exact.T
     err_scored, err_one = (scored - want).abs().max(), (one_pass - want).abs().max()
@@ -39,10 +39,21 @@ def test_scored_positions_come_near_the_exact_product(monkeypatch):
 
 
 def test_decode_batches_keep_one_product():
-    """Fewer than SCORE_ROWS rows: exactly the one product (each row as it is alone)."""
+    """Fewer than SCORE_ROWS rows, even scored: exactly the one product (each row as it is alone)."""
     emb, _ = _head()
     h = torch.randn(SCORE_ROWS - 1, 1, 640)
     with torch.no_grad():
-        got = emb.attend(h)
+        got = emb.attend(h, score=True)
     assert torch.equal(got, emb.head(h))
     assert torch.equal(got[3], emb.head(h[3:4])[0])
+
+
+def test_drafts_to_verify_keep_one_product(monkeypatch):
+    """Many rows that are not scored (8 sequences verifying 8 drafts each): the one product, so a verified token's
+    logits are its single step's."""
+    monkeypatch.setattr(kernels, "native_bf16", lambda *_: False)
+    emb, _ = _head()
+    h = torch.randn(8, 9, 640)
+    with torch.no_grad():
+        got = emb.attend(h)
+    assert torch.equal(got, emb.head(h))

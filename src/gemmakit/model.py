@@ -431,11 +431,12 @@ class Gemma(nn.Module):
             cache.advance()
         return self.model.norm(x)
 
-    def head(self, h: Tensor) -> Tensor:
-        """Tied LM head in the model dtype, returned as fp32; Gemma 2's final soft-cap 30 (spec §1.1)."""
+    def head(self, h: Tensor, score: bool = False) -> Tensor:
+        """Tied LM head in the model dtype, returned as fp32; Gemma 2's final soft-cap 30 (spec §1.1). score: many
+        positions scored (evaluation), where a quantized head may spend a second product on accuracy."""
         emb = self.model.embed_tokens
         if self.config.tie_word_embeddings and hasattr(emb, "attend"):
-            logits = emb.attend(h)  # a quantized tied embedding computes its own head (quant/qlinear.py)
+            logits = emb.attend(h, score)  # a quantized tied embedding computes its own head (quant/qlinear.py)
         elif self.config.tie_word_embeddings:
             logits = h @ emb.weight.T
         else:
@@ -447,7 +448,7 @@ class Gemma(nn.Module):
     def forward(self, ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False, rows: list[int] | None = None) -> Tensor:
         h = self.hidden_states(ids, positions, cache, rows)
-        return self.head(h[:, -1:] if last_only else h)
+        return self.head(h[:, -1:] if last_only else h, score=cache is None and not last_only)
 
 
 # ----------------------------------------------------------------------------------------------------------------

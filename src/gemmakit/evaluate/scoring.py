@@ -35,7 +35,7 @@ def _score_rows(model: Model, h: Tensor, targets: Tensor) -> tuple[Tensor, Tenso
     """log-softmax at the target ids and argmax agreement for hidden states h (n, D), HEAD_ROWS rows at a time."""
     lps, hits = [], []
     for s in range(0, h.shape[0], HEAD_ROWS):
-        logits = model.module.head(h[s:s + HEAD_ROWS])  # (r, V) fp32
+        logits = model.module.head(h[s:s + HEAD_ROWS], score=True)  # (r, V) fp32
         t = targets[s:s + HEAD_ROWS].to(logits.device)
         picked = logits.gather(1, t[:, None])[:, 0]
         lps.append((picked - torch.logsumexp(logits, dim=-1)).double().cpu())

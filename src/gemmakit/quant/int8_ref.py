@@ -65,7 +65,7 @@ class Int8RowEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         return self.qweight[ids].float() * self.scale[ids].unsqueeze(-1)
 
-    def attend(self, h: Tensor) -> Tensor:
+    def attend(self, h: Tensor, score: bool = False) -> Tensor:  # score: QEmbedding.attend's; one product here
         return int8_matmul(h, self.qweight, self.scale)
 
 

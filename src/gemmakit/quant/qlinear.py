@@ -138,15 +138,17 @@ class QEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         return self.qweight.dequantize_rows(ids).reshape(*ids.shape, self.embedding_dim)
 
-    def attend(self, h: Tensor) -> Tensor:
-        """Logits. Scoring many positions through the int8 kernels, the head also multiplies what the int8 rounding
-        of the activations left out (rounded to int8 in turn, ~1/127 of the first error): that rounding, on the
-        head alone, was +0.43% of the fast path's +1.09% perplexity on the code text (AVX2, the embedded 270M),
-        over the +1% budget. It costs a second product for those positions only: decode steps and a prefill's last
-        position, whose logits must not depend on the batch, keep the one product."""
+    def attend(self, h: Tensor, score: bool = False) -> Tensor:
+        """Logits. Scoring many positions (`score`: evaluation, full-sequence logits) through the int8 kernels, the
+        head also multiplies what the int8 rounding of the activations left out (rounded to int8 in turn, ~1/127
+        of the first error): that rounding, on the head alone, was +0.43% of the fast path's +1.09% perplexity on
+        the code text (AVX2, the embedded 270M), over the +1% budget. It costs a second product for those positions
+        only: decode steps, drafts to verify and a prefill's last position, whose logits must not depend on the
+        batch, keep the one product."""
         logits = self.head(h)
         rows = h.numel() // self.embedding_dim
-        if rows < SCORE_ROWS or torch.is_grad_enabled() or h.device.type != "cpu" or not self.qweight.int8_products(rows):
+        if (not score or rows < SCORE_ROWS or torch.is_grad_enabled() or h.device.type != "cpu"
+                or not self.qweight.int8_products(rows)):
             return logits
         units = h.float().reshape(rows, -1, 32)  # blocks.c's units of 32 (integer blocks: K a multiple of 32)
         d = units.abs().amax(-1, keepdim=True) / 127
