@@ -103,7 +103,7 @@ class Attention(nn.Module):
         self.bidirectional = cfg.use_bidirectional_attention  # an encoder (EmbeddingGemma): no causal mask
         self.scaling = cfg.scaling  # query_pre_attn_scalar ** -0.5, applied to q·k like HF (spec §1.5); Gemma 4: 1.0
         self.softcap = cfg.attn_logit_softcapping
-        self.rope = apply_rope  # the fast path's is native (quant/qlinear.py swap_in_fast_geglu)
+        self.rope = apply_rope  # the fast path's is native (quant/qlinear.py swap_in_fast_ops)
         # Gemma 4 KV sharing (HF-G4 kv_sharing_modes): a shared layer has no k/v weights and attends to the keys and
         # values its source layer computed in this same forward; a source "stores" them for the shared layers.
         self.shared = cfg.kv_source(layer) != layer
@@ -225,7 +225,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, cfg.hidden_size, bias=False)
         sparsity = cfg.activation_sparsity(layer)
         self.std_multiplier = std_multiplier(sparsity) if sparsity > 0.0 else None
-        self.geglu = geglu  # the fast path's is native (quant/qlinear.py swap_in_fast_geglu)
+        self.geglu = geglu  # the fast path's is native (quant/qlinear.py swap_in_fast_ops)
 
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gate_proj(x)

@@ -31,7 +31,7 @@ from ..weights.names import ROPE_FREQS, STACKED, split_stacked, unused_shared_kv
 from . import kernels
 from .experts import expert_slices, swap_in_experts
 from .fused import attach as attach_fused_decode
-from .qlinear import NATIVE_TYPES, QWeight, quantize_q8, swap_in, swap_in_fast_geglu, swap_in_fast_norms
+from .qlinear import NATIVE_TYPES, QWeight, quantize_q8, swap_in, swap_in_fast_norms, swap_in_fast_ops
 
 UNIT = 32  # the kernels read activations in units of 32 values (blocks.c UNIT)
 
@@ -102,7 +102,7 @@ def load_gguf_fast(g: GGUFFile, cfg: GemmaConfig, *, dtype: torch.dtype, progres
     module.load_state_dict(state, strict=True, assign=True)
     if dtype == torch.float32:
         swap_in_fast_norms(module, RMSNorm)
-        swap_in_fast_geglu(module, MLP)
+        swap_in_fast_ops(module, MLP)
         attach_fused_decode(module)
     return module.eval()
 
@@ -126,7 +126,7 @@ def to_q8(module: Gemma) -> Gemma:
             experts[name] = tuple(_float_experts(w) for w in (m.gate_up_proj, m.down_proj))
     swap_in(module, weights)
     swap_in_experts(module, experts)
-    swap_in_fast_geglu(module, MLP)
+    swap_in_fast_ops(module, MLP)
     attach_fused_decode(module)
     return module
 

@@ -95,13 +95,13 @@ class FusedDecode:
         _, slack, ring = self._base(cache)
         return T == 1 or slack >= T - 1 or first.end <= ring
 
-    def _table(self, cache) -> tuple[ctypes.Array, int]:
-        """The layer table for the rows the cache is prepared for, and the cache's ring slack: rows 0..B-1 read the
-        cache's own table; one other row r a copy whose buffer pointers start at row r (one per row, kept)."""
-        table, slack, _ = self._base(cache)
+    def _table(self, cache) -> ctypes.Array:
+        """The layer table for the rows the cache is prepared for: rows 0..B-1 read the cache's own table; one other
+        row r a copy whose buffer pointers start at row r (one per row, kept)."""
+        table = self._base(cache)[0]
         first = cache.layers[0]
         if first.rows is None or first.prefix is not None:
-            return table, slack
+            return table
         r = int(first.rows[0])
         shifted = cache.native_rows.get(r)
         if shifted is None:
@@ -112,7 +112,7 @@ class FusedDecode:
                 L.v_cache += r * c.v.stride(0) * c.v.element_size()
                 L.slot_pos += r * c.slot_pos.stride(0) * c.slot_pos.element_size()
             cache.native_rows[r] = shifted
-        return shifted, slack
+        return shifted
 
     def _base(self, cache) -> tuple[ctypes.Array, int, int]:
         """This cache's copy of the layer table, its ring slack and its smallest ring (built once per cache: its
@@ -140,7 +140,7 @@ class FusedDecode:
         pos = positions.reshape(-1).to(torch.long).contiguous()
         first = cache.layers[0]
         cols = (first.starts[:, None] + torch.arange(T)).reshape(-1).contiguous()
-        self.lib.decode_layers(self._table(cache)[0], len(self.layers), ctypes.byref(self.dims), x.data_ptr(),
+        self.lib.decode_layers(self._table(cache), len(self.layers), ctypes.byref(self.dims), x.data_ptr(),
                                B * T, T, pos.data_ptr(), cols.data_ptr(), first.end, torch.get_num_threads())
         return x
 

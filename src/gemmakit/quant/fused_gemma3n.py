@@ -91,7 +91,7 @@ class FusedDecodeGemma3n(FusedDecodeGemma4):
         pos = positions.reshape(-1).to(torch.long).contiguous()
         first = cache.layers[0]
         cols = (first.starts[:, None] + torch.arange(T)).reshape(-1).contiguous()
-        self.lib.decode_gemma3n(self._table(cache)[0], self.alt, len(self.layers), ctypes.byref(self.dims),
+        self.lib.decode_gemma3n(self._table(cache), self.alt, len(self.layers), ctypes.byref(self.dims),
                                 ctypes.byref(self.d3), x.data_ptr(), ple.data_ptr(), B * T, T, pos.data_ptr(),
                                 cols.data_ptr(), first.end, torch.get_num_threads())
         return x

@@ -132,7 +132,7 @@ class FusedDecodeGemma4(FusedDecode):
         pos = positions.reshape(-1).to(torch.long).contiguous()
         first = cache.layers[0]
         cols = (first.starts[:, None] + torch.arange(T)).reshape(-1).contiguous()
-        self.lib.decode_gemma4(self._table(cache)[0], len(self.layers), ctypes.byref(self.dims), x.data_ptr(),
+        self.lib.decode_gemma4(self._table(cache), len(self.layers), ctypes.byref(self.dims), x.data_ptr(),
                                None if ple is None else ple.data_ptr(), B * T, T, pos.data_ptr(), cols.data_ptr(),
                                first.end, torch.get_num_threads())
         return x
