@@ -250,66 +250,63 @@ static void xacc_store(const xacc_t *acc, long type, int R, float *y, long ldy, 
     }
 }
 
-/* Quads q0 .. q0+qn-1 (qn <= KQ) of weight rows n0 .. n0+nr-1 (nr <= TN; missing rows and blocks zero). */
+/* The fifth bits of Q5_0 values 4c .. 4c+3 of 8 rows (lane i: row i's 32 bits, qh), as 0x10 bytes in their lanes. */
+static inline __m256i fifth_bits(__m256i qh, int c) {
+    const __m256i low = _mm256_shuffle_epi8(_mm256_srli_epi32(qh, 4 * c),  /* each lane's low byte, 4 times */
+                                            _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                                             0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
+    const __m256i bit = _mm256_set1_epi32(0x08040201);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(low, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+/* Quads q0 .. q0+qn-1 (qn <= KQ) of weight rows n0 .. n0+nr-1 (nr <= TN; missing rows and blocks zero). Each block
+ * of 8 rows is loaded transposed (load8t: 128-bit halves and in-lane shuffles), and Q4_0 / Q5_0 are transposed
+ * while packed, 4 dwords for their 8 chunks: unpacked a row at a time, then transposed (24 shuffles, 8 of them
+ * across lanes, per block of 8 rows), they took as long as the products themselves (the 270M's tied Q8_0 head at 8
+ * rows, AVX2 build, 2 cores: 16.2 ms, 11.9 without the unpacking). */
 static void qblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long q0, long qn) {
     qblock_t *t = tile;
     const long nb = W->cols / 32, bsz = b32_bytes(W->type);
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
     for (long q = 0; q < qn; q++)
         for (int u = 0; u < 4; u++) {
             const long b = (q0 + q) * 4 + u;  /* the block's index in a row */
             for (int h = 0; h < TN / 8; h++) {
-                __m256i R[8], O[8];
-#if !VNNI
-                __m256i S[8], P[8];
-#endif
+                const uint8_t *blk[8];
                 for (int i = 0; i < 8; i++) {
                     const int r = 8 * h + i;
-                    __m256i w = _mm256_setzero_si256();
-                    float d = 0.0f;
-                    if (r < nr && b < nb) {
-                        const uint8_t *blk = W->data + (n0 + r) * W->row_bytes + b * bsz;
-                        if (n0 + r + PF_ROWS < W->rows) _mm_prefetch((const char *)(blk + PF_ROWS * W->row_bytes),
-                                                                     PF_HINT);
-                        if (W->type == T_Q8_0) {
-                            w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-                        } else {  /* row1_b32's unpacking: values 0..15 (+16 from Q5_0's fifth bits) */
-                            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (W->type == T_Q4_0 ? 2 : 6)));
-                            w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
-                                                 _mm256_set1_epi8(0x0F));
-                            if (W->type == T_Q5_0) {
-                                uint32_t qh;
-                                memcpy(&qh, blk + 2, 4);
-                                w = _mm256_or_si256(w, bits_to_0x10(qh));
-                            }
-                        }
-                        d = half_to_float(blk);
-                    }
-                    t->f[u][q][r] = d;
-                    if (W->type != T_Q8_0) {
-                        R[i] = w;
-#if !VNNI
-                        S[i] = w;
-#endif
-                    } else {
-#if VNNI
-                        R[i] = _mm256_xor_si256(w, flip);  /* w + 128 as an unsigned byte */
-#else
-                        R[i] = _mm256_sign_epi8(w, w), S[i] = w;
-#endif
-                    }
+                    blk[i] = r < nr && b < nb ? W->data + (n0 + r) * W->row_bytes + b * bsz : NULL;
+                    if (blk[i] && n0 + r + PF_ROWS < W->rows)
+                        _mm_prefetch((const char *)(blk[i] + PF_ROWS * W->row_bytes), PF_HINT);
+                    t->f[u][q][r] = blk[i] ? half_to_float(blk[i]) : 0.0f;
                 }
-                transpose8(R, O);
-                for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->w[u][q][c] + 32 * h), O[c]);
-#if !VNNI
+                __m256i O[8];
                 if (W->type == T_Q8_0) {
-                    transpose8(S, P);
-                    for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->sg[u][q][c] + 32 * h), P[c]);
-                }
+                    load8t(blk, 2, O);
+#if !VNNI
+                    for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->sg[u][q][c] + 32 * h), O[c]);
 #endif
+                    for (int c = 0; c < 8; c++)
+#if VNNI
+                        O[c] = _mm256_xor_si256(O[c], _mm256_set1_epi8((char)0x80));  /* w + 128 as an unsigned byte */
+#else
+                        O[c] = _mm256_sign_epi8(O[c], O[c]);
+#endif
+                } else {  /* row1_b32's values: 0..15 (+16 from Q5_0's fifth bits); chunk c < 4 low nibbles */
+                    __m256i V[4];
+                    load8t16(blk, W->type == T_Q4_0 ? 2 : 6, V);
+                    for (int c = 0; c < 4; c++) O[c] = low4(V[c]), O[c + 4] = high4(V[c]);
+                    if (W->type == T_Q5_0) {
+                        int32_t qh[8];  /* into a register, not through memory: a 256-bit load of 8 just-stored
+                                           dwords would wait for the stores (no forwarding) */
+                        for (int i = 0; i < 8; i++)
+                            if (blk[i]) memcpy(&qh[i], blk[i] + 2, 4); else qh[i] = 0;
+                        const __m256i hv = _mm256_setr_epi32(qh[0], qh[1], qh[2], qh[3], qh[4], qh[5], qh[6], qh[7]);
+                        for (int c = 0; c < 8; c++) O[c] = _mm256_or_si256(O[c], fifth_bits(hv, c));
+                    }
+                }
+                for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->w[u][q][c] + 32 * h), O[c]);
             }
         }
-    (void)flip;  /* without VNNI the weights keep their signs */
 }
 
 /* Activation rows m .. m+R-1 (R <= TM) against quads q0 .. q0+qn-1 of a tile, into acc->dot[u] and acc->off[u]
@@ -336,10 +333,7 @@ static inline __attribute__((always_inline)) void qblock_rows(const qblock_t *t,
             } else {
 #if VNNI
             DOT_ROWS(z, wt, 0, 8)
-            for (int r = 0; r < R; r++) {
-                const int16_t *s = A->s16 + ((m + r) * U + o) * 2;
-                z[r] = VSUB_32(z[r], VSET1_32(128 * ((int32_t)s[0] + s[1])));
-            }
+            for (int r = 0; r < R; r++) z[r] = VSUB_32(z[r], VSET1_32(A->c128[(m + r) * U + o]));
 #else
             for (int c = 0; c < 8; c++) {
                 const __m256i w = VLOAD_I(wt + c * 4 * TN), sg = VLOAD_I(t->sg[u][q][c]);

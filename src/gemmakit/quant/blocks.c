@@ -111,7 +111,7 @@ long act_units(long K) { return (K / UNIT + GROUP - 1) / GROUP * GROUP; }
 /* Bytes of scratch for M rows of K values (one allocation; act_bind points an act_t into it). */
 long act_bytes(long M, long K) {
     const long u = act_units(K);
-    return M * u * (UNIT + 2 * (long)sizeof(float) + 2 * (long)sizeof(int16_t) + 2 * (long)sizeof(int32_t)) + 64;
+    return M * u * (UNIT + 2 * (long)sizeof(float) + 2 * (long)sizeof(int16_t) + 3 * (long)sizeof(int32_t)) + 64;
 }
 
 static void act_bind(act_t *a, void *buf, const float *x, long M, long K) {
@@ -122,13 +122,14 @@ static void act_bind(act_t *a, void *buf, const float *x, long M, long K) {
     a->fs = a->d + M * u;
     a->s16 = (int16_t *)(a->fs + M * u);
     a->n32 = (int32_t *)(a->s16 + M * u * 2);
+    a->c128 = a->n32 + M * u * 2;
     a->x = x;
     a->rows = M, a->cols = K, a->units = u;
 }
 
 /* Row m: per unit of 32, d = max|x| / 127, q = round(x / d) (ties to even), unit sums; units past K are zero. */
 static void quantize_row(const float *x, long K, long units, int8_t *q, float *d, float *fs, int16_t *s16,
-                         int32_t *n32) {
+                         int32_t *n32, int32_t *c128) {
     const long nu = K / UNIT;
     for (long u = 0; u < units; u++) {
         if (u >= nu) {
@@ -136,6 +137,7 @@ static void quantize_row(const float *x, long K, long units, int8_t *q, float *d
             d[u] = fs[u] = 0.0f;
             s16[2 * u] = s16[2 * u + 1] = 0;
             n32[2 * u] = n32[2 * u + 1] = 0;
+            c128[u] = 0;
             continue;
         }
         const float *xu = x + u * UNIT;
@@ -187,6 +189,7 @@ static void quantize_row(const float *x, long K, long units, int8_t *q, float *d
         fs[u] = du * (float)(s0 + s1);
         s16[2 * u] = (int16_t)s0, s16[2 * u + 1] = (int16_t)s1;
         n32[2 * u] = -32 * s0, n32[2 * u + 1] = -32 * s1;
+        c128[u] = 128 * (s0 + s1);
     }
 }
 
@@ -1099,7 +1102,8 @@ static void qmatmul_run(const qmat_t *W, int n_mats, const float *x, long M, flo
         for (long j = a; j < b; j++) {
             const long m = j / (u / GROUP), u0 = j % (u / GROUP) * GROUP;
             quantize_row(x + m * K + u0 * UNIT, K - u0 * UNIT, GROUP, A.q + (m * u + u0) * UNIT, A.d + m * u + u0,
-                         A.fs + m * u + u0, A.s16 + (m * u + u0) * 2, A.n32 + (m * u + u0) * 2);
+                         A.fs + m * u + u0, A.s16 + (m * u + u0) * 2, A.n32 + (m * u + u0) * 2,
+                         A.c128 + m * u + u0);
         }
         team_barrier(team, nth);
     }

@@ -19,6 +19,7 @@ typedef struct {
     float *fs;       /* [M][units] */
     int16_t *s16;    /* [M][units * 2] */
     int32_t *n32;    /* [M][units * 2]: -32 * s16 */
+    int32_t *c128;   /* [M][units]: 128 x the unit's sum (Q8_0 stored as w + 128 for vpdpbusd: batch.c) */
     const float *x;  /* the fp32 rows themselves, for float weights */
     long rows, cols, units;
 } act_t;
