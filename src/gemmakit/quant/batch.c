@@ -259,14 +259,50 @@ static inline __m256i fifth_bits(__m256i qh, int c) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(low, bit), bit), _mm256_set1_epi8(0x10));
 }
 
-/* Quads q0 .. q0+qn-1 (qn <= KQ) of weight rows n0 .. n0+nr-1 (nr <= TN; missing rows and blocks zero). Each block
- * of 8 rows is loaded transposed (load8t: 128-bit halves and in-lane shuffles), and Q4_0 / Q5_0 are transposed
- * while packed, 4 dwords for their 8 chunks: unpacked a row at a time, then transposed (24 shuffles, 8 of them
- * across lanes, per block of 8 rows), they took as long as the products themselves (the 270M's tied Q8_0 head at 8
- * rows, AVX2 build, 2 cores: 16.2 ms, 11.9 without the unpacking). */
-static void qblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long q0, long qn) {
-    qblock_t *t = tile;
-    const long nb = W->cols / 32, bsz = b32_bytes(W->type);
+/* One block of 8 weight rows (blk[i]: row i's block; NULL, with any_null: zeros) into the tile; type and any_null
+ * are constants where it is inlined, so the common case (8 rows, a block within the row) runs without a branch. */
+static inline __attribute__((always_inline)) void qblock_unpack8(qblock_t *t, const uint8_t *const blk[8], long type,
+                                                                 int any_null, int u, long q, int h) {
+    if (!any_null) {  /* the 8 scales converted at once */
+        uint16_t hs[8];
+        for (int i = 0; i < 8; i++) memcpy(&hs[i], blk[i], 2);
+        _mm256_store_ps(t->f[u][q] + 8 * h, _mm256_cvtph_ps(_mm_setr_epi16((short)hs[0], (short)hs[1], (short)hs[2],
+                                                                                (short)hs[3], (short)hs[4], (short)hs[5],
+                                                                                (short)hs[6], (short)hs[7])));
+    } else {
+        for (int i = 0; i < 8; i++) t->f[u][q][8 * h + i] = blk[i] ? half_to_float(blk[i]) : 0.0f;
+    }
+    __m256i O[8];
+    if (type == T_Q8_0) {
+        load8t_if(blk, 2, O, any_null);
+#if !VNNI
+        for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->sg[u][q][c] + 32 * h), O[c]);
+#endif
+        for (int c = 0; c < 8; c++)
+#if VNNI
+            O[c] = _mm256_xor_si256(O[c], _mm256_set1_epi8((char)0x80));  /* w + 128 as an unsigned byte */
+#else
+            O[c] = _mm256_sign_epi8(O[c], O[c]);
+#endif
+    } else {  /* row1_b32's values: 0..15 (+16 from Q5_0's fifth bits); chunk c < 4: low nibbles, c >= 4: high */
+        __m256i V[4];
+        load8t16_if(blk, type == T_Q4_0 ? 2 : 6, V, any_null);
+        for (int c = 0; c < 4; c++) O[c] = low4(V[c]), O[c + 4] = high4(V[c]);
+        if (type == T_Q5_0) {
+            int32_t qh[8];  /* into a register, not through memory: a 256-bit load of 8 just-stored dwords would wait
+                               for the stores (no forwarding) */
+            for (int i = 0; i < 8; i++)
+                if (!any_null || blk[i]) memcpy(&qh[i], blk[i] + 2, 4); else qh[i] = 0;
+            const __m256i hv = _mm256_setr_epi32(qh[0], qh[1], qh[2], qh[3], qh[4], qh[5], qh[6], qh[7]);
+            for (int c = 0; c < 8; c++) O[c] = _mm256_or_si256(O[c], fifth_bits(hv, c));
+        }
+    }
+    for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->w[u][q][c] + 32 * h), O[c]);
+}
+
+static inline __attribute__((always_inline)) void qblock_unpack_type(qblock_t *t, const qmat_t *W, long type, long n0,
+                                                                     int nr, long q0, long qn) {
+    const long nb = W->cols / 32, bsz = b32_bytes(type);
     for (long q = 0; q < qn; q++)
         for (int u = 0; u < 4; u++) {
             const long b = (q0 + q) * 4 + u;  /* the block's index in a row */
@@ -277,36 +313,22 @@ static void qblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long q0,
                     blk[i] = r < nr && b < nb ? W->data + (n0 + r) * W->row_bytes + b * bsz : NULL;
                     if (blk[i] && n0 + r + PF_ROWS < W->rows)
                         _mm_prefetch((const char *)(blk[i] + PF_ROWS * W->row_bytes), PF_HINT);
-                    t->f[u][q][r] = blk[i] ? half_to_float(blk[i]) : 0.0f;
                 }
-                __m256i O[8];
-                if (W->type == T_Q8_0) {
-                    load8t(blk, 2, O);
-#if !VNNI
-                    for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->sg[u][q][c] + 32 * h), O[c]);
-#endif
-                    for (int c = 0; c < 8; c++)
-#if VNNI
-                        O[c] = _mm256_xor_si256(O[c], _mm256_set1_epi8((char)0x80));  /* w + 128 as an unsigned byte */
-#else
-                        O[c] = _mm256_sign_epi8(O[c], O[c]);
-#endif
-                } else {  /* row1_b32's values: 0..15 (+16 from Q5_0's fifth bits); chunk c < 4 low nibbles */
-                    __m256i V[4];
-                    load8t16(blk, W->type == T_Q4_0 ? 2 : 6, V);
-                    for (int c = 0; c < 4; c++) O[c] = low4(V[c]), O[c + 4] = high4(V[c]);
-                    if (W->type == T_Q5_0) {
-                        int32_t qh[8];  /* into a register, not through memory: a 256-bit load of 8 just-stored
-                                           dwords would wait for the stores (no forwarding) */
-                        for (int i = 0; i < 8; i++)
-                            if (blk[i]) memcpy(&qh[i], blk[i] + 2, 4); else qh[i] = 0;
-                        const __m256i hv = _mm256_setr_epi32(qh[0], qh[1], qh[2], qh[3], qh[4], qh[5], qh[6], qh[7]);
-                        for (int c = 0; c < 8; c++) O[c] = _mm256_or_si256(O[c], fifth_bits(hv, c));
-                    }
-                }
-                for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(t->w[u][q][c] + 32 * h), O[c]);
+                if (8 * h + 8 <= nr && b < nb) qblock_unpack8(t, blk, type, 0, u, q, h);
+                else qblock_unpack8(t, blk, type, 1, u, q, h);
             }
         }
+}
+
+/* Quads q0 .. q0+qn-1 (qn <= KQ) of weight rows n0 .. n0+nr-1 (nr <= TN; missing rows and blocks zero). Each block
+ * of 8 rows is loaded transposed (load8t: 128-bit halves and in-lane shuffles), and Q4_0 / Q5_0 are transposed
+ * while packed, 4 dwords for their 8 chunks: unpacked a row at a time, then transposed (24 shuffles, 8 of them
+ * across lanes, per block of 8 rows), they took as long as the products themselves (the 270M's tied Q8_0 head at 8
+ * rows, AVX2 build, 2 cores: 16.2 ms, 11.9 without the unpacking). */
+static void qblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long q0, long qn) {
+    if (W->type == T_Q8_0) qblock_unpack_type(tile, W, T_Q8_0, n0, nr, q0, qn);
+    else if (W->type == T_Q4_0) qblock_unpack_type(tile, W, T_Q4_0, n0, nr, q0, qn);
+    else qblock_unpack_type(tile, W, T_Q5_0, n0, nr, q0, qn);
 }
 
 /* Activation rows m .. m+R-1 (R <= TM) against quads q0 .. q0+qn-1 of a tile, into acc->dot[u] and acc->off[u]

@@ -131,11 +131,13 @@ static inline void q6k_scales(const uint8_t *b, __m256i *s0, __m256i *s1, float 
 
 /* 16 bytes at offset `off` of 8 rows' blocks (b[i] NULL: a missing row, zeros), transposed: V[k] holds dword k of
  * row i in lane i. Rows i and i + 4 share a load (one 128-bit half each), so only in-lane shuffles remain. */
-static inline void load8t16(const uint8_t *const b[8], long off, __m256i V[4]) {
+static inline __attribute__((always_inline)) void load8t16_if(const uint8_t *const b[8], long off, __m256i V[4],
+                                                               int any_null) {
     __m256i A[4];
-    for (int k = 0; k < 4; k++) {
-        const __m128i lo = b[k] ? _mm_loadu_si128((const __m128i *)(b[k] + off)) : _mm_setzero_si128();
-        const __m128i hi = b[k + 4] ? _mm_loadu_si128((const __m128i *)(b[k + 4] + off)) : _mm_setzero_si128();
+    for (int k = 0; k < 4; k++) {  /* any_null 0 (a constant): no row is checked */
+        const __m128i lo = !any_null || b[k] ? _mm_loadu_si128((const __m128i *)(b[k] + off)) : _mm_setzero_si128();
+        const __m128i hi = !any_null || b[k + 4] ? _mm_loadu_si128((const __m128i *)(b[k + 4] + off))
+                                                 : _mm_setzero_si128();
         A[k] = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
     }
     const __m256i t0 = _mm256_unpacklo_epi32(A[0], A[1]), t1 = _mm256_unpackhi_epi32(A[0], A[1]);
@@ -144,11 +146,16 @@ static inline void load8t16(const uint8_t *const b[8], long off, __m256i V[4]) {
     V[2] = _mm256_unpacklo_epi64(t1, t3), V[3] = _mm256_unpackhi_epi64(t1, t3);
 }
 
+static inline void load8t16(const uint8_t *const b[8], long off, __m256i V[4]) { load8t16_if(b, off, V, 1); }
+
 /* 32 bytes at offset `off` of 8 rows' blocks, transposed: O[c] holds bytes 4c..4c+3 of row i at 4i. */
-static inline void load8t(const uint8_t *const b[8], long off, __m256i O[8]) {
-    load8t16(b, off, O);
-    load8t16(b, off + 16, O + 4);
+static inline __attribute__((always_inline)) void load8t_if(const uint8_t *const b[8], long off, __m256i O[8],
+                                                             int any_null) {
+    load8t16_if(b, off, O, any_null);
+    load8t16_if(b, off + 16, O + 4, any_null);
 }
+
+static inline void load8t(const uint8_t *const b[8], long off, __m256i O[8]) { load8t_if(b, off, O, 1); }
 
 /* The values of one super-block of 8 weight rows (b[i]: the row's block; NULL: zeros), interleaved: unit u's chunk c
  * goes to dst + u * ustride + c * 4 * TN, bytes 4i..4i+3 = values 4c..4c+3 of row i (Q4_K/Q5_K: 0..31, Q6_K: 0..63).
