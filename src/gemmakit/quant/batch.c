@@ -94,9 +94,9 @@ long batch_bytes(long K) {
  * time. Their scales come transposed (load8t16: lane i = row i), so each unit's scales for the 8 rows are a few
  * lane-wise shifts and masks, the same products as blocks.c's. Decoded one row at a time, then transposed, they
  * took ~30% of the unpacking: a Q4_K 16384 x 2048 product of 8 rows (AVX2, 2 cores) 1.94 ms, now 1.76. */
-static void xblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long g0, long gn) {
-    xblock_t *t = tile;
-    const long bsz = W->type == T_Q4_K ? 144 : W->type == T_Q5_K ? 176 : 210;
+static inline __attribute__((always_inline)) void xblock_unpack_type(xblock_t *t, const qmat_t *W, long type,
+                                                                     long n0, int nr, long g0, long gn) {
+    const long bsz = type == T_Q4_K ? 144 : type == T_Q5_K ? 176 : 210;
     for (long g = 0; g < gn; g++)
         for (int h = 0; h < TN / 8; h++) {
             const uint8_t *b[8];
@@ -108,8 +108,9 @@ static void xblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long g0,
                         _mm_prefetch((const char *)(b[i] + PF_ROWS * W->row_bytes + k), PF_HINT);
             }
             __m256i V[4];
-            if (W->type == T_Q6_K) {  /* 16 int8 scales, unit u's at bytes 2u and 2u + 1; d at 208 */
-                load8t16(b, 192, V);
+            const int any_null = 8 * h + 8 > nr;  /* else all 8 rows: no row is checked */
+            if (type == T_Q6_K) {  /* 16 int8 scales, unit u's at bytes 2u and 2u + 1; d at 208 */
+                if (any_null) load8t16_if(b, 192, V, 1); else load8t16_if(b, 192, V, 0);
                 for (int u = 0; u < 8; u++) {
                     const __m256i v = V[u >> 1];
                     const int lo = 16 * (u & 1);  /* the bit where the unit's first scale starts in the dword */
@@ -120,7 +121,7 @@ static void xblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long g0,
                 }
                 for (int i = 0; i < 8; i++) t->f[0][g][8 * h + i] = b[i] ? half_to_float(b[i] + 208) : 0.0f;
             } else {  /* d, dmin, then 12 bytes of 6-bit scales and mins (blocks.c's k_scales) */
-                load8t16(b, 0, V);
+                if (any_null) load8t16_if(b, 0, V, 1); else load8t16_if(b, 0, V, 0);
                 const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f);
                 const __m256i m2 = _mm256_set1_epi32(0x30303030);
                 const __m256i su[4] = {
@@ -142,8 +143,15 @@ static void xblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long g0,
                     _mm256_store_ps(t->om[u][g] + 8 * h, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn)));
                 }
             }
-            interleave8(b, W->type, t->w[0][g][0] + 32 * h, sizeof(t->w[0]));
+            if (any_null) interleave8_if(b, type, t->w[0][g][0] + 32 * h, sizeof(t->w[0]), 1);
+            else interleave8_if(b, type, t->w[0][g][0] + 32 * h, sizeof(t->w[0]), 0);
         }
+}
+
+static void xblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long g0, long gn) {
+    if (W->type == T_Q4_K) xblock_unpack_type(tile, W, T_Q4_K, n0, nr, g0, gn);
+    else if (W->type == T_Q5_K) xblock_unpack_type(tile, W, T_Q5_K, n0, nr, g0, gn);
+    else xblock_unpack_type(tile, W, T_Q6_K, n0, nr, g0, gn);
 }
 
 /* Activation rows m .. m+R-1 (R <= TM) against super-blocks g0 .. g0+gn-1 of a tile, into their accumulators
