@@ -1,4 +1,5 @@
-"""`gemmakit bench`'s own options: --batch parsing and --busy-core's spinning process (started, and always ended)."""
+"""`gemmakit bench`'s own options: --batch parsing, --name with folders, and --busy-core's spinning process
+(started, and always ended)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import pytest
 import typer
 
-from gemmakit.bench.common import busy_core
+from gemmakit.bench.common import busy_core, write_results
 from gemmakit.cli.bench import _batches
 
 
@@ -18,6 +19,14 @@ def test_batch_sizes_parse_and_bad_ones_name_the_fix():
     for bad in ("", "0,4", "four", "1,100"):
         with pytest.raises(typer.BadParameter, match="comma-separated"):
             _batches(bad)
+
+
+def test_a_name_with_folders_makes_them(tmp_path):
+    """--name runs/today: written under the results folder, not a traceback after minutes of measurements."""
+    out = write_results(tmp_path / "results", "runs/today", {"a": 1}, "| a |")
+    assert out == tmp_path / "results" / "runs" / "today.json"
+    assert out.read_text().startswith("{") and out.with_suffix(".md").read_text() == "| a |"
+    assert not list(out.parent.glob("*.tmp"))
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")

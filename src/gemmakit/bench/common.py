@@ -67,8 +67,8 @@ def write_results(folder: Path, name: str | None, result: dict, table: str, kind
     """Write folder/name.json (the result) and name.md (its table), each atomically; returns the .json path.
     Without a name: <kind>-<date>-<machine> (<date>-<machine> for the inference benchmark, kind "")."""
     name = name or "-".join(filter(None, (kind, machine_slug())))
-    folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)  # a name with folders (--name runs/today) makes them
     for path, text in ((out, json.dumps(result, indent=1)), (out.with_suffix(".md"), table)):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
