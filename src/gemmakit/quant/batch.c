@@ -332,7 +332,7 @@ static inline __attribute__((always_inline)) void qblock_unpack_type(qblock_t *t
  * of 8 rows is loaded transposed (load8t: 128-bit halves and in-lane shuffles), and Q4_0 / Q5_0 are transposed
  * while packed, 4 dwords for their 8 chunks: unpacked a row at a time, then transposed (24 shuffles, 8 of them
  * across lanes, per block of 8 rows), they took as long as the products themselves (the 270M's tied Q8_0 head at 8
- * rows, AVX2 build, 2 cores: 16.2 ms, 11.9 without the unpacking). */
+ * rows, AVX2 build, 2 cores: 16.2 ms, 11.9 without the unpacking; 13.9 ms now, with qblock_unpack8). */
 static void qblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long q0, long qn) {
     if (W->type == T_Q8_0) qblock_unpack_type(tile, W, T_Q8_0, n0, nr, q0, qn);
     else if (W->type == T_Q4_0) qblock_unpack_type(tile, W, T_Q4_0, n0, nr, q0, qn);
