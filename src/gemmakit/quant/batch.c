@@ -90,10 +90,48 @@ long batch_bytes(long K) {
     return (long)(tile + sizeof(xacc_t) * ((MAX_ROWS + TM - 1) / TM)) + 64;
 }
 
-/* Super-blocks g0 .. g0+gn-1 (gn <= KB) of weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes zero), 8 rows at a
- * time. Their scales come transposed (load8t16: lane i = row i), so each unit's scales for the 8 rows are a few
- * lane-wise shifts and masks, the same products as blocks.c's. Decoded one row at a time, then transposed, they
- * took ~30% of the unpacking: a Q4_K 16384 x 2048 product of 8 rows (AVX2, 2 cores) 1.94 ms, now 1.76. */
+/* Super-block g of 8 weight rows h*8 .. h*8+7 (b[i]: row i's block; NULL, with any_null: zeros) into the tile;
+ * type and any_null are constants where it is inlined, so 8 full rows run without the missing-row checks. */
+static inline __attribute__((always_inline)) void xblock_unpack8(xblock_t *t, const uint8_t *const b[8], long type,
+                                                                 int any_null, long g, int h) {
+    __m256i V[4];
+    if (type == T_Q6_K) {  /* 16 int8 scales, unit u's at bytes 2u and 2u + 1; d at 208 */
+        load8t16_if(b, 192, V, any_null);
+        for (int u = 0; u < 8; u++) {
+            const __m256i v = V[u >> 1];
+            const int lo = 16 * (u & 1);  /* the bit where the unit's first scale starts in the dword */
+            _mm256_store_ps(t->s0[u][g] + 8 * h,
+                            _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - lo), 24)));
+            _mm256_store_ps(t->s1[u][g] + 8 * h,
+                            _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16 - lo), 24)));
+        }
+        for (int i = 0; i < 8; i++) t->f[0][g][8 * h + i] = !any_null || b[i] ? half_to_float(b[i] + 208) : 0.0f;
+    } else {  /* d, dmin, then 12 bytes of 6-bit scales and mins (blocks.c's k_scales) */
+        load8t16_if(b, 0, V, any_null);
+        const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f);
+        const __m256i m2 = _mm256_set1_epi32(0x30303030);
+        const __m256i su[4] = {
+            _mm256_and_si256(V[1], m6),
+            _mm256_or_si256(_mm256_and_si256(V[3], m4), _mm256_and_si256(_mm256_srli_epi32(V[1], 2), m2)),
+            _mm256_and_si256(V[2], m6),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(V[3], 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi32(V[2], 2), m2))};
+        const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4,
+                                              5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+        const __m256i dd = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(V[0], pick), 0xD8);
+        const __m256 d = _mm256_cvtph_ps(_mm256_castsi256_si128(dd));
+        const __m256 dmin = _mm256_cvtph_ps(_mm256_extracti128_si256(dd, 1));
+        const __m256i ff = _mm256_set1_epi32(0xff);
+        for (int u = 0; u < 8; u++) {
+            const __m256i sc = _mm256_and_si256(_mm256_srli_epi32(su[u >> 2], 8 * (u & 3)), ff);
+            const __m256i mn = _mm256_and_si256(_mm256_srli_epi32(su[2 + (u >> 2)], 8 * (u & 3)), ff);
+            _mm256_store_ps(t->f[u][g] + 8 * h, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
+            _mm256_store_ps(t->om[u][g] + 8 * h, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn)));
+        }
+    }
+    interleave8_if(b, type, t->w[0][g][0] + 32 * h, sizeof(t->w[0]), any_null);
+}
+
 static inline __attribute__((always_inline)) void xblock_unpack_type(xblock_t *t, const qmat_t *W, long type,
                                                                      long n0, int nr, long g0, long gn) {
     const long bsz = type == T_Q4_K ? 144 : type == T_Q5_K ? 176 : 210;
@@ -107,47 +145,15 @@ static inline __attribute__((always_inline)) void xblock_unpack_type(xblock_t *t
                     for (long k = 0; k < bsz; k += 64)
                         _mm_prefetch((const char *)(b[i] + PF_ROWS * W->row_bytes + k), PF_HINT);
             }
-            __m256i V[4];
-            const int any_null = 8 * h + 8 > nr;  /* else all 8 rows: no row is checked */
-            if (type == T_Q6_K) {  /* 16 int8 scales, unit u's at bytes 2u and 2u + 1; d at 208 */
-                if (any_null) load8t16_if(b, 192, V, 1); else load8t16_if(b, 192, V, 0);
-                for (int u = 0; u < 8; u++) {
-                    const __m256i v = V[u >> 1];
-                    const int lo = 16 * (u & 1);  /* the bit where the unit's first scale starts in the dword */
-                    _mm256_store_ps(t->s0[u][g] + 8 * h,
-                                    _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - lo), 24)));
-                    _mm256_store_ps(t->s1[u][g] + 8 * h,
-                                    _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16 - lo), 24)));
-                }
-                for (int i = 0; i < 8; i++) t->f[0][g][8 * h + i] = b[i] ? half_to_float(b[i] + 208) : 0.0f;
-            } else {  /* d, dmin, then 12 bytes of 6-bit scales and mins (blocks.c's k_scales) */
-                if (any_null) load8t16_if(b, 0, V, 1); else load8t16_if(b, 0, V, 0);
-                const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f);
-                const __m256i m2 = _mm256_set1_epi32(0x30303030);
-                const __m256i su[4] = {
-                    _mm256_and_si256(V[1], m6),
-                    _mm256_or_si256(_mm256_and_si256(V[3], m4), _mm256_and_si256(_mm256_srli_epi32(V[1], 2), m2)),
-                    _mm256_and_si256(V[2], m6),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(V[3], 4), m4),
-                                    _mm256_and_si256(_mm256_srli_epi32(V[2], 2), m2))};
-                const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4,
-                                                      5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-                const __m256i dd = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(V[0], pick), 0xD8);
-                const __m256 d = _mm256_cvtph_ps(_mm256_castsi256_si128(dd));
-                const __m256 dmin = _mm256_cvtph_ps(_mm256_extracti128_si256(dd, 1));
-                const __m256i ff = _mm256_set1_epi32(0xff);
-                for (int u = 0; u < 8; u++) {
-                    const __m256i sc = _mm256_and_si256(_mm256_srli_epi32(su[u >> 2], 8 * (u & 3)), ff);
-                    const __m256i mn = _mm256_and_si256(_mm256_srli_epi32(su[2 + (u >> 2)], 8 * (u & 3)), ff);
-                    _mm256_store_ps(t->f[u][g] + 8 * h, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
-                    _mm256_store_ps(t->om[u][g] + 8 * h, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn)));
-                }
-            }
-            if (any_null) interleave8_if(b, type, t->w[0][g][0] + 32 * h, sizeof(t->w[0]), 1);
-            else interleave8_if(b, type, t->w[0][g][0] + 32 * h, sizeof(t->w[0]), 0);
+            if (8 * h + 8 <= nr) xblock_unpack8(t, b, type, 0, g, h);
+            else xblock_unpack8(t, b, type, 1, g, h);
         }
 }
 
+/* Super-blocks g0 .. g0+gn-1 (gn <= KB) of weight rows n0 .. n0+nr-1 (nr <= TN; missing lanes zero), 8 rows at a
+ * time. Their scales come transposed (load8t16: lane i = row i), so each unit's scales for the 8 rows are a few
+ * lane-wise shifts and masks, the same products as blocks.c's. Decoded one row at a time, then transposed, they
+ * took ~30% of the unpacking: a Q4_K 16384 x 2048 product of 8 rows (AVX2, 2 cores) 1.94 ms, now 1.76. */
 static void xblock_unpack(void *tile, const qmat_t *W, long n0, int nr, long g0, long gn) {
     if (W->type == T_Q4_K) xblock_unpack_type(tile, W, T_Q4_K, n0, nr, g0, gn);
     else if (W->type == T_Q5_K) xblock_unpack_type(tile, W, T_Q5_K, n0, nr, g0, gn);
@@ -233,17 +239,6 @@ static void xblock_pass(const void *tile, long g0, long gn, long type, int R, co
     if (type == T_Q6_K) { ROW_SWITCH(R, Q6) } else { ROW_SWITCH(R, Q4) }  /* Q5_K: unpacked as Q4_K's 0..31 */
 #undef Q6
 #undef Q4
-}
-
-/* One row's nr <= TN outputs: a whole tile's as one vector store, not a library call per row (memcpy of a
- * variable size was ~10% of a 270M prefill); a partial tile's through `buf`. */
-static inline void store_cols(float *y, vflt v, float *buf, int nr) {
-    if (nr == TN) {
-        VSTORE_F(y, v);
-    } else {
-        VSTORE_F(buf, v);
-        memcpy(y, buf, sizeof(float) * nr);
-    }
 }
 
 /* Rows m .. m+R-1 of Y at columns n .. n+nr-1 from their accumulators: dot - off per unit index (Q6_K: dot), then

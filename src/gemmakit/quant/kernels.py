@@ -137,14 +137,13 @@ def library() -> ctypes.CDLL | None:
     lib.qmatmul.argtypes = [ptr, long_, long_, long_, long_, ptr, long_, ptr, ptr, int_]
     lib.dequant_rows.argtypes = [ptr, long_, long_, long_, ptr, long_, ptr, int_]
     lib.dequant_rows_bf16.argtypes = [ptr, long_, long_, long_, long_, long_, ptr, int_]
-    lib.rms_norm.argtypes = [ptr, ptr, ptr, long_, long_, ctypes.c_float]
     lib.rms_norm_many.argtypes = [ptr, ptr, ptr, long_, long_, ctypes.c_float, int_]
     lib.rope_many.argtypes = [ptr, ptr, ptr, ptr, long_, long_, long_, long_, int_]
     lib.geglu_many.argtypes = [ptr, ptr, ptr, long_, int_]
     lib.decode_layers.argtypes = [ptr, long_, ptr, ptr, long_, long_, ptr, ptr, long_, int_]
     lib.decode_gemma4.argtypes = [ptr, long_, ptr, ptr, ptr, long_, long_, ptr, ptr, long_, int_]
     lib.decode_gemma3n.argtypes = [ptr, ptr, long_, ptr, ptr, ptr, ptr, long_, long_, ptr, ptr, long_, int_]
-    for f in (lib.qmatmul, lib.dequant_rows, lib.dequant_rows_bf16, lib.rms_norm, lib.rms_norm_many, lib.rope_many,
+    for f in (lib.qmatmul, lib.dequant_rows, lib.dequant_rows_bf16, lib.rms_norm_many, lib.rope_many,
               lib.geglu_many, lib.decode_layers, lib.decode_gemma4, lib.decode_gemma3n):
         f.restype = None
     lib.argmax_rows.argtypes = [ptr, long_, long_, long_, ptr, ptr, int_]

@@ -136,10 +136,7 @@ void tiles_rows(const qmat_t *W, long n0, long n1, const act_t *A, float *y, lon
         for (long m = 0; m < A->rows; m += TM) {
             const int R = (int)(A->rows - m < TM ? A->rows - m : TM);
             tile_pass(T, nsb, W->type, R, A, m, out);
-            if (nr == TN)  /* a whole tile: one vector store per row, not a library call (batch.c store_cols) */
-                for (int r = 0; r < R; r++) VSTORE_F(y + (m + r) * ldy + n, VLOAD_F(out[r]));
-            else
-                for (int r = 0; r < R; r++) memcpy(y + (m + r) * ldy + n, out[r], sizeof(float) * nr);
+            for (int r = 0; r < R; r++) store_cols(y + (m + r) * ldy + n, VLOAD_F(out[r]), out[r], nr);
         }
     }
 }
